@@ -1,0 +1,353 @@
+//! A connection from the proxy to a PostgreSQL backend: connect, authenticate as a
+//! client, remember the server's parameters and key, and run the proxy's own short
+//! exchanges (applying client parameters, reset, rollback). Query traffic does not go
+//! through here: sessions pump it byte-for-byte.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+
+use crate::auth::{md5, scram};
+use crate::codec::backend::{self as be, Authentication, BackendMessage};
+use crate::codec::{frontend, startup, CodecError};
+use crate::msgio::{MessageReader, ReadError};
+
+/// What the proxy needs to open one backend connection.
+#[derive(Clone, Debug)]
+pub struct ConnectSpec {
+    pub addr: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+    pub max_message_size: usize,
+}
+
+/// The backend's real cancel key (never shown to clients).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendKey {
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// Parameters the server reported with ParameterStatus, kept current as they change.
+#[derive(Clone, Debug, Default)]
+pub struct ServerParams(Vec<(String, String)>);
+
+impl ServerParams {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn set(&mut self, name: &[u8], value: &[u8]) {
+        let name = String::from_utf8_lossy(name);
+        let value = String::from_utf8_lossy(value);
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = value.into_owned(),
+            None => self.0.push((name.into_owned(), value.into_owned())),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+}
+
+/// An ErrorResponse from a backend, kept so it can be relayed to a client verbatim.
+#[derive(Clone, Debug)]
+pub struct ServerError {
+    fields: Vec<(u8, Vec<u8>)>,
+}
+
+impl ServerError {
+    fn from_fields(fields: &be::Fields<'_>) -> Self {
+        ServerError {
+            fields: fields.iter().map(|(c, v)| (c, v.to_vec())).collect(),
+        }
+    }
+
+    fn field(&self, code: u8) -> &str {
+        self.fields
+            .iter()
+            .find(|(c, _)| *c == code)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .unwrap_or("")
+    }
+
+    pub fn code(&self) -> &str {
+        self.field(b'C')
+    }
+
+    pub fn message(&self) -> &str {
+        self.field(b'M')
+    }
+
+    /// Writes this error as an ErrorResponse for a client.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let fields: Vec<(u8, &[u8])> = self.fields.iter().map(|(c, v)| (*c, &v[..])).collect();
+        be::write_error_fields(out, &fields);
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code(), self.message())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("timed out connecting to server {0}")]
+    ConnectTimeout(SocketAddr),
+    #[error("server connection lost: {0}")]
+    Io(#[from] io::Error),
+    #[error("server closed the connection unexpectedly")]
+    Closed,
+    #[error("server error: {0}")]
+    Server(ServerError),
+    #[error("server sent an invalid message: {0}")]
+    Protocol(String),
+    #[error("server authentication failed: {0}")]
+    Auth(String),
+}
+
+impl From<CodecError> for BackendError {
+    fn from(e: CodecError) -> Self {
+        BackendError::Protocol(e.to_string())
+    }
+}
+
+impl From<ReadError> for BackendError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io(e) => BackendError::Io(e),
+            ReadError::Closed => BackendError::Closed,
+            ReadError::Codec(e) => e.into(),
+        }
+    }
+}
+
+impl BackendError {
+    /// Writes the error a client should see for this failure.
+    pub fn encode_for_client(&self, out: &mut Vec<u8>) {
+        match self {
+            BackendError::Server(e) => e.encode(out),
+            BackendError::Auth(_) => be::write_error(out, "FATAL", "28000", &self.to_string()),
+            _ => be::write_error(out, "FATAL", "08006", &self.to_string()),
+        }
+    }
+}
+
+/// One authenticated backend connection.
+pub struct BackendConn {
+    pub stream: TcpStream,
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub key: BackendKey,
+    pub params: ServerParams,
+    pub created: Instant,
+    pub idle_since: Instant,
+    /// Transaction status from the last ReadyForQuery: b'I', b'T' or b'E'.
+    pub status: u8,
+}
+
+impl BackendConn {
+    /// Opens, authenticates and waits for the first ReadyForQuery.
+    pub async fn connect(spec: &ConnectSpec, id: u64) -> Result<BackendConn, BackendError> {
+        let stream = TcpStream::connect_timeout(spec.addr, spec.connect_timeout)
+            .await
+            .map_err(|e| {
+                let e = io::Error::from(e);
+                if e.kind() == io::ErrorKind::TimedOut {
+                    BackendError::ConnectTimeout(spec.addr)
+                } else {
+                    BackendError::Connect {
+                        addr: spec.addr,
+                        source: e,
+                    }
+                }
+            })?;
+        stream.set_nodelay(true).map_err(io::Error::from)?;
+        let now = Instant::now();
+        let mut conn = BackendConn {
+            stream,
+            id,
+            addr: spec.addr,
+            key: BackendKey { pid: 0, secret: 0 },
+            params: ServerParams::default(),
+            created: now,
+            idle_since: now,
+            status: b'I',
+        };
+        let startup_fut = conn.startup(spec);
+        match crate::sync::timeout(spec.connect_timeout, startup_fut).await {
+            Some(r) => r?,
+            None => return Err(BackendError::ConnectTimeout(spec.addr)),
+        }
+        Ok(conn)
+    }
+
+    async fn startup(&mut self, spec: &ConnectSpec) -> Result<(), BackendError> {
+        let mut out = Vec::with_capacity(128);
+        startup::encode_startup(
+            &mut out,
+            &[("user", &spec.user), ("database", &spec.database)],
+        );
+        self.stream.write_all(&out).await?;
+        let mut reader = MessageReader::new(spec.max_message_size);
+        let mut scram_client: Option<scram::ScramClient> = None;
+        loop {
+            let (tag, body) = reader.next(&mut self.stream).await?;
+            match be::decode(tag, &body)? {
+                BackendMessage::Authentication(auth) => {
+                    out.clear();
+                    self.answer_auth(auth, spec, &mut scram_client, &mut out)?;
+                    if !out.is_empty() {
+                        self.stream.write_all(&out).await?;
+                    }
+                }
+                BackendMessage::ParameterStatus { name, value } => self.params.set(name, value),
+                BackendMessage::BackendKeyData { pid, secret } => {
+                    self.key = BackendKey { pid, secret }
+                }
+                BackendMessage::ErrorResponse(fields) => {
+                    return Err(BackendError::Server(ServerError::from_fields(&fields)))
+                }
+                BackendMessage::ReadyForQuery(status) => {
+                    self.status = status;
+                    return Ok(());
+                }
+                BackendMessage::NoticeResponse(_)
+                | BackendMessage::NegotiateProtocolVersion { .. } => {}
+                other => {
+                    return Err(BackendError::Protocol(format!(
+                        "unexpected message '{}' during startup",
+                        other.tag() as char
+                    )))
+                }
+            }
+        }
+    }
+
+    fn answer_auth(
+        &self,
+        auth: Authentication<'_>,
+        spec: &ConnectSpec,
+        scram_client: &mut Option<scram::ScramClient>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        let password = || {
+            spec.password.as_deref().ok_or_else(|| {
+                BackendError::Auth(format!(
+                    "server {} asks for a password for user \"{}\" and none is configured (users.server_password)",
+                    spec.addr, spec.user
+                ))
+            })
+        };
+        match auth {
+            Authentication::Ok => {}
+            Authentication::CleartextPassword => {
+                frontend::encode_password(out, password()?.as_bytes())
+            }
+            Authentication::Md5Password(salt) => {
+                let response = md5::client_response(&spec.user, password()?, salt);
+                frontend::encode_password(out, response.as_bytes());
+            }
+            Authentication::Sasl(mechanisms) => {
+                if !mechanisms.into_iter().any(|m| m == scram::MECHANISM) {
+                    return Err(BackendError::Auth(
+                        "server offers no supported SASL mechanism".into(),
+                    ));
+                }
+                let client = scram::ScramClient::new(password()?);
+                frontend::encode_sasl_initial(out, scram::MECHANISM, &client.client_first());
+                *scram_client = Some(client);
+            }
+            Authentication::SaslContinue(data) => {
+                let client = scram_client
+                    .as_mut()
+                    .ok_or_else(|| BackendError::Protocol("SASL continue without start".into()))?;
+                let reply = client
+                    .server_first(data)
+                    .map_err(|e| BackendError::Auth(e.to_string()))?;
+                frontend::encode_sasl_response(out, &reply);
+            }
+            Authentication::SaslFinal(data) => {
+                let client = scram_client
+                    .as_ref()
+                    .ok_or_else(|| BackendError::Protocol("SASL final without start".into()))?;
+                client
+                    .server_final(data)
+                    .map_err(|e| BackendError::Auth(e.to_string()))?;
+            }
+            _ => {
+                return Err(BackendError::Auth(
+                    "server asks for an unsupported authentication method".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `request` and reads until `syncs` ReadyForQuery messages arrived, keeping
+    /// server parameters current. Returns the first ErrorResponse, if any.
+    pub async fn exchange(
+        &mut self,
+        request: &[u8],
+        syncs: usize,
+        max_message_size: usize,
+    ) -> Result<Option<ServerError>, BackendError> {
+        self.stream.write_all(request).await?;
+        self.drain(syncs, max_message_size).await
+    }
+
+    /// Reads until `syncs` ReadyForQuery messages arrived (see [`exchange`]).
+    pub async fn drain(
+        &mut self,
+        mut syncs: usize,
+        max_message_size: usize,
+    ) -> Result<Option<ServerError>, BackendError> {
+        let mut reader = MessageReader::new(max_message_size);
+        let mut first_error = None;
+        while syncs > 0 {
+            let (tag, body) = reader.next(&mut self.stream).await?;
+            match tag {
+                b'Z' | b'S' | b'E' => match be::decode(tag, &body)? {
+                    BackendMessage::ReadyForQuery(status) => {
+                        self.status = status;
+                        syncs -= 1;
+                    }
+                    BackendMessage::ParameterStatus { name, value } => self.params.set(name, value),
+                    BackendMessage::ErrorResponse(fields) if first_error.is_none() => {
+                        first_error = Some(ServerError::from_fields(&fields));
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        if !reader.is_empty() {
+            return Err(BackendError::Protocol(
+                "server sent data after ReadyForQuery".into(),
+            ));
+        }
+        Ok(first_error)
+    }
+
+    /// Says goodbye politely; used when a connection leaves the pool for good.
+    pub async fn terminate(mut self) {
+        let mut out = Vec::with_capacity(5);
+        frontend::encode_terminate(&mut out);
+        let _ = crate::sync::timeout(Duration::from_secs(1), self.stream.write_all(&out)).await;
+        let _ = self.stream.close().await;
+    }
+}

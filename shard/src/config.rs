@@ -1,0 +1,349 @@
+//! The proxy's configuration: a TOML file, then `HELIOS_`-prefixed environment overrides,
+//! then validation. Every error names the offending key so an operator can fix it without
+//! reading code.
+
+mod decode;
+mod overrides;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Secret;
+
+/// Why a configuration was refused: `key` is the dotted path (`nodes[0].port`), the
+/// environment variable, or `config` for problems with the file as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config error: `{key}`: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where clients connect.
+    pub listen_address: String,
+    /// Where the admin/metrics endpoint listens.
+    pub admin_address: String,
+    /// Shards (one executor thread each); 0 = one per available core.
+    pub workers: usize,
+    pub pool_mode: PoolConfig,
+    pub auth: AuthConfig,
+    pub users: Vec<UserConfig>,
+    pub nodes: Vec<NodeConfig>,
+    pub limits: LimitsConfig,
+    pub timeouts: TimeoutsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_address: "127.0.0.1:6432".into(),
+            admin_address: "127.0.0.1:9090".into(),
+            workers: 0,
+            pool_mode: PoolConfig::default(),
+            auth: AuthConfig::default(),
+            users: Vec::new(),
+            nodes: Vec::new(),
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A client keeps its backend connection until it disconnects.
+    #[default]
+    Session,
+    /// A backend connection is lent for one transaction.
+    Transaction,
+    /// A backend connection is lent for one statement.
+    Statement,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Backend connections per (node, database, user), split across workers.
+    pub max_pool_size: u32,
+    /// Idle connections kept open per pool, split across workers.
+    pub min_idle: u32,
+    pub idle_timeout_secs: u64,
+    pub max_lifetime_secs: u64,
+    /// How long a client waits for a free connection before 53300.
+    pub acquire_timeout_ms: u64,
+    /// Run on a backend before another client gets it; "" disables.
+    pub reset_query: String,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Session,
+            max_pool_size: 20,
+            min_idle: 0,
+            idle_timeout_secs: 600,
+            max_lifetime_secs: 3600,
+            acquire_timeout_ms: 5000,
+            reset_query: "DISCARD ALL".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthMethod {
+    /// No password asked.
+    #[serde(rename = "trust")]
+    Trust,
+    /// Clear-text password (only sensible on a trusted network).
+    #[serde(rename = "password")]
+    Password,
+    #[serde(rename = "md5")]
+    Md5,
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+impl AuthMethod {
+    /// The name used in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Trust => "trust",
+            AuthMethod::Password => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+        }
+    }
+}
+
+impl std::fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How clients prove who they are, unless a user overrides it.
+    pub method: AuthMethod,
+}
+
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain password, md5 hash or SCRAM verifier that clients are checked against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_method: Option<AuthMethod>,
+    /// Role the proxy logs in to backends as; default: `name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_user: Option<String>,
+    /// Plain password for backends; default: `password` when that is plain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_password: Option<String>,
+}
+
+impl UserConfig {
+    /// The parsed password; `None` when absent (validation rejects unparsable ones).
+    pub fn secret(&self) -> Option<Secret> {
+        self.password.as_deref().and_then(|p| Secret::parse(p).ok())
+    }
+
+    pub fn method(&self, default: AuthMethod) -> AuthMethod {
+        self.auth_method.unwrap_or(default)
+    }
+
+    pub fn backend_user(&self) -> &str {
+        self.server_user.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The password for backends: `server_password`, else `password` if it is plain text
+    /// (a hash cannot be turned back into a password).
+    pub fn backend_password(&self) -> Option<&str> {
+        if let Some(password) = self.server_password.as_deref() {
+            return Some(password);
+        }
+        match self.secret() {
+            Some(Secret::Plain(_)) => self.password.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Passwords stay out of logs.
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |value: &Option<String>| value.as_ref().map(|_| "<redacted>");
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &redacted(&self.password))
+            .field("auth_method", &self.auth_method)
+            .field("server_user", &self.server_user)
+            .field("server_password", &redacted(&self.server_password))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Takes writes; exactly one enabled node has this role.
+    #[default]
+    Primary,
+    /// Streaming replica that can be promoted.
+    Standby,
+    /// Read-only replica.
+    Replica,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Label for logs and stats; default: the address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub host: String,
+    pub port: u16,
+    pub role: NodeRole,
+    /// Relative share of read traffic.
+    pub weight: u32,
+    pub enabled: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: None,
+            host: String::new(),
+            port: 5432,
+            role: NodeRole::Primary,
+            weight: 100,
+            enabled: true,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// "host:port", with IPv6 literals bracketed so the result resolves.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.address())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest single protocol message accepted, in bytes.
+    pub max_message_size: usize,
+    pub max_client_connections: usize,
+    /// Size of each pooled I/O buffer, in bytes.
+    pub buffer_size: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: 64 * 1024 * 1024,
+            max_client_connections: 10_000,
+            buffer_size: 16 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// TCP connect plus login to a backend.
+    pub connect_timeout_ms: u64,
+    /// Time a client has to finish startup and authentication.
+    pub startup_timeout_ms: u64,
+    /// Grace period for sessions to finish on SIGTERM/SIGINT.
+    pub shutdown_timeout_secs: u64,
+    /// Longest wait to cancel and drain a backend whose client left mid-query.
+    pub dirty_release_timeout_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect_timeout_ms: 5000,
+            startup_timeout_ms: 10_000,
+            shutdown_timeout_secs: 30,
+            dirty_release_timeout_ms: 5000,
+        }
+    }
+}
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "HELIOS_";
+
+impl Config {
+    /// Parses TOML text, applies `HELIOS_`-prefixed overrides from `env` (other variables
+    /// are ignored) and validates the result.
+    pub fn from_toml_str(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut document = decode::parse_document(text)?;
+        overrides::apply(&mut document, env)?;
+        let config = decode::deserialize(document)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`Config::from_toml_str`] on the contents of `path`.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Self::from_toml_str(&text, env)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate::config(self)
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|user| user.name == name)
+    }
+
+    pub fn effective_workers(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism().map_or(1, |cores| cores.get())
+    }
+}

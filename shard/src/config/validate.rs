@@ -1,0 +1,208 @@
+//! Validation rules that types alone cannot express. Each rule names the key it is about,
+//! so the first error tells the operator exactly what to change.
+
+use std::net::SocketAddr;
+
+use super::{AuthMethod, Config, ConfigError, NodeConfig, NodeRole, UserConfig};
+use super::{LimitsConfig, PoolConfig, PoolMode, TimeoutsConfig};
+use crate::auth::Secret;
+
+/// Smallest and largest I/O buffer: below one page reads get too small to batch, above
+/// 1 MiB every idle connection pins memory for nothing.
+const MIN_BUFFER_SIZE: usize = 4096;
+const MAX_BUFFER_SIZE: usize = 1024 * 1024;
+
+/// Smaller than this and ordinary startup packets and queries no longer fit.
+const MIN_MESSAGE_SIZE: usize = 1024;
+
+type Check = Result<(), ConfigError>;
+
+pub(super) fn config(config: &Config) -> Check {
+    addresses(config)?;
+    pool(&config.pool_mode)?;
+    users(&config.users, config.auth.method)?;
+    nodes(&config.nodes)?;
+    limits(&config.limits)?;
+    timeouts(&config.timeouts)
+}
+
+fn ensure(condition: bool, key: &str, problem: impl FnOnce() -> String) -> Check {
+    if condition {
+        Ok(())
+    } else {
+        Err(ConfigError::new(key, problem()))
+    }
+}
+
+fn positive(value: u64, key: &str) -> Check {
+    ensure(value > 0, key, || "must be greater than 0".into())
+}
+
+fn addresses(config: &Config) -> Check {
+    let listen = socket_address(&config.listen_address, "listen_address")?;
+    let admin = socket_address(&config.admin_address, "admin_address")?;
+    ensure(listen != admin, "admin_address", || {
+        "must differ from listen_address".into()
+    })
+}
+
+fn socket_address(value: &str, key: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("`{value}` is not an IP socket address such as 127.0.0.1:6432 or [::1]:6432"),
+        )
+    })
+}
+
+fn pool(pool: &PoolConfig) -> Check {
+    // Refuse rather than silently run session pooling when another mode is asked for.
+    ensure(pool.mode == PoolMode::Session, "pool_mode.mode", || {
+        "only \"session\" pooling is available in this release; \"transaction\" and \"statement\" are not yet supported".into()
+    })?;
+    ensure(pool.max_pool_size >= 1, "pool_mode.max_pool_size", || {
+        "must be at least 1".into()
+    })?;
+    ensure(
+        pool.min_idle <= pool.max_pool_size,
+        "pool_mode.min_idle",
+        || {
+            format!(
+                "must not exceed pool_mode.max_pool_size ({})",
+                pool.max_pool_size
+            )
+        },
+    )?;
+    positive(pool.idle_timeout_secs, "pool_mode.idle_timeout_secs")?;
+    positive(pool.max_lifetime_secs, "pool_mode.max_lifetime_secs")?;
+    positive(pool.acquire_timeout_ms, "pool_mode.acquire_timeout_ms")
+}
+
+fn users(users: &[UserConfig], default_method: AuthMethod) -> Check {
+    for (index, user) in users.iter().enumerate() {
+        let key = |field: &str| format!("users[{index}].{field}");
+        ensure(!user.name.is_empty(), &key("name"), || {
+            "must not be empty".into()
+        })?;
+        if let Some(first) = users[..index].iter().position(|u| u.name == user.name) {
+            return Err(ConfigError::new(
+                key("name"),
+                format!("user `{}` is already defined by users[{first}]", user.name),
+            ));
+        }
+        user_password(user, user.method(default_method), &key("password"))?;
+        user_backend_login(user, &key)?;
+    }
+    Ok(())
+}
+
+/// The password must parse and must be able to check the user's login method.
+fn user_password(user: &UserConfig, method: AuthMethod, key: &str) -> Check {
+    let Some(password) = user.password.as_deref() else {
+        return ensure(method == AuthMethod::Trust, key, || {
+            format!("required: user `{}` logs in with {method}", user.name)
+        });
+    };
+    let secret = Secret::parse(password).map_err(|problem| ConfigError::new(key, problem))?;
+    match (method, &secret) {
+        (AuthMethod::Md5, Secret::Scram(_)) => Err(ConfigError::new(
+            key,
+            "a SCRAM verifier cannot check md5 logins: use a plain password or an md5 hash",
+        )),
+        (AuthMethod::ScramSha256, Secret::Md5(_)) => Err(ConfigError::new(
+            key,
+            "an md5 hash cannot check scram-sha-256 logins: use a plain password or a SCRAM verifier",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `server_user` and `server_password` are sent to backends as they are.
+fn user_backend_login(user: &UserConfig, key: &dyn Fn(&str) -> String) -> Check {
+    if let Some(server_user) = &user.server_user {
+        ensure(!server_user.is_empty(), &key("server_user"), || {
+            "must not be empty when set".into()
+        })?;
+    }
+    if let Some(server_password) = &user.server_password {
+        let plain = matches!(Secret::parse(server_password), Ok(Secret::Plain(_)));
+        ensure(plain, &key("server_password"), || {
+            "must be the plain-text password the backend expects (not empty, not a hash)".into()
+        })?;
+    }
+    Ok(())
+}
+
+fn nodes(nodes: &[NodeConfig]) -> Check {
+    ensure(!nodes.is_empty(), "nodes", || {
+        "at least one [[nodes]] entry is required".into()
+    })?;
+    for (index, node) in nodes.iter().enumerate() {
+        let key = |field: &str| format!("nodes[{index}].{field}");
+        ensure(!node.host.trim().is_empty(), &key("host"), || {
+            "must not be empty".into()
+        })?;
+        ensure(node.port > 0, &key("port"), || {
+            "must be greater than 0".into()
+        })?;
+        if let Some(name) = &node.name {
+            ensure(!name.is_empty(), &key("name"), || {
+                "must not be empty when set".into()
+            })?;
+        }
+    }
+    single_primary(nodes)
+}
+
+/// Writes need exactly one place to go.
+fn single_primary(nodes: &[NodeConfig]) -> Check {
+    let mut primaries = nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, node)| node.enabled && node.role == NodeRole::Primary)
+        .map(|(index, _)| index);
+    let Some(first) = primaries.next() else {
+        return Err(ConfigError::new(
+            "nodes",
+            "no enabled node has role = \"primary\"; exactly one is required",
+        ));
+    };
+    match primaries.next() {
+        Some(second) => Err(ConfigError::new(
+            format!("nodes[{second}].role"),
+            format!("nodes[{first}] is already the enabled primary; only one is allowed"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn limits(limits: &LimitsConfig) -> Check {
+    ensure(
+        (MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&limits.buffer_size),
+        "limits.buffer_size",
+        || format!("must be between {MIN_BUFFER_SIZE} and {MAX_BUFFER_SIZE} bytes"),
+    )?;
+    ensure(
+        limits.max_message_size >= MIN_MESSAGE_SIZE,
+        "limits.max_message_size",
+        || format!("must be at least {MIN_MESSAGE_SIZE} bytes"),
+    )?;
+    ensure(
+        limits.max_client_connections >= 1,
+        "limits.max_client_connections",
+        || "must be at least 1".into(),
+    )
+}
+
+fn timeouts(timeouts: &TimeoutsConfig) -> Check {
+    positive(timeouts.connect_timeout_ms, "timeouts.connect_timeout_ms")?;
+    positive(timeouts.startup_timeout_ms, "timeouts.startup_timeout_ms")?;
+    positive(
+        timeouts.shutdown_timeout_secs,
+        "timeouts.shutdown_timeout_secs",
+    )?;
+    positive(
+        timeouts.dirty_release_timeout_ms,
+        "timeouts.dirty_release_timeout_ms",
+    )
+}

@@ -1,0 +1,16 @@
+//! HeliosProxy data plane: everything that runs on a shard (one glommio executor per
+//! core) plus the types the control plane shares with it (config, codec, auth).
+
+pub mod auth;
+pub mod backend;
+pub mod bufpool;
+pub mod cancel;
+pub mod codec;
+pub mod config;
+pub mod context;
+pub mod msgio;
+pub mod pool;
+pub mod runtime;
+pub mod session;
+pub mod stats;
+pub mod sync;

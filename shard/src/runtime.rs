@@ -1,0 +1,280 @@
+//! Starting and stopping the shards: one pinned glommio executor per worker, each with its
+//! own SO_REUSEPORT listener, its own context, and a cancel channel to every other shard.
+
+use std::os::fd::{IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::AsyncWriteExt;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+
+use crate::cancel::{CancelMsg, MAX_SHARDS};
+use crate::codec::backend as be;
+use crate::config::Config;
+use crate::context::ShardCtx;
+use crate::stats::ShardStats;
+
+/// How often shards look at the process-wide shutdown flag and run pool maintenance.
+const TICK: Duration = Duration::from_millis(50);
+const MAINTENANCE_EVERY: u32 = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("configuration cannot be used: {0}")]
+    Config(String),
+    #[error("cannot start worker {id}: {reason}")]
+    Executor { id: usize, reason: String },
+    #[error("workers = {0} is more than the {MAX_SHARDS} the cancel key can name")]
+    TooManyWorkers(usize),
+}
+
+/// The running data plane.
+pub struct Runtime {
+    handles: Vec<ExecutorJoinHandle<()>>,
+    pub stats: Vec<Arc<ShardStats>>,
+    shutdown: Arc<AtomicBool>,
+    pub local_addr: std::net::SocketAddr,
+}
+
+impl Runtime {
+    /// Binds every shard's listener first (so a busy port fails cleanly), then starts
+    /// the executors.
+    pub fn start(config: Arc<Config>) -> Result<Runtime, StartError> {
+        let workers = config.effective_workers();
+        if workers > MAX_SHARDS {
+            return Err(StartError::TooManyWorkers(workers));
+        }
+        // Build one context up front so config problems surface before any thread starts.
+        ShardCtx::new(0, config.clone(), Arc::default()).map_err(StartError::Config)?;
+        let listeners = (0..workers)
+            .map(|_| bind_reuseport(&config.listen_address))
+            .collect::<Result<Vec<_>, _>>()?;
+        let local_addr = socket2::SockRef::from(&listeners[0])
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| StartError::Listen {
+                addr: config.listen_address.clone(),
+                source: std::io::Error::other("no local address"),
+            })?;
+        let cpus = allowed_cpus();
+        let mesh: MeshBuilder<CancelMsg, Full> = MeshBuilder::full(workers, 1024);
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let stats: Vec<Arc<ShardStats>> = (0..workers).map(|_| Arc::default()).collect();
+        let mut handles = Vec::with_capacity(workers);
+        for (id, listener) in listeners.into_iter().enumerate() {
+            let placement = match cpus.get(id % cpus.len().max(1)) {
+                Some(cpu) => Placement::Fixed(*cpu),
+                None => Placement::Unbound,
+            };
+            let config = config.clone();
+            let stats = stats[id].clone();
+            let mesh = mesh.clone();
+            let shutdown = shutdown.clone();
+            let handle = LocalExecutorBuilder::new(placement)
+                .name(&format!("shard-{id}"))
+                .spawn(move || async move {
+                    shard_main(id, config, stats, listener, mesh, shutdown).await;
+                })
+                .map_err(|e| StartError::Executor {
+                    id,
+                    reason: e.to_string(),
+                })?;
+            handles.push(handle);
+        }
+        Ok(Runtime {
+            handles,
+            stats,
+            shutdown,
+            local_addr,
+        })
+    }
+
+    /// Asks every shard to stop accepting and drain.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+    }
+
+    /// Waits for every shard to finish.
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+fn bind_reuseport(addr: &str) -> Result<OwnedFd, StartError> {
+    let err = |source| StartError::Listen {
+        addr: addr.to_string(),
+        source,
+    };
+    let sockaddr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(sockaddr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_reuse_port(true).map_err(err)?;
+    socket.bind(&sockaddr.into()).map_err(err)?;
+    socket.listen(1024).map_err(err)?;
+    Ok(socket.into())
+}
+
+/// CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|cpu| libc::CPU_ISSET(*cpu, &set))
+            .collect()
+    }
+}
+
+async fn shard_main(
+    id: usize,
+    config: Arc<Config>,
+    stats: Arc<ShardStats>,
+    listener: OwnedFd,
+    mesh: MeshBuilder<CancelMsg, Full>,
+    shutdown: Arc<AtomicBool>,
+) {
+    let ctx = match ShardCtx::new(id, config, stats) {
+        Ok(ctx) => Rc::new(ctx),
+        Err(e) => {
+            log::error!("shard {id}: {e}");
+            return;
+        }
+    };
+    // SAFETY: the fd is a bound, listening TCP socket that we own and hand over here.
+    let listener = unsafe {
+        use std::os::fd::FromRawFd;
+        TcpListener::from_raw_fd(listener.into_raw_fd())
+    };
+    match mesh.join().await {
+        Ok((senders, mut receivers)) => {
+            *ctx.peers.borrow_mut() = Some(Rc::new(senders));
+            for (_, stream) in receivers.streams() {
+                let ctx = ctx.clone();
+                glommio::spawn_local(async move {
+                    while let Some(msg) = stream.recv().await {
+                        ctx.cancels.cancel(msg);
+                    }
+                })
+                .detach();
+            }
+        }
+        Err(_) => log::warn!("shard {id}: cancel channels unavailable"),
+    }
+    glommio::spawn_local(housekeeping(ctx.clone(), shutdown)).detach();
+    log::info!("shard {id} accepting on {}", ctx.config.listen_address);
+    accept_loop(&ctx, &listener).await;
+    drop(listener);
+    drain(&ctx).await;
+    log::info!("shard {id} stopped");
+}
+
+async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &TcpListener) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            ctx.draining.wait().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                log::warn!("shard {}: accept failed: {e}", ctx.id);
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        ctx.stats.clients_accepted.inc();
+        if ctx.active_clients.get() >= ctx.max_clients {
+            ctx.stats.clients_rejected.inc();
+            ctx.stats.clients_closed.inc();
+            glommio::spawn_local(reject(stream)).detach();
+            continue;
+        }
+        ctx.active_clients.set(ctx.active_clients.get() + 1);
+        let session_ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            crate::session::serve(session_ctx.clone(), stream).await;
+            session_ctx
+                .active_clients
+                .set(session_ctx.active_clients.get() - 1);
+            session_ctx.stats.clients_closed.inc();
+        })
+        .detach();
+    }
+}
+
+async fn reject(mut stream: TcpStream) {
+    let mut out = Vec::new();
+    be::write_error(
+        &mut out,
+        "FATAL",
+        "53300",
+        "sorry, too many clients already",
+    );
+    let _ = stream.write_all(&out).await;
+    let _ = stream.close().await;
+}
+
+/// Watches the shutdown flag and keeps pools within their idle and lifetime limits.
+async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>) {
+    let mut ticks = 0u32;
+    while !ctx.draining.is_set() {
+        glommio::timer::sleep(TICK).await;
+        if shutdown.load(Ordering::Acquire) {
+            ctx.draining.set();
+            break;
+        }
+        ticks += 1;
+        if ticks.is_multiple_of(MAINTENANCE_EVERY) {
+            let pools: Vec<_> = ctx.pools.borrow().values().cloned().collect();
+            for pool in pools {
+                pool.maintain();
+            }
+        }
+    }
+}
+
+/// Lets sessions finish their in-flight work up to the shutdown timeout, then closes
+/// idle backends with Terminate.
+async fn drain(ctx: &Rc<ShardCtx>) {
+    let deadline = Instant::now() + Duration::from_secs(ctx.config.timeouts.shutdown_timeout_secs);
+    while ctx.active_clients.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(TICK).await;
+    }
+    if ctx.active_clients.get() > 0 {
+        log::warn!(
+            "shard {}: {} sessions still busy after the shutdown timeout; closing them",
+            ctx.id,
+            ctx.active_clients.get()
+        );
+    }
+    let pools: Vec<_> = ctx.pools.borrow().values().cloned().collect();
+    for pool in &pools {
+        pool.close_idle();
+    }
+    // Give the Terminate messages a moment to go out.
+    glommio::timer::sleep(Duration::from_millis(100)).await;
+}

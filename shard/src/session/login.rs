@@ -1,0 +1,365 @@
+//! The client side of connection startup: SSL/GSS negotiation ('N'), cancel requests,
+//! the StartupMessage, and authenticating the client against the configured users.
+
+use std::io;
+use std::rc::Rc;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::auth::{md5, scram};
+use crate::cancel::CancelMsg;
+use crate::codec::backend as be;
+use crate::codec::startup::{self, StartupPacket, MAX_STARTUP_PACKET};
+use crate::codec::{frontend, CodecError};
+use crate::config::AuthMethod;
+use crate::context::{ShardCtx, UserEntry};
+use crate::msgio::{MessageReader, ReadError};
+
+/// A client that passed authentication, with what it asked for at startup.
+pub struct Login {
+    pub user: Rc<UserEntry>,
+    pub database: String,
+    /// Run-time parameters to establish on the backend (from the startup packet and `options`).
+    pub params: Vec<(String, String)>,
+    /// `_pq_.` protocol options we do not support.
+    pub unsupported_options: Vec<String>,
+}
+
+/// Why startup ended without a logged-in client. Each carries what the client is told.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The client went away, or sent a cancel request (the connection is done either way).
+    #[error("client closed the connection")]
+    Gone,
+    #[error("{message}")]
+    Fatal { code: &'static str, message: String },
+}
+
+impl LoginError {
+    fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        LoginError::Fatal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<io::Error> for LoginError {
+    fn from(_: io::Error) -> Self {
+        LoginError::Gone
+    }
+}
+
+impl From<CodecError> for LoginError {
+    fn from(e: CodecError) -> Self {
+        LoginError::fatal(e.sqlstate(), e.to_string())
+    }
+}
+
+impl From<ReadError> for LoginError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Codec(e) => e.into(),
+            _ => LoginError::Gone,
+        }
+    }
+}
+
+/// Reads startup packets until a StartupMessage arrives, answering SSL/GSS requests
+/// with 'N' and routing cancel requests; then authenticates. `out` is scratch space.
+pub async fn login(ctx: &ShardCtx, stream: &mut TcpStream) -> Result<Login, LoginError> {
+    loop {
+        let packet = read_startup_packet(stream).await?;
+        match startup::decode_startup(&packet)? {
+            None => return Err(LoginError::fatal("08P01", "incomplete startup packet")),
+            Some((StartupPacket::SslRequest | StartupPacket::GssEncRequest, _)) => {
+                stream.write_all(b"N").await?;
+            }
+            Some((StartupPacket::Cancel { pid, secret }, _)) => {
+                route_cancel(ctx, CancelMsg { pid, secret }).await;
+                return Err(LoginError::Gone);
+            }
+            Some((StartupPacket::Startup(msg), _)) => {
+                let login = parse_startup(ctx, &msg)?;
+                negotiate_protocol(stream, msg.minor(), &login.unsupported_options).await?;
+                authenticate(ctx, stream, &login.user).await?;
+                return Ok(login);
+            }
+        }
+    }
+}
+
+/// Tells a client that asked for a newer protocol minor or `_pq_` options that we speak
+/// 3.0 without them, as PostgreSQL does.
+async fn negotiate_protocol(
+    stream: &mut TcpStream,
+    minor: u16,
+    options: &[String],
+) -> io::Result<()> {
+    if minor == 0 && options.is_empty() {
+        return Ok(());
+    }
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    let mut out = Vec::with_capacity(64);
+    be::write_negotiate_protocol_version(&mut out, startup::PROTOCOL_3_0 as i32, &options);
+    stream.write_all(&out).await
+}
+
+/// Sends a cancel to the shard that owns the key (maybe this one).
+pub async fn route_cancel(ctx: &ShardCtx, msg: CancelMsg) {
+    let owner = crate::cancel::owner_shard(msg.pid);
+    if owner == ctx.id {
+        ctx.cancels.cancel(msg);
+        return;
+    }
+    let peers = ctx.peers.borrow().clone();
+    if let Some(peers) = peers {
+        if owner < peers.nr_consumers() {
+            let _ = peers.send_to(owner, msg).await;
+        }
+    }
+}
+
+async fn read_startup_packet(stream: &mut TcpStream) -> Result<Vec<u8>, LoginError> {
+    let mut len_bytes = [0u8; 4];
+    read_exact_or_gone(stream, &mut len_bytes).await?;
+    let len = u32::from_be_bytes(len_bytes) as usize;
+    if !(8..=MAX_STARTUP_PACKET).contains(&len) {
+        return Err(LoginError::fatal(
+            "08P01",
+            "invalid length of startup packet",
+        ));
+    }
+    let mut packet = vec![0u8; len];
+    packet[..4].copy_from_slice(&len_bytes);
+    read_exact_or_gone(stream, &mut packet[4..]).await?;
+    Ok(packet)
+}
+
+async fn read_exact_or_gone(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), LoginError> {
+    stream.read_exact(buf).await.map_err(|_| LoginError::Gone)
+}
+
+fn parse_startup(ctx: &ShardCtx, msg: &startup::StartupMessage<'_>) -> Result<Login, LoginError> {
+    let user_name = msg.get("user").filter(|u| !u.is_empty()).ok_or_else(|| {
+        LoginError::fatal(
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+    })?;
+    if msg
+        .get("replication")
+        .is_some_and(|v| v != "false" && v != "0" && v != "off")
+    {
+        return Err(LoginError::fatal(
+            "0A000",
+            "replication connections are not supported by the proxy",
+        ));
+    }
+    let user = ctx.users.get(user_name).cloned().ok_or_else(|| {
+        LoginError::fatal("28000", format!("role \"{user_name}\" does not exist"))
+    })?;
+    let database = msg
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(user_name)
+        .to_string();
+    let mut params = Vec::new();
+    let mut unsupported_options = Vec::new();
+    for (name, value) in msg.params() {
+        match name {
+            "user" | "database" | "replication" => {}
+            "options" => params.extend(parse_options(value)?),
+            _ if name.starts_with("_pq_.") => unsupported_options.push(name.to_string()),
+            _ => params.push((name.to_string(), value.to_string())),
+        }
+    }
+    Ok(Login {
+        user,
+        database,
+        params,
+        unsupported_options,
+    })
+}
+
+/// Parses the `options` startup parameter: `-c name=value` and `--name=value` words,
+/// with backslash escaping spaces, as the server does.
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, LoginError> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    word.push(next);
+                }
+            }
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut iter = words.into_iter();
+    while let Some(w) = iter.next() {
+        let setting = if w == "-c" {
+            iter.next().ok_or_else(|| {
+                LoginError::fatal("22023", "invalid command-line argument: -c needs a setting")
+            })?
+        } else if let Some(rest) = w.strip_prefix("--") {
+            rest.to_string()
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            rest.to_string()
+        } else {
+            return Err(LoginError::fatal(
+                "22023",
+                format!("invalid command-line argument for server process: {w}"),
+            ));
+        };
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or_else(|| LoginError::fatal("42601", format!("-c {setting} requires a value")))?;
+        out.push((name.replace('-', "_"), value.to_string()));
+    }
+    Ok(out)
+}
+
+async fn authenticate(
+    ctx: &ShardCtx,
+    stream: &mut TcpStream,
+    user: &UserEntry,
+) -> Result<(), LoginError> {
+    let failed = || {
+        ctx.stats.auth_failures.inc();
+        LoginError::fatal(
+            "28P01",
+            format!("password authentication failed for user \"{}\"", user.name),
+        )
+    };
+    let mut out = Vec::with_capacity(256);
+    let mut reader = MessageReader::new(MAX_STARTUP_PACKET);
+    match user.method {
+        AuthMethod::Trust => {}
+        AuthMethod::Password => {
+            be::write_auth_cleartext(&mut out);
+            stream.write_all(&out).await?;
+            let body = read_password_message(stream, &mut reader).await?;
+            let password = frontend::decode_password(&body)?;
+            if !cleartext_matches(user, password) {
+                return Err(failed());
+            }
+        }
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            be::write_auth_md5(&mut out, salt);
+            stream.write_all(&out).await?;
+            let body = read_password_message(stream, &mut reader).await?;
+            let response = frontend::decode_password(&body)?;
+            let secret = user.secret.as_ref().ok_or_else(failed)?;
+            if !md5::verify(secret, &user.name, salt, response) {
+                return Err(failed());
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            let verifier = user.scram.clone().ok_or_else(failed)?;
+            let mut server = scram::ScramServer::new(verifier);
+            be::write_auth_sasl(&mut out, &[scram::MECHANISM]);
+            stream.write_all(&out).await?;
+            let body = read_password_message(stream, &mut reader).await?;
+            let initial = frontend::decode_sasl_initial(&body)?;
+            if initial.mechanism != scram::MECHANISM {
+                return Err(LoginError::fatal(
+                    "08P01",
+                    "client selected an invalid SASL authentication mechanism",
+                ));
+            }
+            let first = server
+                .client_first(initial.data.unwrap_or_default())
+                .map_err(|e| scram_failure(e, &failed))?;
+            out.clear();
+            be::write_auth_sasl_continue(&mut out, &first);
+            stream.write_all(&out).await?;
+            let body = read_password_message(stream, &mut reader).await?;
+            let last = server
+                .client_final(&body)
+                .map_err(|e| scram_failure(e, &failed))?;
+            out.clear();
+            be::write_auth_sasl_final(&mut out, &last);
+            stream.write_all(&out).await?;
+        }
+    }
+    Ok(())
+}
+
+fn scram_failure(e: scram::ScramError, failed: &dyn Fn() -> LoginError) -> LoginError {
+    match e {
+        scram::ScramError::BadProof => failed(),
+        other => LoginError::fatal(other.sqlstate(), other.to_string()),
+    }
+}
+
+fn cleartext_matches(user: &UserEntry, password: &[u8]) -> bool {
+    user.secret
+        .as_ref()
+        .is_some_and(|secret| secret.verify_cleartext(&user.name, password))
+}
+
+/// Reads one authentication response ('p'); anything else is a protocol violation.
+async fn read_password_message(
+    stream: &mut TcpStream,
+    reader: &mut MessageReader,
+) -> Result<Vec<u8>, LoginError> {
+    let (tag, body) = reader.next(stream).await?;
+    if tag != b'p' {
+        return Err(LoginError::fatal(
+            "08P01",
+            format!(
+                "expected password response, got message type '{}'",
+                tag as char
+            ),
+        ));
+    }
+    Ok(body)
+}
+
+/// Writes a FATAL ErrorResponse and closes; errors writing are ignored (the client may be gone).
+pub async fn send_fatal(stream: &mut TcpStream, code: &str, message: &str) {
+    let mut out = Vec::with_capacity(64 + message.len());
+    be::write_error(&mut out, "FATAL", code, message);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_options;
+
+    #[test]
+    fn options_parse_like_the_server() {
+        let got =
+            parse_options("-c search_path=a,b --statement-timeout=5s -cwork_mem=64kB").unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("search_path".to_string(), "a,b".to_string()),
+                ("statement_timeout".to_string(), "5s".to_string()),
+                ("work_mem".to_string(), "64kB".to_string()),
+            ]
+        );
+        let got = parse_options(r"-c application_name=my\ app").unwrap();
+        assert_eq!(
+            got,
+            vec![("application_name".to_string(), "my app".to_string())]
+        );
+        assert!(parse_options("-c").is_err());
+        assert!(parse_options("bogus").is_err());
+    }
+}

@@ -1,0 +1,277 @@
+//! One client session on one shard, in session pooling mode: log the client in, lease a
+//! backend for the whole session, bring it to the client's startup parameters, then move
+//! traffic until the client leaves, and hand the backend back clean (or close it).
+//!
+//! Memory: while a client is idle the session owns no I/O buffers — it waits on a
+//! 16-byte read from either socket and borrows pooled buffers only while bytes flow.
+
+pub mod login;
+pub mod pump;
+mod release;
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::backend::BackendConn;
+use crate::cancel::{CancelHandle, CancelTarget};
+use crate::codec::{backend as be, frontend};
+use crate::context::ShardCtx;
+use crate::pool::Pool;
+use crate::sync;
+use login::{send_fatal, Login, LoginError};
+use pump::{Lane, Pump, PumpEnd, Tracker};
+
+/// Serves one accepted client connection to the end.
+pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
+    let _ = client.set_nodelay(true);
+    let startup_timeout = Duration::from_millis(ctx.config.timeouts.startup_timeout_ms);
+    let login = match sync::timeout(startup_timeout, login::login(&ctx, &mut client)).await {
+        None => {
+            send_fatal(
+                &mut client,
+                "08006",
+                "timed out waiting for startup and authentication",
+            )
+            .await;
+            return;
+        }
+        Some(Err(LoginError::Gone)) => return,
+        Some(Err(LoginError::Fatal { code, message })) => {
+            if code == "08P01" {
+                ctx.stats.protocol_errors.inc();
+            }
+            send_fatal(&mut client, code, &message).await;
+            return;
+        }
+        Some(Ok(login)) => login,
+    };
+    session_mode(&ctx, client, login).await;
+}
+
+async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
+    let Some(node) = ctx.primary() else {
+        send_fatal(&mut client, "08006", "no primary node is available").await;
+        return;
+    };
+    let pool = ctx.pool(node, &login.database, &login.user);
+    let mut backend = match acquire_watching_client(&pool, &mut client).await {
+        None => return,
+        Some(Err(e)) => {
+            let mut out = Vec::new();
+            match e {
+                crate::pool::AcquireError::Connect(e) => e.encode_for_client(&mut out),
+                timeout => be::write_error(&mut out, "FATAL", "53300", &timeout.to_string()),
+            }
+            let _ = client.write_all(&out).await;
+            let _ = client.close().await;
+            return;
+        }
+        Some(Ok(b)) => b,
+    };
+    match apply_params(ctx, &mut backend, &login.params).await {
+        Ok(None) => {}
+        Ok(Some(err)) => {
+            let mut out = Vec::new();
+            err.encode(&mut out);
+            let _ = client.write_all(&out).await;
+            let _ = client.close().await;
+            release::release_clean(ctx, &pool, backend).await;
+            return;
+        }
+        Err(_) => {
+            pool.forget();
+            send_fatal(
+                &mut client,
+                "08006",
+                "server connection lost while setting parameters",
+            )
+            .await;
+            return;
+        }
+    }
+
+    let cancel = ctx.cancels.register();
+    drop(login);
+    if welcome(&mut client, &backend, &cancel).await.is_err() {
+        ctx.cancels.unregister(cancel.pid);
+        release::release_clean(ctx, &pool, backend).await;
+        return;
+    }
+    cancel.attach(CancelTarget {
+        addr: backend.addr,
+        key: backend.key,
+        backend_id: backend.id,
+    });
+
+    let mut up = Lane::upstream(ctx.max_message_size());
+    let mut down = Lane::downstream();
+    let mut track = Tracker::new(backend.status);
+    let end = forward(
+        ctx,
+        &mut client,
+        &mut backend,
+        &mut up,
+        &mut down,
+        &mut track,
+    )
+    .await;
+    cancel.detach();
+    ctx.cancels.unregister(cancel.pid);
+    release::finish(ctx, &pool, client, backend, end, track, up).await;
+}
+
+/// Waits for a backend, giving up if the client disconnects meanwhile (its place in the
+/// queue is then released).
+async fn acquire_watching_client(
+    pool: &Rc<Pool>,
+    client: &mut TcpStream,
+) -> Option<Result<BackendConn, crate::pool::AcquireError>> {
+    let acquire = async { Some(pool.acquire().await) };
+    let watch = async {
+        let mut probe = [0u8; 1];
+        match client.peek(&mut probe).await {
+            Ok(0) | Err(_) => None,
+            // The client spoke early; let the acquire decide.
+            Ok(_) => std::future::pending().await,
+        }
+    };
+    futures_lite::future::or(acquire, watch).await
+}
+
+/// Sets the client's startup parameters on the backend through one extended-protocol
+/// round trip (`set_config` with bound values: no quoting, no injection).
+async fn apply_params(
+    ctx: &ShardCtx,
+    backend: &mut BackendConn,
+    params: &[(String, String)],
+) -> Result<Option<crate::backend::ServerError>, crate::backend::BackendError> {
+    let wanted: Vec<&(String, String)> = params
+        .iter()
+        .filter(|(name, value)| backend.params.get(name) != Some(value.as_str()))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let mut req = Vec::with_capacity(128 + wanted.len() * 64);
+    frontend::encode_parse(
+        &mut req,
+        "",
+        "SELECT pg_catalog.set_config($1, $2, false)",
+        &[25, 25],
+    );
+    for (name, value) in &wanted {
+        frontend::encode_bind_text(
+            &mut req,
+            "",
+            "",
+            &[Some(name.as_bytes()), Some(value.as_bytes())],
+        );
+        frontend::encode_execute(&mut req, "", 0);
+    }
+    frontend::encode_sync(&mut req);
+    backend.exchange(&req, 1, ctx.max_message_size()).await
+}
+
+/// Completes the client's startup: AuthenticationOk, the server's parameters, the
+/// proxy-issued cancel key, ReadyForQuery.
+async fn welcome(
+    client: &mut TcpStream,
+    backend: &BackendConn,
+    cancel: &CancelHandle,
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(512);
+    be::write_auth_ok(&mut out);
+    for (name, value) in backend.params.iter() {
+        be::write_parameter_status(&mut out, name.as_bytes(), value.as_bytes());
+    }
+    be::write_backend_key_data(&mut out, cancel.pid, cancel.secret);
+    be::write_ready_for_query(&mut out, backend.status);
+    client.write_all(&out).await
+}
+
+/// What woke an idle session.
+enum Wake {
+    Client(usize),
+    Backend(usize),
+    ClientGone,
+    BackendGone,
+    Drain,
+}
+
+/// Alternates between idle (no buffers, a tiny read on each socket) and active (the
+/// pump) until the session ends.
+async fn forward(
+    ctx: &ShardCtx,
+    client: &mut TcpStream,
+    backend: &mut BackendConn,
+    up: &mut Lane,
+    down: &mut Lane,
+    track: &mut Tracker,
+) -> PumpEnd {
+    let mut client_bytes = [0u8; 16];
+    let mut server_bytes = [0u8; 16];
+    loop {
+        let wake = {
+            let from_client = async {
+                match client.read(&mut client_bytes).await {
+                    Ok(0) | Err(_) => Wake::ClientGone,
+                    Ok(n) => Wake::Client(n),
+                }
+            };
+            let from_server = async {
+                match backend.stream.read(&mut server_bytes).await {
+                    Ok(0) | Err(_) => Wake::BackendGone,
+                    Ok(n) => Wake::Backend(n),
+                }
+            };
+            let drain = async {
+                ctx.draining.wait().await;
+                Wake::Drain
+            };
+            futures_lite::future::or(from_client, futures_lite::future::or(from_server, drain))
+                .await
+        };
+        up.activate(&ctx.bufs);
+        down.activate(&ctx.bufs);
+        let mut terminated = false;
+        match wake {
+            Wake::ClientGone => return PumpEnd::ClientGone,
+            Wake::BackendGone => return PumpEnd::BackendGone,
+            Wake::Drain => return PumpEnd::Drain,
+            Wake::Client(n) => match pump::seed_up(up, &client_bytes[..n], track, &ctx.stats) {
+                Ok(t) => terminated = t,
+                Err(e) => return PumpEnd::ClientProtocol(e),
+            },
+            Wake::Backend(n) => {
+                if let Err(e) =
+                    pump::seed_down(down, &server_bytes[..n], track, &mut backend.params)
+                {
+                    return PumpEnd::BackendProtocol(e);
+                }
+            }
+        }
+        let end = Pump {
+            client: &mut *client,
+            backend: &mut backend.stream,
+            params: &mut backend.params,
+            up: &mut *up,
+            down: &mut *down,
+            track: &mut *track,
+            stats: &ctx.stats,
+            draining: &ctx.draining,
+            backend_eof: false,
+            client_terminated: terminated,
+        }
+        .await;
+        match end {
+            PumpEnd::Quiet => {
+                up.deactivate();
+                down.deactivate();
+            }
+            other => return other,
+        }
+    }
+}
