@@ -12,17 +12,18 @@ mod release;
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
 use crate::backend::BackendConn;
+use crate::bufpool::Buf;
 use crate::cancel::{CancelHandle, CancelTarget};
 use crate::codec::{backend as be, frontend};
 use crate::context::ShardCtx;
 use crate::pool::Pool;
 use crate::sync;
 use login::{send_fatal, Login, LoginError};
-use pump::{Lane, Pump, PumpEnd, Tracker};
+use pump::{Lane, Pump, PumpEnd, ReadPooled, Tracker};
 
 /// Serves one accepted client connection to the end.
 pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
@@ -194,15 +195,15 @@ async fn welcome(
 
 /// What woke an idle session.
 enum Wake {
-    Client(usize),
-    Backend(usize),
+    Client(Buf, usize),
+    Backend(Buf, usize),
     ClientGone,
     BackendGone,
     Drain,
 }
 
-/// Alternates between idle (no buffers, a tiny read on each socket) and active (the
-/// pump) until the session ends.
+/// Alternates between idle (no buffers; waiting for either socket to become readable)
+/// and active (the pump) until the session ends.
 async fn forward(
     ctx: &ShardCtx,
     client: &mut TcpStream,
@@ -211,20 +212,28 @@ async fn forward(
     down: &mut Lane,
     track: &mut Tracker,
 ) -> PumpEnd {
-    let mut client_bytes = [0u8; 16];
-    let mut server_bytes = [0u8; 16];
     loop {
         let wake = {
             let from_client = async {
-                match client.read(&mut client_bytes).await {
-                    Ok(0) | Err(_) => Wake::ClientGone,
-                    Ok(n) => Wake::Client(n),
+                match (ReadPooled {
+                    stream: &mut *client,
+                    pool: &ctx.bufs,
+                })
+                .await
+                {
+                    Some((buf, n)) => Wake::Client(buf, n),
+                    None => Wake::ClientGone,
                 }
             };
             let from_server = async {
-                match backend.stream.read(&mut server_bytes).await {
-                    Ok(0) | Err(_) => Wake::BackendGone,
-                    Ok(n) => Wake::Backend(n),
+                match (ReadPooled {
+                    stream: &mut backend.stream,
+                    pool: &ctx.bufs,
+                })
+                .await
+                {
+                    Some((buf, n)) => Wake::Backend(buf, n),
+                    None => Wake::BackendGone,
                 }
             };
             let drain = async {
@@ -234,25 +243,23 @@ async fn forward(
             futures_lite::future::or(from_client, futures_lite::future::or(from_server, drain))
                 .await
         };
-        up.activate(&ctx.bufs);
-        down.activate(&ctx.bufs);
         let mut terminated = false;
         match wake {
             Wake::ClientGone => return PumpEnd::ClientGone,
             Wake::BackendGone => return PumpEnd::BackendGone,
             Wake::Drain => return PumpEnd::Drain,
-            Wake::Client(n) => match pump::seed_up(up, &client_bytes[..n], track, &ctx.stats) {
+            Wake::Client(buf, n) => match pump::seed_up(up, buf, n, track, &ctx.stats) {
                 Ok(t) => terminated = t,
                 Err(e) => return PumpEnd::ClientProtocol(e),
             },
-            Wake::Backend(n) => {
-                if let Err(e) =
-                    pump::seed_down(down, &server_bytes[..n], track, &mut backend.params)
-                {
+            Wake::Backend(buf, n) => {
+                if let Err(e) = pump::seed_down(down, buf, n, track, &mut backend.params) {
                     return PumpEnd::BackendProtocol(e);
                 }
             }
         }
+        up.activate(&ctx.bufs);
+        down.activate(&ctx.bufs);
         let end = Pump {
             client: &mut *client,
             backend: &mut backend.stream,

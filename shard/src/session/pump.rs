@@ -403,37 +403,67 @@ fn scan_up(
     }
 }
 
-/// Copies client bytes that were read while idle into an activated lane and scans them as
-/// if the pump had read them. Returns true when they hold a Terminate.
+/// Waits until `stream` is readable and reads into a buffer borrowed from the shard's
+/// pool only for the instant of the read (given back when nothing is there), so a waiting
+/// session holds no buffer and a whole request arrives with one read.
+pub struct ReadPooled<'a> {
+    pub stream: &'a mut TcpStream,
+    pub pool: &'a BufPool,
+}
+
+impl Future for ReadPooled<'_> {
+    type Output = Option<(Buf, usize)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut buf = self.pool.take();
+        match Pin::new(&mut *self.stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(None),
+            Poll::Ready(Ok(n)) => Poll::Ready(Some((buf, n))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Lane {
+    /// Makes `buf` this lane's buffer; its freshly read bytes are scanned next.
+    fn install(&mut self, buf: Buf) {
+        self.buf = Some(buf);
+        self.start = 0;
+        self.end = 0;
+    }
+}
+
+/// Takes over client bytes read while idle and scans them as if the pump had read them.
+/// Returns true when they hold a Terminate.
 pub fn seed_up(
     lane: &mut Lane,
-    bytes: &[u8],
+    buf: Buf,
+    n: usize,
     track: &mut Tracker,
     stats: &ShardStats,
 ) -> Result<bool, CodecError> {
-    let Some(buf) = lane.buf.as_mut() else {
-        return Ok(false);
-    };
-    buf[lane.end..lane.end + bytes.len()].copy_from_slice(bytes);
-    stats.bytes_from_clients.add(bytes.len() as u64);
-    scan_up(lane, bytes.len(), track, stats)
+    lane.install(buf);
+    stats.bytes_from_clients.add(n as u64);
+    scan_up(lane, n, track, stats)
 }
 
 /// The server-side counterpart of [`seed_up`].
 pub fn seed_down(
     lane: &mut Lane,
-    bytes: &[u8],
+    buf: Buf,
+    n: usize,
     track: &mut Tracker,
     params: &mut ServerParams,
 ) -> Result<(), CodecError> {
-    let Some(buf) = lane.buf.as_mut() else {
-        return Ok(());
+    lane.install(buf);
+    let chunk = match lane.buf.as_ref() {
+        Some(b) => &b[..n],
+        None => return Ok(()),
     };
-    buf[lane.end..lane.end + bytes.len()].copy_from_slice(bytes);
-    let scanned = lane.scanner.scan(bytes, |tag, body, _| {
+    let scanned = lane.scanner.scan(chunk, |tag, body, _| {
         track.on_server_message(tag, body, params);
         Step::Continue
     });
-    lane.end += bytes.len();
+    lane.end = n;
     scanned.map(|_| ())
 }
