@@ -114,6 +114,12 @@ impl Pool {
         }
     }
 
+    /// No connections and nobody waiting: the pool can be forgotten.
+    pub fn is_unused(&self) -> bool {
+        let st = self.state.borrow();
+        st.total == 0 && st.waiters.is_empty()
+    }
+
     pub fn max_message_size(&self) -> usize {
         self.spec.max_message_size
     }

@@ -249,6 +249,9 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>) {
         }
         ticks += 1;
         if ticks.is_multiple_of(MAINTENANCE_EVERY) {
+            // Pools nobody uses (e.g. a client named a database that does not exist)
+            // are dropped so they cannot accumulate.
+            ctx.pools.borrow_mut().retain(|_, pool| !pool.is_unused());
             let pools: Vec<_> = ctx.pools.borrow().values().cloned().collect();
             for pool in pools {
                 pool.maintain();

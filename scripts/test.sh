@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Runs every check HeliosProxy has: rustfmt, clippy and all tests, including the end-to-end
+# suite that starts private PostgreSQL servers and the real proxy binary.
+#
+# On a fresh Debian machine it first installs what the end-to-end tests need (PostgreSQL
+# server, psql, pgbench) and, when run as root, creates the unprivileged account `helios-test`
+# that the tests run initdb/postgres as (PostgreSQL refuses to run as root). When all of
+# that is already there it goes straight to cargo.
+#
+# Environment: HELIOS_TEST_TARGET=direct runs the end-to-end scenarios against PostgreSQL
+# itself (harness validation); CARGO_TARGET_DIR and RUST_TEST_THREADS are honoured.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+TEST_USER=helios-test
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# Runs a command as root: directly, or through passwordless sudo.
+as_root() {
+    if is_root; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo -n "$@"
+    else
+        echo "scripts/test.sh: need root (or passwordless sudo) to run: $*" >&2
+        return 1
+    fi
+}
+
+# The newest /usr/lib/postgresql/*/bin with initdb and postgres, else initdb's directory on PATH.
+pg_bin_dir() {
+    local dir
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5 -V -r); do
+        if [ -x "$dir/initdb" ] && [ -x "$dir/postgres" ]; then
+            echo "$dir"
+            return 0
+        fi
+    done
+    if command -v initdb >/dev/null 2>&1; then
+        dir=$(dirname "$(readlink -f "$(command -v initdb)")")
+        if [ -x "$dir/postgres" ]; then
+            echo "$dir"
+            return 0
+        fi
+    fi
+    return 1
+}
+
+have_tool() {
+    local bin
+    bin=$(pg_bin_dir 2>/dev/null || true)
+    { [ -n "$bin" ] && [ -x "$bin/$1" ]; } || command -v "$1" >/dev/null 2>&1
+}
+
+APT_UPDATED=0
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "scripts/test.sh: missing $*, and this is not a Debian-like system: install them by hand" >&2
+        exit 1
+    fi
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    # Keep the package scripts from starting a system PostgreSQL on port 5432 (the tests
+    # start their own); only when no policy is in place already, and removed afterwards.
+    local policy=/usr/sbin/policy-rc.d added_policy=0
+    if [ ! -e "$policy" ]; then
+        as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+        added_policy=1
+    fi
+    local rc=0
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" || rc=$?
+    if [ "$added_policy" -eq 1 ]; then
+        as_root rm -f "$policy"
+    fi
+    return "$rc"
+}
+
+install_postgresql() {
+    local missing=()
+    pg_bin_dir >/dev/null 2>&1 || missing+=(postgresql)
+    have_tool psql || missing+=(postgresql-client)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+    # pgbench ships with the server on Debian 12, in postgresql-contrib on older releases.
+    if ! have_tool pgbench; then
+        apt_install postgresql-contrib
+    fi
+    pg_bin_dir >/dev/null || { echo "scripts/test.sh: PostgreSQL server still missing" >&2; exit 1; }
+    have_tool psql || { echo "scripts/test.sh: psql still missing" >&2; exit 1; }
+    have_tool pgbench || { echo "scripts/test.sh: pgbench still missing" >&2; exit 1; }
+}
+
+# PostgreSQL will not run as root: the harness runs it as $TEST_USER, which must exist.
+ensure_test_user() {
+    is_root || return 0
+    id -u "$TEST_USER" >/dev/null 2>&1 && return 0
+    log "creating system user $TEST_USER (runs the tests' PostgreSQL servers)"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin "$TEST_USER"
+}
+
+ensure_rust_components() {
+    local missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        if command -v rustup >/dev/null 2>&1; then
+            log "rustup component add ${missing[*]}"
+            rustup component add "${missing[@]}"
+        else
+            echo "scripts/test.sh: cargo ${missing[*]} missing and no rustup to add it" >&2
+            exit 1
+        fi
+    fi
+}
+
+command -v cargo >/dev/null 2>&1 || { echo "scripts/test.sh: cargo not found" >&2; exit 1; }
+install_postgresql
+ensure_test_user
+ensure_rust_components
+log "PostgreSQL binaries: $(pg_bin_dir)"
+
+log "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+log "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo test --workspace"
+cargo test --workspace
