@@ -175,18 +175,7 @@ async fn a_reused_backend_carries_no_session_state() {
     drop(first);
 
     // max_pool_size = 1: the next client waits for, and gets, the same backend.
-    let second = common::wait_until_async(Duration::from_secs(10), || async {
-        proxy
-            .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), &db)
-            .await
-            .is_ok()
-    })
-    .await;
-    assert!(second, "no second login\n{}", proxy.log());
-    let second = proxy
-        .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), &db)
-        .await
-        .expect("login");
+    let second = proxy.client_when_free(&db).await;
     let row = second
         .query_one(
             "SELECT pg_backend_pid(),

@@ -108,15 +108,7 @@ async fn a_stale_cancel_does_not_hit_the_next_client() {
     let stale = first.cancel_token();
     drop(first);
 
-    let second = common::wait_until_async(Duration::from_secs(10), || async {
-        proxy
-            .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), common::DATABASE)
-            .await
-            .is_ok()
-    })
-    .await;
-    assert!(second, "no second login\n{}", proxy.log());
-    let second = proxy.client().await;
+    let second = proxy.client_when_free(common::DATABASE).await;
     let second_pid: i32 = second
         .query_one("SELECT pg_backend_pid()", &[])
         .await

@@ -315,6 +315,21 @@ impl Proxy {
             .unwrap_or_else(|e| panic!("login as {SUPERUSER} failed: {e:?}\n{}", self.log()))
     }
 
+    /// The superuser on `db`, retrying for a while: for a client that must wait until the
+    /// pool gets back the backend a just-closed session held.
+    pub async fn client_when_free(&self, db: &str) -> tokio_postgres::Client {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.connect(SUPERUSER, Some(SUPERUSER_PASSWORD), db).await {
+                Ok(client) => return client,
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    panic!("no login on {db} within 10 s: {e:?}\n{}", self.log())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// The password-less user on database `app`; panics if the login fails.
     pub async fn trust_client(&self) -> tokio_postgres::Client {
         self.connect(TRUST_USER, None, DATABASE)
