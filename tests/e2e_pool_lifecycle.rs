@@ -222,3 +222,37 @@ async fn backend_that_trusts_the_proxy_needs_no_password() {
         .get(0);
     assert_eq!(user, TRUST_USER);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_backend_the_server_closed_is_not_handed_out() {
+    if common::proxy_only(
+        "a_pooled_backend_the_server_closed_is_not_handed_out",
+        "pools are the proxy's",
+    ) {
+        return;
+    }
+    let db = fresh_database("lc_server_closed").await;
+    let proxy = target("workers = 1\n");
+    let pid = backend_pid(&proxy, &db).await;
+    assert!(wait_for_backends(&db, 1).await, "{}", proxy.log());
+    // The server ends the idle pooled connection (as a restart or idle_session_timeout would).
+    let admin = cluster().admin("postgres").await;
+    let killed: bool = admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate")
+        .get(0);
+    assert!(killed);
+    assert!(wait_for_backends(&db, 0).await, "{}", proxy.log());
+    // The next client gets a fresh backend, not the dead one and not an error.
+    let client = proxy
+        .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), &db)
+        .await
+        .expect("login after the pooled backend died");
+    let new_pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("query on a fresh backend")
+        .get(0);
+    assert_ne!(new_pid, pid);
+}

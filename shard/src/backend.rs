@@ -6,6 +6,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWriteExt;
@@ -341,6 +342,23 @@ impl BackendConn {
             ));
         }
         Ok(first_error)
+    }
+
+    /// True when the server has neither closed the connection nor sent anything while it
+    /// sat idle in the pool (a server that is shutting a connection down says why first).
+    /// One non-blocking peek; no allocation.
+    pub fn is_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        // SAFETY: recv on our own socket into a 1-byte stack buffer, never blocking.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                probe.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
     }
 
     /// Says goodbye politely; used when a connection leaves the pool for good.

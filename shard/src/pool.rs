@@ -246,7 +246,7 @@ impl Pool {
     fn take_idle(&self) -> Option<BackendConn> {
         loop {
             let conn = self.state.borrow_mut().idle.pop()?;
-            if conn.created.elapsed() >= self.limits.max_lifetime {
+            if conn.created.elapsed() >= self.limits.max_lifetime || !conn.is_alive() {
                 self.discard(conn);
                 continue;
             }
