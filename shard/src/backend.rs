@@ -3,10 +3,12 @@
 //! exchanges (applying client parameters, reset, rollback). Query traffic does not go
 //! through here: sessions pump it byte-for-byte.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWriteExt;
@@ -26,6 +28,8 @@ pub struct ConnectSpec {
     pub password: Option<String>,
     pub connect_timeout: Duration,
     pub max_message_size: usize,
+    /// SCRAM salted passwords for this credential, shared by every connection of a pool.
+    pub scram_cache: Rc<RefCell<scram::SaltedPasswordCache>>,
 }
 
 /// The backend's real cancel key (never shown to clients).
@@ -278,7 +282,7 @@ impl BackendConn {
                     .as_mut()
                     .ok_or_else(|| BackendError::Protocol("SASL continue without start".into()))?;
                 let reply = client
-                    .server_first(data)
+                    .server_first_cached(data, &mut spec.scram_cache.borrow_mut())
                     .map_err(|e| BackendError::Auth(e.to_string()))?;
                 frontend::encode_sasl_response(out, &reply);
             }

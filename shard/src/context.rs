@@ -146,6 +146,7 @@ impl ShardCtx {
             password: user.server_password.clone(),
             connect_timeout: Duration::from_millis(self.config.timeouts.connect_timeout_ms),
             max_message_size: usize::MAX >> 1,
+            scram_cache: Rc::default(),
         };
         let label = format!("{}/{}@{}", database, user.server_user, entry.label);
         let pool = Pool::new(

@@ -165,6 +165,39 @@ impl ScramServer {
     }
 }
 
+/// Salted passwords for one credential by (salt, iterations): servers keep both fixed per
+/// role, so after the first login every further one skips PBKDF2. Holds a handful at most.
+#[derive(Default)]
+pub struct SaltedPasswordCache {
+    entries: Vec<(Vec<u8>, u32, keys::Key)>,
+}
+
+impl SaltedPasswordCache {
+    const MAX_ENTRIES: usize = 4;
+
+    fn get_or_derive(&mut self, password: &[u8], salt: &[u8], iterations: u32) -> keys::Key {
+        if let Some((_, _, key)) = self
+            .entries
+            .iter()
+            .find(|(s, i, _)| s.as_slice() == salt && *i == iterations)
+        {
+            return *key;
+        }
+        let key = keys::salted_password(password, salt, iterations);
+        if self.entries.len() == Self::MAX_ENTRIES {
+            self.entries.remove(0);
+        }
+        self.entries.push((salt.to_vec(), iterations, key));
+        key
+    }
+}
+
+impl std::fmt::Debug for SaltedPasswordCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SaltedPasswordCache({} entries)", self.entries.len())
+    }
+}
+
 /// The client side of one SCRAM exchange, used to log in to a backend.
 pub struct ScramClient {
     /// Normalize(password), kept instead of the password itself.
@@ -197,6 +230,17 @@ impl ScramClient {
 
     /// Handles the server-first-message and returns the client-final-message.
     pub fn server_first(&mut self, data: &[u8]) -> Result<Vec<u8>, ScramError> {
+        self.server_first_cached(data, &mut SaltedPasswordCache::default())
+    }
+
+    /// Like [`server_first`](Self::server_first), reusing a salted password derived earlier
+    /// for the same server salt and iteration count (PBKDF2 is the expensive part of a login).
+    /// The cache must only ever see this client's password.
+    pub fn server_first_cached(
+        &mut self,
+        data: &[u8],
+        cache: &mut SaltedPasswordCache,
+    ) -> Result<Vec<u8>, ScramError> {
         if self.expected_server_signature.is_some() {
             return Err(ScramError::Malformed("server-first-message sent twice"));
         }
@@ -208,7 +252,7 @@ impl ScramClient {
                 "server nonce does not extend the client nonce",
             ));
         }
-        let salted = keys::salted_password(&self.password, &first.salt, first.iterations);
+        let salted = cache.get_or_derive(&self.password, &first.salt, first.iterations);
         let client_key = keys::client_key(&salted);
         let stored_key = keys::sha256(&client_key);
         let without_proof = [CHANNEL_BINDING_NONE.as_bytes(), b",r=", first.nonce].concat();
@@ -310,6 +354,23 @@ mod tests {
     fn end_to_end_saslprep_equivalent_password() {
         let verifier = ScramVerifier::generate("IX", b"salt", 16);
         assert_eq!(exchange("\u{2168}", verifier), Ok(()));
+    }
+
+    #[test]
+    fn cached_salted_password_serves_later_logins() {
+        let verifier = ScramVerifier::generate("s3cret", b"0123456789abcdef", 4096);
+        let mut cache = SaltedPasswordCache::default();
+        for _ in 0..3 {
+            let mut client = ScramClient::new("s3cret");
+            let mut server = ScramServer::new(verifier.clone());
+            let server_first = server.client_first(&client.client_first()).unwrap();
+            let client_final = client
+                .server_first_cached(&server_first, &mut cache)
+                .unwrap();
+            let server_final = server.client_final(&client_final).unwrap();
+            assert_eq!(client.server_final(&server_final), Ok(()));
+        }
+        assert_eq!(cache.entries.len(), 1);
     }
 
     #[test]
