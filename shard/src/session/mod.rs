@@ -28,9 +28,12 @@ use pump::{Lane, Pump, PumpEnd, ReadPooled, Tracker};
 /// Serves one accepted client connection to the end.
 pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
     let _ = client.set_nodelay(true);
+    let peer = client.peer_addr().ok();
+    let who = PeerName(peer);
     let startup_timeout = Duration::from_millis(ctx.config.timeouts.startup_timeout_ms);
     let login = match sync::timeout(startup_timeout, login::login(&ctx, &mut client)).await {
         None => {
+            log::info!("client {who}: startup timed out");
             send_fatal(
                 &mut client,
                 "08006",
@@ -44,12 +47,31 @@ pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
             if code == "08P01" {
                 ctx.stats.protocol_errors.inc();
             }
+            log::warn!("client {who}: login refused ({code}): {message}");
             send_fatal(&mut client, code, &message).await;
             return;
         }
         Some(Ok(login)) => login,
     };
+    log::debug!(
+        "client {who}: logged in as {} to {}",
+        login.user.name,
+        login.database
+    );
     session_mode(&ctx, client, login).await;
+    log::debug!("client {who}: session ended");
+}
+
+/// A client address for log lines, formatted only when a line is written.
+struct PeerName(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for PeerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("(unknown)"),
+        }
+    }
 }
 
 async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
@@ -61,6 +83,7 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
     let mut backend = match acquire_watching_client(&pool, &mut client).await {
         None => return,
         Some(Err(e)) => {
+            log::warn!("pool {}: {e}", pool.label);
             let mut out = Vec::new();
             match e {
                 crate::pool::AcquireError::Connect(e) => e.encode_for_client(&mut out),

@@ -40,6 +40,7 @@ pub async fn finish(
             drop(backend);
         }
         PumpEnd::BackendProtocol(e) => {
+            log::error!("pool {}: server sent invalid data: {e}", pool.label);
             send_fatal(
                 &mut client,
                 "08P01",
@@ -50,6 +51,7 @@ pub async fn finish(
         }
         PumpEnd::ClientProtocol(e) => {
             ctx.stats.protocol_errors.inc();
+            log::info!("pool {}: client protocol violation: {e}", pool.label);
             send_fatal(&mut client, e.sqlstate(), &e.to_string()).await;
             recover(ctx, pool, backend, track, up, true).await;
         }
@@ -96,7 +98,13 @@ async fn recover(
     .await;
     match cleaned {
         Some(true) => pool.release(backend),
-        _ => pool.discard(backend),
+        _ => {
+            log::info!(
+                "pool {}: closing a server connection that could not be cleaned for reuse",
+                pool.label
+            );
+            pool.discard(backend)
+        }
     }
 }
 
