@@ -16,6 +16,8 @@ pub struct BufPool {
 struct PoolInner {
     size: usize,
     free: RefCell<Vec<Box<[u8]>>>,
+    /// The fewest free buffers seen since the last trim: that many sat unused all along.
+    low_water: std::cell::Cell<usize>,
 }
 
 impl BufPool {
@@ -24,6 +26,7 @@ impl BufPool {
             inner: Rc::new(PoolInner {
                 size,
                 free: RefCell::new(Vec::new()),
+                low_water: std::cell::Cell::new(0),
             }),
         }
     }
@@ -33,16 +36,29 @@ impl BufPool {
     }
 
     pub fn take(&self) -> Buf {
-        let data = self
-            .inner
-            .free
-            .borrow_mut()
+        let mut free = self.inner.free.borrow_mut();
+        let data = free
             .pop()
             .unwrap_or_else(|| vec![0u8; self.inner.size].into_boxed_slice());
+        if free.len() < self.inner.low_water.get() {
+            self.inner.low_water.set(free.len());
+        }
+        drop(free);
         Buf {
             data: Some(data),
             pool: self.inner.clone(),
         }
+    }
+
+    /// Frees the buffers that stayed unused since the last call, so a burst of activity
+    /// does not leave its buffers parked forever while steady traffic keeps what it uses.
+    pub fn trim(&self) {
+        let mut free = self.inner.free.borrow_mut();
+        let unused = self.inner.low_water.get().min(free.len());
+        let keep = free.len() - unused;
+        free.truncate(keep);
+        free.shrink_to_fit();
+        self.inner.low_water.set(free.len());
     }
 
     /// Buffers currently parked for reuse (for stats).
@@ -96,6 +112,22 @@ mod tests {
         let b = pool.take();
         assert_eq!(b.as_ptr(), ptr);
         assert_eq!(b.len(), 64);
+        assert_eq!(pool.free_count(), 0);
+    }
+
+    #[test]
+    fn trim_frees_only_buffers_unused_for_a_whole_interval() {
+        let pool = BufPool::new(64);
+        let burst: Vec<Buf> = (0..10).map(|_| pool.take()).collect();
+        drop(burst);
+        assert_eq!(pool.free_count(), 10);
+        pool.trim(); // low water was 0 during the burst: nothing is provably idle yet
+        assert_eq!(pool.free_count(), 10);
+        let steady: Vec<Buf> = (0..3).map(|_| pool.take()).collect();
+        drop(steady);
+        pool.trim(); // 7 were never touched in this interval
+        assert_eq!(pool.free_count(), 3);
+        pool.trim(); // and 3 sat unused in the next one
         assert_eq!(pool.free_count(), 0);
     }
 }

@@ -252,6 +252,7 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>) {
             // Pools nobody uses (e.g. a client named a database that does not exist)
             // are dropped so they cannot accumulate.
             ctx.pools.borrow_mut().retain(|_, pool| !pool.is_unused());
+            ctx.bufs.trim();
             let pools: Vec<_> = ctx.pools.borrow().values().cloned().collect();
             for pool in pools {
                 pool.maintain();
