@@ -11,11 +11,12 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_lite::AsyncWriteExt;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use crate::auth::{md5, scram};
 use crate::codec::backend::{self as be, Authentication, BackendMessage};
+use crate::codec::frame::{Scanner, Step, TagSet};
 use crate::codec::{frontend, startup, CodecError};
 use crate::msgio::{MessageReader, ReadError};
 
@@ -303,47 +304,58 @@ impl BackendConn {
         Ok(())
     }
 
-    /// Sends `request` and reads until `syncs` ReadyForQuery messages arrived, keeping
-    /// server parameters current. Returns the first ErrorResponse, if any.
+    /// Sends `request` and reads until `syncs` ReadyForQuery messages arrived (see
+    /// [`drain`](Self::drain)). `buf` is scratch space for reads.
     pub async fn exchange(
         &mut self,
         request: &[u8],
-        syncs: usize,
-        max_message_size: usize,
+        syncs: u32,
+        buf: &mut [u8],
     ) -> Result<Option<ServerError>, BackendError> {
         self.stream.write_all(request).await?;
-        self.drain(syncs, max_message_size).await
+        self.drain(syncs, buf).await
     }
 
-    /// Reads until `syncs` ReadyForQuery messages arrived (see [`exchange`]).
+    /// Reads server output until `syncs` ReadyForQuery messages arrived, keeping the
+    /// server parameters and transaction status current and returning the first
+    /// ErrorResponse. Other bodies are skipped, not kept, so even a cancelled COPY TO of any
+    /// size drains in `buf`'s memory. Anything after the last ReadyForQuery is an error.
     pub async fn drain(
         &mut self,
-        mut syncs: usize,
-        max_message_size: usize,
+        mut syncs: u32,
+        buf: &mut [u8],
     ) -> Result<Option<ServerError>, BackendError> {
-        let mut reader = MessageReader::new(max_message_size);
+        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSE"), usize::MAX >> 1);
         let mut first_error = None;
         while syncs > 0 {
-            let (tag, body) = reader.next(&mut self.stream).await?;
-            match tag {
-                b'Z' | b'S' | b'E' => match be::decode(tag, &body)? {
-                    BackendMessage::ReadyForQuery(status) => {
-                        self.status = status;
+            let n = self.stream.read(buf).await?;
+            if n == 0 {
+                return Err(BackendError::Closed);
+            }
+            let (params, status) = (&mut self.params, &mut self.status);
+            let scanned = scanner.scan(&buf[..n], |tag, body, _| {
+                match be::decode(tag, body) {
+                    Ok(BackendMessage::ReadyForQuery(s)) => {
+                        *status = s;
                         syncs -= 1;
                     }
-                    BackendMessage::ParameterStatus { name, value } => self.params.set(name, value),
-                    BackendMessage::ErrorResponse(fields) if first_error.is_none() => {
+                    Ok(BackendMessage::ParameterStatus { name, value }) => params.set(name, value),
+                    Ok(BackendMessage::ErrorResponse(fields)) if first_error.is_none() => {
                         first_error = Some(ServerError::from_fields(&fields));
                     }
                     _ => {}
-                },
-                _ => {}
+                }
+                if syncs == 0 {
+                    Step::Stop
+                } else {
+                    Step::Continue
+                }
+            })?;
+            if scanned < n {
+                return Err(BackendError::Protocol(
+                    "server sent data after ReadyForQuery".into(),
+                ));
             }
-        }
-        if !reader.is_empty() {
-            return Err(BackendError::Protocol(
-                "server sent data after ReadyForQuery".into(),
-            ));
         }
         Ok(first_error)
     }

@@ -120,10 +120,6 @@ impl Pool {
         st.total == 0 && st.waiters.is_empty()
     }
 
-    pub fn max_message_size(&self) -> usize {
-        self.spec.max_message_size
-    }
-
     /// Takes an idle connection, opens a new one within the limit, or waits FIFO.
     pub async fn acquire(self: &Rc<Self>) -> Result<BackendConn, AcquireError> {
         if let Some(conn) = self.take_idle() {

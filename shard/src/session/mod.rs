@@ -196,7 +196,7 @@ async fn apply_params(
         frontend::encode_execute(&mut req, "", 0);
     }
     frontend::encode_sync(&mut req);
-    backend.exchange(&req, 1, ctx.max_message_size()).await
+    backend.exchange(&req, 1, &mut ctx.bufs.take()).await
 }
 
 /// Completes the client's startup: AuthenticationOk, the server's parameters, the
