@@ -19,6 +19,7 @@ use crate::codec::backend::{self as be, Authentication, BackendMessage};
 use crate::codec::frame::{Scanner, Step, TagSet};
 use crate::codec::{frontend, startup, CodecError};
 use crate::msgio::{MessageReader, ReadError};
+use crate::prepared::ServerStatements;
 
 /// What the proxy needs to open one backend connection.
 #[derive(Clone, Debug)]
@@ -164,7 +165,20 @@ pub struct BackendConn {
     pub idle_since: Instant,
     /// Transaction status from the last ReadyForQuery: b'I', b'T' or b'E'.
     pub status: u8,
+    /// Statements prepared on this connection by transaction/statement pooling.
+    pub statements: ServerStatements,
+    /// Statement names to Close before this connection's next request (a skipped Close,
+    /// or a plan gone stale).
+    pub pending_close: Vec<Rc<str>>,
+    /// Session settings in effect on this connection (see `session::pooled::settings`).
+    pub settings: Settings,
 }
+
+/// Session-level settings as (name, value) pairs sorted by name; shared, never mutated.
+pub type Settings = Rc<Vec<(String, String)>>;
+
+/// Rows of text values from one of the proxy's own queries.
+pub type Rows = Vec<Vec<Option<String>>>;
 
 impl BackendConn {
     /// Opens, authenticates and waits for the first ReadyForQuery.
@@ -193,6 +207,9 @@ impl BackendConn {
             created: now,
             idle_since: now,
             status: b'I',
+            statements: ServerStatements::default(),
+            pending_close: Vec::new(),
+            settings: Settings::default(),
         };
         let startup_fut = conn.startup(spec);
         match crate::sync::timeout(spec.connect_timeout, startup_fut).await {
@@ -358,6 +375,56 @@ impl BackendConn {
             }
         }
         Ok(first_error)
+    }
+
+    /// Sends `request` and reads until `syncs` ReadyForQuery messages arrived, keeping the
+    /// text values of every DataRow: for the proxy's own small catalog queries.
+    pub async fn fetch(
+        &mut self,
+        request: &[u8],
+        mut syncs: u32,
+        buf: &mut [u8],
+    ) -> Result<(Rows, Option<ServerError>), BackendError> {
+        self.stream.write_all(request).await?;
+        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSED"), usize::MAX >> 1);
+        let mut rows = Rows::new();
+        let mut first_error = None;
+        while syncs > 0 {
+            let n = self.stream.read(buf).await?;
+            if n == 0 {
+                return Err(BackendError::Closed);
+            }
+            let (params, status) = (&mut self.params, &mut self.status);
+            let scanned = scanner.scan(&buf[..n], |tag, body, _| {
+                match be::decode(tag, body) {
+                    Ok(BackendMessage::ReadyForQuery(s)) => {
+                        *status = s;
+                        syncs -= 1;
+                    }
+                    Ok(BackendMessage::ParameterStatus { name, value }) => params.set(name, value),
+                    Ok(BackendMessage::ErrorResponse(fields)) if first_error.is_none() => {
+                        first_error = Some(ServerError::from_fields(&fields));
+                    }
+                    Ok(BackendMessage::DataRow(values)) => rows.push(
+                        values
+                            .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                            .collect(),
+                    ),
+                    _ => {}
+                }
+                if syncs == 0 {
+                    Step::Stop
+                } else {
+                    Step::Continue
+                }
+            })?;
+            if scanned < n {
+                return Err(BackendError::Protocol(
+                    "server sent data after ReadyForQuery".into(),
+                ));
+            }
+        }
+        Ok((rows, first_error))
     }
 
     /// True when the server has neither closed the connection nor sent anything while it

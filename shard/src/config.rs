@@ -45,6 +45,8 @@ pub struct Config {
     pub pool_mode: PoolConfig,
     pub auth: AuthConfig,
     pub users: Vec<UserConfig>,
+    /// Per-database settings (pool mode overrides).
+    pub databases: Vec<DatabaseConfig>,
     pub nodes: Vec<NodeConfig>,
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
@@ -59,6 +61,7 @@ impl Default for Config {
             pool_mode: PoolConfig::default(),
             auth: AuthConfig::default(),
             users: Vec::new(),
+            databases: Vec::new(),
             nodes: Vec::new(),
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
@@ -90,8 +93,16 @@ pub struct PoolConfig {
     pub max_lifetime_secs: u64,
     /// How long a client waits for a free connection before 53300.
     pub acquire_timeout_ms: u64,
-    /// Run on a backend before another client gets it; "" disables.
+    /// Run on a backend before another session-mode client gets it; "" disables.
+    /// Transaction and statement modes track session state instead of resetting it.
     pub reset_query: String,
+    /// Statements each server connection keeps prepared for transaction/statement
+    /// pooling; the least recently used one is closed beyond this.
+    pub max_prepared_statements: u32,
+    /// In transaction/statement mode, LISTEN, session advisory locks, temporary tables,
+    /// WITH HOLD cursors and SQL PREPARE keep the client on its server connection until
+    /// that state is gone (true), or are refused with SQLSTATE 0A000 (false).
+    pub pin_session_state: bool,
 }
 
 impl Default for PoolConfig {
@@ -104,6 +115,8 @@ impl Default for PoolConfig {
             max_lifetime_secs: 3600,
             acquire_timeout_ms: 5000,
             reset_query: "DISCARD ALL".into(),
+            max_prepared_statements: 200,
+            pin_session_state: true,
         }
     }
 }
@@ -163,6 +176,9 @@ pub struct UserConfig {
     /// Plain password for backends; default: `password` when that is plain.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_password: Option<String>,
+    /// Pooling mode for this user's sessions; overrides `[[databases]]` and `[pool_mode]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_mode: Option<PoolMode>,
 }
 
 impl UserConfig {
@@ -202,8 +218,19 @@ impl std::fmt::Debug for UserConfig {
             .field("auth_method", &self.auth_method)
             .field("server_user", &self.server_user)
             .field("server_password", &redacted(&self.server_password))
+            .field("pool_mode", &self.pool_mode)
             .finish()
     }
+}
+
+/// Settings for one database name clients connect to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub name: String,
+    /// Pooling mode for sessions on this database, unless the user sets one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_mode: Option<PoolMode>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,6 +365,20 @@ impl Config {
 
     pub fn user(&self, name: &str) -> Option<&UserConfig> {
         self.users.iter().find(|user| user.name == name)
+    }
+
+    /// The pooling mode for `user` on `database`: the user's, else the database's, else
+    /// `[pool_mode] mode`.
+    pub fn pool_mode_for(&self, user: &str, database: &str) -> PoolMode {
+        self.user(user)
+            .and_then(|u| u.pool_mode)
+            .or_else(|| {
+                self.databases
+                    .iter()
+                    .find(|d| d.name == database)
+                    .and_then(|d| d.pool_mode)
+            })
+            .unwrap_or(self.pool_mode.mode)
     }
 
     pub fn effective_workers(&self) -> usize {

@@ -17,6 +17,7 @@ use crate::bufpool::BufPool;
 use crate::cancel::{CancelMsg, CancelRegistry};
 use crate::config::{AuthMethod, Config, NodeRole};
 use crate::pool::{Pool, PoolKey, PoolLimits, PoolSnapshot};
+use crate::prepared::Registry;
 use crate::stats::ShardStats;
 use crate::sync::Latch;
 
@@ -52,6 +53,8 @@ pub struct ShardCtx {
     pub pools: RefCell<HashMap<PoolKey, Rc<Pool>>>,
     pub cancels: CancelRegistry,
     pub bufs: BufPool,
+    /// Prepared statements shared by this shard's transaction-pooled clients.
+    pub statements: Registry,
     pub stats: Arc<ShardStats>,
     pub draining: Latch,
     pub peers: RefCell<Option<Rc<glommio::channels::channel_mesh::Senders<CancelMsg>>>>,
@@ -110,6 +113,7 @@ impl ShardCtx {
                 stats.clone(),
             ),
             bufs: BufPool::new(config.limits.buffer_size),
+            statements: Registry::default(),
             draining: Latch::new(),
             peers: RefCell::new(None),
             max_clients: share(config.limits.max_client_connections, workers, id).max(1),

@@ -253,6 +253,7 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>) {
             // are dropped so they cannot accumulate.
             ctx.pools.borrow_mut().retain(|_, pool| !pool.is_unused());
             ctx.bufs.trim();
+            ctx.statements.prune();
             let pools: Vec<_> = ctx.pools.borrow().values().cloned().collect();
             for pool in pools {
                 pool.maintain();

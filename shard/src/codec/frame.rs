@@ -120,6 +120,8 @@ struct PendingBody {
     tag: u8,
     /// Body bytes still to come (never 0: a complete body is delivered at once).
     left: usize,
+    /// The whole body's length.
+    len: usize,
     delivery: Delivery,
 }
 
@@ -223,6 +225,18 @@ impl Scanner {
         }
     }
 
+    /// The message in progress at the end of the scanned input: its tag (once the header
+    /// is complete) and how many of its bytes, header included, were scanned so far. `None`
+    /// between messages. Callers that may still drop or replace that message hold those
+    /// bytes back instead of forwarding them.
+    pub fn partial_message(&self) -> Option<(Option<u8>, usize)> {
+        match self.position {
+            Position::Header { have: 0 } => None,
+            Position::Header { have } => Some((None, have)),
+            Position::Body(body) => Some((Some(body.tag), HEADER_LEN + body.len - body.left)),
+        }
+    }
+
     /// True when the scanner sits exactly between two messages.
     pub fn at_boundary(&self) -> bool {
         self.position == Position::Header { have: 0 }
@@ -260,6 +274,7 @@ impl Scanner {
             self.position = Position::Body(PendingBody {
                 tag,
                 left,
+                len: body_len,
                 delivery,
             });
             *pos = chunk.len();

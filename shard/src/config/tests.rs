@@ -715,12 +715,39 @@ mod accessors {
     }
 
     #[test]
-    fn pooling_modes_not_yet_built_are_refused_by_name() {
-        for mode in ["transaction", "statement"] {
-            let err = Config::from_toml_str(BASE, env(&[("HELIOS_POOL_MODE__MODE", mode)]))
-                .expect_err(mode);
-            assert_eq!(err.key, "pool_mode.mode", "{err}");
-            assert!(err.problem.contains("session"), "{err}");
+    fn every_pooling_mode_is_accepted_with_per_user_and_database_overrides() {
+        for mode in ["session", "transaction", "statement"] {
+            let config =
+                Config::from_toml_str(BASE, env(&[("HELIOS_POOL_MODE__MODE", mode)])).expect(mode);
+            assert_eq!(
+                config.pool_mode_for("nobody", "app"),
+                config.pool_mode.mode,
+                "{mode}"
+            );
         }
+        let text =
+            format!("{BASE}\n[[databases]]\nname = \"reports\"\npool_mode = \"statement\"\n");
+        let mut config = Config::from_toml_str(&text, env(&[])).expect("databases");
+        assert_eq!(config.pool_mode_for("app", "reports"), PoolMode::Statement);
+        assert_eq!(config.pool_mode_for("app", "other"), PoolMode::Session);
+        config.users[0].pool_mode = Some(PoolMode::Transaction);
+        let user = config.users[0].name.clone();
+        assert_eq!(
+            config.pool_mode_for(&user, "reports"),
+            PoolMode::Transaction
+        );
+    }
+
+    #[test]
+    fn unknown_pool_mode_is_refused_by_key() {
+        let err = Config::from_toml_str(BASE, env(&[("HELIOS_POOL_MODE__MODE", "sometimes")]))
+            .expect_err("bad mode");
+        assert!(err.key.contains("pool_mode"), "{err}");
+        let err = Config::from_toml_str(
+            BASE,
+            env(&[("HELIOS_POOL_MODE__MAX_PREPARED_STATEMENTS", "0")]),
+        )
+        .expect_err("zero statements");
+        assert_eq!(err.key, "pool_mode.max_prepared_statements");
     }
 }

@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 
-use super::{AuthMethod, Config, ConfigError, NodeConfig, NodeRole, UserConfig};
-use super::{LimitsConfig, PoolConfig, PoolMode, TimeoutsConfig};
+use super::{AuthMethod, Config, ConfigError, DatabaseConfig, NodeConfig, NodeRole, UserConfig};
+use super::{LimitsConfig, PoolConfig, TimeoutsConfig};
 use crate::auth::Secret;
 
 /// Smallest and largest I/O buffer: below one page reads get too small to batch, above
@@ -21,6 +21,7 @@ pub(super) fn config(config: &Config) -> Check {
     addresses(config)?;
     pool(&config.pool_mode)?;
     users(&config.users, config.auth.method)?;
+    databases(&config.databases)?;
     nodes(&config.nodes)?;
     limits(&config.limits)?;
     timeouts(&config.timeouts)
@@ -46,6 +47,23 @@ fn addresses(config: &Config) -> Check {
     })
 }
 
+fn databases(databases: &[DatabaseConfig]) -> Check {
+    for (index, db) in databases.iter().enumerate() {
+        let key = format!("databases[{index}].name");
+        ensure(!db.name.is_empty(), &key, || "must not be empty".into())?;
+        if let Some(first) = databases[..index].iter().position(|d| d.name == db.name) {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "database `{}` is already defined by databases[{first}]",
+                    db.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn socket_address(value: &str, key: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         ConfigError::new(
@@ -56,10 +74,6 @@ fn socket_address(value: &str, key: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 fn pool(pool: &PoolConfig) -> Check {
-    // Refuse rather than silently run session pooling when another mode is asked for.
-    ensure(pool.mode == PoolMode::Session, "pool_mode.mode", || {
-        "only \"session\" pooling is available in this release; \"transaction\" and \"statement\" are not yet supported".into()
-    })?;
     ensure(pool.max_pool_size >= 1, "pool_mode.max_pool_size", || {
         "must be at least 1".into()
     })?;
@@ -75,7 +89,12 @@ fn pool(pool: &PoolConfig) -> Check {
     )?;
     positive(pool.idle_timeout_secs, "pool_mode.idle_timeout_secs")?;
     positive(pool.max_lifetime_secs, "pool_mode.max_lifetime_secs")?;
-    positive(pool.acquire_timeout_ms, "pool_mode.acquire_timeout_ms")
+    positive(pool.acquire_timeout_ms, "pool_mode.acquire_timeout_ms")?;
+    ensure(
+        pool.max_prepared_statements >= 1,
+        "pool_mode.max_prepared_statements",
+        || "must be at least 1".into(),
+    )
 }
 
 fn users(users: &[UserConfig], default_method: AuthMethod) -> Check {

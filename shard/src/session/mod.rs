@@ -6,6 +6,7 @@
 //! 16-byte read from either socket and borrows pooled buffers only while bytes flow.
 
 pub mod login;
+pub mod pooled;
 pub mod pump;
 mod release;
 
@@ -58,7 +59,11 @@ pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
         login.user.name,
         login.database
     );
-    session_mode(&ctx, client, login).await;
+    let mode = ctx.config.pool_mode_for(&login.user.name, &login.database);
+    match mode {
+        crate::config::PoolMode::Session => session_mode(&ctx, client, login).await,
+        pooled => pooled::serve(&ctx, client, login, pooled).await,
+    }
     log::debug!("client {who}: session ended");
 }
 
@@ -149,7 +154,7 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
 
 /// Waits for a backend, giving up if the client disconnects meanwhile (its place in the
 /// queue is then released).
-async fn acquire_watching_client(
+pub(crate) async fn acquire_watching_client(
     pool: &Rc<Pool>,
     client: &mut TcpStream,
 ) -> Option<Result<BackendConn, crate::pool::AcquireError>> {
@@ -167,7 +172,7 @@ async fn acquire_watching_client(
 
 /// Sets the client's startup parameters on the backend through one extended-protocol
 /// round trip (`set_config` with bound values: no quoting, no injection).
-async fn apply_params(
+pub(crate) async fn apply_params(
     ctx: &ShardCtx,
     backend: &mut BackendConn,
     params: &[(String, String)],
@@ -201,7 +206,7 @@ async fn apply_params(
 
 /// Completes the client's startup: AuthenticationOk, the server's parameters, the
 /// proxy-issued cancel key, ReadyForQuery.
-async fn welcome(
+pub(crate) async fn welcome(
     client: &mut TcpStream,
     backend: &BackendConn,
     cancel: &CancelHandle,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
-use crate::backend::BackendConn;
+use crate::backend::{BackendConn, Settings};
 use crate::cancel::send_cancel;
 use crate::codec::frontend;
 use crate::context::ShardCtx;
@@ -80,19 +80,54 @@ pub async fn release_clean(ctx: &ShardCtx, pool: &Rc<Pool>, backend: BackendConn
     recover(ctx, pool, backend, track, None, false).await;
 }
 
+/// How a connection is brought back to a state any client may get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reset {
+    /// Session pooling: run `pool_mode.reset_query`.
+    Query,
+    /// Transaction pooling: reset the session settings, keep the shared prepared statements.
+    Settings,
+    /// Transaction pooling after connection-bound state: DISCARD ALL.
+    DiscardAll,
+}
+
 /// Cleans the backend within `dirty_release_timeout_ms` and pools it, or closes it.
 async fn recover(
+    ctx: &ShardCtx,
+    pool: &Rc<Pool>,
+    backend: BackendConn,
+    track: Tracker,
+    up: Option<&Lane>,
+    cancel_running: bool,
+) {
+    recover_inner(ctx, pool, backend, track, up, cancel_running, Reset::Query).await
+}
+
+/// [`recover`] for transaction pooling, whose unsent client bytes were already handled.
+pub async fn recover_with(
+    ctx: &ShardCtx,
+    pool: &Rc<Pool>,
+    backend: BackendConn,
+    track: Tracker,
+    cancel_running: bool,
+    reset: Reset,
+) {
+    recover_inner(ctx, pool, backend, track, None, cancel_running, reset).await
+}
+
+async fn recover_inner(
     ctx: &ShardCtx,
     pool: &Rc<Pool>,
     mut backend: BackendConn,
     mut track: Tracker,
     up: Option<&Lane>,
     cancel_running: bool,
+    reset: Reset,
 ) {
     let limit = Duration::from_millis(ctx.config.timeouts.dirty_release_timeout_ms);
     let cleaned = sync::timeout(
         limit,
-        clean(ctx, &mut backend, &mut track, up, cancel_running),
+        clean(ctx, &mut backend, &mut track, up, cancel_running, reset),
     )
     .await;
     match cleaned {
@@ -113,6 +148,7 @@ async fn clean(
     track: &mut Tracker,
     up: Option<&Lane>,
     cancel_running: bool,
+    reset: Reset,
 ) -> bool {
     backend.status = track.status;
     if let Some(up) = up {
@@ -163,14 +199,28 @@ async fn clean(
             _ => return false,
         }
     }
-    let reset = ctx.config.pool_mode.reset_query.trim();
-    if !reset.is_empty() {
+    let query = match reset {
+        Reset::Query => ctx.config.pool_mode.reset_query.trim(),
+        Reset::DiscardAll => "DISCARD ALL",
+        Reset::Settings => {
+            let defaults = Settings::default();
+            return matches!(
+                super::pooled::settings::apply(backend, &defaults, &mut buf).await,
+                Ok(None)
+            ) && backend.status == b'I';
+        }
+    };
+    if !query.is_empty() {
         let mut req = Vec::new();
-        frontend::encode_query(&mut req, reset);
+        frontend::encode_query(&mut req, query);
         match backend.exchange(&req, 1, &mut buf).await {
             Ok(None) if backend.status == b'I' => {}
             _ => return false,
         }
+        // Whatever the reset query did, the proxy no longer knows what is prepared or set.
+        backend.statements.clear();
+        backend.pending_close.clear();
+        backend.settings = Settings::default();
     }
     true
 }

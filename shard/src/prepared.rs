@@ -1,0 +1,306 @@
+//! Prepared statements shared across pooled server connections.
+//!
+//! A client's statement name means nothing to the server connection that serves its next
+//! transaction, and two clients happily use the same name for different SQL. So each
+//! distinct statement (query text plus parameter types) is interned once per shard and
+//! gets a server-side name derived from a 128-bit hash of its full content; the registry
+//! guarantees no two live statements share a name (a colliding hash is probed onward),
+//! and each server connection records exactly which statement objects it has prepared
+//! under which name, so a name can never refer to the wrong SQL there.
+
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+
+use hashbrown::HashMap;
+
+use crate::sql::{classify, Effects};
+
+/// Prefix of every server-side statement name the proxy creates.
+pub const NAME_PREFIX: &str = "_hx_";
+
+/// One distinct statement: the Parse message's body after the statement name.
+pub struct Statement {
+    /// Query text, NUL, Int16 type count, Int32 type OIDs — exactly as the client sent it.
+    spec: Box<[u8]>,
+    hash: u128,
+    /// Bumped when the server's cached plan went stale, so every connection re-prepares.
+    generation: Cell<u32>,
+    name: RefCell<Rc<str>>,
+    /// What the SQL does, classified once.
+    pub effects: Effects,
+}
+
+impl Statement {
+    pub fn spec(&self) -> &[u8] {
+        &self.spec
+    }
+
+    /// The query text (without its NUL).
+    pub fn query(&self) -> &[u8] {
+        let end = self
+            .spec
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.spec.len());
+        &self.spec[..end]
+    }
+
+    /// The name this statement has on servers now.
+    pub fn server_name(&self) -> Rc<str> {
+        self.name.borrow().clone()
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation.get()
+    }
+
+    /// The server said this statement's plan no longer fits the table (DDL changed its
+    /// result type): give it a new name so every connection prepares it afresh.
+    pub fn invalidate(&self) {
+        let generation = self.generation.get().wrapping_add(1);
+        self.generation.set(generation);
+        *self.name.borrow_mut() = server_name(self.hash, generation);
+    }
+}
+
+impl std::fmt::Debug for Statement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Statement")
+            .field("name", &*self.name.borrow())
+            .field("query", &String::from_utf8_lossy(self.query()))
+            .finish()
+    }
+}
+
+fn server_name(hash: u128, generation: u32) -> Rc<str> {
+    if generation == 0 {
+        format!("{NAME_PREFIX}{hash:032x}").into()
+    } else {
+        format!("{NAME_PREFIX}{hash:032x}_{generation}").into()
+    }
+}
+
+fn content_hash(spec: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(spec)
+}
+
+/// Every statement some client or server connection of this shard still refers to.
+#[derive(Default)]
+pub struct Registry {
+    by_hash: RefCell<HashMap<u128, Weak<Statement>>>,
+}
+
+impl Registry {
+    /// The statement with this exact content, interned.
+    pub fn intern(&self, spec: &[u8]) -> Rc<Statement> {
+        let mut hash = content_hash(spec);
+        let mut map = self.by_hash.borrow_mut();
+        loop {
+            match map.get(&hash).and_then(Weak::upgrade) {
+                Some(stmt) if *stmt.spec == *spec => return stmt,
+                // Another live statement owns this hash: probe on, so names stay unique.
+                Some(_) => hash = hash.wrapping_add(1),
+                None => break,
+            }
+        }
+        let stmt = Rc::new(Statement {
+            effects: classify(query_of(spec)),
+            spec: spec.into(),
+            hash,
+            generation: Cell::new(0),
+            name: RefCell::new(server_name(hash, 0)),
+        });
+        map.insert(hash, Rc::downgrade(&stmt));
+        stmt
+    }
+
+    /// Forgets statements nobody refers to any more.
+    pub fn prune(&self) {
+        self.by_hash
+            .borrow_mut()
+            .retain(|_, w| w.strong_count() > 0);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn query_of(spec: &[u8]) -> &[u8] {
+    let end = spec.iter().position(|&b| b == 0).unwrap_or(spec.len());
+    &spec[..end]
+}
+
+/// The statements one server connection has prepared, with a bound on their number.
+#[derive(Default)]
+pub struct ServerStatements {
+    entries: HashMap<Rc<str>, Entry>,
+    tick: u64,
+}
+
+struct Entry {
+    stmt: Rc<Statement>,
+    last_used: u64,
+}
+
+impl ServerStatements {
+    /// True when this connection has `stmt` prepared under its current name.
+    pub fn has(&mut self, stmt: &Rc<Statement>) -> bool {
+        let name = stmt.name.borrow();
+        self.tick += 1;
+        let tick = self.tick;
+        match self.entries.get_mut(&**name) {
+            Some(entry) if Rc::ptr_eq(&entry.stmt, stmt) => {
+                entry.last_used = tick;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records that `stmt` is (being) prepared under its current name. When that makes
+    /// more than `capacity`, returns the least recently used other statement's name,
+    /// which the caller must Close on the server.
+    pub fn insert(&mut self, stmt: &Rc<Statement>, capacity: usize) -> Option<Rc<str>> {
+        self.tick += 1;
+        let name = stmt.server_name();
+        self.entries.insert(
+            name.clone(),
+            Entry {
+                stmt: stmt.clone(),
+                last_used: self.tick,
+            },
+        );
+        if self.entries.len() <= capacity.max(1) {
+            return None;
+        }
+        let victim = self
+            .entries
+            .iter()
+            .filter(|(n, _)| **n != name)
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(n, _)| n.clone())?;
+        self.entries.remove(&victim);
+        Some(victim)
+    }
+
+    /// The server did not (or no longer does) have this name prepared.
+    pub fn remove(&mut self, name: &str) {
+        self.entries.remove(name);
+    }
+
+    /// The server dropped every prepared statement (DEALLOCATE ALL, DISCARD ALL).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(query: &str, types: &[u32]) -> Vec<u8> {
+        let mut out = query.as_bytes().to_vec();
+        out.push(0);
+        out.extend_from_slice(&(types.len() as u16).to_be_bytes());
+        for t in types {
+            out.extend_from_slice(&t.to_be_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn same_content_is_one_statement_and_different_content_another() {
+        let reg = Registry::default();
+        let a = reg.intern(&spec("SELECT $1", &[23]));
+        let b = reg.intern(&spec("SELECT $1", &[23]));
+        let c = reg.intern(&spec("SELECT $1", &[25]));
+        assert!(Rc::ptr_eq(&a, &b));
+        assert!(!Rc::ptr_eq(&a, &c));
+        assert_ne!(a.server_name(), c.server_name());
+        assert!(a.server_name().starts_with(NAME_PREFIX));
+        assert_eq!(a.query(), b"SELECT $1");
+    }
+
+    #[test]
+    fn effects_are_classified_once_at_intern() {
+        let reg = Registry::default();
+        assert!(
+            reg.intern(&spec("SET search_path = x", &[]))
+                .effects
+                .touches_settings
+        );
+        assert!(reg.intern(&spec("SELECT 1", &[])).effects.is_plain());
+    }
+
+    #[test]
+    fn dead_statements_are_pruned() {
+        let reg = Registry::default();
+        let keep = reg.intern(&spec("SELECT 1", &[]));
+        drop(reg.intern(&spec("SELECT 2", &[])));
+        reg.prune();
+        assert_eq!(reg.len(), 1);
+        drop(keep);
+        reg.prune();
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn invalidation_renames() {
+        let reg = Registry::default();
+        let a = reg.intern(&spec("SELECT * FROM t", &[]));
+        let before = a.server_name();
+        let mut server = ServerStatements::default();
+        server.insert(&a, 10);
+        assert!(server.has(&a));
+        a.invalidate();
+        assert_ne!(a.server_name(), before);
+        assert!(!server.has(&a), "the stale plan must not be reused");
+    }
+
+    #[test]
+    fn server_set_is_bounded_and_evicts_least_recently_used() {
+        let reg = Registry::default();
+        let stmts: Vec<_> = (0..4)
+            .map(|i| reg.intern(&spec(&format!("SELECT {i}"), &[])))
+            .collect();
+        let mut server = ServerStatements::default();
+        assert_eq!(server.insert(&stmts[0], 3), None);
+        assert_eq!(server.insert(&stmts[1], 3), None);
+        assert_eq!(server.insert(&stmts[2], 3), None);
+        assert!(server.has(&stmts[0]));
+        let evicted = server.insert(&stmts[3], 3);
+        assert_eq!(evicted, Some(stmts[1].server_name()));
+        assert_eq!(server.len(), 3);
+        assert!(!server.has(&stmts[1]));
+    }
+
+    #[test]
+    fn a_name_held_by_another_statement_is_not_a_hit() {
+        let reg = Registry::default();
+        let a = reg.intern(&spec("SELECT 1", &[]));
+        let mut server = ServerStatements::default();
+        server.insert(&a, 10);
+        // A statement object with the same name but other content (forced collision).
+        let impostor = Rc::new(Statement {
+            spec: spec("SELECT 2", &[]).into(),
+            hash: a.hash,
+            generation: Cell::new(0),
+            name: RefCell::new(a.server_name()),
+            effects: Effects::default(),
+        });
+        assert!(!server.has(&impostor));
+    }
+}

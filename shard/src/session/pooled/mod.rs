@@ -1,0 +1,527 @@
+//! Transaction and statement pooling: a client holds a server connection only while it
+//! has work in flight — a transaction (status T or E), unsynced extended-protocol
+//! messages, a COPY, or state that ties it to that connection (LISTEN, advisory locks,
+//! temporary tables, WITH HOLD cursors, SQL PREPARE) — and gives it back at the
+//! ReadyForQuery that ends the unit. Prepared statements and session settings follow the
+//! client to whichever connection serves it next.
+
+pub mod pump;
+pub mod responses;
+pub mod settings;
+pub mod upstream;
+
+use std::rc::Rc;
+
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+
+use crate::backend::{BackendConn, Settings};
+use crate::bufpool::Buf;
+use crate::cancel::{CancelHandle, CancelTarget};
+use crate::codec::backend as be;
+use crate::config::PoolMode;
+use crate::context::ShardCtx;
+use crate::pool::Pool;
+
+use super::login::{send_fatal, Login};
+use super::pump::{PumpEnd, ReadPooled};
+use super::{acquire_watching_client, apply_params, release, welcome};
+use pump::{DownLane, Flow, PooledPump, UpLane};
+use responses::Responses;
+use upstream::{ClientStatements, LeaseNotes, Upstream};
+
+/// What the client carries from one server connection to the next.
+struct ClientState {
+    statements: ClientStatements,
+    settings: Settings,
+}
+
+/// Serves a logged-in client in transaction or statement mode.
+pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login, mode: PoolMode) {
+    let Some(node) = ctx.primary() else {
+        send_fatal(&mut client, "08006", "no primary node is available").await;
+        return;
+    };
+    let pool = ctx.pool(node, &login.database, &login.user);
+    let cancel = ctx.cancels.register();
+    let state = start(ctx, &pool, &mut client, &login, &cancel).await;
+    drop(login);
+    if let Some(mut state) = state {
+        run(ctx, &pool, client, &cancel, &mut state, mode).await;
+    }
+    ctx.cancels.unregister(cancel.pid);
+}
+
+/// Completes the client's login on a leased connection: applies its startup parameters,
+/// learns the resulting settings, and sends the welcome. The connection goes back at once.
+async fn start(
+    ctx: &Rc<ShardCtx>,
+    pool: &Rc<Pool>,
+    client: &mut TcpStream,
+    login: &Login,
+    cancel: &CancelHandle,
+) -> Option<ClientState> {
+    let mut backend = acquire_or_report(ctx, pool, client).await?;
+    let mut buf = ctx.bufs.take();
+    if !settings::same(&backend.settings, &Settings::default()) {
+        // Start every client from the server's defaults.
+        match settings::apply(&mut backend, &Settings::default(), &mut buf).await {
+            Ok(None) => {}
+            _ => {
+                pool.discard(backend);
+                send_fatal(client, "08006", "could not reset a server connection").await;
+                return None;
+            }
+        }
+    }
+    let mut state = ClientState {
+        statements: ClientStatements::default(),
+        settings: backend.settings.clone(),
+    };
+    if login
+        .params
+        .iter()
+        .any(|(name, value)| backend.params.get(name) != Some(value.as_str()))
+    {
+        match apply_params(ctx, &mut backend, &login.params).await {
+            Ok(None) => {}
+            Ok(Some(err)) => {
+                let mut out = Vec::new();
+                err.encode(&mut out);
+                let _ = client.write_all(&out).await;
+                let _ = client.close().await;
+                reset_and_release(ctx, pool, backend).await;
+                return None;
+            }
+            Err(_) => {
+                pool.forget();
+                send_fatal(
+                    client,
+                    "08006",
+                    "server connection lost while setting parameters",
+                )
+                .await;
+                return None;
+            }
+        }
+        let unlisted: Vec<String> = login
+            .params
+            .iter()
+            .filter(|(n, _)| n.contains('.'))
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
+        match settings::snapshot(&mut backend, &unlisted, &mut buf).await {
+            Ok(Ok(snapshot)) => {
+                backend.settings = snapshot.clone();
+                state.settings = snapshot;
+            }
+            _ => {
+                pool.discard(backend);
+                send_fatal(client, "08006", "could not read session settings").await;
+                return None;
+            }
+        }
+    }
+    drop(buf);
+    let welcomed = welcome(client, &backend, cancel).await.is_ok();
+    pool.release(backend);
+    welcomed.then_some(state)
+}
+
+/// Takes a connection for this client, or tells the client why there is none.
+async fn acquire_or_report(
+    ctx: &ShardCtx,
+    pool: &Rc<Pool>,
+    client: &mut TcpStream,
+) -> Option<BackendConn> {
+    match acquire_watching_client(pool, client).await {
+        None => None,
+        Some(Ok(backend)) => Some(backend),
+        Some(Err(e)) => {
+            log::warn!("pool {}: {e}", pool.label);
+            let mut out = Vec::new();
+            match e {
+                crate::pool::AcquireError::Connect(e) => e.encode_for_client(&mut out),
+                timeout => be::write_error(&mut out, "FATAL", "53300", &timeout.to_string()),
+            }
+            let _ = client.write_all(&out).await;
+            let _ = client.close().await;
+            let _ = ctx;
+            None
+        }
+    }
+}
+
+/// Brings a connection back to the server defaults and pools it (or closes it).
+async fn reset_and_release(ctx: &ShardCtx, pool: &Rc<Pool>, mut backend: BackendConn) {
+    let mut buf = ctx.bufs.take();
+    match settings::apply(&mut backend, &Settings::default(), &mut buf).await {
+        Ok(None) if backend.status == b'I' => pool.release(backend),
+        _ => pool.discard(backend),
+    }
+}
+
+/// What ended waiting for the client's next request.
+enum Wake {
+    Request(Buf, usize),
+    Gone,
+    Drain,
+}
+
+async fn run(
+    ctx: &Rc<ShardCtx>,
+    pool: &Rc<Pool>,
+    mut client: TcpStream,
+    cancel: &CancelHandle,
+    state: &mut ClientState,
+    mode: PoolMode,
+) {
+    let mut up = UpLane::new(ctx.max_message_size());
+    let mut down = DownLane::new();
+    loop {
+        let wake = {
+            let request = async {
+                match (ReadPooled {
+                    stream: &mut client,
+                    pool: &ctx.bufs,
+                })
+                .await
+                {
+                    Some((buf, n)) => Wake::Request(buf, n),
+                    None => Wake::Gone,
+                }
+            };
+            let drain = async {
+                ctx.draining.wait().await;
+                Wake::Drain
+            };
+            futures_lite::future::or(request, drain).await
+        };
+        let (buf, n) = match wake {
+            Wake::Gone => return,
+            Wake::Drain => {
+                send_fatal(
+                    &mut client,
+                    "57P01",
+                    "terminating connection due to administrator command",
+                )
+                .await;
+                return;
+            }
+            Wake::Request(buf, n) => (buf, n),
+        };
+        up.seed(buf, n);
+        let mut backend = match pool.acquire().await {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("pool {}: {e}", pool.label);
+                let mut out = Vec::new();
+                match e {
+                    crate::pool::AcquireError::Connect(e) => e.encode_for_client(&mut out),
+                    timeout => be::write_error(&mut out, "FATAL", "53300", &timeout.to_string()),
+                }
+                let _ = client.write_all(&out).await;
+                let _ = client.close().await;
+                return;
+            }
+        };
+        if !settings::same(&backend.settings, &state.settings) {
+            let mut buf = ctx.bufs.take();
+            match settings::apply(&mut backend, &state.settings, &mut buf).await {
+                Ok(None) => {}
+                Ok(Some(err)) => {
+                    log::warn!(
+                        "pool {}: could not restore session settings: {err}",
+                        pool.label
+                    );
+                    let mut out = Vec::new();
+                    err.encode(&mut out);
+                    let _ = client.write_all(&out).await;
+                    let _ = client.close().await;
+                    reset_and_release(ctx, pool, backend).await;
+                    return;
+                }
+                Err(_) => {
+                    pool.forget();
+                    send_fatal(&mut client, "08006", "server connection lost").await;
+                    return;
+                }
+            }
+        }
+        log::trace!("client {}: leased backend {}", cancel.pid, backend.id);
+        cancel.attach(CancelTarget {
+            addr: backend.addr,
+            key: backend.key,
+            backend_id: backend.id,
+        });
+        let outcome = lease(
+            ctx,
+            &mut client,
+            &mut backend,
+            &mut up,
+            &mut down,
+            state,
+            mode,
+        )
+        .await;
+        cancel.detach();
+        match outcome {
+            LeaseEnd::Released => pool.release(backend),
+            LeaseEnd::Ended(end, flow, responses, notes) => {
+                let discard = notes.maybe_pinned;
+                finish(
+                    ctx, pool, client, backend, end, flow, responses, &up, discard,
+                )
+                .await;
+                return;
+            }
+        }
+    }
+}
+
+enum LeaseEnd {
+    /// The client is between transactions; the connection is clean to reuse.
+    Released,
+    /// The session is over.
+    Ended(PumpEnd, Flow, Responses, LeaseNotes),
+}
+
+/// Serves the client on `backend` until the connection can go back to the pool or the
+/// session ends.
+async fn lease(
+    ctx: &Rc<ShardCtx>,
+    client: &mut TcpStream,
+    backend: &mut BackendConn,
+    up: &mut UpLane,
+    down: &mut DownLane,
+    state: &mut ClientState,
+    mode: PoolMode,
+) -> LeaseEnd {
+    let mut responses = Responses::default();
+    let mut flow = Flow::default();
+    let mut notes = LeaseNotes::default();
+    let pool_cfg = &ctx.config.pool_mode;
+    loop {
+        up.activate(&ctx.bufs);
+        down.activate(&ctx.bufs);
+        let end = {
+            let BackendConn {
+                stream,
+                params,
+                status,
+                statements,
+                pending_close,
+                ..
+            } = &mut *backend;
+            PooledPump {
+                client: &mut *client,
+                server: stream,
+                params,
+                status,
+                up: &mut *up,
+                down: &mut *down,
+                translate: Upstream {
+                    registry: &ctx.statements,
+                    client: &mut state.statements,
+                    server: statements,
+                    pending_close,
+                    responses: &mut responses,
+                    notes: &mut notes,
+                    capacity: pool_cfg.max_prepared_statements as usize,
+                    mode,
+                    pin_session_state: pool_cfg.pin_session_state,
+                },
+                flow: &mut flow,
+                stats: &ctx.stats,
+                draining: &ctx.draining,
+                backend_eof: false,
+            }
+            .await
+        };
+        log::trace!(
+            "backend {}: pump ended {end:?}, status {}, unsynced {}, copy {}",
+            backend.id,
+            backend.status as char,
+            responses.unsynced,
+            flow.copy_in
+        );
+        match end {
+            PumpEnd::Quiet => {
+                up.deactivate();
+                down.deactivate();
+            }
+            other => return LeaseEnd::Ended(other, flow, responses, notes),
+        }
+        if backend.status == b'I' && !responses.unsynced && !flow.copy_in {
+            let mut buf = ctx.bufs.take();
+            if notes.settings_touched {
+                let unlisted = settings::unlisted_names(&state.settings, &notes.unlisted);
+                match settings::snapshot(backend, &unlisted, &mut buf).await {
+                    Ok(Ok(snapshot)) => {
+                        backend.settings = snapshot.clone();
+                        state.settings = snapshot;
+                        notes.settings_touched = false;
+                        notes.unlisted.clear();
+                    }
+                    _ => return LeaseEnd::Ended(PumpEnd::BackendGone, flow, responses, notes),
+                }
+            }
+            let pinned = if notes.maybe_pinned {
+                match settings::still_pinned(backend, &mut buf).await {
+                    Ok(true) => true,
+                    Ok(false) => {
+                        notes.maybe_pinned = false;
+                        false
+                    }
+                    Err(_) => return LeaseEnd::Ended(PumpEnd::BackendGone, flow, responses, notes),
+                }
+            } else {
+                false
+            };
+            if !pinned {
+                return LeaseEnd::Released;
+            }
+        }
+        // Still bound to this connection: wait for either side, holding no buffers.
+        if let Some(end) = wait_either(ctx, client, backend, up, down).await {
+            return LeaseEnd::Ended(end, flow, responses, notes);
+        }
+    }
+}
+
+/// Waits while the client holds a connection between messages (open transaction,
+/// pinned state): whichever side speaks first seeds the pump. `Some` ends the session.
+async fn wait_either(
+    ctx: &ShardCtx,
+    client: &mut TcpStream,
+    backend: &mut BackendConn,
+    up: &mut UpLane,
+    down: &mut DownLane,
+) -> Option<PumpEnd> {
+    enum Side {
+        Client(Buf, usize),
+        Server(Buf, usize),
+        ClientGone,
+        ServerGone,
+        Drain,
+    }
+    let side = {
+        let from_client = async {
+            match (ReadPooled {
+                stream: &mut *client,
+                pool: &ctx.bufs,
+            })
+            .await
+            {
+                Some((buf, n)) => Side::Client(buf, n),
+                None => Side::ClientGone,
+            }
+        };
+        let from_server = async {
+            match (ReadPooled {
+                stream: &mut backend.stream,
+                pool: &ctx.bufs,
+            })
+            .await
+            {
+                Some((buf, n)) => Side::Server(buf, n),
+                None => Side::ServerGone,
+            }
+        };
+        let drain = async {
+            ctx.draining.wait().await;
+            Side::Drain
+        };
+        futures_lite::future::or(from_client, futures_lite::future::or(from_server, drain)).await
+    };
+    match side {
+        Side::Client(buf, n) => {
+            up.seed(buf, n);
+            None
+        }
+        Side::Server(buf, n) => {
+            down.seed(buf, n);
+            None
+        }
+        Side::ClientGone => Some(PumpEnd::ClientGone),
+        Side::ServerGone => Some(PumpEnd::BackendGone),
+        Side::Drain => Some(PumpEnd::Drain),
+    }
+}
+
+/// Ends the session: tells the client what it needs to know and gives the connection
+/// back clean (rolled back, settings reset) or closes it.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    ctx: &ShardCtx,
+    pool: &Rc<Pool>,
+    mut client: TcpStream,
+    mut backend: BackendConn,
+    end: PumpEnd,
+    flow: Flow,
+    responses: Responses,
+    up: &UpLane,
+    discard: bool,
+) {
+    let cancel_running = matches!(end, PumpEnd::ClientGone | PumpEnd::ClientProtocol(_));
+    match end {
+        PumpEnd::BackendGone => {
+            send_fatal(
+                &mut client,
+                "08006",
+                "server closed the connection unexpectedly",
+            )
+            .await;
+            pool.forget();
+            return;
+        }
+        PumpEnd::BackendProtocol(e) => {
+            log::error!("pool {}: server sent invalid data: {e}", pool.label);
+            send_fatal(
+                &mut client,
+                "08P01",
+                &format!("server sent invalid data: {e}"),
+            )
+            .await;
+            pool.discard(backend);
+            return;
+        }
+        PumpEnd::ClientProtocol(e) => {
+            ctx.stats.protocol_errors.inc();
+            log::info!("pool {}: client protocol violation: {e}", pool.label);
+            send_fatal(&mut client, e.sqlstate(), &e.to_string()).await;
+        }
+        PumpEnd::Drain => {
+            send_fatal(
+                &mut client,
+                "57P01",
+                "terminating connection due to administrator command",
+            )
+            .await;
+        }
+        PumpEnd::ClientTerminated | PumpEnd::ClientGone | PumpEnd::Quiet => {}
+    }
+    drop(client);
+    // Half a message went to the server: it cannot be brought back to a boundary.
+    if !up.unsent().is_empty() || up.mid_message() {
+        if !up.unsent().is_empty()
+            && !up.mid_message()
+            && backend.stream.write_all(up.unsent()).await.is_ok()
+        {
+            // Whole messages: sent, and their answers are drained below.
+        } else {
+            pool.discard(backend);
+            return;
+        }
+    }
+    let mut track = super::pump::Tracker::new(backend.status);
+    track.copy_in = flow.copy_in;
+    track.unsynced = responses.unsynced;
+    track.in_flight = responses.pending_syncs();
+    let reset = if discard {
+        release::Reset::DiscardAll
+    } else {
+        release::Reset::Settings
+    };
+    release::recover_with(ctx, pool, backend, track, cancel_running, reset).await;
+}

@@ -1,0 +1,227 @@
+//! Session settings that follow a client from one pooled server connection to the next.
+//!
+//! After a transaction that ran `SET`/`RESET`/`set_config` (seen by the SQL classifier),
+//! the proxy asks the server what the session settings now are — the server's word, so
+//! rolled-back SETs, `SET LOCAL` and `set_config(…, true)` need no guessing — and keeps
+//! that snapshot for the client. When the client lands on a connection whose snapshot
+//! differs, the difference is applied in one round trip before its first message.
+
+use std::rc::Rc;
+
+use crate::backend::{BackendConn, BackendError, Rows, ServerError, Settings};
+use crate::codec::frontend;
+
+/// Lists the session-level settings: everything `pg_settings` reports as set in this
+/// session, plus the custom (dotted) settings and `role` named in `$1`, which that view
+/// does not show.
+const SNAPSHOT_SQL: &str = "SELECT name, setting FROM pg_catalog.pg_settings \
+     WHERE source = 'session' \
+     UNION ALL \
+     SELECT n, v FROM (SELECT n, pg_catalog.current_setting(n, true) AS v \
+     FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n) AS s \
+     WHERE v IS NOT NULL AND v <> '' AND NOT (n = 'role' AND v = 'none') \
+     ORDER BY 1";
+
+/// Counts what ties a session to its server connection: LISTEN channels, session
+/// advisory locks, WITH HOLD cursors, temporary relations and SQL-level prepared statements.
+const PIN_CHECK_SQL: &str = "SELECT \
+     (SELECT pg_catalog.count(*) FROM pg_catalog.pg_listening_channels()) \
+     + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks \
+        WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
+     + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
+     + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class \
+        WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
+     + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql)";
+
+/// Names in `settings` that the snapshot query must ask for by name.
+pub fn unlisted_names(settings: &Settings, extra: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = settings
+        .iter()
+        .filter(|(n, _)| n.contains('.') || n == "role")
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in extra {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+/// Formats names as a PostgreSQL text[] literal.
+fn text_array(names: &[String]) -> String {
+    let mut out = String::from("{");
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in name.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+/// Asks the server for its current session settings.
+pub async fn snapshot(
+    backend: &mut BackendConn,
+    unlisted: &[String],
+    buf: &mut [u8],
+) -> Result<Result<Settings, ServerError>, BackendError> {
+    let mut req = Vec::with_capacity(SNAPSHOT_SQL.len() + 64);
+    frontend::encode_parse(&mut req, "", SNAPSHOT_SQL, &[25]);
+    let array = text_array(unlisted);
+    frontend::encode_bind_text(&mut req, "", "", &[Some(array.as_bytes())]);
+    frontend::encode_execute(&mut req, "", 0);
+    frontend::encode_sync(&mut req);
+    let (rows, error) = backend.fetch(&req, 1, buf).await?;
+    if let Some(error) = error {
+        return Ok(Err(error));
+    }
+    Ok(Ok(Rc::new(pairs(rows))))
+}
+
+fn pairs(rows: Rows) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = rows
+        .into_iter()
+        .filter_map(|mut row| {
+            let value = row.pop()??;
+            let name = row.pop()??;
+            Some((name, value))
+        })
+        .collect();
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
+/// Same settings, compared cheaply first by identity.
+pub fn same(a: &Settings, b: &Settings) -> bool {
+    Rc::ptr_eq(a, b) || a == b
+}
+
+/// Brings `backend` to `wanted` with one round trip: RESET what it has and `wanted` does
+/// not, `set_config` what differs. Returns the server's error if it refused.
+pub async fn apply(
+    backend: &mut BackendConn,
+    wanted: &Settings,
+    buf: &mut [u8],
+) -> Result<Option<ServerError>, BackendError> {
+    let current = backend.settings.clone();
+    let mut req = Vec::with_capacity(256);
+    let mut syncs = 0;
+    let mut resets = String::new();
+    for (name, _) in current.iter() {
+        if lookup(wanted, name).is_none() {
+            resets.push_str("RESET ");
+            push_quoted_name(&mut resets, name);
+            resets.push(';');
+        }
+    }
+    if !resets.is_empty() {
+        frontend::encode_query(&mut req, &resets);
+        syncs += 1;
+    }
+    let changes: Vec<&(String, String)> = wanted
+        .iter()
+        .filter(|(name, value)| lookup(&current, name) != Some(value.as_str()))
+        .collect();
+    if !changes.is_empty() {
+        frontend::encode_parse(
+            &mut req,
+            "",
+            "SELECT pg_catalog.set_config($1, $2, false)",
+            &[25, 25],
+        );
+        for (name, value) in changes {
+            frontend::encode_bind_text(
+                &mut req,
+                "",
+                "",
+                &[Some(name.as_bytes()), Some(value.as_bytes())],
+            );
+            frontend::encode_execute(&mut req, "", 0);
+        }
+        frontend::encode_sync(&mut req);
+        syncs += 1;
+    }
+    if syncs == 0 {
+        backend.settings = wanted.clone();
+        return Ok(None);
+    }
+    let error = backend.exchange(&req, syncs, buf).await?;
+    if error.is_none() {
+        backend.settings = wanted.clone();
+    }
+    Ok(error)
+}
+
+/// Whether anything still ties this session to its server connection.
+pub async fn still_pinned(backend: &mut BackendConn, buf: &mut [u8]) -> Result<bool, BackendError> {
+    let mut req = Vec::with_capacity(PIN_CHECK_SQL.len() + 8);
+    frontend::encode_query(&mut req, PIN_CHECK_SQL);
+    let (rows, error) = backend.fetch(&req, 1, buf).await?;
+    if error.is_some() {
+        // Cannot tell: stay on the safe side.
+        return Ok(true);
+    }
+    let count = rows
+        .first()
+        .and_then(|row| row.first().cloned().flatten())
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(1);
+    Ok(count > 0)
+}
+
+fn lookup<'a>(settings: &'a Settings, name: &str) -> Option<&'a str> {
+    settings
+        .binary_search_by(|(n, _)| n.as_str().cmp(name))
+        .ok()
+        .map(|i| settings[i].1.as_str())
+}
+
+/// Writes a (possibly dotted) setting name with each part double-quoted.
+fn push_quoted_name(out: &mut String, name: &str) {
+    for (i, part) in name.split('.').enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push('"');
+        out.push_str(&part.replace('"', "\"\""));
+        out.push('"');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrays_and_names_are_quoted() {
+        assert_eq!(
+            text_array(&["a.b".into(), "x\"y".into()]),
+            r#"{"a.b","x\"y"}"#
+        );
+        let mut s = String::new();
+        push_quoted_name(&mut s, "helios.client");
+        assert_eq!(s, r#""helios"."client""#);
+    }
+
+    #[test]
+    fn snapshots_are_sorted_and_looked_up() {
+        let rows = vec![
+            vec![Some("work_mem".into()), Some("8192".into())],
+            vec![Some("application_name".into()), Some("x".into())],
+        ];
+        let settings: Settings = Rc::new(pairs(rows));
+        assert_eq!(lookup(&settings, "application_name"), Some("x"));
+        assert_eq!(lookup(&settings, "work_mem"), Some("8192"));
+        assert_eq!(lookup(&settings, "search_path"), None);
+    }
+}

@@ -1,0 +1,351 @@
+//! Client messages on their way to a pooled server connection: statement names are
+//! mapped to the server-side names of shared statements (preparing them first where this
+//! connection lacks them), what the server will owe is queued, and what the SQL does to
+//! session state is noted. Messages that need no change are copied through as they are.
+
+use std::rc::Rc;
+
+use hashbrown::HashMap;
+
+use crate::codec::backend as be;
+use crate::codec::CodecError;
+use crate::config::PoolMode;
+use crate::prepared::{Registry, ServerStatements, Statement};
+use crate::sql::{unlisted_setting_names, Effects};
+
+use super::responses::{Expect, Responses, PARSE_COMPLETE};
+
+/// A Close for a name that never exists: the server answers CloseComplete and nothing
+/// else happens (closing a nonexistent statement is not an error).
+const NO_SUCH_STATEMENT: &[u8] = b"_hx_none";
+
+/// SQL that always fails to parse: sent in place of a refused statement so the server
+/// aborts the batch (and any transaction) exactly as if the refused one had failed.
+const ALWAYS_FAILS: &[u8] = b")\0";
+
+/// The client's own statement names and what they stand for. Lives as long as the client.
+#[derive(Default)]
+pub struct ClientStatements {
+    by_name: HashMap<Box<[u8]>, Rc<Statement>>,
+}
+
+impl ClientStatements {
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// What the client did during one lease of a server connection that matters at release.
+#[derive(Default, Debug)]
+pub struct LeaseNotes {
+    /// Settings may have changed: take a fresh snapshot before letting go.
+    pub settings_touched: bool,
+    /// Custom settings or `role` named by SET/RESET, which the snapshot must ask for.
+    pub unlisted: Vec<String>,
+    /// Connection-bound state may exist: check before letting go.
+    pub maybe_pinned: bool,
+    /// The client sent Terminate.
+    pub terminated: bool,
+}
+
+/// Everything translation reads or updates besides the message itself.
+pub struct Upstream<'a> {
+    pub registry: &'a Registry,
+    pub client: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+    pub pending_close: &'a mut Vec<Rc<str>>,
+    pub responses: &'a mut Responses,
+    pub notes: &'a mut LeaseNotes,
+    pub capacity: usize,
+    pub mode: PoolMode,
+    pub pin_session_state: bool,
+}
+
+impl Upstream<'_> {
+    /// Translates one complete client message (`msg` includes its 5-byte header) onto
+    /// `out`.
+    pub fn message(&mut self, msg: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let tag = msg[0];
+        let body = &msg[5..];
+        if tag != b'X' && !self.pending_close.is_empty() {
+            self.flush_pending_close(out);
+        }
+        match tag {
+            b'Q' => self.query(msg, body, out),
+            b'P' => self.parse(msg, body, out)?,
+            b'B' => self.bind(msg, body, out)?,
+            b'D' => self.describe(msg, body, out)?,
+            b'C' => self.close(msg, body, out)?,
+            b'E' => self.extended(msg, Expect::Execute, out),
+            b'S' => {
+                self.responses.unsynced = false;
+                self.responses.push(Expect::Sync);
+                out.extend_from_slice(msg);
+            }
+            b'F' => {
+                self.responses.push(Expect::Query(Effects::default()));
+                out.extend_from_slice(msg);
+            }
+            b'X' => self.notes.terminated = true,
+            // Flush, CopyData, CopyDone, CopyFail: no answer of their own.
+            _ => out.extend_from_slice(msg),
+        }
+        Ok(())
+    }
+
+    fn extended(&mut self, msg: &[u8], expect: Expect, out: &mut Vec<u8>) {
+        self.responses.unsynced = true;
+        self.responses.push(expect);
+        out.extend_from_slice(msg);
+    }
+
+    fn query(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) {
+        let sql = body.strip_suffix(b"\0").unwrap_or(body);
+        let effects = crate::sql::classify(sql);
+        if let Some(refusal) = self.refusal(&effects) {
+            self.responses
+                .push(Expect::RefusedQuery(error_bytes("0A000", &refusal)));
+            write_message(out, b'Q', &[ALWAYS_FAILS]);
+            return;
+        }
+        self.note(&effects, sql);
+        // A simple Query ends any extended-protocol sequence (the server drops the
+        // unnamed statement), so it leaves nothing unsynced behind.
+        self.responses.unsynced = false;
+        self.responses.push(Expect::Query(effects));
+        out.extend_from_slice(msg);
+    }
+
+    fn parse(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let (name, spec) = split_cstr(body, "Parse")?;
+        if name.is_empty() {
+            let sql = split_cstr(spec, "Parse")?.0;
+            let effects = crate::sql::classify(sql);
+            if let Some(refusal) = self.refusal(&effects) {
+                self.refuse_extended(&refusal, "0A000", out);
+                return Ok(());
+            }
+            self.note(&effects, sql);
+            self.extended(msg, Expect::Parse(None), out);
+            return Ok(());
+        }
+        if self.client.by_name.contains_key(name) {
+            let message = format!(
+                "prepared statement \"{}\" already exists",
+                String::from_utf8_lossy(name)
+            );
+            self.refuse_extended(&message, "42P05", out);
+            return Ok(());
+        }
+        let stmt = self.registry.intern(spec);
+        if let Some(refusal) = self.refusal(&stmt.effects) {
+            self.refuse_extended(&refusal, "0A000", out);
+            return Ok(());
+        }
+        self.client.by_name.insert(name.into(), stmt.clone());
+        self.responses.unsynced = true;
+        if self.server.has(&stmt) {
+            self.responses.push(Expect::Synthetic(PARSE_COMPLETE));
+            return Ok(());
+        }
+        self.make_room(&stmt, out);
+        write_message(
+            out,
+            b'P',
+            &[stmt.server_name().as_bytes(), b"\0", stmt.spec()],
+        );
+        self.responses.push(Expect::Parse(Some(stmt)));
+        Ok(())
+    }
+
+    fn bind(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let (portal, rest) = split_cstr(body, "Bind")?;
+        let (name, rest) = split_cstr(rest, "Bind")?;
+        let stmt = match self.lookup(name) {
+            Some(stmt) => stmt,
+            // Unnamed, or unknown: the server answers as PostgreSQL would.
+            None => {
+                self.extended(msg, Expect::Bind(None), out);
+                return Ok(());
+            }
+        };
+        if !stmt.effects.is_plain() {
+            self.note(&stmt.effects, stmt.query());
+        }
+        self.ensure_prepared(&stmt, out);
+        let server_name = stmt.server_name();
+        write_message(
+            out,
+            b'B',
+            &[portal, b"\0", server_name.as_bytes(), b"\0", rest],
+        );
+        self.responses.unsynced = true;
+        self.responses.push(Expect::Bind(Some(stmt)));
+        Ok(())
+    }
+
+    fn describe(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let Some((&kind, rest)) = body.split_first() else {
+            return Err(CodecError::malformed("Describe", "missing kind"));
+        };
+        let (name, _) = split_cstr(rest, "Describe")?;
+        let stmt = if kind == b'S' {
+            self.lookup(name)
+        } else {
+            None
+        };
+        match stmt {
+            Some(stmt) => {
+                self.ensure_prepared(&stmt, out);
+                let server_name = stmt.server_name();
+                write_message(out, b'D', &[b"S", server_name.as_bytes(), b"\0"]);
+                self.responses.unsynced = true;
+                self.responses.push(Expect::Describe);
+            }
+            None => self.extended(msg, Expect::Describe, out),
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let Some((&kind, rest)) = body.split_first() else {
+            return Err(CodecError::malformed("Close", "missing kind"));
+        };
+        let (name, _) = split_cstr(rest, "Close")?;
+        if kind == b'S' && !name.is_empty() {
+            // The shared statement stays prepared for others; only the client's name goes.
+            self.client.by_name.remove(name);
+            write_message(out, b'C', &[b"S", NO_SUCH_STATEMENT, b"\0"]);
+            self.responses.unsynced = true;
+            self.responses.push(Expect::Close);
+            return Ok(());
+        }
+        self.extended(msg, Expect::Close, out);
+        Ok(())
+    }
+
+    fn lookup(&self, name: &[u8]) -> Option<Rc<Statement>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.client.by_name.get(name).cloned()
+    }
+
+    /// Prepares `stmt` on this connection unless it already is; the ParseComplete is
+    /// the proxy's, not the client's.
+    fn ensure_prepared(&mut self, stmt: &Rc<Statement>, out: &mut Vec<u8>) {
+        if self.server.has(stmt) {
+            return;
+        }
+        self.make_room(stmt, out);
+        write_message(
+            out,
+            b'P',
+            &[stmt.server_name().as_bytes(), b"\0", stmt.spec()],
+        );
+        self.responses.push(Expect::InjectedParse(stmt.clone()));
+    }
+
+    /// Records `stmt` as prepared here, closing the least recently used statement when
+    /// the connection is at `max_prepared_statements`.
+    fn make_room(&mut self, stmt: &Rc<Statement>, out: &mut Vec<u8>) {
+        if let Some(victim) = self.server.insert(stmt, self.capacity) {
+            write_message(out, b'C', &[b"S", victim.as_bytes(), b"\0"]);
+            self.responses.push(Expect::InjectedClose(victim));
+        }
+    }
+
+    fn flush_pending_close(&mut self, out: &mut Vec<u8>) {
+        for name in std::mem::take(self.pending_close) {
+            write_message(out, b'C', &[b"S", name.as_bytes(), b"\0"]);
+            self.responses.push(Expect::InjectedClose(name));
+        }
+    }
+
+    /// Sends a Parse that fails in place of a refused message; the client gets `message`.
+    fn refuse_extended(&mut self, message: &str, code: &str, out: &mut Vec<u8>) {
+        write_message(out, b'P', &[b"\0", ALWAYS_FAILS, &[0, 0]]);
+        self.responses.unsynced = true;
+        self.responses
+            .push(Expect::ReplaceError(error_bytes(code, message)));
+    }
+
+    /// Why this SQL may not run in this pooling mode, if it may not.
+    fn refusal(&self, effects: &Effects) -> Option<String> {
+        if self.mode == PoolMode::Statement && effects.opens_transaction {
+            return Some(
+                "transaction blocks are not allowed in statement pooling mode (pool_mode.mode = \"statement\")".into(),
+            );
+        }
+        if !effects.pins.is_empty() && !self.pin_session_state {
+            return Some(format!(
+                "{} would tie this session to one server connection, which {} pooling does not allow (pool_mode.pin_session_state = false)",
+                effects.pins.describe(),
+                mode_name(self.mode),
+            ));
+        }
+        if !effects.pins.is_empty() && self.mode == PoolMode::Statement {
+            return Some(format!(
+                "{} is not supported in statement pooling mode",
+                effects.pins.describe()
+            ));
+        }
+        None
+    }
+
+    fn note(&mut self, effects: &Effects, sql: &[u8]) {
+        if effects.touches_settings || effects.drops_prepared {
+            self.notes.settings_touched = true;
+            unlisted_setting_names(sql, &mut self.notes.unlisted);
+        }
+        if effects.drops_prepared {
+            // The client's own names go now; the server's set is cleared when the
+            // server confirms (CommandComplete).
+            self.client.clear();
+        }
+        if !effects.pins.is_empty() {
+            self.notes.maybe_pinned = true;
+        }
+    }
+}
+
+fn mode_name(mode: PoolMode) -> &'static str {
+    match mode {
+        PoolMode::Session => "session",
+        PoolMode::Transaction => "transaction",
+        PoolMode::Statement => "statement",
+    }
+}
+
+fn error_bytes(code: &str, message: &str) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(message.len() + 32);
+    be::write_error(&mut out, "ERROR", code, message);
+    out.into_boxed_slice()
+}
+
+/// Splits a NUL-terminated string off the front of `bytes`.
+fn split_cstr<'a>(bytes: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), CodecError> {
+    let nul = bytes
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(CodecError::malformed(what, "missing string terminator"))?;
+    Ok((&bytes[..nul], &bytes[nul + 1..]))
+}
+
+/// Appends a message made of `parts` with the right length header.
+pub fn write_message(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 4;
+    out.push(tag);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+}

@@ -1,0 +1,7 @@
+//! SQL text analysis for the pooler: a tokenizer that respects quoting and comments, and
+//! the classification transaction pooling needs.
+
+pub mod classify;
+pub mod lexer;
+
+pub use classify::{classify, unlisted_setting_names, Effects, Pins};
