@@ -160,10 +160,7 @@ impl Driver {
                 let modules = repo().join("tests/drivers/node/node_modules");
                 for package in ["pg", "pg-copy-streams"] {
                     if !modules.join(package).join("package.json").is_file() {
-                        not_installed(&format!(
-                            "npm package {package} ({})",
-                            modules.display()
-                        ));
+                        not_installed(&format!("npm package {package} ({})", modules.display()));
                     }
                 }
                 let mut cmd = Command::new("node");
@@ -251,7 +248,10 @@ fn run_driver(driver: Driver, mode: Mode) {
                         .is_some_and(|name| name == *scenario)
                 })
         });
-        assert!(reported, "{test}: scenario {scenario} did not report ok:\n{out}");
+        assert!(
+            reported,
+            "{test}: scenario {scenario} did not report ok:\n{out}"
+        );
     }
     if !target.is_direct() {
         target.assert_running();
