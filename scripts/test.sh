@@ -4,8 +4,11 @@
 #
 # On a fresh Debian machine it first installs what the end-to-end tests need (PostgreSQL
 # server, psql, pgbench) and, when run as root, creates the unprivileged account `helios-test`
-# that the tests run initdb/postgres as (PostgreSQL refuses to run as root). When all of
-# that is already there it goes straight to cargo.
+# that the tests run initdb/postgres as (PostgreSQL refuses to run as root). It also installs
+# the client drivers tests/e2e_drivers.rs runs: psycopg 3 and asyncpg in a virtualenv at
+# target/drivers/venv (pinned in tests/drivers/python/requirements.txt), node-postgres by
+# `npm ci` in tests/drivers/node, and Debian's JDK with pgjdbc (libpostgresql-jdbc-java).
+# When all of that is already there it goes straight to cargo.
 #
 # Environment: HELIOS_TEST_TARGET=direct runs the end-to-end scenarios against PostgreSQL
 # itself (harness validation); CARGO_TARGET_DIR and RUST_TEST_THREADS are honoured.
@@ -92,6 +95,82 @@ ensure_test_user() {
         --shell /usr/sbin/nologin "$TEST_USER"
 }
 
+# --- Client drivers for tests/e2e_drivers.rs -------------------------------------------------
+
+DRIVERS_VENV=target/drivers/venv
+PY_REQUIREMENTS=tests/drivers/python/requirements.txt
+NODE_DIR=tests/drivers/node
+JDBC_JAR=/usr/share/java/postgresql.jar
+
+file_hash() { sha256sum "$1" | cut -d' ' -f1; }
+
+# psycopg 3 and asyncpg in a virtualenv; reinstalled only when requirements.txt changes.
+install_python_drivers() {
+    local stamp="$DRIVERS_VENV/.requirements.sha256"
+    if [ -x "$DRIVERS_VENV/bin/python" ] && "$DRIVERS_VENV/bin/python" -c '' 2>/dev/null &&
+        [ "$(cat "$stamp" 2>/dev/null)" = "$(file_hash "$PY_REQUIREMENTS")" ]; then
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        apt_install python3 python3-venv
+    elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        # Debian splits venv's pip bootstrap out of python3.
+        apt_install python3-venv
+    fi
+    if ! { [ -x "$DRIVERS_VENV/bin/python" ] && "$DRIVERS_VENV/bin/python" -c '' 2>/dev/null; }; then
+        log "creating the driver virtualenv $DRIVERS_VENV"
+        rm -rf "$DRIVERS_VENV"
+        mkdir -p "$(dirname "$DRIVERS_VENV")"
+        python3 -m venv "$DRIVERS_VENV"
+    fi
+    log "pip install -r $PY_REQUIREMENTS (into $DRIVERS_VENV)"
+    "$DRIVERS_VENV/bin/python" -m pip install --disable-pip-version-check --no-input -q \
+        -r "$PY_REQUIREMENTS"
+    file_hash "$PY_REQUIREMENTS" > "$stamp"
+}
+
+# node-postgres (and pg-copy-streams) from package-lock.json; `npm ci` only when node_modules
+# is missing or was installed from another lock file.
+install_node_drivers() {
+    if ! command -v node >/dev/null 2>&1; then
+        apt_install nodejs npm
+    elif ! command -v npm >/dev/null 2>&1; then
+        apt_install npm
+    fi
+    local stamp="$NODE_DIR/node_modules/.helios-lock.sha256"
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$(file_hash "$NODE_DIR/package-lock.json")" ]; then
+        return 0
+    fi
+    log "npm ci in $NODE_DIR"
+    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    file_hash "$NODE_DIR/package-lock.json" > "$stamp"
+}
+
+# True when `java` is a JDK's: the single-file source launcher needs the jdk.compiler module.
+have_jdk() {
+    local modules
+    modules=$(java --list-modules 2>/dev/null) || return 1
+    case "$modules" in *jdk.compiler@*) return 0 ;; *) return 1 ;; esac
+}
+
+# A JDK and pgjdbc, from Debian.
+install_java_drivers() {
+    local missing=()
+    have_jdk || missing+=(default-jdk-headless)
+    [ -f "$JDBC_JAR" ] || missing+=(libpostgresql-jdbc-java)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+    have_jdk || { echo "scripts/test.sh: a JDK (java with jdk.compiler) is still missing" >&2; exit 1; }
+    [ -f "$JDBC_JAR" ] || { echo "scripts/test.sh: $JDBC_JAR still missing" >&2; exit 1; }
+}
+
+install_drivers() {
+    install_python_drivers
+    install_node_drivers
+    install_java_drivers
+}
+
 ensure_rust_components() {
     local missing=()
     cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
@@ -110,6 +189,7 @@ ensure_rust_components() {
 command -v cargo >/dev/null 2>&1 || { echo "scripts/test.sh: cargo not found" >&2; exit 1; }
 install_postgresql
 ensure_test_user
+install_drivers
 ensure_rust_components
 log "PostgreSQL binaries: $(pg_bin_dir)"
 
