@@ -409,7 +409,6 @@ async fn two_hundred_clients_keep_their_own_statements_and_settings() {
 
 /// Transaction mode: 200 clients share 20 backends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs transaction pooling (issue 4)"]
 async fn two_hundred_clients_share_twenty_backends_in_transaction_mode() {
     if common::proxy_only(
         "two_hundred_clients_share_twenty_backends_in_transaction_mode",

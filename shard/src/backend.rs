@@ -154,6 +154,13 @@ impl BackendError {
     }
 }
 
+/// Appends a NotificationResponse, header included, for later delivery.
+fn keep_notification(out: &mut Vec<u8>, body: &[u8]) {
+    out.push(b'A');
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
 /// One authenticated backend connection.
 pub struct BackendConn {
     pub stream: TcpStream,
@@ -172,6 +179,9 @@ pub struct BackendConn {
     pub pending_close: Vec<Rc<str>>,
     /// Session settings in effect on this connection (see `session::pooled::settings`).
     pub settings: Settings,
+    /// NotificationResponse messages (whole, raw) that arrived during the proxy's own
+    /// exchanges: they belong to the client and are passed on after the exchange.
+    pub notifications: Vec<u8>,
 }
 
 /// Session-level settings as (name, value) pairs sorted by name; shared, never mutated.
@@ -210,6 +220,7 @@ impl BackendConn {
             statements: ServerStatements::default(),
             pending_close: Vec::new(),
             settings: Settings::default(),
+            notifications: Vec::new(),
         };
         let startup_fut = conn.startup(spec);
         match crate::sync::timeout(spec.connect_timeout, startup_fut).await {
@@ -342,7 +353,7 @@ impl BackendConn {
         mut syncs: u32,
         buf: &mut [u8],
     ) -> Result<Option<ServerError>, BackendError> {
-        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSE"), usize::MAX >> 1);
+        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSEA"), usize::MAX >> 1);
         let mut first_error = None;
         while syncs > 0 {
             let n = self.stream.read(buf).await?;
@@ -350,7 +361,11 @@ impl BackendConn {
                 return Err(BackendError::Closed);
             }
             let (params, status) = (&mut self.params, &mut self.status);
+            let notifications = &mut self.notifications;
             let scanned = scanner.scan(&buf[..n], |tag, body, _| {
+                if tag == b'A' {
+                    keep_notification(notifications, body);
+                }
                 match be::decode(tag, body) {
                     Ok(BackendMessage::ReadyForQuery(s)) => {
                         *status = s;
@@ -386,7 +401,7 @@ impl BackendConn {
         buf: &mut [u8],
     ) -> Result<(Rows, Option<ServerError>), BackendError> {
         self.stream.write_all(request).await?;
-        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSED"), usize::MAX >> 1);
+        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSEDA"), usize::MAX >> 1);
         let mut rows = Rows::new();
         let mut first_error = None;
         while syncs > 0 {
@@ -395,7 +410,11 @@ impl BackendConn {
                 return Err(BackendError::Closed);
             }
             let (params, status) = (&mut self.params, &mut self.status);
+            let notifications = &mut self.notifications;
             let scanned = scanner.scan(&buf[..n], |tag, body, _| {
+                if tag == b'A' {
+                    keep_notification(notifications, body);
+                }
                 match be::decode(tag, body) {
                     Ok(BackendMessage::ReadyForQuery(s)) => {
                         *status = s;

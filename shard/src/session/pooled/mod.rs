@@ -34,6 +34,8 @@ use upstream::{ClientStatements, LeaseNotes, Upstream};
 struct ClientState {
     statements: ClientStatements,
     settings: Settings,
+    /// The startup packet's parameters: what RESET goes back to.
+    startup: Vec<(String, String)>,
 }
 
 /// Serves a logged-in client in transaction or statement mode.
@@ -77,6 +79,12 @@ async fn start(
     let mut state = ClientState {
         statements: ClientStatements::default(),
         settings: backend.settings.clone(),
+        startup: login
+            .params
+            .iter()
+            .filter(|(name, value)| backend.params.get(name) != Some(value.as_str()))
+            .cloned()
+            .collect(),
     };
     if login
         .params
@@ -356,7 +364,18 @@ async fn lease(
             let mut buf = ctx.bufs.take();
             if notes.settings_touched {
                 let unlisted = settings::unlisted_names(&state.settings, &notes.unlisted);
-                match settings::snapshot(backend, &unlisted, &mut buf).await {
+                let mut taken = settings::snapshot(backend, &unlisted, &mut buf).await;
+                if let Ok(Ok(snapshot)) = &taken {
+                    let lost = settings::reset_startup_params(snapshot, &state.startup);
+                    if !lost.is_empty() {
+                        taken = match settings::set_params(backend, &lost, &mut buf).await {
+                            Ok(None) => settings::snapshot(backend, &unlisted, &mut buf).await,
+                            Ok(Some(e)) => Ok(Err(e)),
+                            Err(e) => Err(e),
+                        };
+                    }
+                }
+                match taken {
                     Ok(Ok(snapshot)) => {
                         backend.settings = snapshot.clone();
                         state.settings = snapshot;
@@ -366,7 +385,7 @@ async fn lease(
                     _ => return LeaseEnd::Ended(PumpEnd::BackendGone, flow, responses, notes),
                 }
             }
-            let pinned = if notes.maybe_pinned {
+            let pinned = if notes.maybe_pinned && notes.client_spoke {
                 match settings::still_pinned(backend, &mut buf).await {
                     Ok(true) => true,
                     Ok(false) => {
@@ -378,7 +397,14 @@ async fn lease(
             } else {
                 false
             };
-            if !pinned {
+            if !backend.notifications.is_empty() {
+                let pending = std::mem::take(&mut backend.notifications);
+                if client.write_all(&pending).await.is_err() {
+                    return LeaseEnd::Ended(PumpEnd::ClientGone, flow, responses, notes);
+                }
+            }
+            notes.client_spoke = false;
+            if !pinned && !notes.maybe_pinned {
                 return LeaseEnd::Released;
             }
         }

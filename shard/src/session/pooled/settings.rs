@@ -101,6 +101,49 @@ fn pairs(rows: Rows) -> Vec<(String, String)> {
     out
 }
 
+/// Startup parameters that `snapshot` no longer shows: a RESET (or RESET ALL, or SET …
+/// TO DEFAULT) took them back to the server's default, whereas PostgreSQL resets a
+/// setting to the value the client's startup packet gave it.
+pub fn reset_startup_params<'a>(
+    snapshot: &Settings,
+    startup: &'a [(String, String)],
+) -> Vec<&'a (String, String)> {
+    startup
+        .iter()
+        .filter(|(name, _)| {
+            !snapshot
+                .iter()
+                .any(|(have, _)| have.eq_ignore_ascii_case(name))
+        })
+        .collect()
+}
+
+/// Sets `params` with `set_config(…, false)` in one round trip.
+pub async fn set_params(
+    backend: &mut BackendConn,
+    params: &[&(String, String)],
+    buf: &mut [u8],
+) -> Result<Option<ServerError>, BackendError> {
+    let mut req = Vec::with_capacity(128 + params.len() * 64);
+    frontend::encode_parse(
+        &mut req,
+        "",
+        "SELECT pg_catalog.set_config($1, $2, false)",
+        &[25, 25],
+    );
+    for (name, value) in params {
+        frontend::encode_bind_text(
+            &mut req,
+            "",
+            "",
+            &[Some(name.as_bytes()), Some(value.as_bytes())],
+        );
+        frontend::encode_execute(&mut req, "", 0);
+    }
+    frontend::encode_sync(&mut req);
+    backend.exchange(&req, 1, buf).await
+}
+
 /// Same settings, compared cheaply first by identity.
 pub fn same(a: &Settings, b: &Settings) -> bool {
     Rc::ptr_eq(a, b) || a == b

@@ -54,6 +54,8 @@ pub struct LeaseNotes {
     pub maybe_pinned: bool,
     /// The client sent Terminate.
     pub terminated: bool,
+    /// The client sent something since the last pin check.
+    pub client_spoke: bool,
 }
 
 /// Everything translation reads or updates besides the message itself.
@@ -75,6 +77,7 @@ impl Upstream<'_> {
     pub fn message(&mut self, msg: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
         let tag = msg[0];
         let body = &msg[5..];
+        self.notes.client_spoke = true;
         if tag != b'X' && !self.pending_close.is_empty() {
             self.flush_pending_close(out);
         }
