@@ -231,6 +231,9 @@ fn run_driver(driver: Driver, mode: Mode) {
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let out = run_tool(cmd, None, PROGRAM_LIMIT);
     println!("{test}:\n{out}");
+    if !out.status.success() && !target.is_direct() {
+        println!("{test}: proxy log:\n{}", target.log());
+    }
     assert!(
         out.status.success(),
         "{test}: scenario program failed:\n{out}"

@@ -29,6 +29,16 @@ pub struct CancelMsg {
     pub secret: i32,
 }
 
+/// What one shard tells another over the channel mesh.
+#[derive(Clone, Copy, Debug)]
+pub enum ShardMsg {
+    /// A CancelRequest for a session the receiving shard owns.
+    Cancel(CancelMsg),
+    /// A client changed the schema (CREATE, ALTER, DROP): the receiving shard prepares
+    /// its shared statements afresh, so no stale plan serves its clients.
+    SchemaChanged,
+}
+
 /// The shard that issued a proxy pid.
 pub fn owner_shard(pid: i32) -> usize {
     (pid >> SESSION_BITS) as usize

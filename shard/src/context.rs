@@ -14,7 +14,7 @@ use crate::auth::secret::ScramVerifier;
 use crate::auth::Secret;
 use crate::backend::ConnectSpec;
 use crate::bufpool::BufPool;
-use crate::cancel::{CancelMsg, CancelRegistry};
+use crate::cancel::{CancelRegistry, ShardMsg};
 use crate::config::{AuthMethod, Config, NodeRole};
 use crate::pool::{Pool, PoolKey, PoolLimits, PoolSnapshot};
 use crate::prepared::Registry;
@@ -57,7 +57,7 @@ pub struct ShardCtx {
     pub statements: Registry,
     pub stats: Arc<ShardStats>,
     pub draining: Latch,
-    pub peers: RefCell<Option<Rc<glommio::channels::channel_mesh::Senders<CancelMsg>>>>,
+    pub peers: RefCell<Option<Rc<glommio::channels::channel_mesh::Senders<ShardMsg>>>>,
     pub max_clients: usize,
     pub active_clients: Cell<usize>,
     next_backend_id: Rc<Cell<u64>>,

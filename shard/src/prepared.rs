@@ -28,6 +28,11 @@ pub struct Statement {
     name: RefCell<Rc<str>>,
     /// What the SQL does, classified once.
     pub effects: Effects,
+    /// The result columns (RowDescription body; empty for NoData) the server last
+    /// reported when preparing this statement, and a counter bumped whenever that shape
+    /// changed (DDL). A client told an older shape must not silently get the new one.
+    shape: RefCell<Option<Box<[u8]>>>,
+    epoch: Cell<u32>,
 }
 
 impl Statement {
@@ -54,12 +59,39 @@ impl Statement {
         self.generation.get()
     }
 
-    /// The server said this statement's plan no longer fits the table (DDL changed its
-    /// result type): give it a new name so every connection prepares it afresh.
-    pub fn invalidate(&self) {
+    /// Which result shape clients preparing this statement now are told.
+    pub fn epoch(&self) -> u32 {
+        self.epoch.get()
+    }
+
+    /// Records the result shape a server just reported for this statement; a different
+    /// shape than before starts a new epoch.
+    pub fn learn_shape(&self, shape: &[u8]) {
+        let mut known = self.shape.borrow_mut();
+        match known.as_deref() {
+            Some(old) if old == shape => {}
+            Some(_) => {
+                *known = Some(shape.into());
+                self.epoch.set(self.epoch.get().wrapping_add(1));
+            }
+            None => *known = Some(shape.into()),
+        }
+    }
+
+    /// The schema may have changed: prepare this statement under a new name on every
+    /// connection, so no stale server-side plan is used. The shape is kept, so a changed
+    /// one is noticed when it is learnt again.
+    pub fn rename(&self) {
         let generation = self.generation.get().wrapping_add(1);
         self.generation.set(generation);
         *self.name.borrow_mut() = server_name(self.hash, generation);
+    }
+
+    /// The server said this statement's plan no longer fits the table (DDL changed its
+    /// result type): prepare it afresh under a new name everywhere. Whether clients that
+    /// prepared it earlier must be told is decided when the new shape is learnt.
+    pub fn invalidate(&self) {
+        self.rename();
     }
 }
 
@@ -88,6 +120,8 @@ fn content_hash(spec: &[u8]) -> u128 {
 #[derive(Default)]
 pub struct Registry {
     by_hash: RefCell<HashMap<u128, Weak<Statement>>>,
+    /// A schema change was seen here and other shards have not been told yet.
+    unannounced_change: Cell<bool>,
 }
 
 impl Registry {
@@ -109,9 +143,30 @@ impl Registry {
             hash,
             generation: Cell::new(0),
             name: RefCell::new(server_name(hash, 0)),
+            shape: RefCell::new(None),
+            epoch: Cell::new(0),
         });
         map.insert(hash, Rc::downgrade(&stmt));
         stmt
+    }
+
+    /// After DDL: every statement is prepared afresh where it is next used.
+    pub fn rename_all(&self) {
+        for stmt in self.by_hash.borrow().values().filter_map(Weak::upgrade) {
+            stmt.rename();
+        }
+    }
+
+    /// A client of this shard changed the schema: prepare afresh here, and remember to
+    /// tell the other shards.
+    pub fn schema_changed(&self) {
+        self.rename_all();
+        self.unannounced_change.set(true);
+    }
+
+    /// True once per schema change seen here: the caller tells the other shards.
+    pub fn take_unannounced_change(&self) -> bool {
+        self.unannounced_change.replace(false)
     }
 
     /// Forgets statements nobody refers to any more.
@@ -271,6 +326,21 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_shape_starts_a_new_epoch() {
+        let reg = Registry::default();
+        let a = reg.intern(&spec("SELECT * FROM t", &[]));
+        a.learn_shape(b"two columns");
+        a.learn_shape(b"two columns");
+        assert_eq!(a.epoch(), 0);
+        a.learn_shape(b"three columns");
+        assert_eq!(a.epoch(), 1);
+        a.invalidate();
+        assert_eq!(a.epoch(), 1, "renaming alone tells no client anything");
+        a.learn_shape(b"three columns");
+        assert_eq!(a.epoch(), 1);
+    }
+
+    #[test]
     fn server_set_is_bounded_and_evicts_least_recently_used() {
         let reg = Registry::default();
         let stmts: Vec<_> = (0..4)
@@ -300,6 +370,8 @@ mod tests {
             generation: Cell::new(0),
             name: RefCell::new(a.server_name()),
             effects: Effects::default(),
+            shape: RefCell::new(None),
+            epoch: Cell::new(0),
         });
         assert!(!server.has(&impostor));
     }

@@ -12,7 +12,7 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
-use crate::cancel::{CancelMsg, MAX_SHARDS};
+use crate::cancel::{ShardMsg, MAX_SHARDS};
 use crate::codec::backend as be;
 use crate::config::Config;
 use crate::context::ShardCtx;
@@ -67,7 +67,7 @@ impl Runtime {
                 source: std::io::Error::other("no local address"),
             })?;
         let cpus = allowed_cpus();
-        let mesh: MeshBuilder<CancelMsg, Full> = MeshBuilder::full(workers, 1024);
+        let mesh: MeshBuilder<ShardMsg, Full> = MeshBuilder::full(workers, 1024);
         let shutdown = Arc::new(AtomicBool::new(false));
         let stats: Vec<Arc<ShardStats>> = (0..workers).map(|_| Arc::default()).collect();
         let mut handles = Vec::with_capacity(workers);
@@ -152,7 +152,7 @@ async fn shard_main(
     config: Arc<Config>,
     stats: Arc<ShardStats>,
     listener: OwnedFd,
-    mesh: MeshBuilder<CancelMsg, Full>,
+    mesh: MeshBuilder<ShardMsg, Full>,
     shutdown: Arc<AtomicBool>,
 ) {
     let ctx = match ShardCtx::new(id, config, stats) {
@@ -174,13 +174,16 @@ async fn shard_main(
                 let ctx = ctx.clone();
                 glommio::spawn_local(async move {
                     while let Some(msg) = stream.recv().await {
-                        ctx.cancels.cancel(msg);
+                        match msg {
+                            ShardMsg::Cancel(cancel) => ctx.cancels.cancel(cancel),
+                            ShardMsg::SchemaChanged => ctx.statements.rename_all(),
+                        }
                     }
                 })
                 .detach();
             }
         }
-        Err(_) => log::warn!("shard {id}: cancel channels unavailable"),
+        Err(_) => log::warn!("shard {id}: channels to other shards unavailable"),
     }
     glommio::spawn_local(housekeeping(ctx.clone(), shutdown)).detach();
     log::info!("shard {id} accepting on {}", ctx.config.listen_address);

@@ -8,7 +8,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use crate::auth::{md5, scram};
-use crate::cancel::CancelMsg;
+use crate::cancel::{CancelMsg, ShardMsg};
 use crate::codec::backend as be;
 use crate::codec::startup::{self, StartupPacket, MAX_STARTUP_PACKET};
 use crate::codec::{frontend, CodecError};
@@ -106,6 +106,18 @@ async fn negotiate_protocol(
     stream.write_all(&out).await
 }
 
+/// Tells every other shard that the schema changed.
+pub async fn broadcast_schema_change(ctx: &ShardCtx) {
+    let peers = ctx.peers.borrow().clone();
+    if let Some(peers) = peers {
+        for shard in 0..peers.nr_consumers() {
+            if shard != ctx.id {
+                let _ = peers.send_to(shard, ShardMsg::SchemaChanged).await;
+            }
+        }
+    }
+}
+
 /// Sends a cancel to the shard that owns the key (maybe this one).
 pub async fn route_cancel(ctx: &ShardCtx, msg: CancelMsg) {
     let owner = crate::cancel::owner_shard(msg.pid);
@@ -116,7 +128,7 @@ pub async fn route_cancel(ctx: &ShardCtx, msg: CancelMsg) {
     let peers = ctx.peers.borrow().clone();
     if let Some(peers) = peers {
         if owner < peers.nr_consumers() {
-            let _ = peers.send_to(owner, msg).await;
+            let _ = peers.send_to(owner, ShardMsg::Cancel(msg)).await;
         }
     }
 }

@@ -60,12 +60,17 @@ pub struct Effects {
     pub drops_prepared: bool,
     /// A transaction block is still open after the last statement (BEGIN without its end).
     pub opens_transaction: bool,
+    /// Changes the schema (CREATE, ALTER, DROP): shared plans may no longer fit.
+    pub changes_schema: bool,
 }
 
 impl Effects {
     /// Nothing a pooler has to act on.
     pub fn is_plain(&self) -> bool {
-        !self.touches_settings && self.pins.is_empty() && !self.drops_prepared
+        !self.touches_settings
+            && self.pins.is_empty()
+            && !self.drops_prepared
+            && !self.changes_schema
     }
 }
 
@@ -101,6 +106,8 @@ enum Keyword {
     With,
     Hold,
     Create,
+    Alter,
+    Drop,
     Temp,
     Into,
     Begin,
@@ -134,6 +141,8 @@ fn keyword(word: &[u8]) -> Keyword {
         ("with", Keyword::With),
         ("hold", Keyword::Hold),
         ("create", Keyword::Create),
+        ("alter", Keyword::Alter),
+        ("drop", Keyword::Drop),
         ("temp", Keyword::Temp),
         ("temporary", Keyword::Temp),
         ("into", Keyword::Into),
@@ -192,6 +201,9 @@ pub fn classify(sql: &[u8]) -> Effects {
                     Keyword::Reset => effects.touches_settings = true,
                     Keyword::Listen => effects.pins.insert(Pins::LISTEN),
                     Keyword::Begin | Keyword::Start => in_transaction = true,
+                    Keyword::Create | Keyword::Alter | Keyword::Drop => {
+                        effects.changes_schema = true
+                    }
                     Keyword::Commit | Keyword::End | Keyword::Abort => in_transaction = false,
                     _ => {}
                 }
@@ -254,6 +266,30 @@ pub fn classify(sql: &[u8]) -> Effects {
     }
     effects.opens_transaction = in_transaction;
     effects
+}
+
+/// The statement name of a text that is exactly one `DEALLOCATE [PREPARE] name`
+/// (unquoted names fold to lower case, as the server folds them).
+pub fn deallocate_name(sql: &[u8]) -> Option<Vec<u8>> {
+    let mut tokens = Lexer::new(sql);
+    match tokens.next()? {
+        Token::Word(w) if keyword(w) == Keyword::Deallocate => {}
+        _ => return None,
+    }
+    let mut next = tokens.next()?;
+    if matches!(next, Token::Word(w) if keyword(w) == Keyword::Prepare) {
+        next = tokens.next()?;
+    }
+    let name = match next {
+        Token::Word(w) if keyword(w) != Keyword::All => w.to_ascii_lowercase(),
+        Token::Quoted(q) => q.to_vec(),
+        _ => return None,
+    };
+    match tokens.next() {
+        None => Some(name),
+        Some(Token::Semicolon) if tokens.next().is_none() => Some(name),
+        _ => None,
+    }
 }
 
 /// Names of settings that `SET`/`RESET` statements in `sql` change and that the server's
@@ -359,6 +395,9 @@ mod tests {
         ] {
             assert!(fx(sql).touches_settings, "{sql}");
         }
+        assert!(fx("ALTER TABLE t ADD COLUMN c int").changes_schema);
+        assert!(fx("drop view v").changes_schema);
+        assert!(!fx("SELECT 'alter'").changes_schema);
         let discard = fx("DISCARD ALL");
         assert!(discard.touches_settings && discard.drops_prepared);
         assert!(fx("DEALLOCATE ALL").drops_prepared);
@@ -393,6 +432,18 @@ mod tests {
             .is_empty());
         assert!(fx("PREPARE TRANSACTION 'x'").pins.is_empty());
         assert!(fx("CREATE TABLE temp (a int)").pins.is_empty());
+    }
+
+    #[test]
+    fn single_deallocates_are_recognised() {
+        assert_eq!(deallocate_name(b"DEALLOCATE Foo"), Some(b"foo".to_vec()));
+        assert_eq!(
+            deallocate_name(b"deallocate prepare \"Foo\";"),
+            Some(b"Foo".to_vec())
+        );
+        assert_eq!(deallocate_name(b"DEALLOCATE ALL"), None);
+        assert_eq!(deallocate_name(b"DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(deallocate_name(b"SELECT 1"), None);
     }
 
     #[test]

@@ -4,4 +4,4 @@
 pub mod classify;
 pub mod lexer;
 
-pub use classify::{classify, unlisted_setting_names, Effects, Pins};
+pub use classify::{classify, deallocate_name, unlisted_setting_names, Effects, Pins};

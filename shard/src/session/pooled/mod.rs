@@ -306,6 +306,7 @@ async fn lease(
     mode: PoolMode,
 ) -> LeaseEnd {
     let mut responses = Responses::default();
+    responses.status = backend.status;
     let mut flow = Flow::default();
     let mut notes = LeaseNotes::default();
     let pool_cfg = &ctx.config.pool_mode;
@@ -346,6 +347,9 @@ async fn lease(
             }
             .await
         };
+        if ctx.statements.take_unannounced_change() {
+            super::login::broadcast_schema_change(ctx).await;
+        }
         log::trace!(
             "backend {}: pump ended {end:?}, status {}, unsynced {}, copy {}",
             backend.id,

@@ -22,16 +22,16 @@ use crate::stats::ShardStats;
 use crate::sync::Latch;
 
 use super::responses::{Action, Outcome};
-use super::upstream::Upstream;
+use super::upstream::{Translated, Upstream};
 use crate::session::pump::PumpEnd;
 
 /// Server messages whose body decides something: errors, command tags, transaction
 /// status, parameter changes.
-const DOWN_CAPTURE: TagSet = TagSet::new(b"ECZS");
+const DOWN_CAPTURE: TagSet = TagSet::new(b"ECZStT");
 /// Server messages whose arrival completes an answer.
-const DOWN_NOTIFY: TagSet = TagSet::new(b"123TnIsGHW");
+const DOWN_NOTIFY: TagSet = TagSet::new(b"123nIsGHW");
 /// Server messages the proxy may drop: held back until complete.
-const DROPPABLE: TagSet = TagSet::new(b"13E");
+const DROPPABLE: TagSet = TagSet::new(b"13EtTn");
 /// Stop translating client messages while this much output waits to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 
@@ -342,6 +342,13 @@ impl PooledPump<'_> {
             self.translate.pending_close.clear();
         }
         self.translate.pending_close.extend(outcome.to_close);
+        if outcome.schema_changed {
+            // Plans prepared before may no longer fit: prepare afresh where next used.
+            self.translate.registry.schema_changed();
+        }
+        for (name, stmt) in outcome.epochs {
+            self.translate.client.confirm_epoch(&name, &stmt);
+        }
         let lane = &mut *self.down;
         let msg_end = base + scanned;
         match dropped {
@@ -426,7 +433,10 @@ impl PooledPump<'_> {
         let mut moved = false;
         loop {
             let lane = &mut *self.up;
-            if lane.out.len() - lane.out_pos >= OUT_HIGH_WATER || self.flow.terminated {
+            if lane.out.len() - lane.out_pos >= OUT_HIGH_WATER
+                || self.flow.terminated
+                || self.translate.responses.awaiting_check
+            {
                 return Poll::Ready(Ok(moved));
             }
             let Some(inb) = lane.inb.as_ref() else {
@@ -443,8 +453,13 @@ impl PooledPump<'_> {
                     return Poll::Ready(Ok(moved));
                 }
                 let msg = std::mem::take(&mut lane.big);
-                lane.big_len = 0;
                 let result = self.translate.message(&msg, &mut lane.out);
+                if result == Ok(Translated::Hold) {
+                    // Offered again once the shape check is answered.
+                    self.up.big = msg;
+                    return Poll::Ready(Ok(true));
+                }
+                lane.big_len = 0;
                 self.after_message(msg[0]);
                 let mut msg = msg;
                 msg.clear();
@@ -480,6 +495,9 @@ impl PooledPump<'_> {
             }
             let msg = &inb[lane.start..lane.start + len];
             let result = self.translate.message(msg, &mut lane.out);
+            if result == Ok(Translated::Hold) {
+                return Poll::Ready(Ok(true));
+            }
             lane.start += len;
             self.after_message(tag);
             if let Err(e) = result {

@@ -24,8 +24,18 @@ pub enum Expect {
     InjectedParse(Rc<Statement>),
     /// A Close the proxy added to evict a statement; its CloseComplete is dropped.
     InjectedClose(Rc<str>),
+    /// A Describe the proxy added after preparing a statement, to learn its result
+    /// shape; the answer is dropped. `client` names the client statement whose epoch
+    /// follows what is learnt (a Parse the client sent); `check` means the client's next
+    /// message waits for this answer.
+    InjectedDescribe {
+        stmt: Rc<Statement>,
+        client: Option<Box<[u8]>>,
+        check: bool,
+    },
     Bind(Option<Rc<Statement>>),
-    Describe,
+    /// A Describe; names the shared statement when it describes one.
+    Describe(Option<Rc<Statement>>),
     Execute,
     Close,
     Sync,
@@ -33,6 +43,9 @@ pub enum Expect {
     Query(Effects),
     /// Bytes the proxy answers itself once everything before them was answered.
     Synthetic(&'static [u8]),
+    /// A simple Query the proxy answers itself: this command tag, then ReadyForQuery with
+    /// the transaction status at that point.
+    SyntheticCommand(&'static str),
     /// A message the proxy made fail on purpose: its ErrorResponse is replaced by this.
     ReplaceError(Box<[u8]>),
     /// A simple Query the proxy made fail on purpose: its ErrorResponse is replaced by
@@ -53,8 +66,12 @@ pub enum Action {
 pub struct Outcome {
     /// Names to Close before the next request.
     pub to_close: Vec<Rc<str>>,
+    /// Client statement names whose epoch becomes the statement's current one.
+    pub epochs: Vec<(Box<[u8]>, Rc<Statement>)>,
     /// The server dropped all prepared statements.
     pub cleared: bool,
+    /// The schema changed (CREATE, ALTER, DROP completed): shared plans may not fit.
+    pub schema_changed: bool,
 }
 
 #[derive(Default)]
@@ -62,8 +79,14 @@ pub struct Responses {
     queue: VecDeque<Expect>,
     /// Bytes to put into the client stream at the current message boundary.
     pub ready: Vec<u8>,
-    /// Statement-less messages sent since the last Sync (the server skips them on error).
+    /// Extended-protocol messages sent since the last Sync.
     pub unsynced: bool,
+    /// The server reported an error and ignores everything up to the next Sync.
+    skipping: bool,
+    /// A shape check the client's next message waits for is outstanding.
+    pub awaiting_check: bool,
+    /// Transaction status from the server's last ReadyForQuery.
+    pub status: u8,
 }
 
 impl Responses {
@@ -76,6 +99,11 @@ impl Responses {
         self.queue.len()
     }
 
+    /// The server ignores messages until the next Sync.
+    pub fn is_skipping(&self) -> bool {
+        self.skipping
+    }
+
     /// ReadyForQuery messages still to come.
     pub fn pending_syncs(&self) -> u32 {
         self.queue
@@ -84,10 +112,21 @@ impl Responses {
             .count() as u32
     }
 
-    pub fn push(&mut self, expect: Expect) {
+    /// Queues what the server will owe for a message being sent. While the server skips
+    /// to Sync after an error, messages before that Sync get no answer at all.
+    pub fn push(&mut self, expect: Expect, server: &mut ServerStatements, out: &mut Outcome) {
+        if self.skipping && !matches!(expect, Expect::Sync) {
+            Self::unprepare(expect, server, out);
+            return;
+        }
         match expect {
             Expect::Synthetic(bytes) if self.queue.is_empty() => {
                 self.ready.extend_from_slice(bytes)
+            }
+            Expect::SyntheticCommand(tag) if self.queue.is_empty() => self.answer_command(tag),
+            Expect::InjectedDescribe { check: true, .. } => {
+                self.awaiting_check = true;
+                self.queue.push_back(expect);
             }
             other => self.queue.push_back(other),
         }
@@ -110,28 +149,51 @@ impl Responses {
                 self.ready.extend_from_slice(bytes);
                 Action::Drop
             }
-            (b'Z', Expect::RefusedQuery(_)) => self.pop(Action::Forward),
+            (b'Z', Expect::RefusedQuery(_)) => {
+                self.status = body.first().copied().unwrap_or(b'I');
+                self.pop(Action::Forward)
+            }
             (b'E', Expect::Query(_) | Expect::Sync) => Action::Forward,
             (b'E', _) => return self.on_error(body, server, out),
             (b'1', Expect::Parse(_)) => self.pop(Action::Forward),
             (b'1', Expect::InjectedParse(_)) => self.pop(Action::Drop),
+            (b't', Expect::InjectedDescribe { .. }) => Action::Drop,
+            (b'T' | b'n', Expect::InjectedDescribe { .. }) => {
+                if let Some(Expect::InjectedDescribe {
+                    stmt,
+                    client,
+                    check,
+                }) = self.queue.pop_front()
+                {
+                    stmt.learn_shape(if tag == b'T' { body } else { b"" });
+                    if let Some(name) = client {
+                        out.epochs.push((name, stmt));
+                    }
+                    if check {
+                        self.awaiting_check = false;
+                    }
+                }
+                Action::Drop
+            }
             (b'3', Expect::InjectedClose(_)) => self.pop(Action::Drop),
             (b'3', Expect::Close) => self.pop(Action::Forward),
             (b'2', Expect::Bind(_)) => self.pop(Action::Forward),
-            (b'T' | b'n', Expect::Describe) => self.pop(Action::Forward),
+            (b'T' | b'n', Expect::Describe(_)) => self.pop(Action::Forward),
             (b'C' | b'I' | b's', Expect::Execute) => {
-                if tag == b'C' && drops_prepared(body) {
-                    out.cleared = true;
+                if tag == b'C' {
+                    note_command(body, out);
                 }
                 self.pop(Action::Forward)
             }
             (b'C', Expect::Query(_)) => {
-                if drops_prepared(body) {
-                    out.cleared = true;
-                }
+                note_command(body, out);
                 Action::Forward
             }
-            (b'Z', Expect::Sync | Expect::Query(_)) => self.pop(Action::Forward),
+            (b'Z', Expect::Sync | Expect::Query(_)) => {
+                self.status = body.first().copied().unwrap_or(b'I');
+                self.skipping = false;
+                self.pop(Action::Forward)
+            }
             _ => Action::Forward,
         };
         self.release_synthetic();
@@ -145,10 +207,39 @@ impl Responses {
 
     /// Moves answers the proxy gives itself to `ready` once they reach the head.
     fn release_synthetic(&mut self) {
-        while let Some(Expect::Synthetic(bytes)) = self.queue.front() {
-            self.ready.extend_from_slice(bytes);
+        loop {
+            match self.queue.front() {
+                Some(Expect::Synthetic(bytes)) => self.ready.extend_from_slice(bytes),
+                Some(Expect::SyntheticCommand(tag)) => {
+                    let tag = *tag;
+                    self.answer_command(tag);
+                }
+                _ => return,
+            }
             self.queue.pop_front();
         }
+    }
+
+    /// CommandComplete and ReadyForQuery for a command the proxy handled itself; in a
+    /// failed transaction, the error PostgreSQL gives instead.
+    fn answer_command(&mut self, tag: &str) {
+        if self.status == b'E' {
+            be::write_error(
+                &mut self.ready,
+                "ERROR",
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+        } else {
+            let mut body = Vec::with_capacity(tag.len() + 1);
+            body.extend_from_slice(tag.as_bytes());
+            body.push(0);
+            self.ready.push(b'C');
+            self.ready
+                .extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            self.ready.extend_from_slice(&body);
+        }
+        be::write_ready_for_query(&mut self.ready, self.status);
     }
 
     /// An ErrorResponse in extended-protocol traffic: it answers the head message, and
@@ -160,15 +251,21 @@ impl Responses {
         out: &mut Outcome,
     ) -> Action {
         let mut action = Action::Forward;
+        self.skipping = true;
         match self.queue.pop_front() {
             Some(Expect::ReplaceError(bytes)) => {
                 self.ready.extend_from_slice(&bytes);
                 action = Action::Drop;
             }
-            Some(Expect::Bind(Some(stmt))) if is_stale_plan(body) => {
+            Some(
+                Expect::Bind(Some(stmt))
+                | Expect::Describe(Some(stmt))
+                | Expect::InjectedDescribe { stmt, .. },
+            ) if is_stale_plan(body) => {
                 // DDL changed the result type under a shared plan: retire the name so
                 // every connection prepares the statement afresh; this one drops the old.
                 let old = stmt.server_name();
+                log::debug!("statement {old}: stale plan on a server connection; preparing afresh");
                 server.remove(&old);
                 out.to_close.push(old);
                 stmt.invalidate();
@@ -183,6 +280,7 @@ impl Responses {
             let skipped = self.queue.pop_front().expect("front exists");
             Self::unprepare(skipped, server, out);
         }
+        self.awaiting_check = false;
         action
     }
 
@@ -194,6 +292,7 @@ impl Responses {
             }
             // The eviction did not happen: close it next time.
             Expect::InjectedClose(name) => out.to_close.push(name),
+            Expect::InjectedDescribe { .. } => {}
             _ => {}
         }
     }
@@ -206,6 +305,16 @@ fn is_stale_plan(body: &[u8]) -> bool {
             fields.code() == "0A000" && fields.message().contains("cached plan must not change")
         }
         _ => false,
+    }
+}
+
+/// What a CommandComplete tag tells about prepared statements and the schema.
+fn note_command(body: &[u8], out: &mut Outcome) {
+    if drops_prepared(body) {
+        out.cleared = true;
+    }
+    if body.starts_with(b"ALTER ") || body.starts_with(b"CREATE ") || body.starts_with(b"DROP ") {
+        out.schema_changed = true;
     }
 }
 
@@ -239,11 +348,11 @@ mod tests {
         let mut server = ServerStatements::default();
         let mut out = Outcome::default();
         let mut r = Responses::default();
-        r.push(Expect::InjectedParse(stmt.clone()));
-        r.push(Expect::Bind(Some(stmt.clone())));
-        r.push(Expect::Synthetic(PARSE_COMPLETE));
-        r.push(Expect::Execute);
-        r.push(Expect::Sync);
+        r.push(Expect::InjectedParse(stmt.clone()), &mut server, &mut out);
+        r.push(Expect::Bind(Some(stmt.clone())), &mut server, &mut out);
+        r.push(Expect::Synthetic(PARSE_COMPLETE), &mut server, &mut out);
+        r.push(Expect::Execute, &mut server, &mut out);
+        r.push(Expect::Sync, &mut server, &mut out);
         assert_eq!(
             r.on_server_message(b'1', b"", &mut server, &mut out),
             Action::Drop
@@ -274,8 +383,10 @@ mod tests {
 
     #[test]
     fn a_synthetic_answer_with_nothing_before_it_is_ready_at_once() {
+        let mut server = ServerStatements::default();
+        let mut out = Outcome::default();
         let mut r = Responses::default();
-        r.push(Expect::Synthetic(PARSE_COMPLETE));
+        r.push(Expect::Synthetic(PARSE_COMPLETE), &mut server, &mut out);
         assert_eq!(r.ready, PARSE_COMPLETE);
         assert_eq!(r.outstanding(), 0);
     }
@@ -288,11 +399,15 @@ mod tests {
         server.insert(&stmt, 10);
         let mut out = Outcome::default();
         let mut r = Responses::default();
-        r.push(Expect::Execute);
-        r.push(Expect::InjectedClose("_hx_old".into()));
-        r.push(Expect::InjectedParse(stmt.clone()));
-        r.push(Expect::Synthetic(PARSE_COMPLETE));
-        r.push(Expect::Sync);
+        r.push(Expect::Execute, &mut server, &mut out);
+        r.push(
+            Expect::InjectedClose("_hx_old".into()),
+            &mut server,
+            &mut out,
+        );
+        r.push(Expect::InjectedParse(stmt.clone()), &mut server, &mut out);
+        r.push(Expect::Synthetic(PARSE_COMPLETE), &mut server, &mut out);
+        r.push(Expect::Sync, &mut server, &mut out);
         let err = error_body("22012", "division by zero");
         assert_eq!(
             r.on_server_message(b'E', &err, &mut server, &mut out),
@@ -321,8 +436,12 @@ mod tests {
         let old = stmt.server_name();
         let mut out = Outcome::default();
         let mut r = Responses::default();
-        r.push(Expect::ReplaceError(b"ours".to_vec().into()));
-        r.push(Expect::Sync);
+        r.push(
+            Expect::ReplaceError(b"ours".to_vec().into()),
+            &mut server,
+            &mut out,
+        );
+        r.push(Expect::Sync, &mut server, &mut out);
         let err = error_body("42601", "syntax error");
         assert_eq!(
             r.on_server_message(b'E', &err, &mut server, &mut out),
@@ -332,8 +451,8 @@ mod tests {
         r.ready.clear();
         r.on_server_message(b'Z', b"I", &mut server, &mut out);
 
-        r.push(Expect::Bind(Some(stmt.clone())));
-        r.push(Expect::Sync);
+        r.push(Expect::Bind(Some(stmt.clone())), &mut server, &mut out);
+        r.push(Expect::Sync, &mut server, &mut out);
         let stale = error_body("0A000", "cached plan must not change result type");
         assert_eq!(
             r.on_server_message(b'E', &stale, &mut server, &mut out),
@@ -344,11 +463,76 @@ mod tests {
     }
 
     #[test]
+    fn messages_after_an_error_before_sync_get_no_answer() {
+        let reg = Registry::default();
+        let stmt = reg.intern(&spec("SELECT 1"));
+        let mut server = ServerStatements::default();
+        let mut out = Outcome::default();
+        let mut r = Responses::default();
+        r.push(Expect::Execute, &mut server, &mut out);
+        let err = error_body("22012", "division by zero");
+        r.on_server_message(b'E', &err, &mut server, &mut out);
+        // The client's next messages arrive after the error was seen.
+        server.insert(&stmt, 10);
+        r.push(Expect::Parse(Some(stmt.clone())), &mut server, &mut out);
+        r.push(Expect::Synthetic(PARSE_COMPLETE), &mut server, &mut out);
+        r.push(Expect::Execute, &mut server, &mut out);
+        assert!(!server.has(&stmt), "a skipped Parse prepares nothing");
+        assert!(r.ready.is_empty());
+        r.push(Expect::Sync, &mut server, &mut out);
+        assert_eq!(r.outstanding(), 1);
+        r.on_server_message(b'Z', b"I", &mut server, &mut out);
+        assert!(r.is_empty());
+        r.push(Expect::Execute, &mut server, &mut out);
+        assert_eq!(r.outstanding(), 1, "after Sync the server answers again");
+    }
+
+    #[test]
+    fn shapes_are_learnt_from_injected_describes() {
+        let reg = Registry::default();
+        let stmt = reg.intern(&spec("SELECT * FROM t"));
+        let mut server = ServerStatements::default();
+        let mut out = Outcome::default();
+        let mut r = Responses::default();
+        r.push(
+            Expect::InjectedDescribe {
+                stmt: stmt.clone(),
+                client: Some(b"s1".to_vec().into()),
+                check: true,
+            },
+            &mut server,
+            &mut out,
+        );
+        assert!(r.awaiting_check);
+        assert_eq!(
+            r.on_server_message(b't', b"", &mut server, &mut out),
+            Action::Drop
+        );
+        assert_eq!(
+            r.on_server_message(b'T', b"two", &mut server, &mut out),
+            Action::Drop
+        );
+        assert!(!r.awaiting_check);
+        assert_eq!(out.epochs.len(), 1);
+        r.push(
+            Expect::InjectedDescribe {
+                stmt: stmt.clone(),
+                client: None,
+                check: false,
+            },
+            &mut server,
+            &mut out,
+        );
+        r.on_server_message(b'T', b"three", &mut server, &mut out);
+        assert_eq!(stmt.epoch(), 1, "a new shape is a new epoch");
+    }
+
+    #[test]
     fn deallocate_all_is_seen_in_command_complete() {
         let mut server = ServerStatements::default();
         let mut out = Outcome::default();
         let mut r = Responses::default();
-        r.push(Expect::Query(Effects::default()));
+        r.push(Expect::Query(Effects::default()), &mut server, &mut out);
         r.on_server_message(b'C', b"DEALLOCATE ALL\0", &mut server, &mut out);
         assert!(out.cleared);
     }

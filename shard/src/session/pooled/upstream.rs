@@ -13,7 +13,7 @@ use crate::config::PoolMode;
 use crate::prepared::{Registry, ServerStatements, Statement};
 use crate::sql::{unlisted_setting_names, Effects};
 
-use super::responses::{Expect, Responses, PARSE_COMPLETE};
+use super::responses::{Expect, Outcome, Responses, PARSE_COMPLETE};
 
 /// A Close for a name that never exists: the server answers CloseComplete and nothing
 /// else happens (closing a nonexistent statement is not an error).
@@ -26,10 +26,21 @@ const ALWAYS_FAILS: &[u8] = b")\0";
 /// The client's own statement names and what they stand for. Lives as long as the client.
 #[derive(Default)]
 pub struct ClientStatements {
-    by_name: HashMap<Box<[u8]>, Rc<Statement>>,
+    /// Each name's statement and the result-shape epoch the client was told.
+    by_name: HashMap<Box<[u8]>, (Rc<Statement>, u32)>,
 }
 
 impl ClientStatements {
+    /// The server confirmed the shape `name` was prepared with: the client now expects
+    /// the statement's current epoch.
+    pub fn confirm_epoch(&mut self, name: &[u8], stmt: &Rc<Statement>) {
+        if let Some(entry) = self.by_name.get_mut(name) {
+            if Rc::ptr_eq(&entry.0, stmt) {
+                entry.1 = stmt.epoch();
+            }
+        }
+    }
+
     pub fn clear(&mut self) {
         self.by_name.clear();
     }
@@ -58,6 +69,13 @@ pub struct LeaseNotes {
     pub client_spoke: bool,
 }
 
+/// Whether a message was translated, or must wait for a shape check and be offered again.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Translated {
+    Done,
+    Hold,
+}
+
 /// Everything translation reads or updates besides the message itself.
 pub struct Upstream<'a> {
     pub registry: &'a Registry,
@@ -74,7 +92,7 @@ pub struct Upstream<'a> {
 impl Upstream<'_> {
     /// Translates one complete client message (`msg` includes its 5-byte header) onto
     /// `out`.
-    pub fn message(&mut self, msg: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    pub fn message(&mut self, msg: &[u8], out: &mut Vec<u8>) -> Result<Translated, CodecError> {
         let tag = msg[0];
         let body = &msg[5..];
         self.notes.client_spoke = true;
@@ -84,29 +102,36 @@ impl Upstream<'_> {
         match tag {
             b'Q' => self.query(msg, body, out),
             b'P' => self.parse(msg, body, out)?,
-            b'B' => self.bind(msg, body, out)?,
+            b'B' => return self.bind(msg, body, out),
             b'D' => self.describe(msg, body, out)?,
             b'C' => self.close(msg, body, out)?,
             b'E' => self.extended(msg, Expect::Execute, out),
             b'S' => {
                 self.responses.unsynced = false;
-                self.responses.push(Expect::Sync);
+                self.expect(Expect::Sync);
                 out.extend_from_slice(msg);
             }
             b'F' => {
-                self.responses.push(Expect::Query(Effects::default()));
+                self.expect(Expect::Query(Effects::default()));
                 out.extend_from_slice(msg);
             }
             b'X' => self.notes.terminated = true,
             // Flush, CopyData, CopyDone, CopyFail: no answer of their own.
             _ => out.extend_from_slice(msg),
         }
-        Ok(())
+        Ok(Translated::Done)
+    }
+
+    /// Queues an answer the server will owe.
+    fn expect(&mut self, expect: Expect) {
+        let mut outcome = Outcome::default();
+        self.responses.push(expect, self.server, &mut outcome);
+        self.pending_close.extend(outcome.to_close);
     }
 
     fn extended(&mut self, msg: &[u8], expect: Expect, out: &mut Vec<u8>) {
         self.responses.unsynced = true;
-        self.responses.push(expect);
+        self.expect(expect);
         out.extend_from_slice(msg);
     }
 
@@ -114,16 +139,24 @@ impl Upstream<'_> {
         let sql = body.strip_suffix(b"\0").unwrap_or(body);
         let effects = crate::sql::classify(sql);
         if let Some(refusal) = self.refusal(&effects) {
-            self.responses
-                .push(Expect::RefusedQuery(error_bytes("0A000", &refusal)));
+            self.expect(Expect::RefusedQuery(error_bytes("0A000", &refusal)));
             write_message(out, b'Q', &[ALWAYS_FAILS]);
             return;
+        }
+        if let Some(name) = crate::sql::deallocate_name(sql) {
+            if self.client.by_name.remove(name.as_slice()).is_some() {
+                // The client's own name for a shared statement: forgetting the name is
+                // all DEALLOCATE means here; the server keeps the plan for others.
+                self.responses.unsynced = false;
+                self.expect(Expect::SyntheticCommand("DEALLOCATE"));
+                return;
+            }
         }
         self.note(&effects, sql);
         // A simple Query ends any extended-protocol sequence (the server drops the
         // unnamed statement), so it leaves nothing unsynced behind.
         self.responses.unsynced = false;
-        self.responses.push(Expect::Query(effects));
+        self.expect(Expect::Query(effects));
         out.extend_from_slice(msg);
     }
 
@@ -153,46 +186,72 @@ impl Upstream<'_> {
             self.refuse_extended(&refusal, "0A000", out);
             return Ok(());
         }
-        self.client.by_name.insert(name.into(), stmt.clone());
+        self.client
+            .by_name
+            .insert(name.into(), (stmt.clone(), stmt.epoch()));
         self.responses.unsynced = true;
         if self.server.has(&stmt) {
-            self.responses.push(Expect::Synthetic(PARSE_COMPLETE));
+            self.expect(Expect::Synthetic(PARSE_COMPLETE));
             return Ok(());
         }
         self.make_room(&stmt, out);
-        write_message(
-            out,
-            b'P',
-            &[stmt.server_name().as_bytes(), b"\0", stmt.spec()],
-        );
-        self.responses.push(Expect::Parse(Some(stmt)));
+        let server_name = stmt.server_name();
+        write_message(out, b'P', &[server_name.as_bytes(), b"\0", stmt.spec()]);
+        self.expect(Expect::Parse(Some(stmt.clone())));
+        // Learn the shape the client is being told, so a later change is noticed.
+        write_message(out, b'D', &[b"S", server_name.as_bytes(), b"\0"]);
+        self.expect(Expect::InjectedDescribe {
+            stmt,
+            client: Some(name.into()),
+            check: false,
+        });
         Ok(())
     }
 
-    fn bind(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    fn bind(
+        &mut self,
+        msg: &[u8],
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Translated, CodecError> {
         let (portal, rest) = split_cstr(body, "Bind")?;
         let (name, rest) = split_cstr(rest, "Bind")?;
-        let stmt = match self.lookup(name) {
-            Some(stmt) => stmt,
+        let Some((stmt, epoch)) = self.lookup(name) else {
             // Unnamed, or unknown: the server answers as PostgreSQL would.
-            None => {
-                self.extended(msg, Expect::Bind(None), out);
-                return Ok(());
-            }
+            self.extended(msg, Expect::Bind(None), out);
+            return Ok(Translated::Done);
         };
+        self.responses.unsynced = true;
+        if !self.server.has(&stmt) && !self.responses.is_skipping() {
+            // Prepare it here and learn its shape before the client's Bind may run.
+            self.prepare_here(&stmt, true, out);
+            if self.responses.awaiting_check {
+                write_message(out, b'H', &[]);
+                return Ok(Translated::Hold);
+            }
+        }
+        if epoch != stmt.epoch() {
+            // The table changed shape since the client prepared this: PostgreSQL's answer.
+            log::debug!(
+                "statement {}: result shape changed since the client prepared it (epoch {epoch} -> {})",
+                stmt.server_name(),
+                stmt.epoch()
+            );
+            write_message(out, b'B', &[portal, b"\0", NO_SUCH_STATEMENT, b"\0", rest]);
+            self.expect(Expect::ReplaceError(stale_plan_error()));
+            return Ok(Translated::Done);
+        }
         if !stmt.effects.is_plain() {
             self.note(&stmt.effects, stmt.query());
         }
-        self.ensure_prepared(&stmt, out);
         let server_name = stmt.server_name();
         write_message(
             out,
             b'B',
             &[portal, b"\0", server_name.as_bytes(), b"\0", rest],
         );
-        self.responses.unsynced = true;
-        self.responses.push(Expect::Bind(Some(stmt)));
-        Ok(())
+        self.expect(Expect::Bind(Some(stmt)));
+        Ok(Translated::Done)
     }
 
     fn describe(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
@@ -206,14 +265,16 @@ impl Upstream<'_> {
             None
         };
         match stmt {
-            Some(stmt) => {
-                self.ensure_prepared(&stmt, out);
+            Some((stmt, _)) => {
+                if !self.server.has(&stmt) && !self.responses.is_skipping() {
+                    self.prepare_here(&stmt, false, out);
+                }
                 let server_name = stmt.server_name();
                 write_message(out, b'D', &[b"S", server_name.as_bytes(), b"\0"]);
                 self.responses.unsynced = true;
-                self.responses.push(Expect::Describe);
+                self.expect(Expect::Describe(Some(stmt)));
             }
-            None => self.extended(msg, Expect::Describe, out),
+            None => self.extended(msg, Expect::Describe(None), out),
         }
         Ok(())
     }
@@ -228,33 +289,34 @@ impl Upstream<'_> {
             self.client.by_name.remove(name);
             write_message(out, b'C', &[b"S", NO_SUCH_STATEMENT, b"\0"]);
             self.responses.unsynced = true;
-            self.responses.push(Expect::Close);
+            self.expect(Expect::Close);
             return Ok(());
         }
         self.extended(msg, Expect::Close, out);
         Ok(())
     }
 
-    fn lookup(&self, name: &[u8]) -> Option<Rc<Statement>> {
+    fn lookup(&self, name: &[u8]) -> Option<(Rc<Statement>, u32)> {
         if name.is_empty() {
             return None;
         }
         self.client.by_name.get(name).cloned()
     }
 
-    /// Prepares `stmt` on this connection unless it already is; the ParseComplete is
-    /// the proxy's, not the client's.
-    fn ensure_prepared(&mut self, stmt: &Rc<Statement>, out: &mut Vec<u8>) {
-        if self.server.has(stmt) {
-            return;
-        }
+    /// Prepares `stmt` on this connection (which lacks it) and learns its result shape;
+    /// the answers are the proxy's, not the client's. With `check`, the client's next
+    /// message waits for the shape.
+    fn prepare_here(&mut self, stmt: &Rc<Statement>, check: bool, out: &mut Vec<u8>) {
         self.make_room(stmt, out);
-        write_message(
-            out,
-            b'P',
-            &[stmt.server_name().as_bytes(), b"\0", stmt.spec()],
-        );
-        self.responses.push(Expect::InjectedParse(stmt.clone()));
+        let server_name = stmt.server_name();
+        write_message(out, b'P', &[server_name.as_bytes(), b"\0", stmt.spec()]);
+        self.expect(Expect::InjectedParse(stmt.clone()));
+        write_message(out, b'D', &[b"S", server_name.as_bytes(), b"\0"]);
+        self.expect(Expect::InjectedDescribe {
+            stmt: stmt.clone(),
+            client: None,
+            check,
+        });
     }
 
     /// Records `stmt` as prepared here, closing the least recently used statement when
@@ -262,14 +324,14 @@ impl Upstream<'_> {
     fn make_room(&mut self, stmt: &Rc<Statement>, out: &mut Vec<u8>) {
         if let Some(victim) = self.server.insert(stmt, self.capacity) {
             write_message(out, b'C', &[b"S", victim.as_bytes(), b"\0"]);
-            self.responses.push(Expect::InjectedClose(victim));
+            self.expect(Expect::InjectedClose(victim));
         }
     }
 
     fn flush_pending_close(&mut self, out: &mut Vec<u8>) {
         for name in std::mem::take(self.pending_close) {
             write_message(out, b'C', &[b"S", name.as_bytes(), b"\0"]);
-            self.responses.push(Expect::InjectedClose(name));
+            self.expect(Expect::InjectedClose(name));
         }
     }
 
@@ -277,8 +339,7 @@ impl Upstream<'_> {
     fn refuse_extended(&mut self, message: &str, code: &str, out: &mut Vec<u8>) {
         write_message(out, b'P', &[b"\0", ALWAYS_FAILS, &[0, 0]]);
         self.responses.unsynced = true;
-        self.responses
-            .push(Expect::ReplaceError(error_bytes(code, message)));
+        self.expect(Expect::ReplaceError(error_bytes(code, message)));
     }
 
     /// Why this SQL may not run in this pooling mode, if it may not.
@@ -326,6 +387,24 @@ fn mode_name(mode: PoolMode) -> &'static str {
         PoolMode::Transaction => "transaction",
         PoolMode::Statement => "statement",
     }
+}
+
+/// The error PostgreSQL raises when a prepared statement's result type changed, with the
+/// routine name drivers (asyncpg) look for to re-prepare and retry by themselves.
+fn stale_plan_error() -> Box<[u8]> {
+    let mut out = Vec::with_capacity(128);
+    be::write_error_fields(
+        &mut out,
+        &[
+            (b'S', b"ERROR"),
+            (b'V', b"ERROR"),
+            (b'C', b"0A000"),
+            (b'M', b"cached plan must not change result type"),
+            (b'F', b"plancache.c"),
+            (b'R', b"RevalidateCachedQuery"),
+        ],
+    );
+    out.into_boxed_slice()
 }
 
 fn error_bytes(code: &str, message: &str) -> Box<[u8]> {
