@@ -305,9 +305,13 @@ async fn round(wire: &mut Wire, n: usize, r: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The two tests count every backend on database `app`, so they must not overlap.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs every client at once, checking backends on PostgreSQL meanwhile; returns the most
 /// backends seen on database `app` at one time.
 async fn run_clients(target: Arc<Proxy>) -> i64 {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let admin = common::cluster().admin("postgres").await;
     let peak = Arc::new(AtomicI64::new(0));
     let done = Arc::new(AtomicBool::new(false));
