@@ -313,17 +313,25 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 async fn run_clients(target: Arc<Proxy>) -> i64 {
     let _alone = ONE_AT_A_TIME.lock().await;
     let admin = common::cluster().admin("postgres").await;
+    // Backends another test's proxy still keeps open do not count.
+    let since: String = admin
+        .query_one("SELECT clock_timestamp()::text", &[])
+        .await
+        .expect("server clock")
+        .get(0);
     let peak = Arc::new(AtomicI64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let monitor = {
         let (peak, done) = (peak.clone(), done.clone());
+        let since = since.clone();
         tokio::spawn(async move {
             while !done.load(Ordering::Relaxed) {
                 if let Ok(row) = admin
                     .query_one(
                         "SELECT count(*) FROM pg_stat_activity \
-                         WHERE datname = $1 AND backend_type = 'client backend'",
-                        &[&DATABASE],
+                         WHERE datname = $1 AND backend_type = 'client backend' \
+                         AND backend_start >= $2::text::timestamptz",
+                        &[&DATABASE, &since],
                     )
                     .await
                 {

@@ -1,0 +1,469 @@
+//! Transaction and statement pooling through the real proxy: backends are shared between
+//! transactions, prepared statements and settings follow each client, connection-bound
+//! state pins (or is refused), and clients that leave mid-transaction or mid-COPY never
+//! leave a dirty backend behind.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pgbench, sqlstate, target, RawConn, DATABASE, SUPERUSER, TRUST_USER};
+use futures_util::future::join_all;
+
+/// One worker and `backends` server connections, so sharing is certain; `extra` adds
+/// `[pool_mode]` keys (default acquire timeout 3 s).
+fn tx_config(mode: &str, backends: u32, extra: &str) -> String {
+    let timeout = if extra.contains("acquire_timeout_ms") {
+        ""
+    } else {
+        "acquire_timeout_ms = 3000\n"
+    };
+    format!(
+        "workers = 1\n[pool_mode]\nmode = \"{mode}\"\nmax_pool_size = {backends}\n{timeout}{extra}"
+    )
+}
+
+/// The server's message of a failed query.
+fn message(err: &tokio_postgres::Error) -> String {
+    err.as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_else(|| err.to_string())
+}
+
+fn skip(test: &str) -> bool {
+    common::proxy_only(test, "pooling modes are the proxy's")
+}
+
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_share_one_backend_between_transactions() {
+    if skip("clients_share_one_backend_between_transactions") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 1, ""));
+    let a = proxy.client().await;
+    let b = proxy.client().await;
+    let c = proxy.client().await;
+    // Three clients, one backend: each query runs on the same server process.
+    let pid = backend_pid(&a).await;
+    assert_eq!(backend_pid(&b).await, pid);
+    assert_eq!(backend_pid(&c).await, pid);
+    // A transaction keeps the backend until it ends; the others wait their turn.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute("SELECT 1", &[]).await.unwrap();
+    let waiting = tokio::spawn(async move { backend_pid(&b).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "b ran inside a's transaction");
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(waiting.await.unwrap(), pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_statement_names_with_different_sql_stay_apart() {
+    if skip("same_statement_names_with_different_sql_stay_apart") {
+        return;
+    }
+    // tokio-postgres names its statements s0, s1, … per connection: every client below
+    // prepares "s0" with its own SQL, and all of them share two backends.
+    let proxy = target(&tx_config("transaction", 2, ""));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(proxy.client().await);
+    }
+    let runs = clients.iter().enumerate().map(|(i, client)| async move {
+        let sql = format!("SELECT $1::int * {}", i + 2);
+        let stmt = client.prepare(&sql).await.expect("prepare");
+        for round in 0..40i32 {
+            let got: i32 = client.query_one(&stmt, &[&round]).await.unwrap().get(0);
+            assert_eq!(got, round * (i as i32 + 2), "client {i} round {round}");
+        }
+    });
+    join_all(runs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_follow_each_client_and_reset_restores_them() {
+    if skip("settings_follow_each_client_and_reset_restores_them") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 1, ""));
+    let a = proxy.client().await;
+    let b = proxy.client().await;
+    a.batch_execute("SET search_path = a_path, public; SET application_name = 'client-a'")
+        .await
+        .unwrap();
+    b.batch_execute("SELECT set_config('search_path', 'b_path', false); SET helios.custom = 'b'")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let row = a
+            .query_one(
+                "SELECT current_setting('search_path'), current_setting('application_name'), \
+                 current_setting('helios.custom', true)",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "a_path, public");
+        assert_eq!(row.get::<_, String>(1), "client-a");
+        assert_eq!(row.get::<_, Option<String>>(2).unwrap_or_default(), "");
+        let row = b
+            .query_one(
+                "SELECT current_setting('search_path'), current_setting('helios.custom')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "b_path");
+        assert_eq!(row.get::<_, String>(1), "b");
+    }
+    // SET LOCAL lasts one transaction; a rolled-back SET does not stick.
+    a.batch_execute("BEGIN; SET LOCAL search_path = local_only; COMMIT")
+        .await
+        .unwrap();
+    a.batch_execute("BEGIN; SET search_path = rolled_back; ROLLBACK")
+        .await
+        .unwrap();
+    let path: String = a
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(path, "a_path, public");
+    a.batch_execute("RESET ALL").await.unwrap();
+    let path: String = a
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(path, "\"$user\", public");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_mode_refuses_transaction_blocks_and_stays_usable() {
+    if skip("statement_mode_refuses_transaction_blocks_and_stays_usable") {
+        return;
+    }
+    let proxy = target(&tx_config("statement", 1, ""));
+    let client = proxy.client().await;
+    let err = client.batch_execute("BEGIN").await.expect_err("BEGIN");
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    assert!(message(&err).contains("statement pooling"), "{err:?}");
+    // A whole transaction inside one Query is one statement as far as pooling goes.
+    client
+        .batch_execute("BEGIN; SELECT 1; COMMIT")
+        .await
+        .expect("one-query transaction");
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let stmt = client.prepare("SELECT $1::int + 1").await.unwrap();
+    let two: i32 = client.query_one(&stmt, &[&1i32]).await.unwrap().get(0);
+    assert_eq!(two, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_is_refused_when_pinning_is_off() {
+    if skip("session_state_is_refused_when_pinning_is_off") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 1, "pin_session_state = false\n"));
+    let client = proxy.client().await;
+    for sql in [
+        "LISTEN chan",
+        "CREATE TEMP TABLE t (a int)",
+        "SELECT pg_advisory_lock(1)",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+        "PREPARE p AS SELECT 1",
+    ] {
+        let err = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "0A000", "{sql}: {err:?}");
+        assert!(
+            message(&err).contains("pin_session_state"),
+            "{sql}: {err:?}"
+        );
+    }
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_bound_state_pins_until_released() {
+    if skip("connection_bound_state_pins_until_released") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 1, "acquire_timeout_ms = 400\n"));
+    let holder = proxy.client().await;
+    let other = proxy.client().await;
+    holder
+        .batch_execute("SELECT pg_advisory_lock(42)")
+        .await
+        .unwrap();
+    // The only backend is pinned to the lock holder: the other client times out.
+    let err = other
+        .query_one("SELECT 1", &[])
+        .await
+        .expect_err("backend pinned by an advisory lock");
+    assert_eq!(sqlstate(&err), "53300", "{err:?}");
+    // The holder keeps working on its backend, and gives it up once the lock is gone.
+    holder
+        .batch_execute("SELECT pg_advisory_unlock(42)")
+        .await
+        .unwrap();
+    let third = proxy.client().await;
+    let one: i32 = third.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    // Temp tables pin too, and dropping them releases.
+    holder
+        .batch_execute("CREATE TEMP TABLE scratch (a int)")
+        .await
+        .unwrap();
+    holder
+        .batch_execute("INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    let n: i64 = holder
+        .query_one("SELECT count(*) FROM scratch", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    holder.batch_execute("DROP TABLE scratch").await.unwrap();
+    let one: i32 = third.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_transaction_keeps_its_backend_until_rollback() {
+    if skip("an_aborted_transaction_keeps_its_backend_until_rollback") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 1, "acquire_timeout_ms = 400\n"));
+    let a = proxy.client().await;
+    let b = proxy.client().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let err = a.batch_execute("SELECT 1/0").await.expect_err("division");
+    assert_eq!(sqlstate(&err), "22012");
+    let err = a.batch_execute("SELECT 1").await.expect_err("aborted");
+    assert_eq!(sqlstate(&err), "25P02");
+    // Like PgBouncer's query_wait_timeout, the waiting client is told why and closed.
+    let err = b.batch_execute("SELECT 1").await.expect_err("pool busy");
+    assert_eq!(sqlstate(&err), "53300");
+    a.batch_execute("ROLLBACK").await.unwrap();
+    let c = proxy.client().await;
+    c.batch_execute("SELECT 1")
+        .await
+        .expect("free after rollback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_transaction_or_mid_copy_leaves_nothing_behind() {
+    if skip("a_client_leaving_mid_transaction_or_mid_copy_leaves_nothing_behind") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 1, ""));
+    let setup = proxy.client().await;
+    setup
+        .batch_execute("DROP TABLE IF EXISTS tx_leavers; CREATE TABLE tx_leavers (a int)")
+        .await
+        .unwrap();
+    drop(setup);
+    // Mid-transaction: an uncommitted insert, then the socket closes.
+    {
+        let mut raw = RawConn::connect(proxy.port);
+        raw.startup_trust(TRUST_USER, DATABASE);
+        assert_eq!(raw.simple_query("BEGIN").status, b'T');
+        raw.simple_query("INSERT INTO tx_leavers VALUES (1)");
+    }
+    // Mid-COPY: some rows sent, no CopyDone.
+    {
+        let mut raw = RawConn::connect(proxy.port);
+        raw.startup_trust(TRUST_USER, DATABASE);
+        raw.send(b'Q', b"COPY tx_leavers FROM STDIN\0").unwrap();
+        loop {
+            let m = raw.read_message().unwrap().expect("CopyInResponse");
+            if m.tag == b'G' {
+                break;
+            }
+        }
+        raw.send(b'd', b"2\n3\n").unwrap();
+    }
+    // The one backend comes back clean: in no transaction, and nothing was written.
+    let check = proxy.client().await;
+    let count = common::wait_until_async(Duration::from_secs(10), || async {
+        check
+            .query_one("SELECT count(*) FROM tx_leavers", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 0)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(count, "rows from departed clients became visible");
+    let mut raw = RawConn::connect(proxy.port);
+    raw.startup_trust(TRUST_USER, DATABASE);
+    let status = raw.simple_query("SELECT 1").status;
+    assert_eq!(
+        status, b'I',
+        "the backend was handed over inside an open transaction"
+    );
+    check.batch_execute("DROP TABLE tx_leavers").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_and_pipelined_queries_work_in_transaction_mode() {
+    if skip("copy_and_pipelined_queries_work_in_transaction_mode") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 2, ""));
+    let client = proxy.client().await;
+    client
+        .batch_execute("DROP TABLE IF EXISTS tx_copy; CREATE TABLE tx_copy (a int, b text)")
+        .await
+        .unwrap();
+    let sink = client
+        .copy_in("COPY tx_copy FROM STDIN")
+        .await
+        .expect("copy in");
+    let data: Vec<u8> = (0..500)
+        .map(|i| format!("{i}\trow {i}\n"))
+        .collect::<String>()
+        .into_bytes();
+    futures_util::pin_mut!(sink);
+    use futures_util::SinkExt;
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    let rows = sink.finish().await.unwrap();
+    assert_eq!(rows, 500);
+    // Many statements in flight on one connection at once (several Syncs outstanding).
+    let stmt = client
+        .prepare("SELECT b FROM tx_copy WHERE a = $1")
+        .await
+        .unwrap();
+    let lookups = (0..100i32).map(|i| {
+        let (client, stmt) = (&client, &stmt);
+        async move {
+            let b: String = client.query_one(stmt, &[&i]).await.unwrap().get(0);
+            assert_eq!(b, format!("row {i}"));
+        }
+    });
+    join_all(lookups).await;
+    client.batch_execute("DROP TABLE tx_copy").await.unwrap();
+}
+
+#[test]
+fn wire_level_statement_semantics_match_postgresql() {
+    if skip("wire_level_statement_semantics_match_postgresql") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 1, ""));
+    let mut raw = RawConn::connect(proxy.port);
+    raw.startup_trust(TRUST_USER, DATABASE);
+    let parse = |name: &str, sql: &str| {
+        let mut body = Vec::new();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(sql.as_bytes());
+        body.extend_from_slice(&[0, 0, 0]);
+        body
+    };
+    // Parse + Flush: the answer comes without a Sync.
+    raw.send(b'P', &parse("st", "SELECT 42")).unwrap();
+    raw.send(b'H', b"").unwrap();
+    let m = raw.read_message().unwrap().unwrap();
+    assert_eq!(m.tag, b'1', "ParseComplete after Flush");
+    raw.send(b'S', b"").unwrap();
+    assert_eq!(raw.read_message().unwrap().unwrap().tag, b'Z');
+    // The same name again: 42P05, and the batch skips to Sync.
+    raw.send(b'P', &parse("st", "SELECT 43")).unwrap();
+    raw.send(b'B', b"\0st\0\0\0\0\0\0\0").unwrap();
+    raw.send(b'E', b"\0\0\0\0\0").unwrap();
+    raw.send(b'S', b"").unwrap();
+    let m = raw.read_message().unwrap().unwrap();
+    assert_eq!(m.tag, b'E');
+    assert_eq!(m.sqlstate(), "42P05");
+    assert_eq!(raw.read_message().unwrap().unwrap().tag, b'Z');
+    // The statement still answers with its own SQL; an unknown one is 26000.
+    raw.send(b'B', b"\0st\0\0\0\0\0\0\0").unwrap();
+    raw.send(b'E', b"\0\0\0\0\0").unwrap();
+    raw.send(b'B', b"\0nope\0\0\0\0\0\0\0").unwrap();
+    raw.send(b'S', b"").unwrap();
+    let tags: Vec<u8> = (0..5)
+        .map(|_| raw.read_message().unwrap().unwrap())
+        .map(|m| {
+            if m.tag == b'D' {
+                assert!(m.body.ends_with(b"42"), "{:?}", m.body);
+            }
+            if m.tag == b'E' {
+                assert_eq!(m.sqlstate(), "26000");
+            }
+            m.tag
+        })
+        .collect();
+    assert_eq!(tags, b"2DCEZ");
+    // Close then Parse again under the same name with other SQL.
+    raw.send(b'C', b"Sst\0").unwrap();
+    raw.send(b'P', &parse("st", "SELECT 7")).unwrap();
+    raw.send(b'B', b"\0st\0\0\0\0\0\0\0").unwrap();
+    raw.send(b'E', b"\0\0\0\0\0").unwrap();
+    raw.send(b'S', b"").unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let m = raw.read_message().unwrap().unwrap();
+        if m.tag == b'D' {
+            assert!(m.body.ends_with(b"7"), "{:?}", m.body);
+        }
+        seen.push(m.tag);
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(seen, b"312DCZ");
+    // SQL DEALLOCATE of a protocol-level name is honoured.
+    let r = raw.simple_query("DEALLOCATE st");
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(r.tags, ["DEALLOCATE"]);
+    raw.send(b'B', b"\0st\0\0\0\0\0\0\0").unwrap();
+    raw.send(b'S', b"").unwrap();
+    let m = raw.read_message().unwrap().unwrap();
+    assert_eq!(m.sqlstate(), "26000");
+    assert_eq!(raw.read_message().unwrap().unwrap().tag, b'Z');
+}
+
+#[test]
+fn pgbench_prepared_and_extended_run_clean_in_transaction_mode() {
+    if skip("pgbench_prepared_and_extended_run_clean_in_transaction_mode") {
+        return;
+    }
+    let proxy = target("[pool_mode]\nmode = \"transaction\"\nmax_pool_size = 4\n");
+    let init = pgbench(&proxy, &["-i", "-s", "1", "-q"], Duration::from_secs(120));
+    assert!(init.status.success(), "pgbench -i:\n{init}");
+    for mode in ["prepared", "extended", "simple"] {
+        // One thread per client: pgbench prepares synchronously, which would stall
+        // other clients of its thread while they hold backends mid-transaction.
+        let run = pgbench(
+            &proxy,
+            &["-c", "8", "-j", "8", "-t", "60", "-M", mode],
+            Duration::from_secs(120),
+        );
+        assert!(run.status.success(), "pgbench -M {mode}:\n{run}");
+        let text = run.to_string();
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "-M {mode}:\n{text}"
+        );
+        assert!(!text.contains("aborted"), "-M {mode}:\n{text}");
+        let select = pgbench(
+            &proxy,
+            &["-c", "16", "-j", "2", "-t", "200", "-S", "-M", mode],
+            Duration::from_secs(120),
+        );
+        assert!(select.status.success(), "pgbench -S -M {mode}:\n{select}");
+        assert!(!select.to_string().contains("aborted"), "{select}");
+    }
+    let _ = SUPERUSER;
+}
