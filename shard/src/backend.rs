@@ -154,9 +154,9 @@ impl BackendError {
     }
 }
 
-/// Appends a NotificationResponse, header included, for later delivery.
-fn keep_notification(out: &mut Vec<u8>, body: &[u8]) {
-    out.push(b'A');
+/// Appends a message the server sent on its own, header included, for later delivery.
+fn keep_for_client(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+    out.push(tag);
     out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
     out.extend_from_slice(body);
 }
@@ -179,8 +179,9 @@ pub struct BackendConn {
     pub pending_close: Vec<Rc<str>>,
     /// Session settings in effect on this connection (see `session::pooled::settings`).
     pub settings: Settings,
-    /// NotificationResponse messages (whole, raw) that arrived during the proxy's own
-    /// exchanges: they belong to the client and are passed on after the exchange.
+    /// NotificationResponse (and trailing NoticeResponse) messages, whole and raw, that
+    /// arrived during the proxy's own exchanges: they belong to the client and are passed
+    /// on after the exchange, or dropped when the connection goes back to the pool.
     pub notifications: Vec<u8>,
 }
 
@@ -347,49 +348,13 @@ impl BackendConn {
     /// Reads server output until `syncs` ReadyForQuery messages arrived, keeping the
     /// server parameters and transaction status current and returning the first
     /// ErrorResponse. Other bodies are skipped, not kept, so even a cancelled COPY TO of any
-    /// size drains in `buf`'s memory. Anything after the last ReadyForQuery is an error.
+    /// size drains in `buf`'s memory.
     pub async fn drain(
         &mut self,
-        mut syncs: u32,
+        syncs: u32,
         buf: &mut [u8],
     ) -> Result<Option<ServerError>, BackendError> {
-        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSEA"), usize::MAX >> 1);
-        let mut first_error = None;
-        while syncs > 0 {
-            let n = self.stream.read(buf).await?;
-            if n == 0 {
-                return Err(BackendError::Closed);
-            }
-            let (params, status) = (&mut self.params, &mut self.status);
-            let notifications = &mut self.notifications;
-            let scanned = scanner.scan(&buf[..n], |tag, body, _| {
-                if tag == b'A' {
-                    keep_notification(notifications, body);
-                }
-                match be::decode(tag, body) {
-                    Ok(BackendMessage::ReadyForQuery(s)) => {
-                        *status = s;
-                        syncs -= 1;
-                    }
-                    Ok(BackendMessage::ParameterStatus { name, value }) => params.set(name, value),
-                    Ok(BackendMessage::ErrorResponse(fields)) if first_error.is_none() => {
-                        first_error = Some(ServerError::from_fields(&fields));
-                    }
-                    _ => {}
-                }
-                if syncs == 0 {
-                    Step::Stop
-                } else {
-                    Step::Continue
-                }
-            })?;
-            if scanned < n {
-                return Err(BackendError::Protocol(
-                    "server sent data after ReadyForQuery".into(),
-                ));
-            }
-        }
-        Ok(first_error)
+        self.read_replies(syncs, buf, false).await.map(|(_, e)| e)
     }
 
     /// Sends `request` and reads until `syncs` ReadyForQuery messages arrived, keeping the
@@ -397,47 +362,59 @@ impl BackendConn {
     pub async fn fetch(
         &mut self,
         request: &[u8],
-        mut syncs: u32,
+        syncs: u32,
         buf: &mut [u8],
     ) -> Result<(Rows, Option<ServerError>), BackendError> {
         self.stream.write_all(request).await?;
-        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSEDA"), usize::MAX >> 1);
+        self.read_replies(syncs, buf, true).await
+    }
+
+    /// The reading behind [`drain`](Self::drain) and [`fetch`](Self::fetch). Messages the
+    /// server sends on its own (NotificationResponse, NoticeResponse, ParameterStatus) may
+    /// arrive in the same read as the last ReadyForQuery: they are kept for the client (see
+    /// `notifications`) and reading goes on until a message boundary. Anything else after
+    /// the last ReadyForQuery is a protocol error.
+    async fn read_replies(
+        &mut self,
+        mut syncs: u32,
+        buf: &mut [u8],
+        keep_rows: bool,
+    ) -> Result<(Rows, Option<ServerError>), BackendError> {
+        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSEDAN"), usize::MAX >> 1);
         let mut rows = Rows::new();
         let mut first_error = None;
-        while syncs > 0 {
+        let mut stray = false;
+        while syncs > 0 || !scanner.at_boundary() {
             let n = self.stream.read(buf).await?;
             if n == 0 {
                 return Err(BackendError::Closed);
             }
             let (params, status) = (&mut self.params, &mut self.status);
             let notifications = &mut self.notifications;
-            let scanned = scanner.scan(&buf[..n], |tag, body, _| {
-                if tag == b'A' {
-                    keep_notification(notifications, body);
+            scanner.scan(&buf[..n], |tag, body, _| {
+                if tag == b'A' || (tag == b'N' && syncs == 0) {
+                    keep_for_client(notifications, tag, body);
                 }
                 match be::decode(tag, body) {
+                    Ok(BackendMessage::ParameterStatus { name, value }) => params.set(name, value),
+                    _ if syncs == 0 => stray |= !matches!(tag, b'A' | b'N'),
                     Ok(BackendMessage::ReadyForQuery(s)) => {
                         *status = s;
                         syncs -= 1;
                     }
-                    Ok(BackendMessage::ParameterStatus { name, value }) => params.set(name, value),
                     Ok(BackendMessage::ErrorResponse(fields)) if first_error.is_none() => {
                         first_error = Some(ServerError::from_fields(&fields));
                     }
-                    Ok(BackendMessage::DataRow(values)) => rows.push(
+                    Ok(BackendMessage::DataRow(values)) if keep_rows => rows.push(
                         values
                             .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
                             .collect(),
                     ),
                     _ => {}
                 }
-                if syncs == 0 {
-                    Step::Stop
-                } else {
-                    Step::Continue
-                }
+                Step::Continue
             })?;
-            if scanned < n {
+            if stray {
                 return Err(BackendError::Protocol(
                     "server sent data after ReadyForQuery".into(),
                 ));

@@ -163,6 +163,8 @@ impl Pool {
             return;
         }
         conn.idle_since = Instant::now();
+        // Messages for the client that left do not go to the next one.
+        conn.notifications.clear();
         let mut pending = Some(conn);
         loop {
             let waiter = self.state.borrow_mut().waiters.pop_front();

@@ -407,6 +407,12 @@ async fn lease(
                     return LeaseEnd::Ended(PumpEnd::ClientGone, flow, responses, notes);
                 }
             }
+            log::trace!(
+                "backend {}: release check: pinned {pinned}, maybe {}, spoke {}",
+                backend.id,
+                notes.maybe_pinned,
+                notes.client_spoke
+            );
             notes.client_spoke = false;
             if !pinned && !notes.maybe_pinned {
                 return LeaseEnd::Released;
@@ -470,6 +476,10 @@ async fn wait_either(
             None
         }
         Side::Server(buf, n) => {
+            log::trace!(
+                "backend {}: spoke while its client was idle ({n} bytes)",
+                backend.id
+            );
             down.seed(buf, n);
             None
         }
