@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pgbench, sqlstate, target, RawConn, DATABASE, SUPERUSER, TRUST_USER};
+use common::{pgbench, sqlstate, target, RawConn, DATABASE, TRUST_USER};
 use futures_util::future::join_all;
 
 /// One worker and `backends` server connections, so sharing is certain; `extra` adds
@@ -465,5 +465,92 @@ fn pgbench_prepared_and_extended_run_clean_in_transaction_mode() {
         assert!(select.status.success(), "pgbench -S -M {mode}:\n{select}");
         assert!(!select.to_string().contains("aborted"), "{select}");
     }
-    let _ = SUPERUSER;
+    // The benchmark's prepared workload: 64 clients on 4 backends.
+    let prepared = pgbench(
+        &proxy,
+        &["-c", "64", "-j", "2", "-t", "100", "-S", "-M", "prepared"],
+        Duration::from_secs(180),
+    );
+    assert!(
+        prepared.status.success(),
+        "pgbench -S -M prepared -c 64:\n{prepared}"
+    );
+    let text = prepared.to_string();
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    assert!(!text.contains("aborted"), "{text}");
+}
+
+#[test]
+fn unnamed_statements_follow_their_client_and_never_leak() {
+    if skip("unnamed_statements_follow_their_client_and_never_leak") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 1, ""));
+    let login = || {
+        let mut raw = RawConn::connect(proxy.port);
+        raw.startup_trust(TRUST_USER, DATABASE);
+        raw
+    };
+    let until_ready = |raw: &mut RawConn| {
+        let mut seen = Vec::new();
+        loop {
+            let m = raw.read_message().unwrap().expect("message");
+            seen.push(m.clone());
+            if m.tag == b'Z' {
+                return seen;
+            }
+        }
+    };
+    let parse_unnamed = |raw: &mut RawConn, sql: &str| {
+        let mut body = vec![0u8];
+        body.extend_from_slice(sql.as_bytes());
+        body.extend_from_slice(&[0, 0, 0]);
+        raw.send(b'P', &body).unwrap();
+        raw.send(b'S', b"").unwrap();
+    };
+    let run_unnamed = |raw: &mut RawConn| {
+        raw.send(b'B', b"\0\0\0\0\0\0\0\0").unwrap();
+        raw.send(b'E', b"\0\0\0\0\0").unwrap();
+        raw.send(b'S', b"").unwrap();
+    };
+    let mut a = login();
+    let mut b = login();
+    parse_unnamed(&mut a, "SELECT 11");
+    assert_eq!(until_ready(&mut a)[0].tag, b'1');
+    // b replaces the unnamed statement on the one shared backend.
+    parse_unnamed(&mut b, "SELECT 22");
+    until_ready(&mut b);
+    // a's Bind of its unnamed statement, in a later transaction, still runs a's SQL.
+    run_unnamed(&mut a);
+    let replies = until_ready(&mut a);
+    let row = replies.iter().find(|m| m.tag == b'D').expect("a row");
+    assert!(row.body.ends_with(b"11"), "{:?}", row.body);
+    // A client that never parsed one gets PostgreSQL's error, not b's statement.
+    let mut c = login();
+    run_unnamed(&mut c);
+    let replies = until_ready(&mut c);
+    let err = replies.iter().find(|m| m.tag == b'E').expect("an error");
+    assert_eq!(err.sqlstate(), "26000");
+    assert!(
+        replies.iter().all(|m| m.tag != b'D'),
+        "c ran someone else's statement"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_can_choose_its_own_pooling_mode() {
+    if skip("a_database_can_choose_its_own_pooling_mode") {
+        return;
+    }
+    // Session pooling by default, transaction pooling for database `app`: with one
+    // backend, several clients of `app` can only all be served if they share it.
+    let proxy = target(&format!(
+        "workers = 1\n[pool_mode]\nmode = \"session\"\nmax_pool_size = 1\nacquire_timeout_ms = 2000\n\n[[databases]]\nname = \"{DATABASE}\"\npool_mode = \"transaction\"\n"
+    ));
+    let a = proxy.client().await;
+    let b = proxy.client().await;
+    let c = proxy.client().await;
+    let pid = backend_pid(&a).await;
+    assert_eq!(backend_pid(&b).await, pid);
+    assert_eq!(backend_pid(&c).await, pid);
 }

@@ -386,6 +386,22 @@ async def startup_params():
         await conn.close(timeout=10)
 
 
+# l. With the statement cache off, asyncpg parses each query as the unnamed statement and
+# binds it in a later round trip (Parse/Describe/Sync, then Bind/Execute/Sync): the
+# unnamed statement must survive that gap even when other connections run in between.
+async def uncached_statements():
+    conns = await open_all(4, statement_cache_size=0)
+    try:
+        async def work(i, conn):
+            for r in range(25):
+                got = await conn.fetchval(f"SELECT $1::int * {i + 1} + $2::int", r, i)
+                check_eq(got, r * (i + 1) + i, f"conn {i} round {r}")
+
+        await asyncio.gather(*(work(i, c) for i, c in enumerate(conns)))
+    finally:
+        await close_all(conns)
+
+
 def main():
     runner = Runner("asyncpg")
     loop = asyncio.new_event_loop()
@@ -401,6 +417,7 @@ def main():
         ("transactions", transactions),
         ("listen_notify", listen_notify),
         ("startup_params", startup_params),
+        ("uncached_statements", uncached_statements),
     ]
     for scenario, fn in scenarios:
         runner.run(scenario, lambda fn=fn: loop.run_until_complete(fn()))

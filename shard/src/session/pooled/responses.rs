@@ -22,6 +22,9 @@ pub enum Expect {
     Parse(Option<Rc<Statement>>),
     /// A Parse the proxy added to prepare a statement here; its ParseComplete is dropped.
     InjectedParse(Rc<Statement>),
+    /// A Parse the proxy added to recreate the client's unnamed statement on this
+    /// connection; its ParseComplete is dropped.
+    InjectedUnnamedParse,
     /// A Close the proxy added to evict a statement; its CloseComplete is dropped.
     InjectedClose(Rc<str>),
     /// A Describe the proxy added after preparing a statement, to learn its result
@@ -156,7 +159,9 @@ impl Responses {
             (b'E', Expect::Query(_) | Expect::Sync) => Action::Forward,
             (b'E', _) => return self.on_error(body, server, out),
             (b'1', Expect::Parse(_)) => self.pop(Action::Forward),
-            (b'1', Expect::InjectedParse(_)) => self.pop(Action::Drop),
+            (b'1', Expect::InjectedParse(_) | Expect::InjectedUnnamedParse) => {
+                self.pop(Action::Drop)
+            }
             (b't', Expect::InjectedDescribe { .. }) => Action::Drop,
             (b'T' | b'n', Expect::InjectedDescribe { .. }) => {
                 if let Some(Expect::InjectedDescribe {

@@ -28,6 +28,11 @@ const ALWAYS_FAILS: &[u8] = b")\0";
 pub struct ClientStatements {
     /// Each name's statement and the result-shape epoch the client was told.
     by_name: HashMap<Box<[u8]>, (Rc<Statement>, u32)>,
+    /// The client's unnamed statement (Parse body after the name), which PostgreSQL keeps
+    /// until the next unnamed Parse or simple Query — possibly across transactions, so
+    /// across server connections here. The buffer is reused.
+    unnamed: Vec<u8>,
+    has_unnamed: bool,
 }
 
 impl ClientStatements {
@@ -67,6 +72,8 @@ pub struct LeaseNotes {
     pub terminated: bool,
     /// The client sent something since the last pin check.
     pub client_spoke: bool,
+    /// This server connection holds the client's current unnamed statement.
+    pub unnamed_here: bool,
 }
 
 /// Whether a message was translated, or must wait for a shape check and be offered again.
@@ -156,6 +163,7 @@ impl Upstream<'_> {
         // A simple Query ends any extended-protocol sequence (the server drops the
         // unnamed statement), so it leaves nothing unsynced behind.
         self.responses.unsynced = false;
+        self.client.has_unnamed = false;
         self.expect(Expect::Query(effects));
         out.extend_from_slice(msg);
     }
@@ -170,6 +178,10 @@ impl Upstream<'_> {
                 return Ok(());
             }
             self.note(&effects, sql);
+            self.client.unnamed.clear();
+            self.client.unnamed.extend_from_slice(spec);
+            self.client.has_unnamed = true;
+            self.notes.unnamed_here = true;
             self.extended(msg, Expect::Parse(None), out);
             return Ok(());
         }
@@ -218,6 +230,16 @@ impl Upstream<'_> {
         let (name, rest) = split_cstr(rest, "Bind")?;
         let Some((stmt, epoch)) = self.lookup(name) else {
             // Unnamed, or unknown: the server answers as PostgreSQL would.
+            if name.is_empty() && !self.ensure_unnamed(out) {
+                // Whatever unnamed statement this connection has is another client's.
+                write_message(out, b'B', &[portal, b"\0", NO_SUCH_STATEMENT, b"\0", rest]);
+                self.responses.unsynced = true;
+                self.expect(Expect::ReplaceError(error_bytes(
+                    "26000",
+                    "unnamed prepared statement does not exist",
+                )));
+                return Ok(Translated::Done);
+            }
             self.extended(msg, Expect::Bind(None), out);
             return Ok(Translated::Done);
         };
@@ -274,7 +296,18 @@ impl Upstream<'_> {
                 self.responses.unsynced = true;
                 self.expect(Expect::Describe(Some(stmt)));
             }
-            None => self.extended(msg, Expect::Describe(None), out),
+            None => {
+                if kind == b'S' && name.is_empty() && !self.ensure_unnamed(out) {
+                    write_message(out, b'D', &[b"S", NO_SUCH_STATEMENT, b"\0"]);
+                    self.responses.unsynced = true;
+                    self.expect(Expect::ReplaceError(error_bytes(
+                        "26000",
+                        "unnamed prepared statement does not exist",
+                    )));
+                    return Ok(());
+                }
+                self.extended(msg, Expect::Describe(None), out)
+            }
         }
         Ok(())
     }
@@ -317,6 +350,22 @@ impl Upstream<'_> {
             client: None,
             check,
         });
+    }
+
+    /// Makes sure this connection's unnamed statement is the client's: recreates it when
+    /// the client parsed it in an earlier transaction, on another connection. False when
+    /// the client has none (any unnamed statement here belongs to someone else).
+    fn ensure_unnamed(&mut self, out: &mut Vec<u8>) -> bool {
+        if self.notes.unnamed_here || self.responses.is_skipping() {
+            return true;
+        }
+        if !self.client.has_unnamed {
+            return false;
+        }
+        write_message(out, b'P', &[b"\0", &self.client.unnamed]);
+        self.expect(Expect::InjectedUnnamedParse);
+        self.notes.unnamed_here = true;
+        true
     }
 
     /// Records `stmt` as prepared here, closing the least recently used statement when
