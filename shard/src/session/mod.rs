@@ -19,7 +19,7 @@ use glommio::net::TcpStream;
 use crate::backend::BackendConn;
 use crate::bufpool::Buf;
 use crate::cancel::{CancelHandle, CancelTarget};
-use crate::codec::{backend as be, frontend};
+use crate::codec::backend as be;
 use crate::context::ShardCtx;
 use crate::pool::Pool;
 use crate::sync;
@@ -184,24 +184,7 @@ pub(crate) async fn apply_params(
     if wanted.is_empty() {
         return Ok(None);
     }
-    let mut req = Vec::with_capacity(128 + wanted.len() * 64);
-    frontend::encode_parse(
-        &mut req,
-        "",
-        "SELECT pg_catalog.set_config($1, $2, false)",
-        &[25, 25],
-    );
-    for (name, value) in &wanted {
-        frontend::encode_bind_text(
-            &mut req,
-            "",
-            "",
-            &[Some(name.as_bytes()), Some(value.as_bytes())],
-        );
-        frontend::encode_execute(&mut req, "", 0);
-    }
-    frontend::encode_sync(&mut req);
-    backend.exchange(&req, 1, &mut ctx.bufs.take()).await
+    pooled::settings::set_params(backend, &wanted, &mut ctx.bufs.take()).await
 }
 
 /// Completes the client's startup: AuthenticationOk, the server's parameters, the
@@ -221,8 +204,44 @@ pub(crate) async fn welcome(
     client.write_all(&out).await
 }
 
+/// Waits, holding no buffers, until the client or its server speaks (or goes away), or
+/// the shard starts draining.
+pub(crate) async fn idle_wait(
+    ctx: &ShardCtx,
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+) -> Wake {
+    let from_client = async {
+        match (ReadPooled {
+            stream: client,
+            pool: &ctx.bufs,
+        })
+        .await
+        {
+            Some((buf, n)) => Wake::Client(buf, n),
+            None => Wake::ClientGone,
+        }
+    };
+    let from_server = async {
+        match (ReadPooled {
+            stream: server,
+            pool: &ctx.bufs,
+        })
+        .await
+        {
+            Some((buf, n)) => Wake::Backend(buf, n),
+            None => Wake::BackendGone,
+        }
+    };
+    let drain = async {
+        ctx.draining.wait().await;
+        Wake::Drain
+    };
+    futures_lite::future::or(from_client, futures_lite::future::or(from_server, drain)).await
+}
+
 /// What woke an idle session.
-enum Wake {
+pub(crate) enum Wake {
     Client(Buf, usize),
     Backend(Buf, usize),
     ClientGone,
@@ -241,36 +260,7 @@ async fn forward(
     track: &mut Tracker,
 ) -> PumpEnd {
     loop {
-        let wake = {
-            let from_client = async {
-                match (ReadPooled {
-                    stream: &mut *client,
-                    pool: &ctx.bufs,
-                })
-                .await
-                {
-                    Some((buf, n)) => Wake::Client(buf, n),
-                    None => Wake::ClientGone,
-                }
-            };
-            let from_server = async {
-                match (ReadPooled {
-                    stream: &mut backend.stream,
-                    pool: &ctx.bufs,
-                })
-                .await
-                {
-                    Some((buf, n)) => Wake::Backend(buf, n),
-                    None => Wake::BackendGone,
-                }
-            };
-            let drain = async {
-                ctx.draining.wait().await;
-                Wake::Drain
-            };
-            futures_lite::future::or(from_client, futures_lite::future::or(from_server, drain))
-                .await
-        };
+        let wake = idle_wait(ctx, client, &mut backend.stream).await;
         let mut terminated = false;
         match wake {
             Wake::ClientGone => return PumpEnd::ClientGone,

@@ -27,50 +27,51 @@ pub async fn finish(
     track: Tracker,
     up: Lane,
 ) {
+    tell_client(ctx, pool, &mut client, &end).await;
     match end {
         PumpEnd::BackendGone => {
-            send_fatal(
-                &mut client,
-                "08006",
-                "server closed the connection unexpectedly",
-            )
-            .await;
             pool.forget();
             drop(backend);
         }
-        PumpEnd::BackendProtocol(e) => {
-            log::error!("pool {}: server sent invalid data: {e}", pool.label);
-            send_fatal(
-                &mut client,
-                "08P01",
-                &format!("server sent invalid data: {e}"),
-            )
-            .await;
-            pool.discard(backend);
-        }
-        PumpEnd::ClientProtocol(e) => {
-            ctx.stats.protocol_errors.inc();
-            log::info!("pool {}: client protocol violation: {e}", pool.label);
-            send_fatal(&mut client, e.sqlstate(), &e.to_string()).await;
-            recover(ctx, pool, backend, track, Some(&up), true).await;
-        }
-        PumpEnd::Drain => {
-            send_fatal(
-                &mut client,
-                "57P01",
-                "terminating connection due to administrator command",
-            )
-            .await;
-            recover(ctx, pool, backend, track, Some(&up), false).await;
-        }
-        PumpEnd::ClientTerminated => {
-            let _ = client.close().await;
-            recover(ctx, pool, backend, track, Some(&up), false).await;
+        PumpEnd::BackendProtocol(_) => pool.discard(backend),
+        PumpEnd::ClientProtocol(_) => recover(ctx, pool, backend, track, Some(&up), true).await,
+        PumpEnd::Drain | PumpEnd::ClientTerminated => {
+            recover(ctx, pool, backend, track, Some(&up), false).await
         }
         PumpEnd::ClientGone | PumpEnd::Quiet => {
             drop(client);
             recover(ctx, pool, backend, track, Some(&up), true).await;
         }
+    }
+}
+
+/// Tells the client why its session ends (nothing when it left by itself) and logs it.
+pub async fn tell_client(ctx: &ShardCtx, pool: &Pool, client: &mut TcpStream, end: &PumpEnd) {
+    match end {
+        PumpEnd::BackendGone => {
+            send_fatal(client, "08006", "server closed the connection unexpectedly").await
+        }
+        PumpEnd::BackendProtocol(e) => {
+            log::error!("pool {}: server sent invalid data: {e}", pool.label);
+            send_fatal(client, "08P01", &format!("server sent invalid data: {e}")).await;
+        }
+        PumpEnd::ClientProtocol(e) => {
+            ctx.stats.protocol_errors.inc();
+            log::info!("pool {}: client protocol violation: {e}", pool.label);
+            send_fatal(client, e.sqlstate(), &e.to_string()).await;
+        }
+        PumpEnd::Drain => {
+            send_fatal(
+                client,
+                "57P01",
+                "terminating connection due to administrator command",
+            )
+            .await
+        }
+        PumpEnd::ClientTerminated => {
+            let _ = client.close().await;
+        }
+        PumpEnd::ClientGone | PumpEnd::Quiet => {}
     }
 }
 

@@ -25,7 +25,7 @@ use crate::pool::Pool;
 
 use super::login::{send_fatal, Login};
 use super::pump::{PumpEnd, ReadPooled};
-use super::{acquire_watching_client, apply_params, release, welcome};
+use super::{acquire_watching_client, apply_params, idle_wait, release, welcome, Wake};
 use pump::{DownLane, Flow, PooledPump, UpLane};
 use responses::Responses;
 use upstream::{ClientStatements, LeaseNotes, Upstream};
@@ -170,7 +170,7 @@ async fn reset_and_release(ctx: &ShardCtx, pool: &Rc<Pool>, mut backend: Backend
 }
 
 /// What ended waiting for the client's next request.
-enum Wake {
+enum Next {
     Request(Buf, usize),
     Gone,
     Drain,
@@ -195,19 +195,19 @@ async fn run(
                 })
                 .await
                 {
-                    Some((buf, n)) => Wake::Request(buf, n),
-                    None => Wake::Gone,
+                    Some((buf, n)) => Next::Request(buf, n),
+                    None => Next::Gone,
                 }
             };
             let drain = async {
                 ctx.draining.wait().await;
-                Wake::Drain
+                Next::Drain
             };
             futures_lite::future::or(request, drain).await
         };
         let (buf, n) = match wake {
-            Wake::Gone => return,
-            Wake::Drain => {
+            Next::Gone => return,
+            Next::Drain => {
                 send_fatal(
                     &mut client,
                     "57P01",
@@ -216,7 +216,7 @@ async fn run(
                 .await;
                 return;
             }
-            Wake::Request(buf, n) => (buf, n),
+            Next::Request(buf, n) => (buf, n),
         };
         up.seed(buf, n);
         let mut backend = match pool.acquire().await {
@@ -434,48 +434,12 @@ async fn wait_either(
     up: &mut UpLane,
     down: &mut DownLane,
 ) -> Option<PumpEnd> {
-    enum Side {
-        Client(Buf, usize),
-        Server(Buf, usize),
-        ClientGone,
-        ServerGone,
-        Drain,
-    }
-    let side = {
-        let from_client = async {
-            match (ReadPooled {
-                stream: &mut *client,
-                pool: &ctx.bufs,
-            })
-            .await
-            {
-                Some((buf, n)) => Side::Client(buf, n),
-                None => Side::ClientGone,
-            }
-        };
-        let from_server = async {
-            match (ReadPooled {
-                stream: &mut backend.stream,
-                pool: &ctx.bufs,
-            })
-            .await
-            {
-                Some((buf, n)) => Side::Server(buf, n),
-                None => Side::ServerGone,
-            }
-        };
-        let drain = async {
-            ctx.draining.wait().await;
-            Side::Drain
-        };
-        futures_lite::future::or(from_client, futures_lite::future::or(from_server, drain)).await
-    };
-    match side {
-        Side::Client(buf, n) => {
+    match idle_wait(ctx, client, &mut backend.stream).await {
+        Wake::Client(buf, n) => {
             up.seed(buf, n);
             None
         }
-        Side::Server(buf, n) => {
+        Wake::Backend(buf, n) => {
             log::trace!(
                 "backend {}: spoke while its client was idle ({n} bytes)",
                 backend.id
@@ -483,9 +447,9 @@ async fn wait_either(
             down.seed(buf, n);
             None
         }
-        Side::ClientGone => Some(PumpEnd::ClientGone),
-        Side::ServerGone => Some(PumpEnd::BackendGone),
-        Side::Drain => Some(PumpEnd::Drain),
+        Wake::ClientGone => Some(PumpEnd::ClientGone),
+        Wake::BackendGone => Some(PumpEnd::BackendGone),
+        Wake::Drain => Some(PumpEnd::Drain),
     }
 }
 
@@ -504,42 +468,17 @@ async fn finish(
     discard: bool,
 ) {
     let cancel_running = matches!(end, PumpEnd::ClientGone | PumpEnd::ClientProtocol(_));
+    release::tell_client(ctx, pool, &mut client, &end).await;
     match end {
         PumpEnd::BackendGone => {
-            send_fatal(
-                &mut client,
-                "08006",
-                "server closed the connection unexpectedly",
-            )
-            .await;
             pool.forget();
             return;
         }
-        PumpEnd::BackendProtocol(e) => {
-            log::error!("pool {}: server sent invalid data: {e}", pool.label);
-            send_fatal(
-                &mut client,
-                "08P01",
-                &format!("server sent invalid data: {e}"),
-            )
-            .await;
+        PumpEnd::BackendProtocol(_) => {
             pool.discard(backend);
             return;
         }
-        PumpEnd::ClientProtocol(e) => {
-            ctx.stats.protocol_errors.inc();
-            log::info!("pool {}: client protocol violation: {e}", pool.label);
-            send_fatal(&mut client, e.sqlstate(), &e.to_string()).await;
-        }
-        PumpEnd::Drain => {
-            send_fatal(
-                &mut client,
-                "57P01",
-                "terminating connection due to administrator command",
-            )
-            .await;
-        }
-        PumpEnd::ClientTerminated | PumpEnd::ClientGone | PumpEnd::Quiet => {}
+        _ => {}
     }
     drop(client);
     // Half a message went to the server: it cannot be brought back to a boundary.
