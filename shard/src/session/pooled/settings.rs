@@ -125,23 +125,29 @@ pub async fn set_params(
     buf: &mut [u8],
 ) -> Result<Option<ServerError>, BackendError> {
     let mut req = Vec::with_capacity(128 + params.len() * 64);
+    encode_set_configs(&mut req, params);
+    backend.exchange(&req, 1, buf).await
+}
+
+/// One extended-protocol batch (ending in Sync) of `set_config(name, value, false)` with
+/// bound values: no quoting, no injection.
+fn encode_set_configs(req: &mut Vec<u8>, params: &[&(String, String)]) {
     frontend::encode_parse(
-        &mut req,
+        req,
         "",
         "SELECT pg_catalog.set_config($1, $2, false)",
         &[25, 25],
     );
     for (name, value) in params {
         frontend::encode_bind_text(
-            &mut req,
+            req,
             "",
             "",
             &[Some(name.as_bytes()), Some(value.as_bytes())],
         );
-        frontend::encode_execute(&mut req, "", 0);
+        frontend::encode_execute(req, "", 0);
     }
-    frontend::encode_sync(&mut req);
-    backend.exchange(&req, 1, buf).await
+    frontend::encode_sync(req);
 }
 
 /// Same settings, compared cheaply first by identity.
@@ -176,22 +182,7 @@ pub async fn apply(
         .filter(|(name, value)| lookup(&current, name) != Some(value.as_str()))
         .collect();
     if !changes.is_empty() {
-        frontend::encode_parse(
-            &mut req,
-            "",
-            "SELECT pg_catalog.set_config($1, $2, false)",
-            &[25, 25],
-        );
-        for (name, value) in changes {
-            frontend::encode_bind_text(
-                &mut req,
-                "",
-                "",
-                &[Some(name.as_bytes()), Some(value.as_bytes())],
-            );
-            frontend::encode_execute(&mut req, "", 0);
-        }
-        frontend::encode_sync(&mut req);
+        encode_set_configs(&mut req, &changes);
         syncs += 1;
     }
     if syncs == 0 {
