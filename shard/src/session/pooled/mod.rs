@@ -186,6 +186,7 @@ async fn run(
 ) {
     let mut up = UpLane::new(ctx.max_message_size());
     let mut down = DownLane::new();
+    let mut responses = Responses::default();
     loop {
         let wake = {
             let request = async {
@@ -266,8 +267,11 @@ async fn run(
             ctx,
             &mut client,
             &mut backend,
-            &mut up,
-            &mut down,
+            Lanes {
+                up: &mut up,
+                down: &mut down,
+                responses: &mut responses,
+            },
             state,
             mode,
         )
@@ -275,10 +279,10 @@ async fn run(
         cancel.detach();
         match outcome {
             LeaseEnd::Released => pool.release(backend),
-            LeaseEnd::Ended(end, flow, responses, notes) => {
+            LeaseEnd::Ended(end, flow, notes) => {
                 let discard = notes.maybe_pinned;
                 finish(
-                    ctx, pool, client, backend, end, flow, responses, &up, discard,
+                    ctx, pool, client, backend, end, flow, &responses, &up, discard,
                 )
                 .await;
                 return;
@@ -291,7 +295,15 @@ enum LeaseEnd {
     /// The client is between transactions; the connection is clean to reuse.
     Released,
     /// The session is over.
-    Ended(PumpEnd, Flow, Responses, LeaseNotes),
+    Ended(PumpEnd, Flow, LeaseNotes),
+}
+
+/// What a session keeps across leases so that no transaction allocates: its two lanes
+/// and its queue of owed answers.
+struct Lanes<'a> {
+    up: &'a mut UpLane,
+    down: &'a mut DownLane,
+    responses: &'a mut Responses,
 }
 
 /// Serves the client on `backend` until the connection can go back to the pool or the
@@ -300,13 +312,16 @@ async fn lease(
     ctx: &Rc<ShardCtx>,
     client: &mut TcpStream,
     backend: &mut BackendConn,
-    up: &mut UpLane,
-    down: &mut DownLane,
+    lanes: Lanes<'_>,
     state: &mut ClientState,
     mode: PoolMode,
 ) -> LeaseEnd {
-    let mut responses = Responses::default();
-    responses.status = backend.status;
+    let Lanes {
+        up,
+        down,
+        responses,
+    } = lanes;
+    responses.start(backend.status);
     let mut flow = Flow::default();
     let mut notes = LeaseNotes::default();
     let pool_cfg = &ctx.config.pool_mode;
@@ -334,7 +349,7 @@ async fn lease(
                     client: &mut state.statements,
                     server: statements,
                     pending_close,
-                    responses: &mut responses,
+                    responses: &mut *responses,
                     notes: &mut notes,
                     capacity: pool_cfg.max_prepared_statements as usize,
                     mode,
@@ -362,7 +377,7 @@ async fn lease(
                 up.deactivate();
                 down.deactivate();
             }
-            other => return LeaseEnd::Ended(other, flow, responses, notes),
+            other => return LeaseEnd::Ended(other, flow, notes),
         }
         if backend.status == b'I' && !responses.unsynced && !flow.copy_in {
             let mut buf = ctx.bufs.take();
@@ -386,7 +401,7 @@ async fn lease(
                         notes.settings_touched = false;
                         notes.unlisted.clear();
                     }
-                    _ => return LeaseEnd::Ended(PumpEnd::BackendGone, flow, responses, notes),
+                    _ => return LeaseEnd::Ended(PumpEnd::BackendGone, flow, notes),
                 }
             }
             let pinned = if notes.maybe_pinned && notes.client_spoke {
@@ -396,7 +411,7 @@ async fn lease(
                         notes.maybe_pinned = false;
                         false
                     }
-                    Err(_) => return LeaseEnd::Ended(PumpEnd::BackendGone, flow, responses, notes),
+                    Err(_) => return LeaseEnd::Ended(PumpEnd::BackendGone, flow, notes),
                 }
             } else {
                 false
@@ -404,7 +419,7 @@ async fn lease(
             if !backend.notifications.is_empty() {
                 let pending = std::mem::take(&mut backend.notifications);
                 if client.write_all(&pending).await.is_err() {
-                    return LeaseEnd::Ended(PumpEnd::ClientGone, flow, responses, notes);
+                    return LeaseEnd::Ended(PumpEnd::ClientGone, flow, notes);
                 }
             }
             log::trace!(
@@ -420,7 +435,7 @@ async fn lease(
         }
         // Still bound to this connection: wait for either side, holding no buffers.
         if let Some(end) = wait_either(ctx, client, backend, up, down).await {
-            return LeaseEnd::Ended(end, flow, responses, notes);
+            return LeaseEnd::Ended(end, flow, notes);
         }
     }
 }
@@ -463,7 +478,7 @@ async fn finish(
     mut backend: BackendConn,
     end: PumpEnd,
     flow: Flow,
-    responses: Responses,
+    responses: &Responses,
     up: &UpLane,
     discard: bool,
 ) {

@@ -93,6 +93,25 @@ pub struct Responses {
 }
 
 impl Responses {
+    /// Starts a lease of a server connection whose status is `status`. The queue's
+    /// memory is kept for the next transaction (no allocation per transaction), unless a
+    /// large pipeline grew it.
+    pub fn start(&mut self, status: u8) {
+        const KEEP: usize = 64;
+        self.queue.clear();
+        if self.queue.capacity() > KEEP {
+            self.queue = VecDeque::new();
+        }
+        self.ready.clear();
+        if self.ready.capacity() > KEEP * 16 {
+            self.ready = Vec::new();
+        }
+        self.unsynced = false;
+        self.skipping = false;
+        self.awaiting_check = false;
+        self.status = status;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty() && self.ready.is_empty()
     }
