@@ -47,7 +47,7 @@ const SCENARIOS: &[&str] = &[
 fn proxy_known_gaps(mode: Mode) -> &'static [&'static str] {
     match mode {
         Mode::Session => &["startup_params"],
-        Mode::Transaction => &[],
+        Mode::Transaction | Mode::Statement => &[],
     }
 }
 
@@ -59,6 +59,28 @@ const PROGRAM_TIMEOUT_SECS: &str = "120";
 enum Mode {
     Session,
     Transaction,
+    Statement,
+}
+
+/// Scenarios that open transaction blocks or LISTEN: statement pooling must refuse them
+/// with its clear error (each program reports them as `FAIL name: …statement pooling…`).
+/// pgjdbc's `executeBatch` runs inside a transaction, so its pipeline is refused too.
+fn refused_in_statement_mode(driver: Driver) -> &'static [&'static str] {
+    match driver {
+        Driver::Pgjdbc => &[
+            "session_state",
+            "errors_recover",
+            "pipeline_100",
+            "transactions",
+            "listen_notify",
+        ],
+        _ => &[
+            "session_state",
+            "errors_recover",
+            "transactions",
+            "listen_notify",
+        ],
+    }
 }
 
 impl Mode {
@@ -66,6 +88,7 @@ impl Mode {
         match self {
             Mode::Session => "session",
             Mode::Transaction => "transaction",
+            Mode::Statement => "statement",
         }
     }
 
@@ -75,7 +98,7 @@ impl Mode {
     fn overrides(self) -> String {
         let pool = match self {
             Mode::Session => 40,
-            Mode::Transaction => 4,
+            Mode::Transaction | Mode::Statement => 4,
         };
         format!(
             "[pool_mode]\nmode = \"{}\"\nmax_pool_size = {pool}\n",
@@ -231,13 +254,43 @@ fn run_driver(driver: Driver, mode: Mode) {
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let out = run_tool(cmd, None, PROGRAM_LIMIT);
     println!("{test}:\n{out}");
-    if !out.status.success() && !target.is_direct() {
+    let refused = if mode == Mode::Statement {
+        refused_in_statement_mode(driver)
+    } else {
+        &[]
+    };
+    let failed_as_designed = |line: &str| {
+        line.strip_prefix("FAIL ").is_some_and(|rest| {
+            refused
+                .iter()
+                .any(|name| rest.starts_with(&format!("{name}:")))
+                && rest.contains("statement pooling mode")
+        })
+    };
+    let unexpected: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("FAIL ") && !failed_as_designed(line))
+        .collect();
+    if !unexpected.is_empty() && !target.is_direct() {
         println!("{test}: proxy log:\n{}", target.log());
     }
-    assert!(
-        out.status.success(),
-        "{test}: scenario program failed:\n{out}"
-    );
+    assert!(unexpected.is_empty(), "{test}: scenarios failed:\n{out}");
+    if refused.is_empty() {
+        assert!(
+            out.status.success(),
+            "{test}: scenario program failed:\n{out}"
+        );
+    }
+    for name in refused {
+        let prefix = format!("FAIL {name}:");
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.starts_with(&prefix) && failed_as_designed(l)),
+            "{test}: {name} was not refused with the statement-mode error:\n{out}"
+        );
+    }
     let only: Vec<String> = std::env::var("HELIOS_ONLY")
         .unwrap_or_default()
         .split(',')
@@ -245,7 +298,7 @@ fn run_driver(driver: Driver, mode: Mode) {
         .map(String::from)
         .collect();
     for scenario in SCENARIOS {
-        if !only.is_empty() && !only.iter().any(|s| s == scenario) {
+        if (!only.is_empty() && !only.iter().any(|s| s == scenario)) || refused.contains(scenario) {
             continue;
         }
         let reported = out.stdout.lines().any(|line| {
@@ -276,6 +329,26 @@ fn psycopg_session() {
 #[test]
 fn psycopg_transaction() {
     run_driver(Driver::Psycopg, Mode::Transaction);
+}
+
+#[test]
+fn psycopg_statement() {
+    run_driver(Driver::Psycopg, Mode::Statement);
+}
+
+#[test]
+fn asyncpg_statement() {
+    run_driver(Driver::Asyncpg, Mode::Statement);
+}
+
+#[test]
+fn node_postgres_statement() {
+    run_driver(Driver::NodePostgres, Mode::Statement);
+}
+
+#[test]
+fn pgjdbc_statement() {
+    run_driver(Driver::Pgjdbc, Mode::Statement);
 }
 
 #[test]
