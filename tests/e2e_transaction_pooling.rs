@@ -554,3 +554,72 @@ async fn a_database_can_choose_its_own_pooling_mode() {
     assert_eq!(backend_pid(&b).await, pid);
     assert_eq!(backend_pid(&c).await, pid);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_keeps_a_bounded_set_of_statements() {
+    if skip("a_backend_keeps_a_bounded_set_of_statements") {
+        return;
+    }
+    // Two statements per backend at most: cycling through five evicts (Close) and
+    // re-prepares all the time, and every answer must still be the right one.
+    let proxy = target(&tx_config(
+        "transaction",
+        1,
+        "max_prepared_statements = 2\n",
+    ));
+    let client = proxy.client().await;
+    let mut stmts = Vec::new();
+    for k in 1..=5i32 {
+        stmts.push((
+            k,
+            client
+                .prepare(&format!("SELECT $1::int * {k}"))
+                .await
+                .unwrap(),
+        ));
+    }
+    for round in 0..6i32 {
+        for (k, stmt) in &stmts {
+            let got: i32 = client.query_one(stmt, &[&round]).await.unwrap().get(0);
+            assert_eq!(got, round * k, "statement {k} round {round}");
+        }
+    }
+    let prepared: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '\\_hx\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        prepared <= 3,
+        "{prepared} statements kept on a backend limited to 2 (+1 in use)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_the_query_of_a_pooled_client() {
+    if skip("cancel_reaches_the_query_of_a_pooled_client") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 2, ""));
+    let client = proxy.client().await;
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        let result = client.batch_execute("SELECT pg_sleep(30)").await;
+        (client, result)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel request");
+    let (client, result) = common::guarded(Duration::from_secs(20), "cancelled sleep", sleeper)
+        .await
+        .unwrap();
+    let err = result.expect_err("the sleep was cancelled");
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
