@@ -167,13 +167,25 @@ fn check_config_rejects_bad_files_naming_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_running_query_finish() {
-    if common::proxy_only(
-        "sigterm_lets_the_running_query_finish",
-        "signals the proxy process",
-    ) {
+    sigterm_scenario("sigterm_lets_the_running_query_finish", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_running_query_finish_in_transaction_mode() {
+    sigterm_scenario(
+        "sigterm_lets_the_running_query_finish_in_transaction_mode",
+        "[pool_mode]\nmode = \"transaction\"\n",
+    )
+    .await;
+}
+
+/// SIGTERM while one client runs a query and another sits idle: the query finishes, the
+/// idle client is told 57P01, and the proxy exits 0.
+async fn sigterm_scenario(test: &str, overrides: &str) {
+    if common::proxy_only(test, "signals the proxy process") {
         return;
     }
-    let proxy = common::target("");
+    let proxy = common::target(overrides);
     let port = proxy.port;
     let mut idle = tokio::task::spawn_blocking(move || {
         let mut conn = RawConn::connect(port);
@@ -184,26 +196,25 @@ async fn sigterm_lets_the_running_query_finish() {
     .await
     .expect("idle client");
     let client = proxy.client().await;
-    let query = tokio::spawn(async move {
-        client
-            .query_one(
-                "SELECT 'finished'::text FROM pg_sleep(2) /* helios-sigterm */",
-                &[],
-            )
-            .await
-    });
+    // Each test marks its query, so tests running at once do not count each other's.
+    let sql = format!("SELECT 'finished'::text FROM pg_sleep(2) /* {test} */");
+    let query = tokio::spawn(async move { client.query_one(&sql, &[]).await });
     let cluster = common::cluster();
     let running = common::wait_until_async(Duration::from_secs(10), || async {
         cluster
-            .admin_i64(
+            .admin_i64(&format!(
                 "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
-                 AND query LIKE '%helios-sigterm%' AND pid <> pg_backend_pid()",
-            )
+                 AND query LIKE '%/* {test} */%' AND pid <> pg_backend_pid()"
+            ))
             .await
             == 1
     })
     .await;
-    assert!(running, "the query never started on PostgreSQL");
+    assert!(
+        running,
+        "the query never started on PostgreSQL\n{}",
+        proxy.log()
+    );
 
     proxy.signal(libc::SIGTERM);
     let row = guarded(
