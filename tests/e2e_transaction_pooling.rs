@@ -623,3 +623,35 @@ async fn cancel_reaches_the_query_of_a_pooled_client() {
     let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 }
+
+#[test]
+fn malformed_messages_in_pooled_mode_get_08p01_and_hurt_nobody_else() {
+    if skip("malformed_messages_in_pooled_mode_get_08p01_and_hurt_nobody_else") {
+        return;
+    }
+    let proxy = target(&tx_config("transaction", 1, ""));
+    let cases: [(u8, &[u8]); 4] = [
+        (b'B', b"portal-without-terminator"),
+        (b'P', b"name\0query without terminator"),
+        (b'D', b""),
+        (0xF0, b"\0\0"),
+    ];
+    for (tag, body) in cases {
+        let mut raw = RawConn::connect(proxy.port);
+        raw.startup_trust(TRUST_USER, DATABASE);
+        raw.send(tag, body).unwrap();
+        match raw.read_ending(Duration::from_secs(10)) {
+            common::raw::Ending::Error(m) => {
+                assert_eq!(m.sqlstate(), "08P01", "tag {tag:#x}: {:?}", m.fields())
+            }
+            other => panic!("tag {tag:#x}: {other:?}\n{}", proxy.log()),
+        }
+        // The one backend is still there for the next client, clean.
+        let mut next = RawConn::connect(proxy.port);
+        next.startup_trust(TRUST_USER, DATABASE);
+        let r = next.simple_query("SELECT 1");
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.status, b'I');
+    }
+    proxy.assert_running();
+}

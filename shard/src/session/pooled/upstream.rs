@@ -169,6 +169,8 @@ impl Upstream<'_> {
     }
 
     fn parse(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+        // The body is interned and replayed on other connections: it must be well formed.
+        crate::codec::frontend::decode(b'P', body)?;
         let (name, spec) = split_cstr(body, "Parse")?;
         if name.is_empty() {
             let sql = split_cstr(spec, "Parse")?.0;
