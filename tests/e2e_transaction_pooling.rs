@@ -237,6 +237,38 @@ async fn connection_bound_state_pins_until_released() {
     holder.batch_execute("DROP TABLE scratch").await.unwrap();
     let one: i32 = third.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
+    // A WITH HOLD cursor and an SQL-level prepared statement pin until closed/deallocated.
+    for (create, use_it, release) in [
+        (
+            "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 7 AS v; COMMIT",
+            "FETCH 1 FROM held",
+            "CLOSE held",
+        ),
+        (
+            "PREPARE sqlp AS SELECT 7 AS v",
+            "EXECUTE sqlp",
+            "DEALLOCATE sqlp",
+        ),
+    ] {
+        // Logged in first: in transaction mode a login also waits for a backend.
+        let waiter = proxy.client().await;
+        holder.batch_execute(create).await.unwrap();
+        let err = waiter
+            .query_one("SELECT 1", &[])
+            .await
+            .expect_err("pinned backend");
+        assert_eq!(sqlstate(&err), "53300", "{create}: {err:?}");
+        let rows = holder.simple_query(use_it).await.unwrap();
+        assert!(
+            rows.iter().any(
+                |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("7"))
+            ),
+            "{use_it} on the pinned backend"
+        );
+        holder.batch_execute(release).await.unwrap();
+        let one: i32 = third.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1, "after {release}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
