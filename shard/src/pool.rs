@@ -265,7 +265,8 @@ impl Pool {
     async fn open_reserved(&self) -> Result<BackendConn, AcquireError> {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
-        match BackendConn::connect(&self.spec, id).await {
+        // Boxed: the connect future is large and waiting clients should not carry it.
+        match Box::pin(BackendConn::connect(&self.spec, id)).await {
             Ok(conn) => {
                 self.state.borrow_mut().created += 1;
                 self.stats.backends_created.inc();

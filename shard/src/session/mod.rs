@@ -32,37 +32,40 @@ pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
     let peer = client.peer_addr().ok();
     let who = PeerName(peer);
     let startup_timeout = Duration::from_millis(ctx.config.timeouts.startup_timeout_ms);
-    let login = match sync::timeout(startup_timeout, login::login(&ctx, &mut client)).await {
-        None => {
-            log::info!("client {who}: startup timed out");
-            send_fatal(
-                &mut client,
-                "08006",
-                "timed out waiting for startup and authentication",
-            )
-            .await;
-            return;
-        }
-        Some(Err(LoginError::Gone)) => return,
-        Some(Err(LoginError::Fatal { code, message })) => {
-            if code == "08P01" {
-                ctx.stats.protocol_errors.inc();
+    let login =
+        match sync::timeout(startup_timeout, Box::pin(login::login(&ctx, &mut client))).await {
+            None => {
+                log::info!("client {who}: startup timed out");
+                send_fatal(
+                    &mut client,
+                    "08006",
+                    "timed out waiting for startup and authentication",
+                )
+                .await;
+                return;
             }
-            log::warn!("client {who}: login refused ({code}): {message}");
-            send_fatal(&mut client, code, &message).await;
-            return;
-        }
-        Some(Ok(login)) => login,
-    };
+            Some(Err(LoginError::Gone)) => return,
+            Some(Err(LoginError::Fatal { code, message })) => {
+                if code == "08P01" {
+                    ctx.stats.protocol_errors.inc();
+                }
+                log::warn!("client {who}: login refused ({code}): {message}");
+                send_fatal(&mut client, code, &message).await;
+                return;
+            }
+            Some(Ok(login)) => login,
+        };
     log::debug!(
         "client {who}: logged in as {} to {}",
         login.user.name,
         login.database
     );
     let mode = ctx.config.pool_mode_for(&login.user.name, &login.database);
+    // Each mode's state machine is allocated on its own: a session task then carries only
+    // the one it runs, not the larger of the two.
     match mode {
-        crate::config::PoolMode::Session => session_mode(&ctx, client, login).await,
-        pooled => pooled::serve(&ctx, client, login, pooled).await,
+        crate::config::PoolMode::Session => Box::pin(session_mode(&ctx, client, login)).await,
+        pooled => Box::pin(pooled::serve(&ctx, client, login, pooled)).await,
     }
     log::debug!("client {who}: session ended");
 }

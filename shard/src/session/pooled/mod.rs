@@ -46,7 +46,9 @@ pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login, mode
     };
     let pool = ctx.pool(node, &login.database, &login.user);
     let cancel = ctx.cancels.register();
-    let state = start(ctx, &pool, &mut client, &login, &cancel).await;
+    // The rarely taken paths (login completion, session end, settings restore) live in
+    // their own allocations, so the state machine an idle client keeps stays small.
+    let state = Box::pin(start(ctx, &pool, &mut client, &login, &cancel)).await;
     drop(login);
     if let Some(mut state) = state {
         run(ctx, &pool, client, &cancel, &mut state, mode).await;
@@ -236,7 +238,7 @@ async fn run(
         };
         if !settings::same(&backend.settings, &state.settings) {
             let mut buf = ctx.bufs.take();
-            match settings::apply(&mut backend, &state.settings, &mut buf).await {
+            match Box::pin(settings::apply(&mut backend, &state.settings, &mut buf)).await {
                 Ok(None) => {}
                 Ok(Some(err)) => {
                     log::warn!(
@@ -247,7 +249,7 @@ async fn run(
                     err.encode(&mut out);
                     let _ = client.write_all(&out).await;
                     let _ = client.close().await;
-                    reset_and_release(ctx, pool, backend).await;
+                    Box::pin(reset_and_release(ctx, pool, backend)).await;
                     return;
                 }
                 Err(_) => {
@@ -281,9 +283,9 @@ async fn run(
             LeaseEnd::Released => pool.release(backend),
             LeaseEnd::Ended(end, flow, notes) => {
                 let discard = notes.maybe_pinned;
-                finish(
+                Box::pin(finish(
                     ctx, pool, client, backend, end, flow, &responses, &up, discard,
-                )
+                ))
                 .await;
                 return;
             }
