@@ -157,6 +157,10 @@ struct Workload {
     kind: Kind,
     clients: u32,
     description: &'static str,
+    /// Per-transaction log (`-l`): latency p50/p99/p99.9.
+    latency: bool,
+    /// CPU seconds of the poolers during the run, per query.
+    cpu: bool,
 }
 
 fn workloads(mode: Mode) -> Vec<Workload> {
@@ -172,6 +176,8 @@ fn workloads(mode: Mode) -> Vec<Workload> {
             clients: c,
             description:
                 "pgbench -S -M simple: one primary-key SELECT per transaction, simple protocol",
+            latency: c == 1 || c == 1000,
+            cpu: c == 64,
         })
         .collect();
     v.push(Workload {
@@ -179,18 +185,24 @@ fn workloads(mode: Mode) -> Vec<Workload> {
         kind: Kind::SelectPrepared,
         clients: 64,
         description: "pgbench -S -M prepared: the same SELECT as a named prepared statement",
+        latency: false,
+        cpu: false,
     });
     v.push(Workload {
         name: "tpcb-c16".into(),
         kind: Kind::Tpcb,
         clients: 16,
         description: "pgbench default (TPC-B-like) script: BEGIN, 3 UPDATEs, SELECT, INSERT, END",
+        latency: false,
+        cpu: false,
     });
     v.push(Workload {
         name: "connect-c16".into(),
         kind: Kind::Connect,
         clients: 16,
         description: "pgbench -S -C -M simple: a new connection (login) for every transaction",
+        latency: false,
+        cpu: false,
     });
     v
 }
@@ -557,6 +569,8 @@ impl Target {
 struct Env {
     pg: PgTools,
     ports: [u16; 3],
+    /// Pooler PIDs whose CPU time is measured (none for direct PostgreSQL).
+    pids: [Option<libc::pid_t>; 3],
     pgbouncer_prepared: bool,
 }
 
@@ -583,8 +597,22 @@ struct Run {
     processed: Option<u64>,
     failed: Option<u64>,
     latency_avg_ms: Option<f64>,
+    /// From the per-transaction log, when the workload keeps one.
+    latency: Option<Latency>,
+    /// User + system CPU seconds of the pooler process during the run.
+    cpu_s: Option<f64>,
+    /// `cpu_s` per processed transaction (one query each), in microseconds.
+    cpu_us_per_query: Option<f64>,
     error: Option<String>,
     log: String,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    samples: usize,
 }
 
 #[derive(Serialize)]
@@ -598,6 +626,11 @@ struct Cell {
     max_tps: Option<f64>,
     /// (max - min) / median of the counted runs, in percent.
     spread_pct: Option<f64>,
+    /// Medians over the counted runs.
+    latency_p50_ms: Option<f64>,
+    latency_p99_ms: Option<f64>,
+    latency_p999_ms: Option<f64>,
+    cpu_us_per_query: Option<f64>,
     runs: Vec<Run>,
 }
 
@@ -664,6 +697,9 @@ fn judge(rep: u32, f: &Finished, log: &Path) -> Run {
         processed,
         failed,
         latency_avg_ms: latency,
+        latency: None,
+        cpu_s: None,
+        cpu_us_per_query: None,
         error,
         log: log.display().to_string(),
     }
@@ -703,6 +739,10 @@ fn summarize(target: Target, runs: Vec<Run>, unsupported: Option<&str>) -> Cell 
             min_tps: None,
             max_tps: None,
             spread_pct: None,
+            latency_p50_ms: None,
+            latency_p99_ms: None,
+            latency_p999_ms: None,
+            cpu_us_per_query: None,
             runs,
         };
     }
@@ -731,8 +771,18 @@ fn summarize(target: Target, runs: Vec<Run>, unsupported: Option<&str>) -> Cell 
         min_tps: min,
         max_tps: max,
         spread_pct: spread,
+        latency_p50_ms: stat(&runs, |r| r.latency.map(|l| l.p50_ms)),
+        latency_p99_ms: stat(&runs, |r| r.latency.map(|l| l.p99_ms)),
+        latency_p999_ms: stat(&runs, |r| r.latency.map(|l| l.p999_ms)),
+        cpu_us_per_query: stat(&runs, |r| r.cpu_us_per_query),
         runs,
     }
+}
+
+/// Median of one figure over the counted runs.
+fn stat(runs: &[Run], f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
+    let mut v: Vec<f64> = runs.iter().filter(|r| r.ok).filter_map(f).collect();
+    median(&mut v)
 }
 
 // --- setup ------------------------------------------------------------------------------
@@ -1056,12 +1106,77 @@ fn run_pgbench(
         "-U",
         DB_USER,
     ])
-    .args(w.pgbench_args(duration_s))
-    .arg(DB_NAME);
-    let base = runs_dir.join(format!("{}-{}-r{}", w.name, t.name(), rep + 1));
+    .args(w.pgbench_args(duration_s));
+    let file = format!("{}-{}-r{}", w.name, t.name(), rep + 1);
+    let base = runs_dir.join(&file);
+    let txlog = format!("{file}.txlog");
+    if w.latency {
+        c.arg("-l")
+            .arg(format!("--log-prefix={}", runs_dir.join(&txlog).display()));
+    }
+    c.arg(DB_NAME);
     let limit = Duration::from_secs(u64::from(duration_s) * 3 + 60);
+    let pid = if w.cpu { env.pids[t as usize] } else { None };
+    let cpu_before = pid.and_then(proc_cpu_seconds);
     let f = run_logged(&mut c, &base, limit)?;
-    Ok(judge(rep, &f, &base.with_extension("out")))
+    let cpu_after = pid.and_then(proc_cpu_seconds);
+    let mut r = judge(rep, &f, &base.with_extension("out"));
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        r.cpu_s = Some(b - a);
+        r.cpu_us_per_query = r
+            .processed
+            .filter(|&n| n > 0)
+            .map(|n| (b - a) / n as f64 * 1e6);
+    }
+    if w.latency {
+        r.latency = latency_from_logs(runs_dir, &txlog);
+    }
+    Ok(r)
+}
+
+/// User + system CPU seconds of a process (all its threads), from /proc/PID/stat.
+fn proc_cpu_seconds(pid: libc::pid_t) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (hz > 0.0).then(|| (utime + stime) / hz)
+}
+
+/// Percentiles of the per-transaction latencies (third column, microseconds) of every
+/// `<prefix>.<pid>[.<thread>]` file pgbench wrote; failed or skipped ones are left out.
+fn latency_from_logs(dir: &Path, prefix: &str) -> Option<Latency> {
+    let mut us: Vec<u64> = Vec::new();
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&format!("{prefix}.")) {
+            continue;
+        }
+        let text = fs::read_to_string(e.path()).ok()?;
+        us.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()),
+        );
+    }
+    if us.is_empty() {
+        return None;
+    }
+    us.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((p * us.len() as f64).ceil() as usize).clamp(1, us.len()) - 1;
+        us[i] as f64 / 1000.0
+    };
+    Some(Latency {
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        samples: us.len(),
+    })
 }
 
 fn fmt_tps(v: Option<f64>) -> String {
@@ -1103,12 +1218,113 @@ fn terminal_table(r: &Report) -> String {
             fmt_ratio(w.proxy_vs_pgbouncer)
         );
     }
+    s.push_str(&extra_tables(r, false));
     for w in &r.workloads {
         for c in &w.cells {
             if let Some(n) = &c.note {
                 let _ = writeln!(s, "  {} / {}: {n}", w.workload.name, c.target.name());
             }
         }
+    }
+    s
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into())
+}
+
+/// Latency and CPU tables (terminal layout, or Markdown when `md`).
+fn extra_tables(r: &Report, md: bool) -> String {
+    let mut s = String::new();
+    let lat: Vec<&WorkloadResult> = r.workloads.iter().filter(|w| w.workload.latency).collect();
+    if !lat.is_empty() {
+        let head = [
+            "latency ms p50/p99/p99.9",
+            "direct",
+            "pgbouncer",
+            "proxy",
+            "proxy p99/p50",
+            "proxy/direct p50",
+        ];
+        if md {
+            let _ = writeln!(
+                s,
+                "\nLatency (ms, from pgbench's per-transaction log; medians of the runs):\n"
+            );
+            let _ = writeln!(
+                s,
+                "| {} |\n| --- | ---: | ---: | ---: | ---: | ---: |",
+                head.join(" | ")
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "\n{:<26} {:>22} {:>22} {:>22} {:>14} {:>17}",
+                head[0], head[1], head[2], head[3], head[4], head[5]
+            );
+        }
+        for w in lat {
+            let cell = |c: &Cell| {
+                if c.latency_p50_ms.is_none() {
+                    return if c.status == "ok" {
+                        "-".to_string()
+                    } else {
+                        c.status.clone()
+                    };
+                }
+                format!(
+                    "{}/{}/{}",
+                    fmt_ms(c.latency_p50_ms),
+                    fmt_ms(c.latency_p99_ms),
+                    fmt_ms(c.latency_p999_ms)
+                )
+            };
+            let p = &w.cells[2];
+            let tail = match (p.latency_p99_ms, p.latency_p50_ms) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let vs = match (p.latency_p50_ms, w.cells[0].latency_p50_ms) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let row = [
+                w.workload.name.clone(),
+                cell(&w.cells[0]),
+                cell(&w.cells[1]),
+                cell(&w.cells[2]),
+                fmt_ratio(tail),
+                fmt_ratio(vs),
+            ];
+            if md {
+                let _ = writeln!(s, "| {} |", row.join(" | "));
+            } else {
+                let _ = writeln!(
+                    s,
+                    "{:<26} {:>22} {:>22} {:>22} {:>14} {:>17}",
+                    row[0], row[1], row[2], row[3], row[4], row[5]
+                );
+            }
+        }
+    }
+    for w in r.workloads.iter().filter(|w| w.workload.cpu) {
+        let us = |c: &Cell| {
+            c.cpu_us_per_query
+                .map(|x| format!("{x:.1} µs"))
+                .unwrap_or_else(|| "-".into())
+        };
+        let ratio = match (w.cells[2].cpu_us_per_query, w.cells[1].cpu_us_per_query) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let _ = writeln!(
+            s,
+            "\nCPU (user+system) per query during {}: pgbouncer {}, proxy {} (proxy/pgbouncer {})",
+            w.workload.name,
+            us(&w.cells[1]),
+            us(&w.cells[2]),
+            fmt_ratio(ratio),
+        );
     }
     s
 }
@@ -1213,6 +1429,7 @@ fn markdown(r: &Report) -> String {
             fmt_ratio(w.proxy_vs_pgbouncer)
         );
     }
+    s.push_str(&extra_tables(r, true));
     let _ = writeln!(s, "\nWorkloads:\n");
     for w in &r.workloads {
         let _ = writeln!(
@@ -1268,12 +1485,15 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
     let (pg_port, pg_info) = setup_postgres(&pg, out, run_as, services, opts.scale)?;
     report.postgres = pg_info;
     let (pgb_port, pgb_prepared, pgb_info) = setup_pgbouncer(&pg, out, run_as, services, pg_port)?;
+    let pgb_pid = services.0.last().map(|s| pid_of(&s.child));
     report.pgbouncer = pgb_info;
     let (proxy_port, proxy_info) = setup_proxy(&pg, out, &opts.proxy_bin, services, pg_port)?;
     report.proxy = proxy_info;
+    let proxy_pid = services.0.last().map(|s| pid_of(&s.child));
     let env = Env {
         pg,
         ports: [pg_port, pgb_port, proxy_port],
+        pids: [None, pgb_pid, proxy_pid],
         pgbouncer_prepared: pgb_prepared,
     };
 
@@ -1283,6 +1503,8 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
         kind: Kind::SelectSimple,
         clients: 16,
         description: "",
+        latency: false,
+        cpu: false,
     };
     for t in TARGETS {
         services.check_alive()?;
