@@ -74,12 +74,13 @@ struct Opts {
     scale: u32,
     duration_s: u32,
     reps: u32,
+    idle_clients: Option<usize>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: helios-perf [--quick|--full] [--only WORKLOAD] --proxy-bin PATH [--out DIR]\n\
-         \x20                  [--scale N] [--duration SECS] [--reps N]\n\
+         \x20                  [--scale N] [--duration SECS] [--reps N] [--idle CLIENTS]\n\
          WORKLOAD is a workload name or a prefix of names (e.g. select-simple); \
          --list prints them."
     );
@@ -91,7 +92,7 @@ fn parse_opts() -> Opts {
     let mut only = None;
     let mut proxy_bin = None;
     let mut out = PathBuf::from("target/perf");
-    let (mut scale, mut duration, mut reps) = (None, None, None);
+    let (mut scale, mut duration, mut reps, mut idle_clients) = (None, None, None, None);
     let mut args = std::env::args().skip(1);
     let num = |v: Option<String>| -> u32 {
         v.and_then(|s| s.parse().ok())
@@ -110,6 +111,7 @@ fn parse_opts() -> Opts {
             "--scale" => scale = Some(num(args.next())),
             "--duration" => duration = Some(num(args.next())),
             "--reps" => reps = Some(num(args.next())),
+            "--idle" => idle_clients = Some(num(args.next()) as usize),
             "--list" => {
                 for m in [Mode::Quick, Mode::Full] {
                     let names: Vec<String> = workloads(m).into_iter().map(|w| w.name).collect();
@@ -137,6 +139,7 @@ fn parse_opts() -> Opts {
         scale: scale.unwrap_or(d_scale),
         duration_s: duration.unwrap_or(d_duration),
         reps: reps.unwrap_or(d_reps),
+        idle_clients,
     }
 }
 
@@ -654,6 +657,20 @@ struct Report {
     proxy: serde_json::Value,
     pgbench: serde_json::Value,
     workloads: Vec<WorkloadResult>,
+    /// Memory of each pooler per logged-in idle client (not measured for direct
+    /// PostgreSQL, which forks a backend per connection).
+    idle_clients: Vec<IdleResult>,
+}
+
+#[derive(Serialize)]
+struct IdleResult {
+    target: Target,
+    clients_requested: usize,
+    clients_held: usize,
+    rss_before_kib: Option<u64>,
+    rss_after_kib: Option<u64>,
+    bytes_per_client: Option<f64>,
+    error: Option<String>,
 }
 
 fn field_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
@@ -1089,6 +1106,107 @@ fn machine_info() -> serde_json::Value {
 
 // --- main loop --------------------------------------------------------------------------
 
+const IDLE_NAME: &str = "idle-clients";
+
+/// Resident set size of a process in KiB, from /proc/PID/status.
+fn rss_kib(pid: libc::pid_t) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
+/// Opens a connection and logs in (trust): StartupMessage, then reads until
+/// ReadyForQuery.
+fn login(port: u16) -> Res<std::net::TcpStream> {
+    use std::io::Read;
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|e| e.to_string())?;
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    for kv in ["user", DB_USER, "database", DB_NAME] {
+        body.extend_from_slice(kv.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    sock.write_all(&msg).map_err(|e| e.to_string())?;
+    loop {
+        let mut head = [0u8; 5];
+        sock.read_exact(&mut head)
+            .map_err(|e| format!("login: {e}"))?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut rest = vec![0u8; len.saturating_sub(4)];
+        sock.read_exact(&mut rest)
+            .map_err(|e| format!("login: {e}"))?;
+        match head[0] {
+            b'Z' => return Ok(sock),
+            b'E' => {
+                let text: String = String::from_utf8_lossy(&rest)
+                    .split('\0')
+                    .filter(|f| f.starts_with('M'))
+                    .map(|f| f[1..].to_string())
+                    .collect();
+                return Err(format!("login refused: {text}"));
+            }
+            b'R' if rest.get(..4) != Some(&[0, 0, 0, 0]) => {
+                return Err("the server asks for a password (expected trust)".into())
+            }
+            _ => {}
+        }
+    }
+}
+
+/// RSS of a pooler before and after `n` logged-in idle clients.
+fn measure_idle(env: &Env, t: Target, n: usize) -> IdleResult {
+    let pid = env.pids[t as usize];
+    let before = pid.and_then(rss_kib);
+    let mut held = Vec::with_capacity(n);
+    let mut error = None;
+    for _ in 0..n {
+        if interrupted() {
+            error = Some("interrupted".into());
+            break;
+        }
+        match login(env.port(t)) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                error = Some(format!("after {} clients: {e}", held.len()));
+                break;
+            }
+        }
+    }
+    // Let the pooler settle (buffers released after login) before reading its RSS.
+    sleep(Duration::from_secs(1));
+    let after = pid.and_then(rss_kib);
+    let bytes_per_client = match (before, after) {
+        (Some(b), Some(a)) if !held.is_empty() => {
+            Some((a as f64 - b as f64) * 1024.0 / held.len() as f64)
+        }
+        _ => None,
+    };
+    let clients_held = held.len();
+    drop(held);
+    sleep(Duration::from_millis(500));
+    IdleResult {
+        target: t,
+        clients_requested: n,
+        clients_held,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        bytes_per_client,
+        error,
+    }
+}
+
 fn run_pgbench(
     env: &Env,
     w: &Workload,
@@ -1201,11 +1319,13 @@ fn cell_text(c: &Cell) -> String {
 
 fn terminal_table(r: &Report) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<22} {:>16} {:>16} {:>16} {:>13} {:>13}",
-        "workload (TPS)", "direct", "pgbouncer", "proxy", "proxy/direct", "proxy/pgb"
-    );
+    if !r.workloads.is_empty() {
+        let _ = writeln!(
+            s,
+            "{:<22} {:>16} {:>16} {:>16} {:>13} {:>13}",
+            "workload (TPS)", "direct", "pgbouncer", "proxy", "proxy/direct", "proxy/pgb"
+        );
+    }
     for w in &r.workloads {
         let _ = writeln!(
             s,
@@ -1324,6 +1444,23 @@ fn extra_tables(r: &Report, md: bool) -> String {
             us(&w.cells[1]),
             us(&w.cells[2]),
             fmt_ratio(ratio),
+        );
+    }
+    if !md && !r.idle_clients.is_empty() {
+        s.push('\n');
+    }
+    for i in &r.idle_clients {
+        let _ = writeln!(
+            s,
+            "{}Idle clients, {}: {} of {} logged in and held; RSS {} -> {} KiB = {} bytes per client{}",
+            if md { "\n" } else { "" },
+            i.target.name(),
+            i.clients_held,
+            i.clients_requested,
+            i.rss_before_kib.map_or("-".into(), |v| v.to_string()),
+            i.rss_after_kib.map_or("-".into(), |v| v.to_string()),
+            i.bytes_per_client.map_or("-".into(), |v| format!("{v:.0}")),
+            i.error.as_ref().map_or(String::new(), |e| format!(" ({e})"))
         );
     }
     s
@@ -1475,9 +1612,11 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
         fs::create_dir_all(out.join(d)).map_err(|e| format!("{}: {e}", out.join(d).display()))?;
     }
     let mut selected = workloads(opts.mode);
+    let mut idle = true;
     if let Some(only) = &opts.only {
         selected.retain(|w| w.name == *only || w.name.starts_with(only.as_str()));
-        if selected.is_empty() {
+        idle = IDLE_NAME.starts_with(only.as_str());
+        if selected.is_empty() && !idle {
             return Err(format!("no workload named {only} (--list shows them)"));
         }
     }
@@ -1559,6 +1698,32 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
             cells,
         });
     }
+    if idle {
+        let n = opts.idle_clients.unwrap_or(match opts.mode {
+            Mode::Quick => 1000,
+            Mode::Full => 10000,
+        });
+        for t in [Target::Pgbouncer, Target::Proxy] {
+            services.check_alive()?;
+            if interrupted() {
+                return Err("interrupted".into());
+            }
+            log(format!(
+                "{IDLE_NAME}: {n} logged-in idle clients on {}",
+                t.name()
+            ));
+            let r = measure_idle(&env, t, n);
+            log(format!(
+                "  {} held, {} bytes per client{}",
+                r.clients_held,
+                r.bytes_per_client.map_or("-".into(), |b| format!("{b:.0}")),
+                r.error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" ({e})"))
+            ));
+            report.idle_clients.push(r);
+        }
+    }
     report.complete = true;
     Ok(())
 }
@@ -1570,8 +1735,26 @@ fn write_reports(out: &Path, report: &Report) -> Res<()> {
     Ok(())
 }
 
+/// Raises the soft file-descriptor limit to the hard one (inherited by the servers).
+fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 0;
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+        rl.rlim_cur
+    }
+}
+
 fn main() {
     install_signal_handlers();
+    let fd_limit = raise_fd_limit();
     let opts = parse_opts();
     let mut report = Report {
         date_utc: capture("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
@@ -1587,8 +1770,10 @@ fn main() {
             "reps": opts.reps,
             "order": "per workload: direct, pgbouncer, proxy, repeated",
             "jobs": "min(clients, 16)",
+            "fd_limit": fd_limit,
         }),
         workloads: Vec::new(),
+        idle_clients: Vec::new(),
     };
     let result = {
         let mut services = Services::default();
