@@ -1,0 +1,1801 @@
+//! `helios-perf`: measures HeliosProxy beside direct PostgreSQL and PgBouncer in one run.
+//!
+//! It initdb's a private PostgreSQL under `target/perf/`, starts PgBouncer and the proxy in
+//! front of it (transaction pooling, 16 backend connections each), drives pgbench workloads
+//! against the three targets in interleaved order with repetitions, and writes a report
+//! (terminal table, `report.md`, `report.json`) with medians, spread and ratios.
+//!
+//! Every process it starts runs in its own process group and is stopped by PID at the end,
+//! on failure, and on SIGINT/SIGTERM. See `perf/README.md`.
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+type Res<T> = Result<T, String>;
+
+/// Name of the unprivileged account servers run as when the harness runs as root.
+const RUN_AS_USER: &str = "helios-test";
+/// Backend connections of each pooler.
+const POOL_SIZE: u32 = 16;
+/// Role and database the workloads use.
+const DB_USER: &str = "postgres";
+const DB_NAME: &str = "bench";
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn interrupted() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("==> {}", msg.as_ref());
+}
+
+// --- options ----------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    Quick,
+    Full,
+}
+
+struct Opts {
+    mode: Mode,
+    only: Option<String>,
+    proxy_bin: PathBuf,
+    out: PathBuf,
+    scale: u32,
+    duration_s: u32,
+    reps: u32,
+    idle_clients: Option<usize>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: helios-perf [--quick|--full] [--only WORKLOAD] --proxy-bin PATH [--out DIR]\n\
+         \x20                  [--scale N] [--duration SECS] [--reps N] [--idle CLIENTS]\n\
+         WORKLOAD is a workload name or a prefix of names (e.g. select-simple); \
+         --list prints them."
+    );
+    std::process::exit(2);
+}
+
+fn parse_opts() -> Opts {
+    let mut mode = Mode::Quick;
+    let mut only = None;
+    let mut proxy_bin = None;
+    let mut out = PathBuf::from("target/perf");
+    let (mut scale, mut duration, mut reps, mut idle_clients) = (None, None, None, None);
+    let mut args = std::env::args().skip(1);
+    let num = |v: Option<String>| -> u32 {
+        v.and_then(|s| s.parse().ok())
+            .filter(|&n: &u32| n > 0)
+            .unwrap_or_else(|| usage())
+    };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => mode = Mode::Quick,
+            "--full" => mode = Mode::Full,
+            "--only" => only = Some(args.next().unwrap_or_else(|| usage())),
+            "--proxy-bin" => {
+                proxy_bin = Some(PathBuf::from(args.next().unwrap_or_else(|| usage())))
+            }
+            "--out" => out = PathBuf::from(args.next().unwrap_or_else(|| usage())),
+            "--scale" => scale = Some(num(args.next())),
+            "--duration" => duration = Some(num(args.next())),
+            "--reps" => reps = Some(num(args.next())),
+            "--idle" => idle_clients = Some(num(args.next()) as usize),
+            "--list" => {
+                for m in [Mode::Quick, Mode::Full] {
+                    let names: Vec<String> = workloads(m).into_iter().map(|w| w.name).collect();
+                    println!(
+                        "{}: {}",
+                        if m == Mode::Quick { "quick" } else { "full" },
+                        names.join(" ")
+                    );
+                }
+                std::process::exit(0);
+            }
+            _ => usage(),
+        }
+    }
+    let proxy_bin = proxy_bin.unwrap_or_else(|| usage());
+    let (d_scale, d_duration, d_reps) = match mode {
+        Mode::Quick => (10, 5, 1),
+        Mode::Full => (10, 10, 3),
+    };
+    Opts {
+        mode,
+        only,
+        proxy_bin,
+        out,
+        scale: scale.unwrap_or(d_scale),
+        duration_s: duration.unwrap_or(d_duration),
+        reps: reps.unwrap_or(d_reps),
+        idle_clients,
+    }
+}
+
+// --- workloads --------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Kind {
+    SelectSimple,
+    SelectPrepared,
+    Tpcb,
+    Connect,
+}
+
+#[derive(Clone, Serialize)]
+struct Workload {
+    name: String,
+    kind: Kind,
+    clients: u32,
+    description: &'static str,
+    /// Per-transaction log (`-l`): latency p50/p99/p99.9.
+    latency: bool,
+    /// CPU seconds of the poolers during the run, per query.
+    cpu: bool,
+}
+
+fn workloads(mode: Mode) -> Vec<Workload> {
+    let simple: &[u32] = match mode {
+        Mode::Quick => &[1, 16, 64],
+        Mode::Full => &[1, 16, 64, 256, 1000],
+    };
+    let mut v: Vec<Workload> = simple
+        .iter()
+        .map(|&c| Workload {
+            name: format!("select-simple-c{c}"),
+            kind: Kind::SelectSimple,
+            clients: c,
+            description:
+                "pgbench -S -M simple: one primary-key SELECT per transaction, simple protocol",
+            latency: c == 1 || c == 1000,
+            cpu: c == 64,
+        })
+        .collect();
+    v.push(Workload {
+        name: "select-prepared-c64".into(),
+        kind: Kind::SelectPrepared,
+        clients: 64,
+        description: "pgbench -S -M prepared: the same SELECT as a named prepared statement",
+        latency: false,
+        cpu: false,
+    });
+    v.push(Workload {
+        name: "tpcb-c16".into(),
+        kind: Kind::Tpcb,
+        clients: 16,
+        description: "pgbench default (TPC-B-like) script: BEGIN, 3 UPDATEs, SELECT, INSERT, END",
+        latency: false,
+        cpu: false,
+    });
+    v.push(Workload {
+        name: "connect-c16".into(),
+        kind: Kind::Connect,
+        clients: 16,
+        description: "pgbench -S -C -M simple: a new connection (login) for every transaction",
+        latency: false,
+        cpu: false,
+    });
+    v
+}
+
+impl Workload {
+    fn pgbench_args(&self, duration_s: u32) -> Vec<String> {
+        let jobs = self.clients.min(16);
+        let mut a: Vec<String> = vec![
+            "-n".into(),
+            "-c".into(),
+            self.clients.to_string(),
+            "-j".into(),
+            jobs.to_string(),
+            "-T".into(),
+            duration_s.to_string(),
+        ];
+        match self.kind {
+            Kind::SelectSimple => a.extend(["-S".into(), "-M".into(), "simple".into()]),
+            Kind::SelectPrepared => a.extend(["-S".into(), "-M".into(), "prepared".into()]),
+            Kind::Tpcb => a.extend(["-M".into(), "simple".into()]),
+            Kind::Connect => a.extend(["-S".into(), "-C".into(), "-M".into(), "simple".into()]),
+        }
+        a
+    }
+}
+
+// --- processes --------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+struct RunAs {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+}
+
+/// A command in its own process group (so a terminal's Ctrl-C reaches only the harness,
+/// which then stops everything in order), optionally as the unprivileged account.
+fn command(prog: impl AsRef<std::ffi::OsStr>, run_as: Option<RunAs>) -> Command {
+    let mut c = Command::new(prog);
+    c.process_group(0).stdin(Stdio::null());
+    if let Some(r) = run_as {
+        // std clears the supplementary groups when root changes uid.
+        c.uid(r.uid).gid(r.gid);
+    }
+    c
+}
+
+fn pid_of(child: &Child) -> libc::pid_t {
+    child.id() as libc::pid_t
+}
+
+/// Sends `sig`, waits up to `limit`, then SIGKILLs; always reaps.
+fn stop_child(name: &str, child: &mut Child, sig: libc::c_int, limit: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let pid = pid_of(child);
+    // SAFETY: plain kill(2) on our own child's PID (not yet reaped, so not reused).
+    unsafe { libc::kill(pid, sig) };
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(_)) = child.try_wait() {
+            log(format!("stopped {name} (pid {pid})"));
+            return;
+        }
+        sleep(Duration::from_millis(20));
+    }
+    log(format!(
+        "{name} (pid {pid}) ignored signal {sig} for {limit:?}: SIGKILL"
+    ));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+struct Service {
+    name: String,
+    child: Child,
+    stop_signal: libc::c_int,
+    log: PathBuf,
+}
+
+/// Long-running servers; dropped (also on error and panic) they are stopped in reverse
+/// start order by PID.
+#[derive(Default)]
+struct Services(Vec<Service>);
+
+impl Services {
+    fn check_alive(&mut self) -> Res<()> {
+        for s in &mut self.0 {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                return Err(format!(
+                    "{} exited unexpectedly ({st}); log: {}\n{}",
+                    s.name,
+                    s.log.display(),
+                    tail(&s.log, 20)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        while let Some(mut s) = self.0.pop() {
+            stop_child(
+                &s.name,
+                &mut s.child,
+                s.stop_signal,
+                Duration::from_secs(15),
+            );
+        }
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a command to completion with its output in `<log_base>.out`/`.err`, polling so a
+/// signal or the time limit stops it by PID.
+fn run_logged(cmd: &mut Command, log_base: &Path, limit: Duration) -> Res<Finished> {
+    let out_path = log_base.with_extension("out");
+    let err_path = log_base.with_extension("err");
+    let out = File::create(&out_path).map_err(|e| format!("{}: {e}", out_path.display()))?;
+    let err = File::create(&err_path).map_err(|e| format!("{}: {e}", err_path.display()))?;
+    let prog = format!("{:?}", cmd.get_program());
+    let mut child = cmd
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start {prog}: {e}"))?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            break st;
+        }
+        if interrupted() {
+            stop_child(&prog, &mut child, libc::SIGTERM, Duration::from_secs(5));
+            return Err("interrupted".into());
+        }
+        if start.elapsed() > limit {
+            stop_child(&prog, &mut child, libc::SIGTERM, Duration::from_secs(5));
+            return Err(format!("{prog} did not finish within {limit:?}"));
+        }
+        sleep(Duration::from_millis(20));
+    };
+    Ok(Finished {
+        status,
+        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
+    })
+}
+
+fn start_service(
+    services: &mut Services,
+    name: &str,
+    cmd: &mut Command,
+    log_path: &Path,
+    stop_signal: libc::c_int,
+) -> Res<()> {
+    let f = File::create(log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let f2 = f.try_clone().map_err(|e| e.to_string())?;
+    let child = cmd
+        .stdout(f)
+        .stderr(f2)
+        .spawn()
+        .map_err(|e| format!("cannot start {name}: {e}"))?;
+    log(format!(
+        "started {name} (pid {}), log {}",
+        child.id(),
+        log_path.display()
+    ));
+    services.0.push(Service {
+        name: name.into(),
+        child,
+        stop_signal,
+        log: log_path.into(),
+    });
+    Ok(())
+}
+
+fn free_port() -> Res<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn chown(path: &Path, run_as: Option<RunAs>) -> Res<()> {
+    let Some(r) = run_as else { return Ok(()) };
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::chown(c.as_ptr(), r.uid, r.gid) } != 0 {
+        return Err(format!(
+            "chown {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn lookup_user(name: &str) -> Option<RunAs> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
+    unsafe {
+        let pw = libc::getpwnam(c.as_ptr());
+        if pw.is_null() {
+            None
+        } else {
+            Some(RunAs {
+                uid: (*pw).pw_uid,
+                gid: (*pw).pw_gid,
+            })
+        }
+    }
+}
+
+fn capture(prog: &str, args: &[&str]) -> String {
+    Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+// --- PostgreSQL tools -------------------------------------------------------------------
+
+struct PgTools {
+    bin: PathBuf,
+}
+
+impl PgTools {
+    fn find() -> Res<Self> {
+        let mut dirs: Vec<(Vec<u32>, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| {
+                        let v = e
+                            .file_name()
+                            .to_string_lossy()
+                            .split('.')
+                            .map(|p| p.parse().unwrap_or(0))
+                            .collect();
+                        (v, e.path().join("bin"))
+                    })
+                    .filter(|(_, p)| p.join("initdb").exists() && p.join("postgres").exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        dirs.sort();
+        if let Some((_, d)) = dirs.pop() {
+            return Ok(Self { bin: d });
+        }
+        let initdb = capture("sh", &["-c", "command -v initdb"]);
+        if !initdb.is_empty() {
+            if let Some(d) = fs::canonicalize(&initdb)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+            {
+                return Ok(Self { bin: d });
+            }
+        }
+        Err(
+            "PostgreSQL server binaries (initdb, postgres) not found: apt-get install postgresql"
+                .into(),
+        )
+    }
+
+    fn tool(&self, name: &str) -> PathBuf {
+        let p = self.bin.join(name);
+        if p.exists() {
+            p
+        } else {
+            PathBuf::from(name)
+        }
+    }
+}
+
+/// `psql -Atc SQL` over TCP; Ok(stdout) when it exits 0.
+fn psql(pg: &PgTools, port: u16, db: &str, sql: &str, log_base: &Path) -> Res<String> {
+    let mut c = command(pg.tool("psql"), None);
+    c.args([
+        "-X",
+        "-q",
+        "-At",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        DB_USER,
+        "-d",
+        db,
+        "-c",
+        sql,
+    ]);
+    let f = run_logged(&mut c, log_base, Duration::from_secs(30))?;
+    if f.status.success() {
+        Ok(f.stdout.trim().to_string())
+    } else {
+        Err(format!("psql on port {port}: {}", f.stderr.trim()))
+    }
+}
+
+fn wait_ready(
+    pg: &PgTools,
+    name: &str,
+    port: u16,
+    db: &str,
+    services: &mut Services,
+    logs: &Path,
+) -> Res<()> {
+    let start = Instant::now();
+    let base = logs.join(format!("ready-{name}"));
+    loop {
+        services.check_alive()?;
+        if interrupted() {
+            return Err("interrupted".into());
+        }
+        match psql(pg, port, db, "SELECT 1", &base) {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                return Err(format!("{name} not ready after 30 s: {e}"))
+            }
+            Err(_) => sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+// --- targets ----------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Target {
+    Direct,
+    Pgbouncer,
+    Proxy,
+}
+
+const TARGETS: [Target; 3] = [Target::Direct, Target::Pgbouncer, Target::Proxy];
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Pgbouncer => "pgbouncer",
+            Target::Proxy => "proxy",
+        }
+    }
+}
+
+struct Env {
+    pg: PgTools,
+    ports: [u16; 3],
+    /// Pooler PIDs whose CPU time is measured (none for direct PostgreSQL).
+    pids: [Option<libc::pid_t>; 3],
+    pgbouncer_prepared: bool,
+}
+
+impl Env {
+    fn port(&self, t: Target) -> u16 {
+        self.ports[t as usize]
+    }
+
+    fn unsupported(&self, w: &Workload, t: Target) -> Option<&'static str> {
+        if t == Target::Pgbouncer && w.kind == Kind::SelectPrepared && !self.pgbouncer_prepared {
+            return Some("not supported: PgBouncer < 1.21 cannot keep named prepared statements in transaction mode");
+        }
+        None
+    }
+}
+
+// --- results ----------------------------------------------------------------------------
+
+#[derive(Serialize, Clone)]
+struct Run {
+    rep: u32,
+    ok: bool,
+    tps: Option<f64>,
+    processed: Option<u64>,
+    failed: Option<u64>,
+    latency_avg_ms: Option<f64>,
+    /// From the per-transaction log, when the workload keeps one.
+    latency: Option<Latency>,
+    /// User + system CPU seconds of the pooler process during the run.
+    cpu_s: Option<f64>,
+    /// `cpu_s` per processed transaction (one query each), in microseconds.
+    cpu_us_per_query: Option<f64>,
+    error: Option<String>,
+    log: String,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    samples: usize,
+}
+
+#[derive(Serialize)]
+struct Cell {
+    target: Target,
+    /// "ok", "failed" (no run counted) or "not supported".
+    status: String,
+    note: Option<String>,
+    median_tps: Option<f64>,
+    min_tps: Option<f64>,
+    max_tps: Option<f64>,
+    /// (max - min) / median of the counted runs, in percent.
+    spread_pct: Option<f64>,
+    /// Medians over the counted runs.
+    latency_p50_ms: Option<f64>,
+    latency_p99_ms: Option<f64>,
+    latency_p999_ms: Option<f64>,
+    cpu_us_per_query: Option<f64>,
+    runs: Vec<Run>,
+}
+
+#[derive(Serialize)]
+struct WorkloadResult {
+    workload: Workload,
+    pgbench_args: String,
+    cells: Vec<Cell>,
+    proxy_vs_direct: Option<f64>,
+    proxy_vs_pgbouncer: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    date_utc: String,
+    mode: Mode,
+    complete: bool,
+    machine: serde_json::Value,
+    postgres: serde_json::Value,
+    pgbouncer: serde_json::Value,
+    proxy: serde_json::Value,
+    pgbench: serde_json::Value,
+    workloads: Vec<WorkloadResult>,
+    /// Memory of each pooler per logged-in idle client (not measured for direct
+    /// PostgreSQL, which forks a backend per connection).
+    idle_clients: Vec<IdleResult>,
+}
+
+#[derive(Serialize)]
+struct IdleResult {
+    target: Target,
+    clients_requested: usize,
+    clients_held: usize,
+    rss_before_kib: Option<u64>,
+    rss_after_kib: Option<u64>,
+    bytes_per_client: Option<f64>,
+    error: Option<String>,
+}
+
+fn field_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .and_then(|rest| rest.split_whitespace().next())
+}
+
+/// Judges one pgbench run: it counts only with exit status 0, 0 failed transactions and
+/// no aborted client (pgbench prints "failed: 0" even when clients aborted).
+fn judge(rep: u32, f: &Finished, log: &Path) -> Run {
+    let tps = field_after(&f.stdout, "tps = ").and_then(|s| s.parse::<f64>().ok());
+    let processed =
+        field_after(&f.stdout, "number of transactions actually processed:").and_then(|s| {
+            // "N" or "N/M"
+            s.split('/').next().and_then(|n| n.parse().ok())
+        });
+    let failed =
+        field_after(&f.stdout, "number of failed transactions:").and_then(|s| s.parse().ok());
+    let latency = field_after(&f.stdout, "latency average = ").and_then(|s| s.parse().ok());
+    let all = format!("{}\n{}", f.stdout, f.stderr).to_lowercase();
+    let error = if !f.status.success() {
+        Some(format!(
+            "pgbench exited with {}: {}",
+            f.status,
+            first_error(&f.stderr)
+        ))
+    } else if all.contains("aborted") {
+        Some(format!("a client aborted: {}", first_error(&f.stderr)))
+    } else if failed != Some(0) {
+        Some(format!("failed transactions: {failed:?}"))
+    } else if tps.is_none() || processed.unwrap_or(0) == 0 {
+        Some("no tps / no transactions in pgbench output".into())
+    } else {
+        None
+    };
+    Run {
+        rep,
+        ok: error.is_none(),
+        tps,
+        processed,
+        failed,
+        latency_avg_ms: latency,
+        latency: None,
+        cpu_s: None,
+        cpu_us_per_query: None,
+        error,
+        log: log.display().to_string(),
+    }
+}
+
+fn first_error(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find(|l| l.contains("error") || l.contains("FATAL") || l.contains("abort"))
+        .or_else(|| stderr.lines().next())
+        .unwrap_or("")
+        .chars()
+        .take(300)
+        .collect()
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn summarize(target: Target, runs: Vec<Run>, unsupported: Option<&str>) -> Cell {
+    if let Some(why) = unsupported {
+        return Cell {
+            target,
+            status: "not supported".into(),
+            note: Some(why.into()),
+            median_tps: None,
+            min_tps: None,
+            max_tps: None,
+            spread_pct: None,
+            latency_p50_ms: None,
+            latency_p99_ms: None,
+            latency_p999_ms: None,
+            cpu_us_per_query: None,
+            runs,
+        };
+    }
+    let mut ok: Vec<f64> = runs.iter().filter(|r| r.ok).filter_map(|r| r.tps).collect();
+    let med = median(&mut ok);
+    let (min, max) = (ok.first().copied(), ok.last().copied());
+    let spread = match (med, min, max) {
+        (Some(m), Some(lo), Some(hi)) if m > 0.0 => Some((hi - lo) / m * 100.0),
+        _ => None,
+    };
+    let bad = runs.iter().filter(|r| !r.ok).count();
+    let note = (bad > 0).then(|| {
+        format!(
+            "{bad} of {} runs did not count: {}",
+            runs.len(),
+            runs.iter()
+                .find_map(|r| r.error.clone())
+                .unwrap_or_default()
+        )
+    });
+    Cell {
+        target,
+        status: if med.is_some() { "ok" } else { "failed" }.into(),
+        note,
+        median_tps: med,
+        min_tps: min,
+        max_tps: max,
+        spread_pct: spread,
+        latency_p50_ms: stat(&runs, |r| r.latency.map(|l| l.p50_ms)),
+        latency_p99_ms: stat(&runs, |r| r.latency.map(|l| l.p99_ms)),
+        latency_p999_ms: stat(&runs, |r| r.latency.map(|l| l.p999_ms)),
+        cpu_us_per_query: stat(&runs, |r| r.cpu_us_per_query),
+        runs,
+    }
+}
+
+/// Median of one figure over the counted runs.
+fn stat(runs: &[Run], f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
+    let mut v: Vec<f64> = runs.iter().filter(|r| r.ok).filter_map(f).collect();
+    median(&mut v)
+}
+
+// --- setup ------------------------------------------------------------------------------
+
+fn setup_postgres(
+    pg: &PgTools,
+    out: &Path,
+    run_as: Option<RunAs>,
+    services: &mut Services,
+    scale: u32,
+) -> Res<(u16, serde_json::Value)> {
+    let logs = out.join("logs");
+    let mut dir = out.join("pg");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    chown(&dir, run_as)?;
+    if run_as.is_some() {
+        let mut t = command("test", run_as);
+        t.arg("-w").arg(&dir);
+        if !t.status().map(|s| s.success()).unwrap_or(false) {
+            // The checkout's parents are closed to the account: use a private temp dir.
+            let tmp = PathBuf::from(format!("/tmp/helios-perf-pg.{}", std::process::id()));
+            let _ = fs::remove_dir_all(&tmp);
+            fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+            chown(&tmp, run_as)?;
+            log(format!(
+                "{RUN_AS_USER} cannot write {}; PostgreSQL lives in {} instead",
+                dir.display(),
+                tmp.display()
+            ));
+            dir = tmp;
+        }
+    }
+    let data = dir.join("data");
+    let port = free_port()?;
+    log(format!("initdb {}", data.display()));
+    let mut c = command(pg.tool("initdb"), run_as);
+    c.current_dir(&dir).arg("-D").arg(&data).args([
+        "-U",
+        DB_USER,
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
+        "--no-instructions",
+    ]);
+    let f = run_logged(&mut c, &logs.join("initdb"), Duration::from_secs(120))?;
+    if !f.status.success() {
+        return Err(format!("initdb failed: {}", f.stderr.trim()));
+    }
+    let settings: Vec<(&str, String)> = vec![
+        ("listen_addresses", "'127.0.0.1'".into()),
+        ("port", port.to_string()),
+        ("unix_socket_directories", format!("'{}'", dir.display())),
+        ("max_connections", "1200".into()),
+        ("shared_buffers", "'256MB'".into()),
+        ("fsync", "off".into()),
+        ("synchronous_commit", "off".into()),
+        ("full_page_writes", "off".into()),
+        ("max_wal_size", "'4GB'".into()),
+        ("checkpoint_timeout", "'30min'".into()),
+    ];
+    let mut conf = String::from("\n# helios-perf\n");
+    for (k, v) in &settings {
+        let _ = writeln!(conf, "{k} = {v}");
+    }
+    fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .and_then(|mut f| f.write_all(conf.as_bytes()))
+        .map_err(|e| format!("postgresql.conf: {e}"))?;
+    let mut c = command(pg.tool("postgres"), run_as);
+    c.current_dir(&dir).arg("-D").arg(&data);
+    start_service(
+        services,
+        "postgres",
+        &mut c,
+        &dir.join("postgres.log"),
+        libc::SIGINT,
+    )?;
+    wait_ready(pg, "postgres", port, "postgres", services, &logs)?;
+    psql(
+        pg,
+        port,
+        "postgres",
+        &format!("CREATE DATABASE {DB_NAME}"),
+        &logs.join("createdb"),
+    )?;
+    let version = psql(
+        pg,
+        port,
+        "postgres",
+        "SHOW server_version",
+        &logs.join("version"),
+    )?;
+    log(format!("pgbench -i -s {scale}"));
+    let mut c = command(pg.tool("pgbench"), None);
+    c.args([
+        "-i",
+        "-q",
+        "-s",
+        &scale.to_string(),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        DB_USER,
+        DB_NAME,
+    ]);
+    let f = run_logged(&mut c, &logs.join("pgbench-init"), Duration::from_secs(600))?;
+    if !f.status.success() {
+        return Err(format!("pgbench -i failed: {}", f.stderr.trim()));
+    }
+    let mut s = serde_json::Map::new();
+    s.insert("version".into(), version.into());
+    s.insert("port".into(), port.into());
+    s.insert("data".into(), data.display().to_string().into());
+    let mut set = serde_json::Map::new();
+    for (k, v) in settings {
+        if k != "port" && k != "unix_socket_directories" {
+            set.insert(k.into(), v.trim_matches('\'').into());
+        }
+    }
+    set.insert("auth".into(), "trust".into());
+    s.insert("settings".into(), set.into());
+    Ok((port, s.into()))
+}
+
+fn pgbouncer_version() -> Option<(u32, u32)> {
+    let v = capture("pgbouncer", &["--version"]);
+    let first = v.lines().next()?;
+    let num = first.split_whitespace().nth(1)?;
+    let mut it = num.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    Some((it.next()?, it.next()?))
+}
+
+fn setup_pgbouncer(
+    pg: &PgTools,
+    out: &Path,
+    run_as: Option<RunAs>,
+    services: &mut Services,
+    pg_port: u16,
+) -> Res<(u16, bool, serde_json::Value)> {
+    let (major, minor) =
+        pgbouncer_version().ok_or("pgbouncer not found (perf/run.sh installs Debian's package)")?;
+    let prepared = (major, minor) >= (1, 21);
+    let dir = out.join("pgbouncer");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    chown(&dir, run_as)?;
+    let port = free_port()?;
+    let userlist = dir.join("userlist.txt");
+    fs::write(&userlist, format!("\"{DB_USER}\" \"\"\n")).map_err(|e| e.to_string())?;
+    chown(&userlist, run_as)?;
+    let mut settings: Vec<(&str, String)> = vec![
+        ("listen_addr", "127.0.0.1".into()),
+        ("listen_port", port.to_string()),
+        ("unix_socket_dir", String::new()),
+        ("auth_type", "trust".into()),
+        ("auth_file", userlist.display().to_string()),
+        ("pool_mode", "transaction".into()),
+        ("default_pool_size", POOL_SIZE.to_string()),
+        ("max_client_conn", "12000".into()),
+        ("ignore_startup_parameters", "extra_float_digits".into()),
+        ("logfile", dir.join("pgbouncer.log").display().to_string()),
+        ("log_connections", "0".into()),
+        ("log_disconnections", "0".into()),
+    ];
+    if prepared {
+        settings.push(("max_prepared_statements", "200".into()));
+    }
+    let mut ini = format!(
+        "[databases]\n{DB_NAME} = host=127.0.0.1 port={pg_port} dbname={DB_NAME}\n\n[pgbouncer]\n"
+    );
+    for (k, v) in &settings {
+        let _ = writeln!(ini, "{k} = {v}");
+    }
+    let ini_path = dir.join("pgbouncer.ini");
+    fs::write(&ini_path, ini).map_err(|e| e.to_string())?;
+    let mut c = command("pgbouncer", run_as);
+    c.current_dir(&dir).arg(&ini_path);
+    // SIGINT is PgBouncer's "safe shutdown" (waits for clients); SIGTERM closes at once.
+    start_service(
+        services,
+        "pgbouncer",
+        &mut c,
+        &dir.join("stdout.log"),
+        libc::SIGTERM,
+    )?;
+    wait_ready(pg, "pgbouncer", port, DB_NAME, services, &out.join("logs"))?;
+    let mut s = serde_json::Map::new();
+    s.insert("version".into(), format!("{major}.{minor}").into());
+    s.insert("port".into(), port.into());
+    let mut set = serde_json::Map::new();
+    for (k, v) in settings {
+        if !matches!(
+            k,
+            "listen_port" | "auth_file" | "logfile" | "unix_socket_dir" | "listen_addr"
+        ) {
+            set.insert(k.into(), v.into());
+        }
+    }
+    s.insert("settings".into(), set.into());
+    Ok((port, prepared, s.into()))
+}
+
+fn setup_proxy(
+    pg: &PgTools,
+    out: &Path,
+    proxy_bin: &Path,
+    services: &mut Services,
+    pg_port: u16,
+) -> Res<(u16, serde_json::Value)> {
+    let dir = out.join("proxy");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let port = free_port()?;
+    let admin = free_port()?;
+    let config = format!(
+        "# Written by helios-perf.\n\
+         listen_address = \"127.0.0.1:{port}\"\n\
+         admin_address = \"127.0.0.1:{admin}\"\n\
+         workers = 0\n\n\
+         [pool_mode]\nmode = \"transaction\"\nmax_pool_size = {POOL_SIZE}\n\n\
+         [auth]\nmethod = \"trust\"\n\n\
+         [[users]]\nname = \"{DB_USER}\"\nauth_method = \"trust\"\n\n\
+         [[nodes]]\nname = \"perf-pg\"\nhost = \"127.0.0.1\"\nport = {pg_port}\nrole = \"primary\"\n\n\
+         [limits]\nmax_client_connections = 12000\n\n\
+         [timeouts]\nshutdown_timeout_secs = 5\n"
+    );
+    let cfg_path = dir.join("proxy.toml");
+    fs::write(&cfg_path, &config).map_err(|e| e.to_string())?;
+    let mut check = command(proxy_bin, None);
+    check.arg("--config").arg(&cfg_path).arg("--check-config");
+    let f = run_logged(
+        &mut check,
+        &out.join("logs").join("proxy-check-config"),
+        Duration::from_secs(30),
+    )?;
+    if !f.status.success() {
+        return Err(format!(
+            "the generated {} does not validate: {}",
+            cfg_path.display(),
+            f.stderr.trim()
+        ));
+    }
+    let mut c = command(proxy_bin, None);
+    c.arg("--config").arg(&cfg_path).env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+    );
+    start_service(
+        services,
+        "heliosdb-proxy",
+        &mut c,
+        &dir.join("proxy.log"),
+        libc::SIGTERM,
+    )?;
+    wait_ready(pg, "proxy", port, DB_NAME, services, &out.join("logs"))?;
+    let commit = capture("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = !capture("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let mut s = serde_json::Map::new();
+    s.insert("binary".into(), proxy_bin.display().to_string().into());
+    s.insert(
+        "commit".into(),
+        format!("{commit}{}", if dirty { "-dirty" } else { "" }).into(),
+    );
+    s.insert("port".into(), port.into());
+    let mut set = serde_json::Map::new();
+    set.insert("mode".into(), "transaction".into());
+    set.insert("max_pool_size".into(), POOL_SIZE.into());
+    set.insert("workers".into(), "0 (one per core)".into());
+    s.insert("settings".into(), set.into());
+    Ok((port, s.into()))
+}
+
+fn machine_info() -> serde_json::Value {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_kb: u64 = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")
+                .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0);
+    serde_json::json!({
+        "cpu": model,
+        "cpus": cpus,
+        "memory_mib": mem_kb / 1024,
+        "kernel": capture("uname", &["-sr"]),
+        "host": capture("uname", &["-n"]),
+    })
+}
+
+// --- main loop --------------------------------------------------------------------------
+
+const IDLE_NAME: &str = "idle-clients";
+
+/// Resident set size of a process in KiB, from /proc/PID/status.
+fn rss_kib(pid: libc::pid_t) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
+/// Opens a connection and logs in (trust): StartupMessage, then reads until
+/// ReadyForQuery.
+fn login(port: u16) -> Res<std::net::TcpStream> {
+    use std::io::Read;
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|e| e.to_string())?;
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    for kv in ["user", DB_USER, "database", DB_NAME] {
+        body.extend_from_slice(kv.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    sock.write_all(&msg).map_err(|e| e.to_string())?;
+    loop {
+        let mut head = [0u8; 5];
+        sock.read_exact(&mut head)
+            .map_err(|e| format!("login: {e}"))?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut rest = vec![0u8; len.saturating_sub(4)];
+        sock.read_exact(&mut rest)
+            .map_err(|e| format!("login: {e}"))?;
+        match head[0] {
+            b'Z' => return Ok(sock),
+            b'E' => {
+                let text: String = String::from_utf8_lossy(&rest)
+                    .split('\0')
+                    .filter(|f| f.starts_with('M'))
+                    .map(|f| f[1..].to_string())
+                    .collect();
+                return Err(format!("login refused: {text}"));
+            }
+            b'R' if rest.get(..4) != Some(&[0, 0, 0, 0]) => {
+                return Err("the server asks for a password (expected trust)".into())
+            }
+            _ => {}
+        }
+    }
+}
+
+/// RSS of a pooler before and after `n` logged-in idle clients.
+fn measure_idle(env: &Env, t: Target, n: usize) -> IdleResult {
+    let pid = env.pids[t as usize];
+    let before = pid.and_then(rss_kib);
+    let mut held = Vec::with_capacity(n);
+    let mut error = None;
+    for _ in 0..n {
+        if interrupted() {
+            error = Some("interrupted".into());
+            break;
+        }
+        match login(env.port(t)) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                error = Some(format!("after {} clients: {e}", held.len()));
+                break;
+            }
+        }
+    }
+    // Let the pooler settle (buffers released after login) before reading its RSS.
+    sleep(Duration::from_secs(1));
+    let after = pid.and_then(rss_kib);
+    let bytes_per_client = match (before, after) {
+        (Some(b), Some(a)) if !held.is_empty() => {
+            Some((a as f64 - b as f64) * 1024.0 / held.len() as f64)
+        }
+        _ => None,
+    };
+    let clients_held = held.len();
+    drop(held);
+    sleep(Duration::from_millis(500));
+    IdleResult {
+        target: t,
+        clients_requested: n,
+        clients_held,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        bytes_per_client,
+        error,
+    }
+}
+
+fn run_pgbench(
+    env: &Env,
+    w: &Workload,
+    t: Target,
+    rep: u32,
+    duration_s: u32,
+    runs_dir: &Path,
+) -> Res<Run> {
+    let mut c = command(env.pg.tool("pgbench"), None);
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &env.port(t).to_string(),
+        "-U",
+        DB_USER,
+    ])
+    .args(w.pgbench_args(duration_s));
+    let file = format!("{}-{}-r{}", w.name, t.name(), rep + 1);
+    let base = runs_dir.join(&file);
+    let txlog = format!("{file}.txlog");
+    if w.latency {
+        c.arg("-l")
+            .arg(format!("--log-prefix={}", runs_dir.join(&txlog).display()));
+    }
+    c.arg(DB_NAME);
+    let limit = Duration::from_secs(u64::from(duration_s) * 3 + 60);
+    let pid = if w.cpu { env.pids[t as usize] } else { None };
+    let cpu_before = pid.and_then(proc_cpu_seconds);
+    let f = run_logged(&mut c, &base, limit)?;
+    let cpu_after = pid.and_then(proc_cpu_seconds);
+    let mut r = judge(rep, &f, &base.with_extension("out"));
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        r.cpu_s = Some(b - a);
+        r.cpu_us_per_query = r
+            .processed
+            .filter(|&n| n > 0)
+            .map(|n| (b - a) / n as f64 * 1e6);
+    }
+    if w.latency {
+        r.latency = latency_from_logs(runs_dir, &txlog);
+    }
+    Ok(r)
+}
+
+/// User + system CPU seconds of a process (all its threads), from /proc/PID/stat.
+fn proc_cpu_seconds(pid: libc::pid_t) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (hz > 0.0).then(|| (utime + stime) / hz)
+}
+
+/// Percentiles of the per-transaction latencies (third column, microseconds) of every
+/// `<prefix>.<pid>[.<thread>]` file pgbench wrote; failed or skipped ones are left out.
+fn latency_from_logs(dir: &Path, prefix: &str) -> Option<Latency> {
+    let mut us: Vec<u64> = Vec::new();
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&format!("{prefix}.")) {
+            continue;
+        }
+        let text = fs::read_to_string(e.path()).ok()?;
+        us.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()),
+        );
+    }
+    if us.is_empty() {
+        return None;
+    }
+    us.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((p * us.len() as f64).ceil() as usize).clamp(1, us.len()) - 1;
+        us[i] as f64 / 1000.0
+    };
+    Some(Latency {
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        samples: us.len(),
+    })
+}
+
+fn fmt_tps(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into())
+}
+
+fn fmt_ratio(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into())
+}
+
+fn cell_text(c: &Cell) -> String {
+    match c.status.as_str() {
+        "ok" => match c.spread_pct {
+            Some(s) if c.runs.iter().filter(|r| r.ok).count() > 1 => {
+                format!("{} ±{:.1}%", fmt_tps(c.median_tps), s / 2.0)
+            }
+            _ => fmt_tps(c.median_tps),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn terminal_table(r: &Report) -> String {
+    let mut s = String::new();
+    if !r.workloads.is_empty() {
+        let _ = writeln!(
+            s,
+            "{:<22} {:>16} {:>16} {:>16} {:>13} {:>13}",
+            "workload (TPS)", "direct", "pgbouncer", "proxy", "proxy/direct", "proxy/pgb"
+        );
+    }
+    for w in &r.workloads {
+        let _ = writeln!(
+            s,
+            "{:<22} {:>16} {:>16} {:>16} {:>13} {:>13}",
+            w.workload.name,
+            cell_text(&w.cells[0]),
+            cell_text(&w.cells[1]),
+            cell_text(&w.cells[2]),
+            fmt_ratio(w.proxy_vs_direct),
+            fmt_ratio(w.proxy_vs_pgbouncer)
+        );
+    }
+    s.push_str(&extra_tables(r, false));
+    for w in &r.workloads {
+        for c in &w.cells {
+            if let Some(n) = &c.note {
+                let _ = writeln!(s, "  {} / {}: {n}", w.workload.name, c.target.name());
+            }
+        }
+    }
+    s
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into())
+}
+
+/// Latency and CPU tables (terminal layout, or Markdown when `md`).
+fn extra_tables(r: &Report, md: bool) -> String {
+    let mut s = String::new();
+    let lat: Vec<&WorkloadResult> = r.workloads.iter().filter(|w| w.workload.latency).collect();
+    if !lat.is_empty() {
+        let head = [
+            "latency ms p50/p99/p99.9",
+            "direct",
+            "pgbouncer",
+            "proxy",
+            "proxy p99/p50",
+            "proxy/direct p50",
+        ];
+        if md {
+            let _ = writeln!(
+                s,
+                "\nLatency (ms, from pgbench's per-transaction log; medians of the runs):\n"
+            );
+            let _ = writeln!(
+                s,
+                "| {} |\n| --- | ---: | ---: | ---: | ---: | ---: |",
+                head.join(" | ")
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "\n{:<26} {:>22} {:>22} {:>22} {:>14} {:>17}",
+                head[0], head[1], head[2], head[3], head[4], head[5]
+            );
+        }
+        for w in lat {
+            let cell = |c: &Cell| {
+                if c.latency_p50_ms.is_none() {
+                    return if c.status == "ok" {
+                        "-".to_string()
+                    } else {
+                        c.status.clone()
+                    };
+                }
+                format!(
+                    "{}/{}/{}",
+                    fmt_ms(c.latency_p50_ms),
+                    fmt_ms(c.latency_p99_ms),
+                    fmt_ms(c.latency_p999_ms)
+                )
+            };
+            let p = &w.cells[2];
+            let tail = match (p.latency_p99_ms, p.latency_p50_ms) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let vs = match (p.latency_p50_ms, w.cells[0].latency_p50_ms) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let row = [
+                w.workload.name.clone(),
+                cell(&w.cells[0]),
+                cell(&w.cells[1]),
+                cell(&w.cells[2]),
+                fmt_ratio(tail),
+                fmt_ratio(vs),
+            ];
+            if md {
+                let _ = writeln!(s, "| {} |", row.join(" | "));
+            } else {
+                let _ = writeln!(
+                    s,
+                    "{:<26} {:>22} {:>22} {:>22} {:>14} {:>17}",
+                    row[0], row[1], row[2], row[3], row[4], row[5]
+                );
+            }
+        }
+    }
+    for w in r.workloads.iter().filter(|w| w.workload.cpu) {
+        let us = |c: &Cell| {
+            c.cpu_us_per_query
+                .map(|x| format!("{x:.1} µs"))
+                .unwrap_or_else(|| "-".into())
+        };
+        let ratio = match (w.cells[2].cpu_us_per_query, w.cells[1].cpu_us_per_query) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let _ = writeln!(
+            s,
+            "\nCPU (user+system) per query during {}: pgbouncer {}, proxy {} (proxy/pgbouncer {})",
+            w.workload.name,
+            us(&w.cells[1]),
+            us(&w.cells[2]),
+            fmt_ratio(ratio),
+        );
+    }
+    if !md && !r.idle_clients.is_empty() {
+        s.push('\n');
+    }
+    for i in &r.idle_clients {
+        let _ = writeln!(
+            s,
+            "{}Idle clients, {}: {} of {} logged in and held; RSS {} -> {} KiB = {} bytes per client{}",
+            if md { "\n" } else { "" },
+            i.target.name(),
+            i.clients_held,
+            i.clients_requested,
+            i.rss_before_kib.map_or("-".into(), |v| v.to_string()),
+            i.rss_after_kib.map_or("-".into(), |v| v.to_string()),
+            i.bytes_per_client.map_or("-".into(), |v| format!("{v:.0}")),
+            i.error.as_ref().map_or(String::new(), |e| format!(" ({e})"))
+        );
+    }
+    s
+}
+
+fn json_kv(v: &serde_json::Value) -> String {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# helios-perf report ({} mode, {})\n",
+        if r.mode == Mode::Quick {
+            "quick"
+        } else {
+            "full"
+        },
+        r.date_utc
+    );
+    if !r.complete {
+        let _ = writeln!(
+            s,
+            "**Incomplete run** (interrupted or failed): only the workloads below were measured.\n"
+        );
+    }
+    let m = &r.machine;
+    let _ = writeln!(
+        s,
+        "Machine: {} × {} CPUs, {} MiB, {} ({})  ",
+        m["cpus"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["memory_mib"],
+        m["kernel"].as_str().unwrap_or(""),
+        m["host"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "PostgreSQL {}: {}  ",
+        r.postgres["version"].as_str().unwrap_or(""),
+        json_kv(&r.postgres["settings"])
+    );
+    let _ = writeln!(
+        s,
+        "PgBouncer {}: {}  ",
+        r.pgbouncer["version"].as_str().unwrap_or(""),
+        json_kv(&r.pgbouncer["settings"])
+    );
+    let _ = writeln!(
+        s,
+        "HeliosProxy {}: {}  ",
+        r.proxy["commit"].as_str().unwrap_or(""),
+        json_kv(&r.proxy["settings"])
+    );
+    let _ = writeln!(s, "pgbench: {}\n", json_kv(&r.pgbench));
+    let _ = writeln!(
+        s,
+        "TPS: median of the counted runs, with min–max when there are several.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| workload | direct | pgbouncer | proxy | proxy/direct | proxy/pgbouncer |"
+    );
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    let md_cell = |c: &Cell| -> String {
+        match c.status.as_str() {
+            "ok" if c.runs.iter().filter(|r| r.ok).count() > 1 => {
+                format!(
+                    "{} ({}–{})",
+                    fmt_tps(c.median_tps),
+                    fmt_tps(c.min_tps),
+                    fmt_tps(c.max_tps)
+                )
+            }
+            "ok" => fmt_tps(c.median_tps),
+            other => other.into(),
+        }
+    };
+    for w in &r.workloads {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            w.workload.name,
+            md_cell(&w.cells[0]),
+            md_cell(&w.cells[1]),
+            md_cell(&w.cells[2]),
+            fmt_ratio(w.proxy_vs_direct),
+            fmt_ratio(w.proxy_vs_pgbouncer)
+        );
+    }
+    s.push_str(&extra_tables(r, true));
+    let _ = writeln!(s, "\nWorkloads:\n");
+    for w in &r.workloads {
+        let _ = writeln!(
+            s,
+            "- `{}`: {} (`pgbench {}`)",
+            w.workload.name, w.workload.description, w.pgbench_args
+        );
+        for c in &w.cells {
+            if let Some(n) = &c.note {
+                let _ = writeln!(s, "  - {}: {n}", c.target.name());
+            }
+        }
+    }
+    s
+}
+
+fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
+    let pg = PgTools::find()?;
+    let run_as = if unsafe { libc::geteuid() } == 0 {
+        Some(lookup_user(RUN_AS_USER).ok_or_else(|| {
+            format!("running as root, PostgreSQL needs an unprivileged account: useradd --system {RUN_AS_USER}")
+        })?)
+    } else {
+        None
+    };
+    let out = &opts.out;
+    if let Ok(pid) = fs::read_to_string(out.join("pg/data/postmaster.pid")) {
+        if let Some(pid) = pid
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<libc::pid_t>().ok())
+        {
+            // SAFETY: signal 0 only checks existence.
+            if unsafe { libc::kill(pid, 0) } == 0 {
+                return Err(format!(
+                    "an earlier run's PostgreSQL still runs (pid {pid}): kill -INT {pid}"
+                ));
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(out);
+    for d in ["logs", "runs"] {
+        fs::create_dir_all(out.join(d)).map_err(|e| format!("{}: {e}", out.join(d).display()))?;
+    }
+    let mut selected = workloads(opts.mode);
+    let mut idle = true;
+    if let Some(only) = &opts.only {
+        selected.retain(|w| w.name == *only || w.name.starts_with(only.as_str()));
+        idle = IDLE_NAME.starts_with(only.as_str());
+        if selected.is_empty() && !idle {
+            return Err(format!("no workload named {only} (--list shows them)"));
+        }
+    }
+
+    let (pg_port, pg_info) = setup_postgres(&pg, out, run_as, services, opts.scale)?;
+    report.postgres = pg_info;
+    let (pgb_port, pgb_prepared, pgb_info) = setup_pgbouncer(&pg, out, run_as, services, pg_port)?;
+    let pgb_pid = services.0.last().map(|s| pid_of(&s.child));
+    report.pgbouncer = pgb_info;
+    let (proxy_port, proxy_info) = setup_proxy(&pg, out, &opts.proxy_bin, services, pg_port)?;
+    report.proxy = proxy_info;
+    let proxy_pid = services.0.last().map(|s| pid_of(&s.child));
+    let env = Env {
+        pg,
+        ports: [pg_port, pgb_port, proxy_port],
+        pids: [None, pgb_pid, proxy_pid],
+        pgbouncer_prepared: pgb_prepared,
+    };
+
+    // Warm-up (not counted): fills the poolers' backend pools and PostgreSQL's caches.
+    let warm = Workload {
+        name: "warmup".into(),
+        kind: Kind::SelectSimple,
+        clients: 16,
+        description: "",
+        latency: false,
+        cpu: false,
+    };
+    for t in TARGETS {
+        services.check_alive()?;
+        let r = run_pgbench(&env, &warm, t, 0, 1, &out.join("logs"))?;
+        if !r.ok {
+            return Err(format!(
+                "warm-up against {} failed: {}",
+                t.name(),
+                r.error.unwrap_or_default()
+            ));
+        }
+    }
+
+    let runs_dir = out.join("runs");
+    for w in &selected {
+        let mut runs: Vec<Vec<Run>> = vec![Vec::new(), Vec::new(), Vec::new()];
+        for rep in 0..opts.reps {
+            for t in TARGETS {
+                if env.unsupported(w, t).is_some() {
+                    continue;
+                }
+                services.check_alive()?;
+                log(format!(
+                    "{} rep {}/{} {}",
+                    w.name,
+                    rep + 1,
+                    opts.reps,
+                    t.name()
+                ));
+                let r = run_pgbench(&env, w, t, rep, opts.duration_s, &runs_dir)?;
+                match &r.error {
+                    None => log(format!("  {} TPS", fmt_tps(r.tps))),
+                    Some(e) => log(format!("  does not count: {e}")),
+                }
+                runs[t as usize].push(r);
+            }
+        }
+        let cells: Vec<Cell> = TARGETS
+            .iter()
+            .zip(runs)
+            .map(|(&t, r)| summarize(t, r, env.unsupported(w, t)))
+            .collect();
+        let ratio = |a: &Cell, b: &Cell| match (a.median_tps, b.median_tps) {
+            (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+            _ => None,
+        };
+        report.workloads.push(WorkloadResult {
+            workload: w.clone(),
+            pgbench_args: w.pgbench_args(opts.duration_s).join(" "),
+            proxy_vs_direct: ratio(&cells[2], &cells[0]),
+            proxy_vs_pgbouncer: ratio(&cells[2], &cells[1]),
+            cells,
+        });
+    }
+    if idle {
+        let n = opts.idle_clients.unwrap_or(match opts.mode {
+            Mode::Quick => 1000,
+            Mode::Full => 10000,
+        });
+        for t in [Target::Pgbouncer, Target::Proxy] {
+            services.check_alive()?;
+            if interrupted() {
+                return Err("interrupted".into());
+            }
+            log(format!(
+                "{IDLE_NAME}: {n} logged-in idle clients on {}",
+                t.name()
+            ));
+            let r = measure_idle(&env, t, n);
+            log(format!(
+                "  {} held, {} bytes per client{}",
+                r.clients_held,
+                r.bytes_per_client.map_or("-".into(), |b| format!("{b:.0}")),
+                r.error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" ({e})"))
+            ));
+            report.idle_clients.push(r);
+        }
+    }
+    report.complete = true;
+    Ok(())
+}
+
+fn write_reports(out: &Path, report: &Report) -> Res<()> {
+    let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    fs::write(out.join("report.json"), json + "\n").map_err(|e| e.to_string())?;
+    fs::write(out.join("report.md"), markdown(report)).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Raises the soft file-descriptor limit to the hard one (inherited by the servers).
+fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 0;
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+        rl.rlim_cur
+    }
+}
+
+fn main() {
+    install_signal_handlers();
+    let fd_limit = raise_fd_limit();
+    let opts = parse_opts();
+    let mut report = Report {
+        date_utc: capture("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+        mode: opts.mode,
+        complete: false,
+        machine: machine_info(),
+        postgres: serde_json::Value::Null,
+        pgbouncer: serde_json::Value::Null,
+        proxy: serde_json::Value::Null,
+        pgbench: serde_json::json!({
+            "scale": opts.scale,
+            "duration_s": opts.duration_s,
+            "reps": opts.reps,
+            "order": "per workload: direct, pgbouncer, proxy, repeated",
+            "jobs": "min(clients, 16)",
+            "fd_limit": fd_limit,
+        }),
+        workloads: Vec::new(),
+        idle_clients: Vec::new(),
+    };
+    let result = {
+        let mut services = Services::default();
+        let r = run(&opts, &mut services, &mut report);
+        // Dropping `services` stops every server by PID, in reverse start order.
+        drop(services);
+        r
+    };
+    if !report.workloads.is_empty() || result.is_ok() {
+        if let Err(e) = write_reports(&opts.out, &report) {
+            eprintln!("helios-perf: cannot write the report: {e}");
+        }
+        println!();
+        print!("{}", terminal_table(&report));
+        println!(
+            "\nreports: {} and {}",
+            opts.out.join("report.md").display(),
+            opts.out.join("report.json").display()
+        );
+    }
+    if let Err(e) = result {
+        eprintln!("helios-perf: {e}");
+        std::process::exit(if interrupted() { 130 } else { 1 });
+    }
+}
