@@ -88,20 +88,8 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
         return;
     };
     let pool = ctx.pool(node, &login.database, &login.user);
-    let mut backend = match acquire_watching_client(&pool, &mut client).await {
-        None => return,
-        Some(Err(e)) => {
-            log::warn!("pool {}: {e}", pool.label);
-            let mut out = Vec::new();
-            match e {
-                crate::pool::AcquireError::Connect(e) => e.encode_for_client(&mut out),
-                timeout => be::write_error(&mut out, "FATAL", "53300", &timeout.to_string()),
-            }
-            let _ = client.write_all(&out).await;
-            let _ = client.close().await;
-            return;
-        }
-        Some(Ok(b)) => b,
+    let Some(mut backend) = acquire_or_report(&pool, &mut client).await else {
+        return;
     };
     match apply_params(ctx, &mut backend, &login.params).await {
         Ok(None) => {}
@@ -153,6 +141,38 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
     cancel.detach();
     ctx.cancels.unregister(cancel.pid);
     release::finish(ctx, &pool, client, backend, end, track, up).await;
+}
+
+/// Takes a connection for this client (see [`acquire_watching_client`]), or tells the
+/// client why there is none and closes it.
+pub(crate) async fn acquire_or_report(
+    pool: &Rc<Pool>,
+    client: &mut TcpStream,
+) -> Option<BackendConn> {
+    match acquire_watching_client(pool, client).await? {
+        Ok(backend) => Some(backend),
+        Err(e) => {
+            report_acquire_error(pool, client, e).await;
+            None
+        }
+    }
+}
+
+/// FATAL 53300 naming the pool (or the connect error), then close: the client cannot be
+/// served.
+pub(crate) async fn report_acquire_error(
+    pool: &Pool,
+    client: &mut TcpStream,
+    error: crate::pool::AcquireError,
+) {
+    log::warn!("pool {}: {error}", pool.label);
+    let mut out = Vec::new();
+    match error {
+        crate::pool::AcquireError::Connect(e) => e.encode_for_client(&mut out),
+        timeout => be::write_error(&mut out, "FATAL", "53300", &timeout.to_string()),
+    }
+    let _ = client.write_all(&out).await;
+    let _ = client.close().await;
 }
 
 /// Waits for a backend, giving up if the client disconnects meanwhile (its place in the

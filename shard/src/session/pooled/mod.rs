@@ -18,14 +18,15 @@ use glommio::net::TcpStream;
 use crate::backend::{BackendConn, Settings};
 use crate::bufpool::Buf;
 use crate::cancel::{CancelHandle, CancelTarget};
-use crate::codec::backend as be;
 use crate::config::PoolMode;
 use crate::context::ShardCtx;
 use crate::pool::Pool;
 
 use super::login::{send_fatal, Login};
 use super::pump::{PumpEnd, ReadPooled};
-use super::{acquire_watching_client, apply_params, idle_wait, release, welcome, Wake};
+use super::{
+    acquire_or_report, apply_params, idle_wait, release, report_acquire_error, welcome, Wake,
+};
 use pump::{DownLane, Flow, PooledPump, UpLane};
 use responses::Responses;
 use upstream::{ClientStatements, LeaseNotes, Upstream};
@@ -65,7 +66,7 @@ async fn start(
     login: &Login,
     cancel: &CancelHandle,
 ) -> Option<ClientState> {
-    let mut backend = acquire_or_report(ctx, pool, client).await?;
+    let mut backend = acquire_or_report(pool, client).await?;
     let mut buf = ctx.bufs.take();
     if !settings::same(&backend.settings, &Settings::default()) {
         // Start every client from the server's defaults.
@@ -138,30 +139,6 @@ async fn start(
     welcomed.then_some(state)
 }
 
-/// Takes a connection for this client, or tells the client why there is none.
-async fn acquire_or_report(
-    ctx: &ShardCtx,
-    pool: &Rc<Pool>,
-    client: &mut TcpStream,
-) -> Option<BackendConn> {
-    match acquire_watching_client(pool, client).await {
-        None => None,
-        Some(Ok(backend)) => Some(backend),
-        Some(Err(e)) => {
-            log::warn!("pool {}: {e}", pool.label);
-            let mut out = Vec::new();
-            match e {
-                crate::pool::AcquireError::Connect(e) => e.encode_for_client(&mut out),
-                timeout => be::write_error(&mut out, "FATAL", "53300", &timeout.to_string()),
-            }
-            let _ = client.write_all(&out).await;
-            let _ = client.close().await;
-            let _ = ctx;
-            None
-        }
-    }
-}
-
 /// Brings a connection back to the server defaults and pools it (or closes it).
 async fn reset_and_release(ctx: &ShardCtx, pool: &Rc<Pool>, mut backend: BackendConn) {
     let mut buf = ctx.bufs.take();
@@ -225,14 +202,7 @@ async fn run(
         let mut backend = match pool.acquire().await {
             Ok(b) => b,
             Err(e) => {
-                log::warn!("pool {}: {e}", pool.label);
-                let mut out = Vec::new();
-                match e {
-                    crate::pool::AcquireError::Connect(e) => e.encode_for_client(&mut out),
-                    timeout => be::write_error(&mut out, "FATAL", "53300", &timeout.to_string()),
-                }
-                let _ = client.write_all(&out).await;
-                let _ = client.close().await;
+                report_acquire_error(pool, &mut client, e).await;
                 return;
             }
         };
