@@ -7,7 +7,8 @@
 # that the tests run initdb/postgres as (PostgreSQL refuses to run as root). It also installs
 # the client drivers tests/e2e_drivers.rs runs: psycopg 3 and asyncpg in a virtualenv at
 # target/drivers/venv (pinned in tests/drivers/python/requirements.txt), node-postgres by
-# `npm ci` in tests/drivers/node, and Debian's JDK with pgjdbc (libpostgresql-jdbc-java).
+# `npm ci` in tests/drivers/node, Debian's JDK with pgjdbc (libpostgresql-jdbc-java), and
+# Debian's PgBouncer for the benchmark harness's smoke test (perf/tests/smoke.rs).
 # When all of that is already there it goes straight to cargo.
 #
 # Environment: HELIOS_TEST_TARGET=direct runs the end-to-end scenarios against PostgreSQL
@@ -80,6 +81,12 @@ install_postgresql() {
     # pgbench ships with the server on Debian 12, in postgresql-contrib on older releases.
     if ! have_tool pgbench; then
         apt_install postgresql-contrib
+    fi
+    # perf/tests/smoke.rs runs the benchmark harness, which compares against PgBouncer.
+    if ! have_tool pgbouncer && [ ! -x /usr/sbin/pgbouncer ]; then
+        apt_install pgbouncer
+        # Debian's package may start a system instance; the harness runs its own.
+        as_root sh -c 'command -v service >/dev/null 2>&1 && service pgbouncer stop >/dev/null 2>&1' || true
     fi
     pg_bin_dir >/dev/null || { echo "scripts/test.sh: PostgreSQL server still missing" >&2; exit 1; }
     have_tool psql || { echo "scripts/test.sh: psql still missing" >&2; exit 1; }

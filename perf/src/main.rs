@@ -81,8 +81,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: helios-perf [--quick|--full] [--only WORKLOAD] --proxy-bin PATH [--out DIR]\n\
          \x20                  [--scale N] [--duration SECS] [--reps N] [--idle CLIENTS]\n\
-         WORKLOAD is a workload name or a prefix of names (e.g. select-simple); \
-         --list prints them."
+         WORKLOAD is a workload name or a prefix of names (e.g. select-simple), or a \
+         comma-separated list of them; --list prints them."
     );
     std::process::exit(2);
 }
@@ -414,6 +414,47 @@ fn chown(path: &Path, run_as: Option<RunAs>) -> Res<()> {
         ));
     }
     Ok(())
+}
+
+/// A directory the service account can write: `wanted` when it can reach it, otherwise a
+/// private one under /tmp (a checkout under a closed home directory is not reachable by
+/// `helios-test`). Temp dirs are listed in `TEMP_DIRS` and removed when the run ends.
+fn service_dir(wanted: &Path, run_as: Option<RunAs>, label: &str) -> Res<PathBuf> {
+    fs::create_dir_all(wanted).map_err(|e| e.to_string())?;
+    chown(wanted, run_as)?;
+    if run_as.is_none() {
+        return Ok(wanted.to_path_buf());
+    }
+    let mut t = command("test", run_as);
+    t.arg("-w").arg(wanted);
+    if t.status().map(|s| s.success()).unwrap_or(false) {
+        return Ok(wanted.to_path_buf());
+    }
+    let tmp = PathBuf::from(format!("/tmp/helios-perf-{label}.{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    chown(&tmp, run_as)?;
+    log(format!(
+        "{RUN_AS_USER} cannot write {}; {label} lives in {} instead",
+        wanted.display(),
+        tmp.display()
+    ));
+    TEMP_DIRS.with(|d| d.borrow_mut().push(tmp.clone()));
+    Ok(tmp)
+}
+
+thread_local! {
+    /// Fallback service directories created under /tmp, removed at the end of the run.
+    static TEMP_DIRS: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Removes the fallback directories (after every service has stopped).
+fn remove_temp_dirs() {
+    TEMP_DIRS.with(|d| {
+        for dir in d.borrow_mut().drain(..) {
+            let _ = fs::remove_dir_all(dir);
+        }
+    });
 }
 
 fn lookup_user(name: &str) -> Option<RunAs> {
@@ -812,26 +853,7 @@ fn setup_postgres(
     scale: u32,
 ) -> Res<(u16, serde_json::Value)> {
     let logs = out.join("logs");
-    let mut dir = out.join("pg");
-    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    chown(&dir, run_as)?;
-    if run_as.is_some() {
-        let mut t = command("test", run_as);
-        t.arg("-w").arg(&dir);
-        if !t.status().map(|s| s.success()).unwrap_or(false) {
-            // The checkout's parents are closed to the account: use a private temp dir.
-            let tmp = PathBuf::from(format!("/tmp/helios-perf-pg.{}", std::process::id()));
-            let _ = fs::remove_dir_all(&tmp);
-            fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
-            chown(&tmp, run_as)?;
-            log(format!(
-                "{RUN_AS_USER} cannot write {}; PostgreSQL lives in {} instead",
-                dir.display(),
-                tmp.display()
-            ));
-            dir = tmp;
-        }
-    }
+    let dir = service_dir(&out.join("pg"), run_as, "pg")?;
     let data = dir.join("data");
     let port = free_port()?;
     log(format!("initdb {}", data.display()));
@@ -929,8 +951,20 @@ fn setup_postgres(
     Ok((port, s.into()))
 }
 
+/// PgBouncer's binary: on PATH, or where Debian puts it (/usr/sbin is not on every PATH).
+fn pgbouncer_bin() -> String {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("pgbouncer").is_file()))
+        .unwrap_or(false);
+    if !on_path && Path::new("/usr/sbin/pgbouncer").is_file() {
+        "/usr/sbin/pgbouncer".into()
+    } else {
+        "pgbouncer".into()
+    }
+}
+
 fn pgbouncer_version() -> Option<(u32, u32)> {
-    let v = capture("pgbouncer", &["--version"]);
+    let v = capture(&pgbouncer_bin(), &["--version"]);
     let first = v.lines().next()?;
     let num = first.split_whitespace().nth(1)?;
     let mut it = num.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
@@ -947,9 +981,7 @@ fn setup_pgbouncer(
     let (major, minor) =
         pgbouncer_version().ok_or("pgbouncer not found (perf/run.sh installs Debian's package)")?;
     let prepared = (major, minor) >= (1, 21);
-    let dir = out.join("pgbouncer");
-    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    chown(&dir, run_as)?;
+    let dir = service_dir(&out.join("pgbouncer"), run_as, "pgbouncer")?;
     let port = free_port()?;
     let userlist = dir.join("userlist.txt");
     fs::write(&userlist, format!("\"{DB_USER}\" \"\"\n")).map_err(|e| e.to_string())?;
@@ -979,7 +1011,7 @@ fn setup_pgbouncer(
     }
     let ini_path = dir.join("pgbouncer.ini");
     fs::write(&ini_path, ini).map_err(|e| e.to_string())?;
-    let mut c = command("pgbouncer", run_as);
+    let mut c = command(&pgbouncer_bin(), run_as);
     c.current_dir(&dir).arg(&ini_path);
     // SIGINT is PgBouncer's "safe shutdown" (waits for clients); SIGTERM closes at once.
     start_service(
@@ -1614,10 +1646,30 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
     let mut selected = workloads(opts.mode);
     let mut idle = true;
     if let Some(only) = &opts.only {
-        selected.retain(|w| w.name == *only || w.name.starts_with(only.as_str()));
-        idle = IDLE_NAME.starts_with(only.as_str());
-        if selected.is_empty() && !idle {
-            return Err(format!("no workload named {only} (--list shows them)"));
+        let all = std::mem::take(&mut selected);
+        idle = false;
+        // A comma-separated list; an exact name picks that workload alone, anything else
+        // is a prefix.
+        for pick in only.split(',').filter(|p| !p.is_empty()) {
+            let exact = all.iter().any(|w| w.name == pick) || pick == IDLE_NAME;
+            let matches = |name: &str| {
+                if exact {
+                    name == pick
+                } else {
+                    name.starts_with(pick)
+                }
+            };
+            let before = selected.len();
+            for w in all.iter().filter(|w| matches(&w.name)) {
+                if !selected.iter().any(|s: &Workload| s.name == w.name) {
+                    selected.push(w.clone());
+                }
+            }
+            let picks_idle = matches(IDLE_NAME);
+            idle |= picks_idle;
+            if selected.len() == before && !picks_idle && !all.iter().any(|w| matches(&w.name)) {
+                return Err(format!("no workload named {pick} (--list shows them)"));
+            }
         }
     }
 
@@ -1780,6 +1832,7 @@ fn main() {
         let r = run(&opts, &mut services, &mut report);
         // Dropping `services` stops every server by PID, in reverse start order.
         drop(services);
+        remove_temp_dirs();
         r
     };
     if !report.workloads.is_empty() || result.is_ok() {
