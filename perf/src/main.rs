@@ -1011,7 +1011,7 @@ fn setup_pgbouncer(
     }
     let ini_path = dir.join("pgbouncer.ini");
     fs::write(&ini_path, ini).map_err(|e| e.to_string())?;
-    let mut c = command(&pgbouncer_bin(), run_as);
+    let mut c = command(pgbouncer_bin(), run_as);
     c.current_dir(&dir).arg(&ini_path);
     // SIGINT is PgBouncer's "safe shutdown" (waits for clients); SIGTERM closes at once.
     start_service(
