@@ -82,6 +82,13 @@ install_postgresql() {
     if ! have_tool pgbench; then
         apt_install postgresql-contrib
     fi
+    # tests/e2e_admin_api.rs runs the API reference's drain procedure with curl and jq.
+    local tools=()
+    command -v curl >/dev/null 2>&1 || tools+=(curl)
+    command -v jq >/dev/null 2>&1 || tools+=(jq)
+    if [ "${#tools[@]}" -gt 0 ]; then
+        apt_install "${tools[@]}"
+    fi
     # perf/tests/smoke.rs runs the benchmark harness, which compares against PgBouncer.
     if ! have_tool pgbouncer && [ ! -x /usr/sbin/pgbouncer ]; then
         apt_install pgbouncer

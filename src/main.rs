@@ -1,11 +1,14 @@
 //! heliosdb-proxy: the process. Parses the command line, loads and validates the
 //! configuration, checks the kernel can run the io_uring data plane, starts one shard per
-//! worker, and stops them gracefully on SIGTERM/SIGINT.
+//! worker and the control threads (admin API, metrics), reloads on SIGHUP, and stops
+//! gracefully on SIGTERM/SIGINT.
 
 mod cli;
+mod control;
 mod preflight;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
@@ -31,13 +34,14 @@ fn main() -> ExitCode {
         eprintln!("heliosdb-proxy: {problem}");
         return ExitCode::from(1);
     }
-    run(Arc::new(config))
+    run(Arc::new(config), args)
 }
 
-fn run(config: Arc<helios_shard::config::Config>) -> ExitCode {
+fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
     let signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ]) {
         Ok(s) => s,
         Err(e) => {
@@ -45,33 +49,88 @@ fn run(config: Arc<helios_shard::config::Config>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let runtime = match Runtime::start(config.clone()) {
+    // The admin port is bound before the shards start, so a busy port fails cleanly.
+    let admin_server = match tiny_http::Server::http(&config.admin_address) {
+        Ok(server) => Arc::new(server),
+        Err(e) => {
+            eprintln!(
+                "heliosdb-proxy: cannot listen on admin_address {}: {e}",
+                config.admin_address
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match Runtime::start(config.clone(), None) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("heliosdb-proxy: {e}");
             return ExitCode::from(1);
         }
     };
+    let loader: control::ConfigLoader = Box::new(move || args.load_config());
+    let control = match control::Control::new(config.clone(), runtime.links.clone(), Some(loader)) {
+        Ok(control) => control,
+        Err(e) => {
+            eprintln!("heliosdb-proxy: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let spawned = (|| -> std::io::Result<()> {
+        let (c, server) = (control.clone(), admin_server.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("admin".into())
+                .spawn(move || control::admin::serve(c, server))?,
+        );
+        threads.push(control::metrics::spawn_sync_loop(
+            control.clone(),
+            stop.clone(),
+        )?);
+        Ok(())
+    })();
+    if let Err(e) = spawned {
+        eprintln!("heliosdb-proxy: cannot start the control threads: {e}");
+        runtime.begin_shutdown();
+        runtime.join();
+        return ExitCode::from(1);
+    }
     log::info!(
-        "heliosdb-proxy {} listening on {} with {} workers ({} pooling)",
+        "heliosdb-proxy {} listening on {} with {} workers ({} pooling); admin API on {}",
         env!("CARGO_PKG_VERSION"),
         runtime.local_addr,
         config.effective_workers(),
         format!("{:?}", config.pool_mode.mode).to_lowercase(),
+        config.admin_address,
     );
-    wait_for_signal(signals);
+    wait_for_stop(signals, &control);
     log::info!(
         "shutting down: no new clients; waiting up to {} s for in-flight queries",
-        config.timeouts.shutdown_timeout_secs
+        control.config().timeouts.shutdown_timeout_secs
     );
     runtime.begin_shutdown();
     runtime.join();
+    stop.store(true, Ordering::Release);
+    admin_server.unblock();
+    for t in threads {
+        let _ = t.join();
+    }
     log::info!("stopped");
     ExitCode::SUCCESS
 }
 
-fn wait_for_signal(mut signals: signal_hook::iterator::Signals) {
-    if let Some(sig) = signals.forever().next() {
+/// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
+fn wait_for_stop(mut signals: signal_hook::iterator::Signals, control: &control::Control) {
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            log::info!("received SIGHUP: reloading the configuration");
+            if let Err(e) = control.reload() {
+                log::error!("configuration reload refused, running configuration kept: {e}");
+            }
+            continue;
+        }
         log::info!("received signal {sig}");
+        return;
     }
 }

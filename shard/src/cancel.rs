@@ -52,11 +52,23 @@ pub struct CancelTarget {
     pub backend_id: u64,
 }
 
+/// Who a client is, for SHOW CLIENTS and KILL_CLIENT.
+pub struct ClientInfo {
+    pub user: Rc<str>,
+    pub database: Rc<str>,
+    pub application_name: Option<Box<str>>,
+    pub addr: Option<SocketAddr>,
+    pub connected: std::time::SystemTime,
+    /// The client socket, so an administrator can disconnect it.
+    pub fd: std::os::fd::RawFd,
+}
+
 /// The cancel-relevant part of one client session, shared with the shard registry.
 pub struct CancelHandle {
     pub pid: i32,
     pub secret: i32,
     target: Cell<Option<CancelTarget>>,
+    pub info: ClientInfo,
 }
 
 impl CancelHandle {
@@ -93,7 +105,7 @@ impl CancelRegistry {
     }
 
     /// Issues a fresh key for a new session.
-    pub fn register(&self) -> Rc<CancelHandle> {
+    pub fn register(&self, info: ClientInfo) -> Rc<CancelHandle> {
         let mut sessions = self.sessions.borrow_mut();
         let pid = loop {
             let n = self.next.get();
@@ -107,6 +119,7 @@ impl CancelRegistry {
             pid,
             secret: rand::random(),
             target: Cell::new(None),
+            info,
         });
         sessions.insert(pid, handle.clone());
         handle
@@ -114,6 +127,51 @@ impl CancelRegistry {
 
     pub fn unregister(&self, pid: i32) {
         self.sessions.borrow_mut().remove(&pid);
+    }
+
+    /// Every live session, for SHOW CLIENTS.
+    pub fn sessions(&self) -> Vec<Rc<CancelHandle>> {
+        self.sessions.borrow().values().cloned().collect()
+    }
+
+    /// Disconnects a client on an administrator's request: a FATAL 57P01 if it is idle
+    /// (mid-response bytes must not be interleaved), then both directions of its socket
+    /// shut, so the session ends through its usual path for a vanished client (a lent
+    /// server connection is cancelled, drained and cleaned). False if no such session.
+    pub fn kill(&self, pid: i32) -> bool {
+        let Some(handle) = self.sessions.borrow().get(&pid).cloned() else {
+            return false;
+        };
+        // A session unregisters a moment after its socket closed; make sure the fd still
+        // is that client's socket, not a newer connection's.
+        if peer_of(handle.info.fd) != handle.info.addr || handle.info.addr.is_none() {
+            return false;
+        }
+        if handle.target().is_none() {
+            let mut out = Vec::with_capacity(96);
+            crate::codec::backend::write_error(
+                &mut out,
+                "FATAL",
+                "57P01",
+                "terminating connection due to administrator command",
+            );
+            // SAFETY: the fd is the live client socket of a registered session (sessions
+            // unregister before their socket closes, on this same thread); a non-blocking
+            // send of a few bytes.
+            unsafe {
+                libc::send(
+                    handle.info.fd,
+                    out.as_ptr().cast(),
+                    out.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                );
+            }
+        }
+        // SAFETY: as above; shutdown leaves the fd open for its owner to close.
+        unsafe {
+            libc::shutdown(handle.info.fd, libc::SHUT_RDWR);
+        }
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -154,6 +212,16 @@ impl CancelRegistry {
         })
         .detach();
     }
+}
+
+/// The peer address of a socket, if it is a connected TCP socket.
+fn peer_of(fd: std::os::fd::RawFd) -> Option<SocketAddr> {
+    // SAFETY: a borrowed view of an fd for one getpeername call; it is not closed here.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&sock)
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
 }
 
 /// Sends a CancelRequest for `key` to the server at `addr` (best effort).

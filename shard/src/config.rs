@@ -50,6 +50,15 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
+    pub health: HealthConfig,
+    /// When set, every mutating admin API request needs `Authorization: Bearer <token>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// Users who may run every SQL admin console command (database `heliosproxy` or
+    /// `pgbouncer`).
+    pub admin_users: Vec<String>,
+    /// Users who may run the console's SHOW commands only.
+    pub stats_users: Vec<String>,
 }
 
 impl Default for Config {
@@ -65,6 +74,10 @@ impl Default for Config {
             nodes: Vec::new(),
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
+            health: HealthConfig::default(),
+            admin_token: None,
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
         }
     }
 }
@@ -331,6 +344,69 @@ impl Default for TimeoutsConfig {
     }
 }
 
+/// How the control thread checks each node.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub enabled: bool,
+    /// Time between two checks of a node (fractions allowed, e.g. 0.5).
+    pub check_interval_secs: f64,
+    /// A check that takes longer (connect included) fails.
+    pub timeout_ms: u64,
+    /// Consecutive failed checks that mark a node unhealthy.
+    pub failure_threshold: u32,
+    /// Consecutive good checks that mark an unhealthy node healthy again.
+    pub success_threshold: u32,
+    /// The probe each check runs.
+    pub query: String,
+    /// Role the checks log in as; default: the first `[[users]]` entry's server role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Its password; default: that user's server password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    pub database: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            enabled: true,
+            check_interval_secs: 5.0,
+            timeout_ms: 2000,
+            failure_threshold: 3,
+            success_threshold: 1,
+            query: "SELECT 1".into(),
+            user: None,
+            password: None,
+            database: "postgres".into(),
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.check_interval_secs)
+    }
+}
+
+/// The password stays out of logs.
+impl std::fmt::Debug for HealthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthConfig")
+            .field("enabled", &self.enabled)
+            .field("check_interval_secs", &self.check_interval_secs)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("failure_threshold", &self.failure_threshold)
+            .field("success_threshold", &self.success_threshold)
+            .field("query", &self.query)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
 /// Prefix of the environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "HELIOS_";
 
@@ -361,6 +437,40 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate::config(self)
+    }
+
+    /// The role and password health checks log in with (see [`HealthConfig::user`]).
+    pub fn health_credentials(&self) -> (String, Option<String>) {
+        if let Some(user) = &self.health.user {
+            let password = self.health.password.clone().or_else(|| {
+                self.users
+                    .iter()
+                    .find(|u| u.backend_user() == user)
+                    .and_then(|u| u.backend_password().map(str::to_string))
+            });
+            return (user.clone(), password);
+        }
+        match self.users.first() {
+            Some(u) => (
+                u.backend_user().to_string(),
+                self.health
+                    .password
+                    .clone()
+                    .or_else(|| u.backend_password().map(str::to_string)),
+            ),
+            None => ("postgres".into(), self.health.password.clone()),
+        }
+    }
+
+    /// May `user` use the SQL admin console, and may it change state?
+    pub fn console_access(&self, user: &str) -> Option<bool> {
+        if self.admin_users.iter().any(|u| u == user) {
+            Some(true)
+        } else if self.stats_users.iter().any(|u| u == user) {
+            Some(false)
+        } else {
+            None
+        }
     }
 
     pub fn user(&self, name: &str) -> Option<&UserConfig> {

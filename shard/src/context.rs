@@ -8,6 +8,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crossbeam_channel::Sender;
+
 use hashbrown::HashMap;
 
 use crate::auth::secret::ScramVerifier;
@@ -16,10 +18,11 @@ use crate::backend::ConnectSpec;
 use crate::bufpool::BufPool;
 use crate::cancel::{CancelRegistry, ShardMsg};
 use crate::config::{AuthMethod, Config, NodeRole};
-use crate::pool::{Pool, PoolKey, PoolLimits, PoolSnapshot};
+use crate::control::{ConsoleRequest, Topology, TopologyNode};
+use crate::pool::{Pool, PoolKey, PoolLimits};
 use crate::prepared::Registry;
 use crate::stats::ShardStats;
-use crate::sync::Latch;
+use crate::sync::{Gate, Latch, Signal};
 
 /// SCRAM iteration count for verifiers the proxy derives from plain passwords.
 const SCRAM_ITERATIONS: u32 = 4096;
@@ -38,18 +41,43 @@ pub struct UserEntry {
 /// A backend node as a shard sees it.
 #[derive(Clone, Debug)]
 pub struct NodeEntry {
+    /// "host:port" as configured: names the node in pool keys and the admin API.
+    pub address: Rc<str>,
     pub label: String,
     pub addr: SocketAddr,
     pub role: NodeRole,
-    pub enabled: bool,
+    pub weight: u32,
+    /// Enabled, healthy and not draining: may be given new work.
+    pub routable: bool,
+}
+
+impl NodeEntry {
+    fn from_topology(node: &TopologyNode) -> Self {
+        NodeEntry {
+            address: node.address.as_str().into(),
+            label: node.label.clone(),
+            addr: node.addr,
+            role: node.role,
+            weight: node.weight,
+            routable: node.routable(),
+        }
+    }
 }
 
 pub struct ShardCtx {
     pub id: usize,
     pub workers: usize,
-    pub config: Arc<Config>,
-    pub users: HashMap<String, Rc<UserEntry>>,
-    pub nodes: Vec<NodeEntry>,
+    /// This shard's own copy of the configuration (replaced on reload).
+    config: RefCell<Arc<Config>>,
+    pub users: RefCell<HashMap<String, Rc<UserEntry>>>,
+    pub nodes: RefCell<Vec<NodeEntry>>,
+    pub topology_version: Cell<u64>,
+    /// Raised whenever the topology changes (a node came back, or another took over).
+    pub topology_changed: Signal,
+    /// Closed while PAUSEd: no server connections are handed out.
+    pub gate: Rc<Gate>,
+    /// Where SQL admin console statements go (the control plane).
+    pub console: Option<Sender<ConsoleRequest>>,
     pub pools: RefCell<HashMap<PoolKey, Rc<Pool>>>,
     pub cancels: CancelRegistry,
     pub bufs: BufPool,
@@ -61,51 +89,79 @@ pub struct ShardCtx {
     pub max_clients: usize,
     pub active_clients: Cell<usize>,
     next_backend_id: Rc<Cell<u64>>,
-    limits: PoolLimits,
+    limits: RefCell<PoolLimits>,
+}
+
+/// This shard's share of the configured pool sizing.
+fn pool_limits(config: &Config, workers: usize, id: usize) -> PoolLimits {
+    let pool = &config.pool_mode;
+    PoolLimits {
+        max_size: share(pool.max_pool_size as usize, workers, id).max(1),
+        min_idle: share(pool.min_idle as usize, workers, id),
+        idle_timeout: Duration::from_secs(pool.idle_timeout_secs),
+        max_lifetime: Duration::from_secs(pool.max_lifetime_secs),
+        acquire_timeout: Duration::from_millis(pool.acquire_timeout_ms),
+    }
+}
+
+fn user_entries(config: &Config) -> Result<HashMap<String, Rc<UserEntry>>, String> {
+    config
+        .users
+        .iter()
+        .map(|u| {
+            let entry = user_entry(u, config.auth.method)?;
+            Ok((u.name.clone(), Rc::new(entry)))
+        })
+        .collect()
+}
+
+/// The topology a configuration describes before any health check ran: every enabled
+/// node is routable. Addresses are resolved here, once.
+pub fn initial_topology(config: &Config) -> Result<Topology, String> {
+    let nodes = config
+        .nodes
+        .iter()
+        .map(|n| {
+            let addr = n
+                .address()
+                .to_socket_addrs()
+                .map_err(|e| format!("node {}: {e}", n.label()))?
+                .next()
+                .ok_or_else(|| format!("node {}: address resolves to nothing", n.label()))?;
+            Ok(TopologyNode {
+                address: n.address(),
+                label: n.label(),
+                addr,
+                role: n.role,
+                weight: n.weight,
+                enabled: n.enabled,
+                healthy: true,
+                draining: false,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Topology { version: 0, nodes })
 }
 
 impl ShardCtx {
     pub fn new(id: usize, config: Arc<Config>, stats: Arc<ShardStats>) -> Result<Self, String> {
         let workers = config.effective_workers();
-        let pool = &config.pool_mode;
-        let limits = PoolLimits {
-            max_size: share(pool.max_pool_size as usize, workers, id).max(1),
-            min_idle: share(pool.min_idle as usize, workers, id),
-            idle_timeout: Duration::from_secs(pool.idle_timeout_secs),
-            max_lifetime: Duration::from_secs(pool.max_lifetime_secs),
-            acquire_timeout: Duration::from_millis(pool.acquire_timeout_ms),
-        };
-        let users = config
-            .users
-            .iter()
-            .map(|u| {
-                let entry = user_entry(u, config.auth.method)?;
-                Ok((u.name.clone(), Rc::new(entry)))
-            })
-            .collect::<Result<HashMap<_, _>, String>>()?;
-        let nodes = config
+        let limits = pool_limits(&config, workers, id);
+        let users = user_entries(&config)?;
+        let nodes = initial_topology(&config)?
             .nodes
             .iter()
-            .map(|n| {
-                let addr = n
-                    .address()
-                    .to_socket_addrs()
-                    .map_err(|e| format!("node {}: {e}", n.label()))?
-                    .next()
-                    .ok_or_else(|| format!("node {}: address resolves to nothing", n.label()))?;
-                Ok(NodeEntry {
-                    label: n.label(),
-                    addr,
-                    role: n.role,
-                    enabled: n.enabled,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+            .map(NodeEntry::from_topology)
+            .collect();
         Ok(ShardCtx {
             id,
             workers,
-            users,
-            nodes,
+            users: RefCell::new(users),
+            nodes: RefCell::new(nodes),
+            topology_version: Cell::new(0),
+            topology_changed: Signal::default(),
+            gate: Rc::default(),
+            console: None,
             pools: RefCell::new(HashMap::new()),
             cancels: CancelRegistry::new(
                 id,
@@ -119,58 +175,121 @@ impl ShardCtx {
             max_clients: share(config.limits.max_client_connections, workers, id).max(1),
             active_clients: Cell::new(0),
             next_backend_id: Rc::new(Cell::new(((id as u64) << 48) | 1)),
-            limits,
+            limits: RefCell::new(limits),
             stats,
-            config,
+            config: RefCell::new(config),
         })
     }
 
-    /// The node writes go to: the enabled primary.
-    pub fn primary(&self) -> Option<usize> {
+    /// The configuration in force (a reload replaces it between two calls).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    pub fn user(&self, name: &str) -> Option<Rc<UserEntry>> {
+        self.users.borrow().get(name).cloned()
+    }
+
+    /// The node writes go to: the primary, when it may take work. A configured but
+    /// disabled, draining or failing primary is still named (its pool waits for it to
+    /// come back, up to the acquire timeout); `None` only when no primary is configured.
+    pub fn primary(&self) -> Option<NodeEntry> {
+        let nodes = self.nodes.borrow();
+        let primaries = || nodes.iter().filter(|n| n.role == NodeRole::Primary);
+        primaries()
+            .find(|n| n.routable)
+            .or_else(|| primaries().next())
+            .cloned()
+    }
+
+    fn node_routable(&self, address: &str) -> bool {
         self.nodes
+            .borrow()
             .iter()
-            .position(|n| n.enabled && n.role == NodeRole::Primary)
+            .any(|n| n.routable && &*n.address == address)
     }
 
     /// The pool for (node, database, backend user), created on first use.
-    pub fn pool(&self, node: usize, database: &str, user: &UserEntry) -> Rc<Pool> {
+    pub fn pool(&self, node: &NodeEntry, database: &str, user: &UserEntry) -> Rc<Pool> {
         let key = PoolKey {
-            node,
-            database: database.to_string(),
-            user: user.server_user.clone(),
+            node: node.address.clone(),
+            database: database.into(),
+            user: user.server_user.as_str().into(),
         };
         if let Some(pool) = self.pools.borrow().get(&key) {
             return pool.clone();
         }
-        let entry = &self.nodes[node];
+        let config = self.config();
         let spec = ConnectSpec {
-            addr: entry.addr,
+            addr: node.addr,
             user: user.server_user.clone(),
             database: database.to_string(),
             password: user.server_password.clone(),
-            connect_timeout: Duration::from_millis(self.config.timeouts.connect_timeout_ms),
+            connect_timeout: Duration::from_millis(config.timeouts.connect_timeout_ms),
             max_message_size: usize::MAX >> 1,
             scram_cache: Rc::default(),
         };
-        let label = format!("{}/{}@{}", database, user.server_user, entry.label);
+        let label = format!("{}/{}@{}", database, user.server_user, node.label);
         let pool = Pool::new(
             key.clone(),
             label,
             spec,
-            self.limits.clone(),
+            self.limits.borrow().clone(),
             self.stats.clone(),
             self.next_backend_id.clone(),
+            self.gate.clone(),
         );
+        if !node.routable {
+            pool.set_retired(true);
+        }
         self.pools.borrow_mut().insert(key, pool.clone());
         pool
     }
 
-    pub fn pool_snapshots(&self) -> Vec<PoolSnapshot> {
-        self.pools.borrow().values().map(|p| p.snapshot()).collect()
+    pub fn all_pools(&self) -> Vec<Rc<Pool>> {
+        self.pools.borrow().values().cloned().collect()
+    }
+
+    /// Follows a new topology: pools of nodes that may no longer take work are retired
+    /// (idle connections close now, lent ones when they come back), and come back into
+    /// service when their node does.
+    pub fn apply_topology(&self, topology: &Topology) {
+        if topology.version < self.topology_version.get() {
+            return;
+        }
+        self.topology_version.set(topology.version);
+        *self.nodes.borrow_mut() = topology
+            .nodes
+            .iter()
+            .map(NodeEntry::from_topology)
+            .collect();
+        for pool in self.all_pools() {
+            pool.set_retired(!self.node_routable(&pool.key.node));
+        }
+        self.topology_changed.notify();
+    }
+
+    /// Takes a reloaded configuration: users, pool sizes and timeouts. Addresses and the
+    /// worker count only change with a restart (the control plane says so).
+    pub fn apply_config(&self, config: Arc<Config>) -> Result<(), String> {
+        let users = user_entries(&config)?;
+        let limits = pool_limits(&config, self.workers, self.id);
+        let connect_timeout = Duration::from_millis(config.timeouts.connect_timeout_ms);
+        for pool in self.all_pools() {
+            let password = users
+                .values()
+                .find(|u| *u.server_user == *pool.key.user)
+                .and_then(|u| u.server_password.clone());
+            pool.set_limits(limits.clone(), connect_timeout, password);
+        }
+        *self.users.borrow_mut() = users;
+        *self.limits.borrow_mut() = limits;
+        *self.config.borrow_mut() = config;
+        Ok(())
     }
 
     pub fn max_message_size(&self) -> usize {
-        self.config.limits.max_message_size
+        self.config.borrow().limits.max_message_size
     }
 }
 

@@ -8,6 +8,8 @@ pub mod cancel;
 pub mod codec;
 pub mod config;
 pub mod context;
+pub mod control;
+pub mod mailbox;
 pub mod msgio;
 pub mod pool;
 pub mod prepared;

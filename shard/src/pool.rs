@@ -6,17 +6,19 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::{BackendConn, BackendError, ConnectSpec};
+use crate::control::{PoolReport, ServerReport};
 use crate::stats::ShardStats;
-use crate::sync::{self, Slot};
+use crate::sync::{self, Gate, Signal, Slot};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    pub node: usize,
-    pub database: String,
-    pub user: String,
+    /// The node's configured "host:port".
+    pub node: Rc<str>,
+    pub database: Rc<str>,
+    pub user: Rc<str>,
 }
 
 /// Sizing and timing rules for one shard's share of a pool.
@@ -37,8 +39,21 @@ pub enum AcquireError {
         waited_ms: u128,
         max: usize,
     },
+    #[error("no server is available for pool \"{pool}\": its node is disabled, draining or failing health checks (waited {waited_ms} ms)")]
+    Unavailable { pool: String, waited_ms: u128 },
     #[error(transparent)]
     Connect(#[from] BackendError),
+}
+
+impl AcquireError {
+    /// The SQLSTATE a client is told.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            AcquireError::Timeout { .. } => "53300",
+            AcquireError::Unavailable { .. } => "57P03",
+            AcquireError::Connect(_) => "08006",
+        }
+    }
 }
 
 /// What a waiting client is handed: a connection, or the right to open one.
@@ -52,11 +67,17 @@ enum Grant {
 pub struct Pool {
     pub key: PoolKey,
     pub label: String,
-    spec: ConnectSpec,
-    limits: PoolLimits,
+    spec: RefCell<ConnectSpec>,
+    limits: RefCell<PoolLimits>,
     stats: Arc<ShardStats>,
     next_id: Rc<Cell<u64>>,
     state: RefCell<PoolState>,
+    /// Closed while the shard is PAUSEd.
+    gate: Rc<Gate>,
+    /// The node takes no new work: nothing is opened, connections close as they return.
+    retired: Cell<bool>,
+    /// Raised when a retired pool's node may take work again.
+    reinstated: Signal,
 }
 
 #[derive(Default)]
@@ -64,21 +85,11 @@ struct PoolState {
     idle: Vec<BackendConn>,
     /// Connections that exist or are being opened: idle + leased + connecting.
     total: usize,
-    waiters: VecDeque<Rc<Slot<Grant>>>,
+    waiters: VecDeque<(Rc<Slot<Grant>>, Instant)>,
     created: u64,
     closed: u64,
-}
-
-/// A point-in-time view of one pool, for the admin API and tests.
-#[derive(Clone, Debug, Default)]
-pub struct PoolSnapshot {
-    pub label: String,
-    pub total: usize,
-    pub idle: usize,
-    pub waiting: usize,
-    pub created: u64,
-    pub closed: u64,
-    pub max: usize,
+    leases: u64,
+    wait_us: u64,
 }
 
 impl Pool {
@@ -89,28 +100,141 @@ impl Pool {
         limits: PoolLimits,
         stats: Arc<ShardStats>,
         next_id: Rc<Cell<u64>>,
+        gate: Rc<Gate>,
     ) -> Rc<Pool> {
         Rc::new(Pool {
             key,
             label,
-            spec,
-            limits,
+            spec: RefCell::new(spec),
+            limits: RefCell::new(limits),
             stats,
             next_id,
             state: RefCell::new(PoolState::default()),
+            gate,
+            retired: Cell::new(false),
+            reinstated: Signal::default(),
         })
     }
 
-    pub fn snapshot(&self) -> PoolSnapshot {
+    /// This pool's figures for the admin API, metrics and the SQL console.
+    pub fn report(&self) -> PoolReport {
         let st = self.state.borrow();
-        PoolSnapshot {
-            label: self.label.clone(),
+        PoolReport {
+            node: self.key.node.to_string(),
+            database: self.key.database.to_string(),
+            user: self.key.user.to_string(),
+            mode: None,
             total: st.total,
             idle: st.idle.len(),
             waiting: st.waiters.len(),
+            max_wait_us: st
+                .waiters
+                .front()
+                .map_or(0, |(_, since)| since.elapsed().as_micros() as u64),
+            max: self.limits.borrow().max_size,
             created: st.created,
             closed: st.closed,
-            max: self.limits.max_size,
+            leases: st.leases,
+            wait_us: st.wait_us,
+            retired: self.retired.get(),
+        }
+    }
+
+    /// The idle connections, for SHOW SERVERS (lent ones are listed by their sessions).
+    pub fn idle_servers(&self) -> Vec<ServerReport> {
+        self.state
+            .borrow()
+            .idle
+            .iter()
+            .map(|conn| self.server_report(conn, true))
+            .collect()
+    }
+
+    pub fn server_report(&self, conn: &BackendConn, idle: bool) -> ServerReport {
+        ServerReport {
+            id: conn.id,
+            node: self.key.node.to_string(),
+            database: self.key.database.to_string(),
+            user: self.key.user.to_string(),
+            addr: conn.addr,
+            local_port: conn.stream.local_addr().map(|a| a.port()).unwrap_or(0),
+            backend_pid: conn.key.pid,
+            connected: Some(SystemTime::now() - conn.created.elapsed()),
+            idle,
+        }
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.get()
+    }
+
+    /// Takes the pool out of service (its node is disabled, draining or unhealthy): idle
+    /// connections close now, lent ones when they come back, and nothing new is opened.
+    /// Or puts it back, letting waiting clients open connections again.
+    pub fn set_retired(self: &Rc<Self>, retired: bool) {
+        if self.retired.replace(retired) == retired {
+            return;
+        }
+        if retired {
+            self.close_idle();
+        } else {
+            self.grant_slots();
+            self.reinstated.notify();
+        }
+    }
+
+    /// New sizing and timing after a configuration reload. A smaller pool shrinks as
+    /// connections come back.
+    pub fn set_limits(
+        self: &Rc<Self>,
+        limits: PoolLimits,
+        connect_timeout: Duration,
+        password: Option<String>,
+    ) {
+        {
+            let mut spec = self.spec.borrow_mut();
+            spec.connect_timeout = connect_timeout;
+            if spec.password != password {
+                spec.password = password;
+                spec.scram_cache = Rc::default();
+            }
+        }
+        *self.limits.borrow_mut() = limits;
+        let excess: Vec<BackendConn> = {
+            let mut st = self.state.borrow_mut();
+            let max = self.limits.borrow().max_size;
+            let n = st.total.saturating_sub(max).min(st.idle.len());
+            let keep = st.idle.len() - n;
+            st.idle.drain(keep..).collect()
+        };
+        for conn in excess {
+            self.discard(conn);
+        }
+        self.grant_slots();
+    }
+
+    /// Hands free slots to waiting clients (after the limit grew or the node came back).
+    fn grant_slots(&self) {
+        if self.retired.get() {
+            return;
+        }
+        loop {
+            let waiter = {
+                let mut st = self.state.borrow_mut();
+                if st.total >= self.limits.borrow().max_size {
+                    return;
+                }
+                match st.waiters.pop_front() {
+                    Some((w, _)) => {
+                        st.total += 1;
+                        w
+                    }
+                    None => return,
+                }
+            };
+            if waiter.put(Grant::Slot).is_err() {
+                self.state.borrow_mut().total -= 1;
+            }
         }
     }
 
@@ -120,37 +244,63 @@ impl Pool {
         st.total == 0 && st.waiters.is_empty()
     }
 
-    /// Takes an idle connection, opens a new one within the limit, or waits FIFO.
+    /// Takes an idle connection, opens a new one within the limit, or waits FIFO. While
+    /// the shard is paused it waits for RESUME; while the pool is retired it waits (up to
+    /// the acquire timeout) for the node to come back.
     pub async fn acquire(self: &Rc<Self>) -> Result<BackendConn, AcquireError> {
-        if let Some(conn) = self.take_idle() {
-            return Ok(conn);
+        if self.gate.is_closed() {
+            self.gate.wait_open().await;
         }
-        if self.reserve_slot() {
-            return self.open_reserved().await;
+        if !self.retired.get() {
+            if let Some(conn) = self.take_idle() {
+                self.stats.pool_acquire.record_us(0);
+                self.state.borrow_mut().leases += 1;
+                return Ok(conn);
+            }
+            if self.reserve_slot() {
+                self.stats.pool_acquire.record_us(0);
+                self.state.borrow_mut().leases += 1;
+                return self.open_reserved().await;
+            }
         }
         let started = Instant::now();
         self.stats.pool_waits.inc();
         let slot = Slot::new();
-        self.state.borrow_mut().waiters.push_back(slot.clone());
+        self.state
+            .borrow_mut()
+            .waiters
+            .push_back((slot.clone(), started));
         let guard = WaitGuard {
             pool: self,
             slot: &slot,
         };
-        let grant = sync::timeout(self.limits.acquire_timeout, slot.wait()).await;
+        let acquire_timeout = self.limits.borrow().acquire_timeout;
+        let grant = sync::timeout(acquire_timeout, slot.wait()).await;
         std::mem::forget(guard);
-        self.stats
-            .pool_wait_micros
-            .add(started.elapsed().as_micros() as u64);
+        let waited = started.elapsed();
+        self.stats.pool_wait_micros.add(waited.as_micros() as u64);
+        self.stats.pool_acquire.record_us(waited.as_micros() as u64);
+        {
+            let mut st = self.state.borrow_mut();
+            st.wait_us += waited.as_micros() as u64;
+            st.leases += u64::from(grant.is_some());
+        }
         match grant {
             Some(Grant::Conn(conn)) => Ok(conn),
             Some(Grant::Slot) => self.open_reserved().await,
             None => {
                 self.abandon_wait(&slot);
                 self.stats.pool_timeouts.inc();
+                if self.retired.get() {
+                    return Err(AcquireError::Unavailable {
+                        pool: self.label.clone(),
+                        waited_ms: waited.as_millis(),
+                    });
+                }
                 Err(AcquireError::Timeout {
                     pool: self.label.clone(),
-                    waited_ms: started.elapsed().as_millis(),
-                    max: self.limits.max_size,
+                    waited_ms: waited.as_millis(),
+                    max: self.limits.borrow().max_size,
                 })
             }
         }
@@ -158,7 +308,10 @@ impl Pool {
 
     /// Returns a clean connection (status I, reset done) for reuse.
     pub fn release(&self, mut conn: BackendConn) {
-        if conn.created.elapsed() >= self.limits.max_lifetime {
+        if self.retired.get()
+            || conn.created.elapsed() >= self.limits.borrow().max_lifetime
+            || self.state.borrow().total > self.limits.borrow().max_size
+        {
             self.discard(conn);
             return;
         }
@@ -168,7 +321,7 @@ impl Pool {
         let mut pending = Some(conn);
         loop {
             let waiter = self.state.borrow_mut().waiters.pop_front();
-            let Some(waiter) = waiter else { break };
+            let Some((waiter, _)) = waiter else { break };
             match waiter.put(Grant::Conn(pending.take().expect("conn present"))) {
                 Ok(()) => return,
                 Err(Grant::Conn(c)) => pending = Some(c),
@@ -193,15 +346,16 @@ impl Pool {
 
     /// Closes expired idle connections and opens new ones up to `min_idle`.
     pub fn maintain(self: &Rc<Self>) {
+        let limits = self.limits.borrow().clone();
         let expired: Vec<BackendConn> = {
             let mut st = self.state.borrow_mut();
-            let min_idle = self.limits.min_idle;
+            let min_idle = limits.min_idle;
             let mut keep = Vec::with_capacity(st.idle.len());
             let mut expired = Vec::new();
             let idle_count = st.idle.len();
             for conn in st.idle.drain(..) {
-                let too_old = conn.created.elapsed() >= self.limits.max_lifetime;
-                let idle_too_long = conn.idle_since.elapsed() >= self.limits.idle_timeout
+                let too_old = conn.created.elapsed() >= limits.max_lifetime;
+                let idle_too_long = conn.idle_since.elapsed() >= limits.idle_timeout
                     && idle_count - expired.len() > min_idle;
                 if too_old || idle_too_long {
                     expired.push(conn);
@@ -215,9 +369,12 @@ impl Pool {
         for conn in expired {
             self.discard(conn);
         }
+        if self.retired.get() {
+            return;
+        }
         let missing = {
             let st = self.state.borrow();
-            self.limits.min_idle.saturating_sub(st.idle.len())
+            limits.min_idle.saturating_sub(st.idle.len())
         };
         for _ in 0..missing {
             if !self.reserve_slot() {
@@ -244,7 +401,7 @@ impl Pool {
     fn take_idle(&self) -> Option<BackendConn> {
         loop {
             let conn = self.state.borrow_mut().idle.pop()?;
-            if conn.created.elapsed() >= self.limits.max_lifetime || !conn.is_alive() {
+            if conn.created.elapsed() >= self.limits.borrow().max_lifetime || !conn.is_alive() {
                 self.discard(conn);
                 continue;
             }
@@ -254,7 +411,7 @@ impl Pool {
 
     fn reserve_slot(&self) -> bool {
         let mut st = self.state.borrow_mut();
-        if st.total < self.limits.max_size {
+        if st.total < self.limits.borrow().max_size {
             st.total += 1;
             true
         } else {
@@ -265,8 +422,10 @@ impl Pool {
     async fn open_reserved(&self) -> Result<BackendConn, AcquireError> {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
+        // A copy: a reload may change the spec while this connect is under way.
+        let spec = self.spec.borrow().clone();
         // Boxed: the connect future is large and waiting clients should not carry it.
-        match Box::pin(BackendConn::connect(&self.spec, id)).await {
+        match Box::pin(BackendConn::connect(&spec, id)).await {
             Ok(conn) => {
                 self.state.borrow_mut().created += 1;
                 self.stats.backends_created.inc();
@@ -289,11 +448,15 @@ impl Pool {
         self.release_slot_only();
     }
 
-    /// Gives a freed slot to the first live waiter, or back to the pool.
+    /// Gives a freed slot to the first live waiter, or back to the pool. A retired pool
+    /// (or one over its reloaded limit) keeps the slot free.
     fn release_slot_only(&self) {
         let mut st = self.state.borrow_mut();
         st.total -= 1;
-        while let Some(waiter) = st.waiters.pop_front() {
+        if self.retired.get() || st.total >= self.limits.borrow().max_size {
+            return;
+        }
+        while let Some((waiter, _)) = st.waiters.pop_front() {
             if waiter.put(Grant::Slot).is_ok() {
                 st.total += 1;
                 return;
@@ -305,7 +468,7 @@ impl Pool {
         self.state
             .borrow_mut()
             .waiters
-            .retain(|w| !Rc::ptr_eq(w, slot));
+            .retain(|(w, _)| !Rc::ptr_eq(w, slot));
         match slot.abandon() {
             Some(Grant::Conn(conn)) => self.release(conn),
             Some(Grant::Slot) => self.release_slot_only(),

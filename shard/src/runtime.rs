@@ -12,10 +12,13 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
+use crossbeam_channel::{Receiver, Sender};
+
 use crate::cancel::{ShardMsg, MAX_SHARDS};
 use crate::codec::backend as be;
 use crate::config::Config;
 use crate::context::ShardCtx;
+use crate::control::{ConsoleRequest, ControlMsg, ShardLink};
 use crate::stats::ShardStats;
 
 /// How often shards look at the process-wide shutdown flag and run pool maintenance.
@@ -40,15 +43,19 @@ pub enum StartError {
 /// The running data plane.
 pub struct Runtime {
     handles: Vec<ExecutorJoinHandle<()>>,
-    pub stats: Vec<Arc<ShardStats>>,
+    /// The control plane's handle on each shard: mailbox and counters.
+    pub links: Vec<ShardLink>,
     shutdown: Arc<AtomicBool>,
     pub local_addr: std::net::SocketAddr,
 }
 
 impl Runtime {
     /// Binds every shard's listener first (so a busy port fails cleanly), then starts
-    /// the executors.
-    pub fn start(config: Arc<Config>) -> Result<Runtime, StartError> {
+    /// the executors. SQL admin console statements are sent to `console`.
+    pub fn start(
+        config: Arc<Config>,
+        console: Option<Sender<ConsoleRequest>>,
+    ) -> Result<Runtime, StartError> {
         let workers = config.effective_workers();
         if workers > MAX_SHARDS {
             return Err(StartError::TooManyWorkers(workers));
@@ -69,21 +76,39 @@ impl Runtime {
         let cpus = allowed_cpus();
         let mesh: MeshBuilder<ShardMsg, Full> = MeshBuilder::full(workers, 1024);
         let shutdown = Arc::new(AtomicBool::new(false));
-        let stats: Vec<Arc<ShardStats>> = (0..workers).map(|_| Arc::default()).collect();
+        let mut links = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for (id, listener) in listeners.into_iter().enumerate() {
             let placement = match cpus.get(id % cpus.len().max(1)) {
                 Some(cpu) => Placement::Fixed(*cpu),
                 None => Placement::Unbound,
             };
-            let config = config.clone();
-            let stats = stats[id].clone();
+            // Each shard gets its own copy, so reading it never shares a cache line.
+            let config = Arc::new((*config).clone());
+            let stats = Arc::<ShardStats>::default();
+            let (mailbox, inbox) = crossbeam_channel::unbounded();
+            links.push(ShardLink {
+                id,
+                mailbox,
+                stats: stats.clone(),
+            });
             let mesh = mesh.clone();
             let shutdown = shutdown.clone();
+            let console = console.clone();
+            let shard = ShardStart {
+                id,
+                config,
+                stats,
+                listener,
+                mesh,
+                shutdown,
+                inbox,
+                console,
+            };
             let handle = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
                 .spawn(move || async move {
-                    shard_main(id, config, stats, listener, mesh, shutdown).await;
+                    shard_main(shard).await;
                 })
                 .map_err(|e| StartError::Executor {
                     id,
@@ -93,7 +118,7 @@ impl Runtime {
         }
         Ok(Runtime {
             handles,
-            stats,
+            links,
             shutdown,
             local_addr,
         })
@@ -147,16 +172,34 @@ fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-async fn shard_main(
+/// Everything a shard thread is started with.
+struct ShardStart {
     id: usize,
     config: Arc<Config>,
     stats: Arc<ShardStats>,
     listener: OwnedFd,
     mesh: MeshBuilder<ShardMsg, Full>,
     shutdown: Arc<AtomicBool>,
-) {
+    inbox: Receiver<ControlMsg>,
+    console: Option<Sender<ConsoleRequest>>,
+}
+
+async fn shard_main(start: ShardStart) {
+    let ShardStart {
+        id,
+        config,
+        stats,
+        listener,
+        mesh,
+        shutdown,
+        inbox,
+        console,
+    } = start;
     let ctx = match ShardCtx::new(id, config, stats) {
-        Ok(ctx) => Rc::new(ctx),
+        Ok(mut ctx) => {
+            ctx.console = console;
+            Rc::new(ctx)
+        }
         Err(e) => {
             log::error!("shard {id}: {e}");
             return;
@@ -185,8 +228,8 @@ async fn shard_main(
         }
         Err(_) => log::warn!("shard {id}: channels to other shards unavailable"),
     }
-    glommio::spawn_local(housekeeping(ctx.clone(), shutdown)).detach();
-    log::info!("shard {id} accepting on {}", ctx.config.listen_address);
+    glommio::spawn_local(housekeeping(ctx.clone(), shutdown, inbox)).detach();
+    log::info!("shard {id} accepting on {}", ctx.config().listen_address);
     accept_loop(&ctx, &listener).await;
     drop(listener);
     drain(&ctx).await;
@@ -241,8 +284,9 @@ async fn reject(mut stream: TcpStream) {
     let _ = stream.close().await;
 }
 
-/// Watches the shutdown flag and keeps pools within their idle and lifetime limits.
-async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>) {
+/// Watches the shutdown flag, applies the control plane's commands, and keeps pools
+/// within their idle and lifetime limits.
+async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>, inbox: Receiver<ControlMsg>) {
     let mut ticks = 0u32;
     while !ctx.draining.is_set() {
         glommio::timer::sleep(TICK).await;
@@ -250,6 +294,7 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>) {
             ctx.draining.set();
             break;
         }
+        crate::mailbox::drain(&ctx, &inbox);
         ticks += 1;
         if ticks.is_multiple_of(MAINTENANCE_EVERY) {
             // Pools nobody uses (e.g. a client named a database that does not exist)
@@ -268,7 +313,8 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>) {
 /// Lets sessions finish their in-flight work up to the shutdown timeout, then closes
 /// idle backends with Terminate.
 async fn drain(ctx: &Rc<ShardCtx>) {
-    let deadline = Instant::now() + Duration::from_secs(ctx.config.timeouts.shutdown_timeout_secs);
+    let deadline =
+        Instant::now() + Duration::from_secs(ctx.config().timeouts.shutdown_timeout_secs);
     while ctx.active_clients.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(TICK).await;
     }

@@ -46,12 +46,104 @@ pub struct ShardStats {
     pub cancels_forwarded: Counter,
     pub protocol_errors: Counter,
     pub auth_failures: Counter,
+    /// Statements completed, by the server's command tag: reads (SELECT, SHOW, FETCH…).
+    pub statements_read: Counter,
+    /// Statements completed that change data, schema or settings (everything else).
+    pub statements_write: Counter,
+    /// From a client's request to the ReadyForQuery that answers it.
+    pub query_duration: Histogram,
+    /// Time a client waited for a server connection (0 when one was idle).
+    pub pool_acquire: Histogram,
+}
+
+/// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).
+pub const BUCKET_BOUNDS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+const BUCKETS: usize = BUCKET_BOUNDS_US.len() + 1;
+
+/// A latency histogram with fixed buckets, written by one shard. Each bucket also keeps
+/// the sum of its samples, so an exporter can reproduce both the bucket counts and the
+/// total exactly.
+#[derive(Default, Debug)]
+pub struct Histogram {
+    counts: [Counter; BUCKETS],
+    sums_us: [Counter; BUCKETS],
+}
+
+impl Histogram {
+    #[inline]
+    pub fn record_us(&self, us: u64) {
+        let i = BUCKET_BOUNDS_US.partition_point(|&bound| bound < us);
+        self.counts[i].inc();
+        self.sums_us[i].add(us);
+    }
+
+    /// (count, sum in µs) per bucket, the last one being +Inf.
+    pub fn read(&self) -> [(u64, u64); BUCKETS] {
+        std::array::from_fn(|i| (self.counts[i].get(), self.sums_us[i].get()))
+    }
 }
 
 impl ShardStats {
+    /// Counts a completed statement by its CommandComplete tag (e.g. `SELECT 1`,
+    /// `INSERT 0 1`).
+    #[inline]
+    pub fn count_statement(&self, tag: &[u8]) {
+        if is_read_tag(tag) {
+            self.statements_read.inc();
+        } else {
+            self.statements_write.inc();
+        }
+    }
+
     pub fn clients_active(&self) -> u64 {
         self.clients_accepted
             .get()
             .saturating_sub(self.clients_closed.get())
+    }
+}
+
+/// Command tags of statements that only read. (`COPY n` is either direction and counts
+/// as a write.)
+fn is_read_tag(tag: &[u8]) -> bool {
+    let word = tag.split(|&b| b == b' ' || b == 0).next().unwrap_or(b"");
+    matches!(word, b"SELECT" | b"SHOW" | b"FETCH" | b"MOVE")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_by_upper_bound() {
+        let h = Histogram::default();
+        for us in [0, 100, 101, 10_000_000, 10_000_001] {
+            h.record_us(us);
+        }
+        let read = h.read();
+        assert_eq!(read[0], (2, 100));
+        assert_eq!(read[1], (1, 101));
+        assert_eq!(read[BUCKETS - 2], (1, 10_000_000));
+        assert_eq!(read[BUCKETS - 1], (1, 10_000_001));
+    }
+
+    #[test]
+    fn statements_are_read_or_write_by_tag() {
+        let s = ShardStats::default();
+        for tag in [
+            &b"SELECT 1\0"[..],
+            b"SHOW",
+            b"FETCH 10",
+            b"INSERT 0 1",
+            b"UPDATE 3",
+            b"CREATE TABLE",
+            b"SET",
+        ] {
+            s.count_statement(tag);
+        }
+        assert_eq!(s.statements_read.get(), 3);
+        assert_eq!(s.statements_write.get(), 4);
     }
 }

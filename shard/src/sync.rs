@@ -154,6 +154,52 @@ impl Drop for LatchWait<'_> {
     }
 }
 
+/// A notification that can fire many times: each `notify` wakes everyone waiting at that
+/// moment (a fresh latch per round).
+#[derive(Default)]
+pub struct Signal {
+    current: RefCell<Latch>,
+}
+
+impl Signal {
+    /// Wakes every current waiter.
+    pub fn notify(&self) {
+        let fired = std::mem::take(&mut *self.current.borrow_mut());
+        fired.set();
+    }
+
+    /// Resolves at the next `notify`.
+    pub async fn wait(&self) {
+        let latch = self.current.borrow().clone();
+        latch.wait().await;
+    }
+}
+
+/// Open by default; while closed (PAUSE) waiters queue until it opens again.
+#[derive(Default)]
+pub struct Gate {
+    closed: Cell<bool>,
+    opened: Signal,
+}
+
+impl Gate {
+    pub fn is_closed(&self) -> bool {
+        self.closed.get()
+    }
+
+    pub fn set_closed(&self, closed: bool) {
+        if self.closed.replace(closed) && !closed {
+            self.opened.notify();
+        }
+    }
+
+    pub async fn wait_open(&self) {
+        while self.closed.get() {
+            self.opened.wait().await;
+        }
+    }
+}
+
 /// Runs `fut` for at most `dur`; `None` when time ran out.
 pub async fn timeout<F: Future>(dur: std::time::Duration, fut: F) -> Option<F::Output> {
     futures_lite::future::or(async { Some(fut.await) }, async {

@@ -15,6 +15,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod http;
 pub mod proxy;
 pub mod raw;
 pub mod tools;

@@ -24,7 +24,63 @@ pub(super) fn config(config: &Config) -> Check {
     databases(&config.databases)?;
     nodes(&config.nodes)?;
     limits(&config.limits)?;
-    timeouts(&config.timeouts)
+    timeouts(&config.timeouts)?;
+    health(&config.health)?;
+    admin(config)
+}
+
+fn health(health: &super::HealthConfig) -> Check {
+    ensure(
+        health.check_interval_secs.is_finite() && health.check_interval_secs >= 0.05,
+        "health.check_interval_secs",
+        || "must be at least 0.05".into(),
+    )?;
+    ensure(
+        health.check_interval_secs <= 86_400.0,
+        "health.check_interval_secs",
+        || "must be at most 86400 (one day)".into(),
+    )?;
+    positive(health.timeout_ms, "health.timeout_ms")?;
+    positive(health.failure_threshold.into(), "health.failure_threshold")?;
+    positive(health.success_threshold.into(), "health.success_threshold")?;
+    ensure(!health.query.trim().is_empty(), "health.query", || {
+        "must not be empty".into()
+    })?;
+    ensure(!health.database.is_empty(), "health.database", || {
+        "must not be empty".into()
+    })?;
+    if let Some(user) = &health.user {
+        ensure(!user.is_empty(), "health.user", || {
+            "must not be empty".into()
+        })?;
+    }
+    Ok(())
+}
+
+fn admin(config: &Config) -> Check {
+    if let Some(token) = &config.admin_token {
+        ensure(token.len() >= 8, "admin_token", || {
+            "must be at least 8 characters (or left out to need no token)".into()
+        })?;
+        ensure(
+            token.bytes().all(|b| b.is_ascii_graphic()),
+            "admin_token",
+            || "must be printable ASCII without spaces".into(),
+        )?;
+    }
+    for (key, list) in [
+        ("admin_users", &config.admin_users),
+        ("stats_users", &config.stats_users),
+    ] {
+        for (index, name) in list.iter().enumerate() {
+            ensure(
+                config.users.iter().any(|u| &u.name == name),
+                &format!("{key}[{index}]"),
+                || format!("`{name}` is not a configured [[users]] name"),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn ensure(condition: bool, key: &str, problem: impl FnOnce() -> String) -> Check {

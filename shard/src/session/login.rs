@@ -169,7 +169,7 @@ fn parse_startup(ctx: &ShardCtx, msg: &startup::StartupMessage<'_>) -> Result<Lo
             "replication connections are not supported by the proxy",
         ));
     }
-    let user = ctx.users.get(user_name).cloned().ok_or_else(|| {
+    let user = ctx.user(user_name).ok_or_else(|| {
         LoginError::fatal("28000", format!("role \"{user_name}\" does not exist"))
     })?;
     let database = msg

@@ -31,7 +31,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
     let _ = client.set_nodelay(true);
     let peer = client.peer_addr().ok();
     let who = PeerName(peer);
-    let startup_timeout = Duration::from_millis(ctx.config.timeouts.startup_timeout_ms);
+    let startup_timeout = Duration::from_millis(ctx.config().timeouts.startup_timeout_ms);
     let login =
         match sync::timeout(startup_timeout, Box::pin(login::login(&ctx, &mut client))).await {
             None => {
@@ -60,7 +60,9 @@ pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
         login.user.name,
         login.database
     );
-    let mode = ctx.config.pool_mode_for(&login.user.name, &login.database);
+    let mode = ctx
+        .config()
+        .pool_mode_for(&login.user.name, &login.database);
     // Each mode's state machine is allocated on its own: a session task then carries only
     // the one it runs, not the larger of the two.
     match mode {
@@ -87,7 +89,7 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
         send_fatal(&mut client, "08006", "no primary node is available").await;
         return;
     };
-    let pool = ctx.pool(node, &login.database, &login.user);
+    let pool = ctx.pool(&node, &login.database, &login.user);
     let Some(mut backend) = acquire_or_report(&pool, &mut client).await else {
         return;
     };
@@ -113,7 +115,7 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
         }
     }
 
-    let cancel = ctx.cancels.register();
+    let cancel = ctx.cancels.register(client_info(&client, &login));
     drop(login);
     if welcome(&mut client, &backend, &cancel).await.is_err() {
         ctx.cancels.unregister(cancel.pid);
@@ -143,6 +145,23 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
     release::finish(ctx, &pool, client, backend, end, track, up).await;
 }
 
+/// Who the client is, for SHOW CLIENTS and KILL_CLIENT.
+pub(crate) fn client_info(client: &TcpStream, login: &Login) -> crate::cancel::ClientInfo {
+    use std::os::fd::AsRawFd;
+    crate::cancel::ClientInfo {
+        user: login.user.name.as_str().into(),
+        database: login.database.as_str().into(),
+        application_name: login
+            .params
+            .iter()
+            .find(|(name, _)| name == "application_name")
+            .map(|(_, value)| value.as_str().into()),
+        addr: client.peer_addr().ok(),
+        connected: std::time::SystemTime::now(),
+        fd: client.as_raw_fd(),
+    }
+}
+
 /// Takes a connection for this client (see [`acquire_watching_client`]), or tells the
 /// client why there is none and closes it.
 pub(crate) async fn acquire_or_report(
@@ -169,7 +188,7 @@ pub(crate) async fn report_acquire_error(
     let mut out = Vec::new();
     match error {
         crate::pool::AcquireError::Connect(e) => e.encode_for_client(&mut out),
-        timeout => be::write_error(&mut out, "FATAL", "53300", &timeout.to_string()),
+        other => be::write_error(&mut out, "FATAL", other.sqlstate(), &other.to_string()),
     }
     let _ = client.write_all(&out).await;
     let _ = client.close().await;
@@ -294,7 +313,9 @@ async fn forward(
                 Err(e) => return PumpEnd::ClientProtocol(e),
             },
             Wake::Backend(buf, n) => {
-                if let Err(e) = pump::seed_down(down, buf, n, track, &mut backend.params) {
+                if let Err(e) =
+                    pump::seed_down(down, buf, n, track, &mut backend.params, &ctx.stats)
+                {
                     return PumpEnd::BackendProtocol(e);
                 }
             }

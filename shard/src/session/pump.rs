@@ -25,8 +25,8 @@ use crate::sync::Latch;
 const UP_NOTIFY: TagSet = TagSet::new(b"QSFPBDECHcf");
 /// Frontend messages whose body we need: Terminate ends the session.
 const UP_CAPTURE: TagSet = TagSet::new(b"X");
-/// Backend messages whose body we need.
-const DOWN_CAPTURE: TagSet = TagSet::new(b"ZSG");
+/// Backend messages whose body we need (CommandComplete: to count reads and writes).
+const DOWN_CAPTURE: TagSet = TagSet::new(b"ZSGC");
 
 /// One direction of traffic: a loaned buffer (only while active) and a scanner.
 pub struct Lane {
@@ -124,6 +124,8 @@ pub struct Tracker {
     pub copy_in: bool,
     /// Transaction status from the last ReadyForQuery.
     pub status: u8,
+    /// When the oldest unanswered request was sent (for the query-duration histogram).
+    since: Option<std::time::Instant>,
 }
 
 impl Tracker {
@@ -133,17 +135,18 @@ impl Tracker {
             unsynced: false,
             copy_in: false,
             status,
+            since: None,
         }
     }
 
     fn on_client_message(&mut self, tag: u8, stats: &ShardStats) {
         match tag {
             b'Q' | b'F' => {
-                self.in_flight += 1;
+                self.request_sent();
                 stats.queries.inc();
             }
             b'S' => {
-                self.in_flight += 1;
+                self.request_sent();
                 self.unsynced = false;
             }
             b'E' => {
@@ -155,13 +158,34 @@ impl Tracker {
         }
     }
 
-    fn on_server_message(&mut self, tag: u8, body: &[u8], params: &mut ServerParams) {
+    fn request_sent(&mut self) {
+        if self.in_flight == 0 {
+            self.since = Some(std::time::Instant::now());
+        }
+        self.in_flight += 1;
+    }
+
+    fn on_server_message(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        params: &mut ServerParams,
+        stats: &ShardStats,
+    ) {
         match tag {
             b'Z' => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.status = body.first().copied().unwrap_or(b'I');
                 self.copy_in = false;
+                if self.in_flight == 0 {
+                    if let Some(since) = self.since.take() {
+                        stats
+                            .query_duration
+                            .record_us(since.elapsed().as_micros() as u64);
+                    }
+                }
             }
+            b'C' => stats.count_statement(body),
             b'G' => self.copy_in = true,
             b'S' => {
                 if let Ok(be::BackendMessage::ParameterStatus { name, value }) =
@@ -295,9 +319,9 @@ impl Pump<'_> {
             }
             Poll::Ready(Ok(n)) => {
                 let chunk = &buf[lane.end..lane.end + n];
-                let (track, params) = (&mut *self.track, &mut *self.params);
+                let (track, params, stats) = (&mut *self.track, &mut *self.params, self.stats);
                 let scanned = lane.scanner.scan(chunk, |tag, body, _| {
-                    track.on_server_message(tag, body, params);
+                    track.on_server_message(tag, body, params, stats);
                     Step::Continue
                 });
                 if let Err(e) = scanned {
@@ -454,6 +478,7 @@ pub fn seed_down(
     n: usize,
     track: &mut Tracker,
     params: &mut ServerParams,
+    stats: &ShardStats,
 ) -> Result<(), CodecError> {
     lane.install(buf);
     let chunk = match lane.buf.as_ref() {
@@ -461,7 +486,7 @@ pub fn seed_down(
         None => return Ok(()),
     };
     let scanned = lane.scanner.scan(chunk, |tag, body, _| {
-        track.on_server_message(tag, body, params);
+        track.on_server_message(tag, body, params, stats);
         Step::Continue
     });
     lane.end = n;

@@ -125,7 +125,7 @@ async fn recover_inner(
     cancel_running: bool,
     reset: Reset,
 ) {
-    let limit = Duration::from_millis(ctx.config.timeouts.dirty_release_timeout_ms);
+    let limit = Duration::from_millis(ctx.config().timeouts.dirty_release_timeout_ms);
     let cleaned = sync::timeout(
         limit,
         clean(ctx, &mut backend, &mut track, up, cancel_running, reset),
@@ -183,7 +183,7 @@ async fn clean(
             send_cancel(
                 backend.addr,
                 backend.key,
-                Duration::from_millis(ctx.config.timeouts.connect_timeout_ms),
+                Duration::from_millis(ctx.config().timeouts.connect_timeout_ms),
             )
             .await;
         }
@@ -200,8 +200,9 @@ async fn clean(
             _ => return false,
         }
     }
+    let config = ctx.config();
     let query = match reset {
-        Reset::Query => ctx.config.pool_mode.reset_query.trim(),
+        Reset::Query => config.pool_mode.reset_query.trim(),
         Reset::DiscardAll => "DISCARD ALL",
         Reset::Settings => {
             let defaults = Settings::default();

@@ -45,8 +45,8 @@ pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login, mode
         send_fatal(&mut client, "08006", "no primary node is available").await;
         return;
     };
-    let pool = ctx.pool(node, &login.database, &login.user);
-    let cancel = ctx.cancels.register();
+    let pool = ctx.pool(&node, &login.database, &login.user);
+    let cancel = ctx.cancels.register(super::client_info(&client, &login));
     // The rarely taken paths (login completion, session end, settings restore) live in
     // their own allocations, so the state machine an idle client keeps stays small.
     let state = Box::pin(start(ctx, &pool, &mut client, &login, &cancel)).await;
@@ -296,7 +296,8 @@ async fn lease(
     responses.start(backend.status);
     let mut flow = Flow::default();
     let mut notes = LeaseNotes::default();
-    let pool_cfg = &ctx.config.pool_mode;
+    let config = ctx.config();
+    let pool_cfg = &config.pool_mode;
     loop {
         up.activate(&ctx.bufs);
         down.activate(&ctx.bufs);

@@ -185,6 +185,8 @@ pub struct Flow {
     pub copy_in: bool,
     /// The client sent Terminate.
     pub terminated: bool,
+    /// When the oldest unanswered request went out (for the query-duration histogram).
+    pub since: Option<std::time::Instant>,
 }
 
 pub struct PooledPump<'a> {
@@ -302,6 +304,7 @@ impl PooledPump<'_> {
         let params = &mut *self.params;
         let server = &mut *self.translate.server;
         let flow = &mut *self.flow;
+        let stats = self.stats;
         let mut outcome = Outcome::default();
         let mut dropped: Option<usize> = None;
         let chunk = &buf[base..lane.raw_end];
@@ -312,7 +315,11 @@ impl PooledPump<'_> {
                     flow.copy_in = false;
                 }
                 b'G' => flow.copy_in = true,
-                b'C' | b'E' => flow.copy_in = false,
+                b'C' => {
+                    flow.copy_in = false;
+                    stats.count_statement(body);
+                }
+                b'E' => flow.copy_in = false,
                 b'S' => {
                     if let Ok(be::BackendMessage::ParameterStatus { name, value }) =
                         be::decode(tag, body)
@@ -323,6 +330,13 @@ impl PooledPump<'_> {
                 _ => {}
             }
             let action = responses.on_server_message(tag, body, server, &mut outcome);
+            if tag == b'Z' && responses.outstanding() == 0 {
+                if let Some(since) = flow.since.take() {
+                    stats
+                        .query_duration
+                        .record_us(since.elapsed().as_micros() as u64);
+                }
+            }
             if action == Action::Drop {
                 dropped = Some(HEADER_LEN + body.len());
                 return Step::Stop;
@@ -508,6 +522,9 @@ impl PooledPump<'_> {
     }
 
     fn after_message(&mut self, tag: u8) {
+        if matches!(tag, b'Q' | b'F' | b'S') && self.flow.since.is_none() {
+            self.flow.since = Some(std::time::Instant::now());
+        }
         match tag {
             b'Q' | b'F' => self.stats.queries.inc(),
             b'E' => self.stats.queries.inc(),

@@ -1,0 +1,254 @@
+//! Metrics export. Shards count into their own single-writer blocks (no cross-core
+//! traffic on the query path); this module sums them on the control thread and feeds
+//! them to a `metrics` recorder from `metrics-exporter-prometheus`, which renders the
+//! standard Prometheus text format. A background loop syncs once a second so histogram
+//! samples never pile up between scrapes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use helios_shard::control::{Detail, PoolReport};
+use helios_shard::stats::{Histogram, ShardStats, BUCKET_BOUNDS_US};
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use serde_json::{json, Value};
+
+use super::Control;
+
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// Per-bucket (count, sum in µs) readings, the last bucket being +Inf.
+type Reading = [(u64, u64); BUCKET_BOUNDS_US.len() + 1];
+
+pub struct Exporter {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Histogram readings already fed to the recorder, per shard: (query, acquire).
+    fed: Mutex<Vec<(Reading, Reading)>>,
+}
+
+impl Exporter {
+    pub fn new(shards: usize) -> Exporter {
+        let bounds: Vec<f64> = BUCKET_BOUNDS_US.iter().map(|&us| us as f64 / 1e6).collect();
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&bounds)
+            .expect("bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let empty = [(0, 0); BUCKET_BOUNDS_US.len() + 1];
+        Exporter {
+            recorder,
+            handle,
+            fed: Mutex::new(vec![(empty, empty); shards]),
+        }
+    }
+}
+
+/// Keeps the recorder current in the background until `stop` is set.
+pub fn spawn_sync_loop(
+    control: Arc<Control>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(SYNC_EVERY);
+                sync(&control);
+            }
+        })
+}
+
+/// The Prometheus text page (`GET /metrics/prometheus`).
+pub fn prometheus(control: &Control) -> String {
+    sync(control);
+    control.metrics.handle.render()
+}
+
+/// Brings every metric up to date.
+fn sync(control: &Control) {
+    let exporter = &control.metrics;
+    let mut fed = exporter.fed.lock().unwrap_or_else(|e| e.into_inner());
+    let links = control.shard_links();
+    let totals = Totals::sum(links.iter().map(|l| &*l.stats));
+    let snapshots = control.gather(Detail::default());
+    let nodes = control.nodes();
+    metrics::with_local_recorder(&exporter.recorder, || {
+        counter!("heliosdb_proxy_connections_total").absolute(totals.accepted);
+        counter!("heliosdb_proxy_connections_closed").absolute(totals.closed);
+        gauge!("heliosdb_proxy_connections_active").set(totals.active as f64);
+        counter!("heliosdb_proxy_connections_rejected_total").absolute(totals.rejected);
+        counter!("heliosdb_proxy_queries_total").absolute(totals.queries);
+        counter!("heliosdb_proxy_statements_total", "type" => "read").absolute(totals.reads);
+        counter!("heliosdb_proxy_statements_total", "type" => "write").absolute(totals.writes);
+        counter!("heliosdb_proxy_bytes_received_total").absolute(totals.bytes_in);
+        counter!("heliosdb_proxy_bytes_sent_total").absolute(totals.bytes_out);
+        counter!("heliosdb_proxy_failovers_total").absolute(totals.failovers);
+        counter!("heliosdb_proxy_server_connections_created_total").absolute(totals.created);
+        counter!("heliosdb_proxy_server_connections_closed_total").absolute(totals.backend_closed);
+        counter!("heliosdb_proxy_server_connect_errors_total").absolute(totals.connect_errors);
+        counter!("heliosdb_proxy_pool_waits_total").absolute(totals.waits);
+        counter!("heliosdb_proxy_pool_timeouts_total").absolute(totals.timeouts);
+        counter!("heliosdb_proxy_cancels_received_total").absolute(totals.cancels);
+        counter!("heliosdb_proxy_cancels_forwarded_total").absolute(totals.cancels_forwarded);
+        counter!("heliosdb_proxy_protocol_errors_total").absolute(totals.protocol_errors);
+        counter!("heliosdb_proxy_auth_failures_total").absolute(totals.auth_failures);
+        gauge!("heliosdb_proxy_uptime_seconds").set(control.uptime().as_secs_f64());
+        gauge!("heliosdb_proxy_paused").set(f64::from(u8::from(control.paused())));
+
+        let pools: Vec<&PoolReport> = snapshots.iter().flat_map(|s| s.pools.iter()).collect();
+        for node in &nodes {
+            let label = node.address.clone();
+            let mine = pools.iter().filter(|p| p.node == node.address);
+            let (mut active, mut idle, mut waiting) = (0usize, 0usize, 0usize);
+            for p in mine {
+                active += p.active();
+                idle += p.idle;
+                waiting += p.waiting;
+            }
+            gauge!("heliosdb_proxy_pool_connections_active", "node" => label.clone())
+                .set(active as f64);
+            gauge!("heliosdb_proxy_pool_connections_idle", "node" => label.clone())
+                .set(idle as f64);
+            gauge!("heliosdb_proxy_pool_connections_waiting", "node" => label.clone())
+                .set(waiting as f64);
+            let h = &node.health;
+            gauge!("heliosdb_proxy_node_healthy", "node" => label.clone())
+                .set(f64::from(u8::from(h.healthy)));
+            gauge!("heliosdb_proxy_node_enabled", "node" => label.clone())
+                .set(f64::from(u8::from(node.enabled && !node.draining)));
+            gauge!("heliosdb_proxy_node_latency_seconds", "node" => label.clone())
+                .set(h.latency_ms / 1000.0);
+            gauge!("heliosdb_proxy_node_check_failures", "node" => label.clone())
+                .set(f64::from(h.failure_count));
+            if let Some(bytes) = h.replication_lag_bytes {
+                gauge!("heliosdb_proxy_node_replication_lag_bytes", "node" => label.clone())
+                    .set(bytes as f64);
+            }
+            if let Some(secs) = h.replication_lag_seconds {
+                gauge!("heliosdb_proxy_node_replication_lag_seconds", "node" => label.clone())
+                    .set(secs);
+            }
+        }
+
+        for (link, (query_fed, acquire_fed)) in links.iter().zip(fed.iter_mut()) {
+            feed(
+                &link.stats.query_duration,
+                query_fed,
+                "heliosdb_proxy_query_duration_seconds",
+            );
+            feed(
+                &link.stats.pool_acquire,
+                acquire_fed,
+                "heliosdb_proxy_pool_acquire_duration_seconds",
+            );
+        }
+    });
+    exporter.handle.run_upkeep();
+}
+
+/// Feeds the samples a shard histogram gained since the last sync: each bucket's new
+/// samples are recorded at their mean, which lands them in the same bucket and keeps the
+/// histogram's sum exact.
+fn feed(source: &Histogram, fed: &mut Reading, name: &'static str) {
+    let now = source.read();
+    let target = histogram!(name);
+    for (i, (&(count, sum), prev)) in now.iter().zip(fed.iter()).enumerate() {
+        let new = count.saturating_sub(prev.0);
+        if new == 0 {
+            continue;
+        }
+        let mean_us = sum.saturating_sub(prev.1) as f64 / new as f64;
+        // Keep the mean strictly inside bucket i despite rounding at the edges.
+        let lower = if i == 0 {
+            0.0
+        } else {
+            BUCKET_BOUNDS_US[i - 1] as f64
+        };
+        let mean_us = if i > 0 && mean_us <= lower {
+            lower + 0.5
+        } else {
+            mean_us
+        };
+        target.record_many(mean_us / 1e6, new as usize);
+    }
+    *fed = now;
+}
+
+/// Counters summed over every shard.
+#[derive(Default)]
+struct Totals {
+    accepted: u64,
+    closed: u64,
+    active: u64,
+    rejected: u64,
+    queries: u64,
+    reads: u64,
+    writes: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    failovers: u64,
+    created: u64,
+    backend_closed: u64,
+    connect_errors: u64,
+    waits: u64,
+    timeouts: u64,
+    cancels: u64,
+    cancels_forwarded: u64,
+    protocol_errors: u64,
+    auth_failures: u64,
+}
+
+impl Totals {
+    fn sum<'a>(stats: impl Iterator<Item = &'a ShardStats>) -> Totals {
+        let mut t = Totals::default();
+        for s in stats {
+            t.accepted += s.clients_accepted.get();
+            t.closed += s.clients_closed.get();
+            t.active += s.clients_active();
+            t.rejected += s.clients_rejected.get();
+            t.queries += s.queries.get();
+            t.reads += s.statements_read.get();
+            t.writes += s.statements_write.get();
+            t.bytes_in += s.bytes_from_clients.get();
+            t.bytes_out += s.bytes_to_clients.get();
+            t.created += s.backends_created.get();
+            t.backend_closed += s.backends_closed.get();
+            t.connect_errors += s.backend_connect_errors.get();
+            t.waits += s.pool_waits.get();
+            t.timeouts += s.pool_timeouts.get();
+            t.cancels += s.cancels_received.get();
+            t.cancels_forwarded += s.cancels_forwarded.get();
+            t.protocol_errors += s.protocol_errors.get();
+            t.auth_failures += s.auth_failures.get();
+        }
+        t
+    }
+}
+
+/// `GET /metrics`: the documented JSON counters, plus the rest of the totals.
+pub fn json(control: &Control) -> Value {
+    let t = Totals::sum(control.shard_links().iter().map(|l| &*l.stats));
+    json!({
+        "connections_accepted": t.accepted,
+        "connections_closed": t.closed,
+        "connections_active": t.active,
+        "connections_rejected": t.rejected,
+        "queries_processed": t.queries,
+        "statements_read": t.reads,
+        "statements_write": t.writes,
+        "bytes_received": t.bytes_in,
+        "bytes_sent": t.bytes_out,
+        "failovers": t.failovers,
+        "server_connections_created": t.created,
+        "server_connections_closed": t.backend_closed,
+        "server_connect_errors": t.connect_errors,
+        "pool_waits": t.waits,
+        "pool_timeouts": t.timeouts,
+        "cancels_received": t.cancels,
+        "cancels_forwarded": t.cancels_forwarded,
+        "protocol_errors": t.protocol_errors,
+        "auth_failures": t.auth_failures,
+        "uptime_seconds": control.uptime().as_secs(),
+    })
+}

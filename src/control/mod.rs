@@ -1,0 +1,405 @@
+//! The control plane: the threads that are not on the query path. It owns the truth about
+//! the nodes (configured, enabled, draining, healthy), publishes it to the shards as
+//! versioned topology snapshots, gathers the shards' reports, reloads the configuration,
+//! and serves the admin REST API, the metrics and the SQL admin console.
+
+pub mod admin;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use helios_shard::config::{Config, ConfigError, NodeRole};
+use helios_shard::context::initial_topology;
+use helios_shard::control::{ControlMsg, Detail, ShardLink, ShardSnapshot, Topology, TopologyNode};
+
+/// How long a shard may take to answer a report request (it reads its mailbox every
+/// 50 ms).
+const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Re-reads the configuration the way the process first read it (file, environment,
+/// command-line flags).
+pub type ConfigLoader = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// What the health checker last learned about a node.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    pub healthy: bool,
+    pub last_check: Option<SystemTime>,
+    /// Consecutive failed checks (0 after a good one).
+    pub failure_count: u32,
+    /// Consecutive good checks (0 after a failed one).
+    pub success_count: u32,
+    pub last_error: Option<String>,
+    /// Round trip of the last good check.
+    pub latency_ms: f64,
+    /// For standbys and replicas: WAL bytes behind the primary.
+    pub replication_lag_bytes: Option<u64>,
+    /// For standbys and replicas: seconds since the last replayed transaction, or 0 when
+    /// everything received has been replayed.
+    pub replication_lag_seconds: Option<f64>,
+    /// What the server says it is (`pg_is_in_recovery()`).
+    pub in_recovery: Option<bool>,
+    /// The primary's current WAL position, or the standby's replay position.
+    pub wal_lsn: Option<u64>,
+}
+
+/// One configured node as the control plane tracks it.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    pub address: String,
+    pub label: String,
+    pub addr: SocketAddr,
+    pub role: NodeRole,
+    pub weight: u32,
+    /// Not disabled (by the configuration or `POST /nodes/{address}/disable`).
+    pub enabled: bool,
+    /// `POST /nodes/{address}/drain` was called and the node was not enabled since.
+    pub draining: bool,
+    pub health: Health,
+}
+
+impl NodeStatus {
+    pub fn routable(&self) -> bool {
+        self.enabled && self.health.healthy && !self.draining
+    }
+}
+
+struct State {
+    config: Arc<Config>,
+    nodes: Vec<NodeStatus>,
+    version: u64,
+    paused: bool,
+}
+
+/// Why a control request could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("Node not found")]
+    NodeNotFound,
+    #[error("{0}")]
+    InvalidConfig(String),
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone)]
+pub struct ReloadReport {
+    /// Keys that differ from the running configuration but need a restart to apply.
+    pub restart_required: Vec<String>,
+    pub nodes_added: Vec<String>,
+    pub nodes_removed: Vec<String>,
+    pub changed: bool,
+}
+
+pub struct Control {
+    links: Vec<ShardLink>,
+    state: Mutex<State>,
+    loader: Option<ConfigLoader>,
+    pub started: SystemTime,
+    started_at: Instant,
+    /// Raised by every topology change, so the health checker can follow node changes.
+    health_epoch: std::sync::atomic::AtomicU64,
+    pub metrics: metrics::Exporter,
+}
+
+impl Control {
+    pub fn new(
+        config: Arc<Config>,
+        links: Vec<ShardLink>,
+        loader: Option<ConfigLoader>,
+    ) -> Result<Arc<Control>, String> {
+        let topology = initial_topology(&config)?;
+        let nodes = topology.nodes.iter().map(node_status).collect();
+        let metrics = metrics::Exporter::new(links.len());
+        Ok(Arc::new(Control {
+            metrics,
+            links,
+            state: Mutex::new(State {
+                config,
+                nodes,
+                version: 0,
+                paused: false,
+            }),
+            loader,
+            started: SystemTime::now(),
+            started_at: Instant::now(),
+            health_epoch: Default::default(),
+        }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started_at.elapsed()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.state().config.clone()
+    }
+
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.state().nodes.clone()
+    }
+
+    pub fn node(&self, address: &str) -> Option<NodeStatus> {
+        self.state()
+            .nodes
+            .iter()
+            .find(|n| n.address == address)
+            .cloned()
+    }
+
+    pub fn shard_links(&self) -> &[ShardLink] {
+        &self.links
+    }
+
+    pub fn paused(&self) -> bool {
+        self.state().paused
+    }
+
+    /// Bumped on every topology or configuration change.
+    pub fn epoch(&self) -> u64 {
+        self.health_epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Sends the current topology to every shard.
+    fn publish(&self, state: &mut State) {
+        state.version += 1;
+        let topology = Arc::new(Topology {
+            version: state.version,
+            nodes: state
+                .nodes
+                .iter()
+                .map(|n| TopologyNode {
+                    address: n.address.clone(),
+                    label: n.label.clone(),
+                    addr: n.addr,
+                    role: n.role,
+                    weight: n.weight,
+                    enabled: n.enabled,
+                    healthy: n.health.healthy,
+                    draining: n.draining,
+                })
+                .collect(),
+        });
+        self.health_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.broadcast(|| ControlMsg::Topology(topology.clone()));
+    }
+
+    fn broadcast(&self, msg: impl Fn() -> ControlMsg) {
+        for link in &self.links {
+            let _ = link.mailbox.send(msg());
+        }
+    }
+
+    /// Applies `change` to one node; republishes the topology when routing changed.
+    pub fn update_node(
+        &self,
+        address: &str,
+        change: impl FnOnce(&mut NodeStatus),
+    ) -> Result<NodeStatus, ControlError> {
+        let mut state = self.state();
+        let node = state
+            .nodes
+            .iter_mut()
+            .find(|n| n.address == address)
+            .ok_or(ControlError::NodeNotFound)?;
+        let before = (node.routable(), node.enabled, node.draining);
+        change(node);
+        let after = (node.routable(), node.enabled, node.draining);
+        let status = node.clone();
+        if before != after {
+            self.publish(&mut state);
+        }
+        Ok(status)
+    }
+
+    /// `POST /nodes/{address}/enable|disable`: the node takes new work again, or none.
+    pub fn set_enabled(&self, address: &str, enabled: bool) -> Result<NodeStatus, ControlError> {
+        let status = self.update_node(address, |n| {
+            n.enabled = enabled;
+            if enabled {
+                n.draining = false;
+            }
+        })?;
+        log::info!(
+            "node {address} {} by the admin API",
+            if enabled { "enabled" } else { "disabled" }
+        );
+        Ok(status)
+    }
+
+    /// `POST /nodes/{address}/drain`: no new work; idle connections close now, lent ones
+    /// as they come back. Progress shows in `/pools`.
+    pub fn drain(&self, address: &str) -> Result<NodeStatus, ControlError> {
+        let status = self.update_node(address, |n| n.draining = true)?;
+        log::info!("node {address} draining by the admin API");
+        Ok(status)
+    }
+
+    /// Asks every shard for its report.
+    pub fn gather(&self, detail: Detail) -> Vec<ShardSnapshot> {
+        let (reply, replies) = crossbeam_channel::unbounded();
+        let mut asked = 0;
+        for link in &self.links {
+            let msg = ControlMsg::Snapshot {
+                detail,
+                reply: reply.clone(),
+            };
+            if link.mailbox.send(msg).is_ok() {
+                asked += 1;
+            }
+        }
+        drop(reply);
+        let deadline = Instant::now() + SHARD_REPLY_TIMEOUT;
+        let mut snapshots = Vec::with_capacity(asked);
+        while snapshots.len() < asked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match replies.recv_timeout(left) {
+                Ok(s) => snapshots.push(s),
+                Err(_) => break,
+            }
+        }
+        snapshots.sort_by_key(|s| s.shard);
+        snapshots
+    }
+
+    /// PAUSE (`true`) or RESUME (`false`) on every shard.
+    pub fn set_paused(&self, paused: bool) {
+        self.state().paused = paused;
+        self.broadcast(|| ControlMsg::Pause(paused));
+    }
+
+    /// Disconnects the client with proxy pid `pid`; false if no shard has it.
+    pub fn kill_client(&self, pid: i32) -> bool {
+        let owner = helios_shard::cancel::owner_shard(pid);
+        let Some(link) = self.links.get(owner) else {
+            return false;
+        };
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        if link
+            .mailbox
+            .send(ControlMsg::KillClient { pid, reply })
+            .is_err()
+        {
+            return false;
+        }
+        answer.recv_timeout(SHARD_REPLY_TIMEOUT).unwrap_or(false)
+    }
+
+    /// Re-reads the configuration and applies what can change while running: nodes,
+    /// weights, pool sizes, timeouts, users, health checks, admin settings. An invalid
+    /// file changes nothing.
+    pub fn reload(&self) -> Result<ReloadReport, ControlError> {
+        let loader = self
+            .loader
+            .as_ref()
+            .ok_or_else(|| ControlError::InvalidConfig("no configuration to reload".into()))?;
+        let mut fresh = loader().map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let topology =
+            initial_topology(&fresh).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        let mut state = self.state();
+        let old = state.config.clone();
+        let mut report = ReloadReport::default();
+        // What the running process cannot change: keep it, and say so.
+        if fresh.listen_address != old.listen_address {
+            report.restart_required.push("listen_address".into());
+            fresh.listen_address = old.listen_address.clone();
+        }
+        if fresh.admin_address != old.admin_address {
+            report.restart_required.push("admin_address".into());
+            fresh.admin_address = old.admin_address.clone();
+        }
+        if fresh.workers != old.workers {
+            report.restart_required.push("workers".into());
+            fresh.workers = old.workers;
+        }
+        report.changed = fresh != *old;
+        let mut nodes: Vec<NodeStatus> = Vec::with_capacity(topology.nodes.len());
+        for fresh_node in &topology.nodes {
+            let mut status = node_status(fresh_node);
+            match state.nodes.iter().find(|n| n.address == fresh_node.address) {
+                Some(current) => {
+                    // Health and an operator's drain carry over; `enabled` follows the
+                    // file only when the file changed it.
+                    status.health = current.health.clone();
+                    status.draining = current.draining;
+                    let was_configured = old
+                        .nodes
+                        .iter()
+                        .find(|n| n.address() == fresh_node.address)
+                        .map(|n| n.enabled);
+                    status.enabled = if was_configured == Some(fresh_node.enabled) {
+                        current.enabled
+                    } else {
+                        fresh_node.enabled
+                    };
+                }
+                None => report.nodes_added.push(fresh_node.address.clone()),
+            }
+            nodes.push(status);
+        }
+        for gone in &state.nodes {
+            if !nodes.iter().any(|n| n.address == gone.address) {
+                report.nodes_removed.push(gone.address.clone());
+            }
+        }
+        let fresh = Arc::new(fresh);
+        state.config = fresh.clone();
+        state.nodes = nodes;
+        for link in &self.links {
+            // Each shard gets its own copy, as at startup.
+            let _ = link
+                .mailbox
+                .send(ControlMsg::Config(Arc::new((*fresh).clone())));
+        }
+        self.publish(&mut state);
+        log::info!(
+            "configuration reloaded ({}; nodes added {:?}, removed {:?}{})",
+            if report.changed {
+                "changed"
+            } else {
+                "unchanged"
+            },
+            report.nodes_added,
+            report.nodes_removed,
+            if report.restart_required.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; needs a restart to change {}",
+                    report.restart_required.join(", ")
+                )
+            }
+        );
+        Ok(report)
+    }
+
+    /// Ready when at least one enabled node passes its health checks.
+    pub fn ready(&self) -> bool {
+        self.state()
+            .nodes
+            .iter()
+            .any(|n| n.enabled && n.health.healthy)
+    }
+}
+
+fn node_status(node: &TopologyNode) -> NodeStatus {
+    NodeStatus {
+        address: node.address.clone(),
+        label: node.label.clone(),
+        addr: node.addr,
+        role: node.role,
+        weight: node.weight,
+        enabled: node.enabled,
+        draining: false,
+        health: Health {
+            healthy: true,
+            ..Health::default()
+        },
+    }
+}

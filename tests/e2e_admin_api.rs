@@ -1,0 +1,588 @@
+//! The admin REST API through the running proxy: every endpoint's shape and status codes,
+//! the bearer token, disable/enable seen from pg_stat_activity, the drain procedure from
+//! the API reference run with curl and jq, reload (HTTP and SIGHUP), and the Prometheus
+//! page read by the Python `prometheus_client` parser while traffic moves the counters.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::http::{get, post, request};
+use common::{cluster, proxy_only, wait_until, Proxy, SUPERUSER, SUPERUSER_PASSWORD};
+use serde_json::Value;
+
+const TOKEN: &str = "s3cret-admin-token";
+
+fn admin(proxy: &Proxy) -> u16 {
+    proxy.admin_port.expect("proxy has an admin port")
+}
+
+fn node_address() -> String {
+    format!("127.0.0.1:{}", cluster().port)
+}
+
+/// Connections the proxy holds to the test server for `db` (from pg_stat_activity).
+async fn server_connections(db: &str) -> i64 {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+    );
+    cluster().admin_i64(&sql).await
+}
+
+/// A database of its own, so other tests' connections do not show up in counts.
+async fn private_database(name: &str) {
+    let admin = cluster().admin("postgres").await;
+    let _ = admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_answer_with_the_documented_shapes_and_errors() {
+    if proxy_only("endpoints", "the admin API is the proxy's") {
+        return;
+    }
+    let proxy = Proxy::start(cluster(), "");
+    let port = admin(&proxy);
+
+    let r = get(port, "/health");
+    assert_eq!(
+        (r.status, r.json()),
+        (200, serde_json::json!({"status": "ok"}))
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        get(port, "/health/live").json(),
+        serde_json::json!({"alive": true})
+    );
+    let ready = get(port, "/health/ready");
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["ready"], true);
+
+    let nodes = get(port, "/nodes").json();
+    let nodes = nodes.as_array().expect("array");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["address"], node_address());
+    assert_eq!(nodes[0]["healthy"], true);
+    assert_eq!(nodes[0]["role"], "primary");
+    for key in [
+        "last_check",
+        "failure_count",
+        "last_error",
+        "latency_ms",
+        "replication_lag_bytes",
+    ] {
+        assert!(nodes[0].get(key).is_some(), "/nodes lacks {key}: {nodes:?}");
+    }
+    let one = get(port, &format!("/nodes/{}", node_address()));
+    assert_eq!(one.status, 200);
+    assert_eq!(one.json()["address"], node_address());
+    let missing = get(port, "/nodes/10.9.9.9:5432");
+    assert_eq!(
+        (missing.status, missing.json()),
+        (404, serde_json::json!({"error": "Node not found"}))
+    );
+    let r = post(port, "/nodes/10.9.9.9:5432/disable");
+    assert_eq!(r.status, 404);
+
+    let config = get(port, "/config").json();
+    assert_eq!(
+        config["listen_address"],
+        format!("127.0.0.1:{}", proxy.port)
+    );
+    assert_eq!(config["nodes"][0]["address"], node_address());
+    assert_eq!(config["config"]["users"][0]["password"], "<redacted>");
+    assert!(
+        !get(port, "/config").body.contains(SUPERUSER_PASSWORD),
+        "a password leaked through /config"
+    );
+
+    let version = get(port, "/version").json();
+    assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
+    assert!(version["build_time"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+
+    // Counters move with traffic; an open session is counted.
+    let before = get(port, "/metrics").json();
+    let client = proxy.client().await;
+    for i in 0..5 {
+        client.simple_query(&format!("SELECT {i}")).await.unwrap();
+    }
+    let after = get(port, "/metrics").json();
+    for key in [
+        "queries_processed",
+        "bytes_received",
+        "bytes_sent",
+        "connections_accepted",
+    ] {
+        assert!(
+            after[key].as_u64() > before[key].as_u64(),
+            "{key} did not move: {before} -> {after}"
+        );
+    }
+    assert_eq!(after["failovers"], 0);
+    assert!(get(port, "/sessions").json()["active_sessions"].as_u64() >= Some(1));
+    let pools = get(port, "/pools").json();
+    let pool = &pools.as_array().expect("array")[0];
+    assert_eq!(pool["node"], node_address());
+    for key in [
+        "active_connections",
+        "idle_connections",
+        "pending_requests",
+        "total_connections_created",
+        "total_connections_closed",
+    ] {
+        assert!(pool[key].is_u64(), "/pools lacks {key}: {pool}");
+    }
+    assert!(pool["total_connections_created"].as_u64() >= Some(1));
+    drop(client);
+
+    // Errors: unknown path, wrong method, malformed and oversized bodies, bad escapes.
+    let r = get(port, "/nope");
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].is_string());
+    let r = post(port, "/health");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET"));
+    assert!(r.json()["error"].is_string());
+    let r = get(port, &format!("/nodes/{}/disable", node_address()));
+    assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
+    let path = format!("/nodes/{}/disable", node_address());
+    let r = request(port, "POST", &path, &[], b"{not json");
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("JSON"));
+    let r = request(port, "POST", &path, &[], b"[1,2]");
+    assert_eq!(r.status, 400);
+    let big = vec![b' '; 100 * 1024];
+    let r = request(port, "POST", &path, &[], &big);
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("too large"));
+    assert_eq!(get(port, "/nodes/%zz").status, 400);
+    // None of that changed the node.
+    assert_eq!(get(port, "/nodes").json()[0]["enabled"], true);
+    proxy.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_need_the_bearer_token_when_one_is_set() {
+    if proxy_only("token", "the admin API is the proxy's") {
+        return;
+    }
+    let proxy = Proxy::start(cluster(), &format!("admin_token = \"{TOKEN}\""));
+    let port = admin(&proxy);
+    let path = format!("/nodes/{}/disable", node_address());
+    let r = post(port, &path);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let r = request(
+        port,
+        "POST",
+        &path,
+        &[("Authorization", "Bearer wrong-token")],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    let r = request(port, "POST", "/config/reload", &[], b"");
+    assert_eq!(r.status, 401);
+    // Reads need no token; the token never shows in /config.
+    assert_eq!(get(port, "/nodes").status, 200);
+    assert!(!get(port, "/config").body.contains(TOKEN));
+    let bearer = format!("Bearer {TOKEN}");
+    let r = request(port, "POST", &path, &[("Authorization", &bearer)], b"");
+    assert_eq!(
+        (r.status, r.json()),
+        (200, serde_json::json!({"status": "disabled"}))
+    );
+    let enable = format!("/nodes/{}/enable", node_address());
+    let r = request(port, "POST", &enable, &[("Authorization", &bearer)], b"{}");
+    assert_eq!(
+        (r.status, r.json()),
+        (200, serde_json::json!({"status": "enabled"}))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_node_gets_no_new_queries_until_enabled() {
+    if proxy_only("disable", "the admin API is the proxy's") {
+        return;
+    }
+    private_database("admin_disable").await;
+    let proxy = Proxy::start(
+        cluster(),
+        "[pool_mode]\nmode = \"transaction\"\nacquire_timeout_ms = 1500\n",
+    );
+    let port = admin(&proxy);
+    let client = proxy
+        .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), "admin_disable")
+        .await
+        .expect("login");
+    client.simple_query("SELECT 1").await.unwrap();
+    assert!(server_connections("admin_disable").await >= 1);
+
+    let r = post(port, &format!("/nodes/{}/disable", node_address()));
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (200, Some("disabled"))
+    );
+    let node = get(port, &format!("/nodes/{}", node_address())).json();
+    assert_eq!(node["enabled"], false);
+    assert_eq!(get(port, "/health/ready").status, 503);
+    // The idle server connections close; none is opened for new work.
+    assert!(
+        common::wait_until_async(Duration::from_secs(10), || async {
+            server_connections("admin_disable").await == 0
+        })
+        .await,
+        "server connections stayed open after disable"
+    );
+    let err = client
+        .simple_query("SELECT 2")
+        .await
+        .expect_err("no node takes work");
+    assert_eq!(common::sqlstate(&err), "57P03", "{err:?}");
+    assert_eq!(server_connections("admin_disable").await, 0);
+
+    let r = post(port, &format!("/nodes/{}/enable", node_address()));
+    assert_eq!(r.status, 200);
+    assert_eq!(get(port, "/health/ready").status, 200);
+    let client = proxy
+        .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), "admin_disable")
+        .await
+        .expect("login after enable");
+    let rows = client.simple_query("SELECT 3").await.unwrap();
+    assert!(!rows.is_empty());
+    assert!(server_connections("admin_disable").await >= 1);
+}
+
+/// The "Drain a node for maintenance" procedure of the API reference, as an operator
+/// would run it: curl and jq in a shell script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_procedure_runs_with_curl_and_jq() {
+    if proxy_only("drain", "the admin API is the proxy's") {
+        return;
+    }
+    private_database("admin_drain").await;
+    let proxy = Proxy::start(cluster(), "[pool_mode]\nmode = \"session\"\n");
+    let port = admin(&proxy);
+    // Two sessions hold server connections (session pooling).
+    let a = proxy
+        .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), "admin_drain")
+        .await
+        .unwrap();
+    let b = proxy
+        .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), "admin_drain")
+        .await
+        .unwrap();
+    a.simple_query("SELECT 1").await.unwrap();
+    b.simple_query("SELECT 1").await.unwrap();
+
+    let node = node_address();
+    let script = format!(
+        r#"set -eu
+base=http://127.0.0.1:{port}
+node={node}
+curl -sf -X POST "$base/nodes/$node/drain" | jq -e '.status == "draining"' >/dev/null
+for i in $(seq 1 600); do
+  active=$(curl -sf "$base/pools" | jq '.[] | select(.node == "'"$node"'") | .active_connections')
+  [ "$active" = "0" ] && break
+  echo "waiting for $active connections to drain"
+  sleep 0.1
+done
+[ "$active" = "0" ]
+curl -sf "$base/pools" | jq -e '.[] | select(.node == "'"$node"'") | .drained' >/dev/null
+echo drained
+curl -sf -X POST "$base/nodes/$node/enable" | jq -e '.status == "enabled"' >/dev/null
+echo enabled
+"#
+    );
+    let child = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bash");
+    // While the script waits, the sessions finish their work and leave.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            get(port, "/pools").json()[0]["draining"] == Value::Bool(true)
+        }),
+        "drain did not show in /pools"
+    );
+    let progress = get(port, "/pools").json();
+    assert_eq!(progress[0]["active_connections"], 2, "{progress}");
+    a.simple_query("SELECT 2").await.unwrap();
+    drop(a);
+    drop(b);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("script output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "drain script failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("waiting for 2 connections to drain") || stdout.contains("waiting for 1")
+    );
+    assert!(
+        stdout.contains("drained") && stdout.contains("enabled"),
+        "{stdout}"
+    );
+    assert_eq!(server_connections("admin_drain").await, 0);
+    // Back in service.
+    let c = proxy
+        .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), "admin_drain")
+        .await
+        .unwrap();
+    c.simple_query("SELECT 3").await.unwrap();
+    assert_eq!(get(port, "/nodes").json()[0]["draining"], false);
+}
+
+fn rewrite_config(proxy: &Proxy, change: impl FnOnce(&mut toml::Table)) {
+    let mut config = proxy.config.clone();
+    change(&mut config);
+    let path = proxy.config_path.as_ref().expect("config file");
+    std::fs::write(path, toml::to_string(&config).unwrap()).unwrap();
+}
+
+fn set_pool_size(config: &mut toml::Table, size: i64) {
+    config
+        .entry("pool_mode")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap()
+        .insert("max_pool_size".into(), toml::Value::Integer(size));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_pool_sizes_and_refuses_invalid_files() {
+    if proxy_only("reload", "the admin API is the proxy's") {
+        return;
+    }
+    private_database("admin_reload").await;
+    // One worker, so the pool size is exactly what one shard may open.
+    let proxy = Proxy::start(
+        cluster(),
+        "workers = 1\n[pool_mode]\nmode = \"session\"\nmax_pool_size = 1\nacquire_timeout_ms = 800\n",
+    );
+    let port = admin(&proxy);
+    let connect = || proxy.connect(SUPERUSER, Some(SUPERUSER_PASSWORD), "admin_reload");
+    let first = connect().await.unwrap();
+    first.simple_query("SELECT 1").await.unwrap();
+    // The pool is full: a second session times out with 53300.
+    let err = connect().await.expect_err("pool of one is full");
+    assert_eq!(common::sqlstate(&err), "53300", "{err:?}");
+
+    rewrite_config(&proxy, |c| set_pool_size(c, 3));
+    let r = post(port, "/config/reload");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["changed"], true);
+    assert_eq!(get(port, "/config").json()["pool_max_connections"], 3);
+    // The first session kept its connection; two more fit now.
+    first.simple_query("SELECT 2").await.unwrap();
+    let second = connect().await.expect("room after reload");
+    let third = connect().await.expect("room after reload");
+    second.simple_query("SELECT 1").await.unwrap();
+    third.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(server_connections("admin_reload").await, 3);
+
+    // An invalid file is refused with the key named; the running configuration stays.
+    let path = proxy.config_path.clone().unwrap();
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        good.replace("max_pool_size = 3", "max_pool_size = 0"),
+    )
+    .unwrap();
+    let r = post(port, "/config/reload");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_pool_size"),
+        "{}",
+        r.body
+    );
+    assert_eq!(get(port, "/config").json()["pool_max_connections"], 3);
+    first.simple_query("SELECT 3").await.unwrap();
+
+    // SIGHUP does the same as the endpoint.
+    std::fs::write(
+        &path,
+        good.replace("max_pool_size = 3", "max_pool_size = 5"),
+    )
+    .unwrap();
+    proxy.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            get(port, "/config").json()["pool_max_connections"] == 5
+        }),
+        "SIGHUP did not reload:\n{}",
+        proxy.log()
+    );
+    // A restart-only key is reported, not applied.
+    std::fs::write(&path, good.replace("workers = 1", "workers = 2")).unwrap();
+    let r = post(port, "/config/reload");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["restart_required"], serde_json::json!(["workers"]));
+    // Every session survived.
+    for c in [&first, &second, &third] {
+        c.simple_query("SELECT 4").await.unwrap();
+    }
+    proxy.assert_running();
+}
+
+fn venv_python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/drivers/venv/bin/python")
+}
+
+/// Parses the page with prometheus_client and returns {sample name + labels: value}, plus
+/// each family's type under "TYPE <family>".
+fn parse_prometheus(text: &str) -> serde_json::Map<String, Value> {
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    out["TYPE " + family.name] = family.type
+    for s in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        out[s.name + ("{" + labels + "}" if labels else "")] = s.value
+print(json.dumps(out))
+"#;
+    let python = venv_python();
+    assert!(
+        python.exists(),
+        "{} missing: scripts/test.sh installs prometheus_client there",
+        python.display()
+    );
+    let mut child = Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client rejected the page: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match serde_json::from_slice(&out.stdout).unwrap() {
+        Value::Object(map) => map,
+        other => panic!("unexpected parser output {other}"),
+    }
+}
+
+fn sample(map: &serde_json::Map<String, Value>, key: &str) -> f64 {
+    map.get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("no sample {key} in {map:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prometheus_page_parses_and_counters_move_with_traffic() {
+    if proxy_only("prometheus", "the admin API is the proxy's") {
+        return;
+    }
+    let proxy = Proxy::start(cluster(), "[pool_mode]\nmode = \"transaction\"\n");
+    let port = admin(&proxy);
+    let page = get(port, "/metrics/prometheus");
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    let before = parse_prometheus(&page.body);
+
+    let client = proxy.client().await;
+    for i in 0..20 {
+        client.simple_query(&format!("SELECT {i}")).await.unwrap();
+    }
+    client
+        .simple_query(
+            "CREATE TABLE IF NOT EXISTS prom_writes(x int); INSERT INTO prom_writes VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let after = parse_prometheus(&get(port, "/metrics/prometheus").body);
+
+    let node = format!("node={}", node_address());
+    assert_eq!(after["TYPE heliosdb_proxy_queries"], "counter");
+    assert_eq!(
+        after["TYPE heliosdb_proxy_query_duration_seconds"],
+        "histogram"
+    );
+    assert_eq!(
+        after["TYPE heliosdb_proxy_pool_acquire_duration_seconds"],
+        "histogram"
+    );
+    assert_eq!(
+        after["TYPE heliosdb_proxy_pool_connections_active"],
+        "gauge"
+    );
+    let moved = |key: &str, by: f64| {
+        let (b, a) = (sample(&before, key), sample(&after, key));
+        assert!(a >= b + by, "{key}: {b} -> {a}");
+    };
+    moved("heliosdb_proxy_queries_total", 21.0);
+    moved("heliosdb_proxy_statements_total{type=read}", 20.0);
+    moved("heliosdb_proxy_statements_total{type=write}", 2.0);
+    moved("heliosdb_proxy_bytes_received_total", 1.0);
+    moved("heliosdb_proxy_bytes_sent_total", 1.0);
+    moved("heliosdb_proxy_connections_total", 1.0);
+    moved("heliosdb_proxy_query_duration_seconds_count", 21.0);
+    moved("heliosdb_proxy_pool_acquire_duration_seconds_count", 21.0);
+    let inf = sample(
+        &after,
+        "heliosdb_proxy_query_duration_seconds_bucket{le=+Inf}",
+    );
+    assert_eq!(
+        inf,
+        sample(&after, "heliosdb_proxy_query_duration_seconds_count")
+    );
+    assert!(sample(&after, "heliosdb_proxy_query_duration_seconds_sum") > 0.0);
+    assert_eq!(
+        sample(&after, &format!("heliosdb_proxy_node_healthy{{{node}}}")),
+        1.0
+    );
+    assert!(
+        sample(
+            &after,
+            &format!("heliosdb_proxy_pool_connections_idle{{{node}}}")
+        ) >= 1.0
+    );
+    sample(
+        &after,
+        &format!("heliosdb_proxy_pool_connections_waiting{{{node}}}"),
+    );
+    sample(
+        &after,
+        &format!("heliosdb_proxy_node_latency_seconds{{{node}}}"),
+    );
+    sample(&after, "heliosdb_proxy_failovers_total");
+    client
+        .simple_query("DROP TABLE IF EXISTS prom_writes")
+        .await
+        .unwrap();
+}
