@@ -52,8 +52,9 @@ pub fn serve(control: Arc<Control>, server: Arc<Server>) {
     loop {
         let mut request = match server.recv() {
             Ok(request) => request,
+            // `unblock()` at shutdown, or the listener failed.
             Err(e) => {
-                log::warn!("admin API: {e}");
+                log::debug!("admin API stopped: {e}");
                 break;
             }
         };

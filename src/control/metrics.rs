@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use helios_shard::control::{Detail, PoolReport};
 use helios_shard::stats::{Histogram, ShardStats, BUCKET_BOUNDS_US};
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use serde_json::{json, Value};
 
@@ -35,6 +35,7 @@ impl Exporter {
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
         let empty = [(0, 0); BUCKET_BOUNDS_US.len() + 1];
         Exporter {
             recorder,
@@ -42,6 +43,95 @@ impl Exporter {
             fed: Mutex::new(vec![(empty, empty); shards]),
         }
     }
+}
+
+/// The HELP text of every metric.
+fn describe() {
+    let counters = [
+        ("heliosdb_proxy_connections_total", "Client connections accepted"),
+        ("heliosdb_proxy_connections_closed", "Client connections closed"),
+        ("heliosdb_proxy_connections_rejected_total", "Client connections refused at max_client_connections"),
+        ("heliosdb_proxy_queries_total", "Client requests (Query, Execute, FunctionCall messages)"),
+        ("heliosdb_proxy_statements_total", "Statements completed, by the server's command tag: read (SELECT, SHOW, FETCH, MOVE) or write (everything else)"),
+        ("heliosdb_proxy_bytes_received_total", "Bytes received from clients"),
+        ("heliosdb_proxy_bytes_sent_total", "Bytes sent to clients"),
+        ("heliosdb_proxy_failovers_total", "Failover events"),
+        ("heliosdb_proxy_server_connections_created_total", "Server connections opened"),
+        ("heliosdb_proxy_server_connections_closed_total", "Server connections closed"),
+        ("heliosdb_proxy_server_connect_errors_total", "Failed attempts to open a server connection"),
+        ("heliosdb_proxy_pool_waits_total", "Times a client queued for a server connection"),
+        ("heliosdb_proxy_pool_timeouts_total", "Queued clients that gave up after acquire_timeout_ms"),
+        ("heliosdb_proxy_cancels_received_total", "Cancel requests received"),
+        ("heliosdb_proxy_cancels_forwarded_total", "Cancel requests forwarded to a server"),
+        ("heliosdb_proxy_protocol_errors_total", "Clients disconnected for protocol violations"),
+        ("heliosdb_proxy_auth_failures_total", "Failed client logins"),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, help);
+    }
+    let gauges = [
+        (
+            "heliosdb_proxy_connections_active",
+            "Client connections open now",
+        ),
+        (
+            "heliosdb_proxy_uptime_seconds",
+            "Seconds since the proxy started",
+        ),
+        (
+            "heliosdb_proxy_paused",
+            "1 while PAUSEd from the admin console",
+        ),
+        (
+            "heliosdb_proxy_pool_connections_active",
+            "Server connections lent to clients (or being opened), per node",
+        ),
+        (
+            "heliosdb_proxy_pool_connections_idle",
+            "Idle server connections in the pools, per node",
+        ),
+        (
+            "heliosdb_proxy_pool_connections_waiting",
+            "Clients waiting for a server connection, per node",
+        ),
+        (
+            "heliosdb_proxy_node_healthy",
+            "1 when the node passes its health checks",
+        ),
+        (
+            "heliosdb_proxy_node_enabled",
+            "1 when the node is enabled and not draining",
+        ),
+        (
+            "heliosdb_proxy_node_latency_seconds",
+            "Round trip of the node's last good health check",
+        ),
+        (
+            "heliosdb_proxy_node_check_failures",
+            "Consecutive failed health checks of the node",
+        ),
+        (
+            "heliosdb_proxy_node_replication_lag_bytes",
+            "WAL bytes a standby or replica is behind the primary",
+        ),
+        (
+            "heliosdb_proxy_node_replication_lag_seconds",
+            "Seconds since a standby or replica replayed its last transaction (0 when caught up)",
+        ),
+    ];
+    for (name, help) in gauges {
+        describe_gauge!(name, help);
+    }
+    describe_histogram!(
+        "heliosdb_proxy_query_duration_seconds",
+        metrics::Unit::Seconds,
+        "From a client's request to the ReadyForQuery that answers it"
+    );
+    describe_histogram!(
+        "heliosdb_proxy_pool_acquire_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time clients waited for a server connection"
+    );
 }
 
 /// Keeps the recorder current in the background until `stop` is set.

@@ -198,6 +198,7 @@ async fn run(
             }
             Next::Request(buf, n) => (buf, n),
         };
+        ctx.stats.bytes_from_clients.add(n as u64);
         up.seed(buf, n);
         let mut backend = match pool.acquire().await {
             Ok(b) => b,
@@ -424,6 +425,7 @@ async fn wait_either(
 ) -> Option<PumpEnd> {
     match idle_wait(ctx, client, &mut backend.stream).await {
         Wake::Client(buf, n) => {
+            ctx.stats.bytes_from_clients.add(n as u64);
             up.seed(buf, n);
             None
         }
