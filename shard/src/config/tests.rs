@@ -751,3 +751,78 @@ mod accessors {
         assert_eq!(err.key, "pool_mode.max_prepared_statements");
     }
 }
+
+mod control_plane {
+    use super::*;
+
+    #[test]
+    fn health_settings_are_checked() {
+        let mut config = base();
+        config.health.check_interval_secs = 0.0;
+        rejects(config, "health.check_interval_secs");
+        let mut config = base();
+        config.health.check_interval_secs = f64::NAN;
+        rejects(config, "health.check_interval_secs");
+        let mut config = base();
+        config.health.timeout_ms = 0;
+        rejects(config, "health.timeout_ms");
+        let mut config = base();
+        config.health.failure_threshold = 0;
+        rejects(config, "health.failure_threshold");
+        let mut config = base();
+        config.health.success_threshold = 0;
+        rejects(config, "health.success_threshold");
+        let mut config = base();
+        config.health.query = "  ".into();
+        rejects(config, "health.query");
+        let mut config = base();
+        config.health.user = Some(String::new());
+        rejects(config, "health.user");
+    }
+
+    #[test]
+    fn fractional_and_integer_intervals_parse() {
+        let text = "[health]\ncheck_interval_secs = 0.25\n[[nodes]]\nhost = \"db\"\n";
+        let config = Config::from_toml_str(text, []).expect("valid");
+        assert_eq!(
+            config.health.interval(),
+            std::time::Duration::from_millis(250)
+        );
+        let text = "[health]\ncheck_interval_secs = 2\n[[nodes]]\nhost = \"db\"\n";
+        let config = Config::from_toml_str(text, []).expect("an integer is fine");
+        assert_eq!(config.health.interval(), std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn admin_token_and_console_users_are_checked() {
+        let mut config = base();
+        config.admin_token = Some("short".into());
+        rejects(config, "admin_token");
+        let mut config = base();
+        config.admin_token = Some("has a space in it".into());
+        rejects(config, "admin_token");
+        let mut config = base();
+        config.admin_users = vec!["nobody".into()];
+        rejects(config, "admin_users[0]");
+        let mut config = base();
+        config.stats_users = vec![config.users[0].name.clone(), "ghost".into()];
+        rejects(config, "stats_users[1]");
+    }
+
+    #[test]
+    fn console_access_and_health_credentials() {
+        let mut config = base();
+        let first = config.users[0].name.clone();
+        config.admin_users = vec![first.clone()];
+        assert_eq!(config.console_access(&first), Some(true));
+        assert_eq!(config.console_access("someone-else"), None);
+        let (user, _) = config.health_credentials();
+        assert_eq!(user, config.users[0].backend_user());
+        config.health.user = Some("monitor".into());
+        config.health.password = Some("pw".into());
+        assert_eq!(
+            config.health_credentials(),
+            ("monitor".to_string(), Some("pw".to_string()))
+        );
+    }
+}
