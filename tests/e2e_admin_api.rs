@@ -586,3 +586,66 @@ async fn the_prometheus_page_parses_and_counters_move_with_traffic() {
         .await
         .unwrap();
 }
+
+/// A reload that points the primary at another server: pooled clients keep their
+/// connections to the proxy and run their next transactions on the new server; the old
+/// server's connections close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_pooled_clients_to_a_changed_node() {
+    if proxy_only("reload_node", "the admin API is the proxy's") {
+        return;
+    }
+    let other = common::PgCluster::start();
+    let proxy = Proxy::start(cluster(), "[pool_mode]\nmode = \"transaction\"\n");
+    let port = admin(&proxy);
+    let client = proxy.client().await;
+    let server_port = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> String {
+        rows.into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .expect("a row")
+    };
+    let before = server_port(client.simple_query("SHOW port").await.unwrap());
+    assert_eq!(before, cluster().port.to_string());
+
+    rewrite_config(&proxy, |c| {
+        let nodes = c.get_mut("nodes").unwrap().as_array_mut().unwrap();
+        nodes[0]
+            .as_table_mut()
+            .unwrap()
+            .insert("port".into(), toml::Value::Integer(other.port.into()));
+    });
+    let r = post(port, "/config/reload");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let new_address = format!("127.0.0.1:{}", other.port);
+    assert_eq!(r.json()["nodes_added"], serde_json::json!([new_address]));
+    assert_eq!(
+        r.json()["nodes_removed"],
+        serde_json::json!([node_address()])
+    );
+    assert!(
+        common::wait_until_async(Duration::from_secs(10), || async {
+            client
+                .simple_query("SHOW port")
+                .await
+                .map(server_port)
+                .is_ok_and(|p| p == other.port.to_string())
+        })
+        .await,
+        "the client did not move to the new node:\n{}",
+        proxy.log()
+    );
+    // A new client lands there too; /nodes names only the new node.
+    let fresh = proxy.client().await;
+    let now = server_port(fresh.simple_query("SHOW port").await.unwrap());
+    assert_eq!(now, other.port.to_string());
+    let nodes = get(port, "/nodes").json();
+    assert_eq!(nodes.as_array().unwrap().len(), 1);
+    assert_eq!(nodes[0]["address"], new_address);
+    drop(fresh);
+    drop(client);
+    proxy.stop();
+    other.stop();
+}

@@ -19,7 +19,7 @@ use crate::backend::{BackendConn, Settings};
 use crate::bufpool::Buf;
 use crate::cancel::{CancelHandle, CancelTarget};
 use crate::config::PoolMode;
-use crate::context::ShardCtx;
+use crate::context::{ShardCtx, UserEntry};
 use crate::pool::Pool;
 
 use super::login::{send_fatal, Login};
@@ -37,6 +37,8 @@ struct ClientState {
     settings: Settings,
     /// The startup packet's parameters: what RESET goes back to.
     startup: Vec<(String, String)>,
+    /// Who the client logs in to servers as, for finding its pool on another node.
+    user: Rc<UserEntry>,
 }
 
 /// Serves a logged-in client in transaction or statement mode.
@@ -52,7 +54,7 @@ pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login, mode
     let state = Box::pin(start(ctx, &pool, &mut client, &login, &cancel)).await;
     drop(login);
     if let Some(mut state) = state {
-        run(ctx, &pool, client, &cancel, &mut state, mode).await;
+        run(ctx, pool, client, &cancel, &mut state, mode).await;
     }
     ctx.cancels.unregister(cancel.pid);
 }
@@ -88,6 +90,7 @@ async fn start(
             .filter(|(name, value)| backend.params.get(name) != Some(value.as_str()))
             .cloned()
             .collect(),
+        user: login.user.clone(),
     };
     if login
         .params
@@ -155,9 +158,24 @@ enum Next {
     Drain,
 }
 
+/// The pool this client's next transaction should use: the current one, unless its node
+/// left service and the topology names another primary that may take work (a reload
+/// moved the node, or a failover); then that node's pool for the same database and user.
+fn current_pool(ctx: &ShardCtx, pool: Rc<Pool>, user: &UserEntry) -> Rc<Pool> {
+    if !pool.is_retired() {
+        return pool;
+    }
+    match ctx.primary() {
+        Some(node) if node.routable && node.address != pool.key.node => {
+            ctx.pool(&node, &pool.key.database, user)
+        }
+        _ => pool,
+    }
+}
+
 async fn run(
     ctx: &Rc<ShardCtx>,
-    pool: &Rc<Pool>,
+    mut pool: Rc<Pool>,
     mut client: TcpStream,
     cancel: &CancelHandle,
     state: &mut ClientState,
@@ -200,6 +218,8 @@ async fn run(
         };
         ctx.stats.bytes_from_clients.add(n as u64);
         up.seed(buf, n);
+        pool = current_pool(ctx, pool, &state.user);
+        let pool = &pool;
         let mut backend = match pool.acquire().await {
             Ok(b) => b,
             Err(e) => {
