@@ -6,9 +6,11 @@
 # server, psql, pgbench) and, when run as root, creates the unprivileged account `helios-test`
 # that the tests run initdb/postgres as (PostgreSQL refuses to run as root). It also installs
 # the client drivers tests/e2e_drivers.rs runs: psycopg 3 and asyncpg in a virtualenv at
-# target/drivers/venv (pinned in tests/drivers/python/requirements.txt), node-postgres by
-# `npm ci` in tests/drivers/node, Debian's JDK with pgjdbc (libpostgresql-jdbc-java), and
-# Debian's PgBouncer for the benchmark harness's smoke test (perf/tests/smoke.rs).
+# target/drivers/venv (pinned in tests/drivers/python/requirements.txt, with the
+# prometheus_client parser the admin API tests use), node-postgres by `npm ci` in
+# tests/drivers/node, Debian's JDK with pgjdbc (libpostgresql-jdbc-java), curl and jq (the
+# admin API tests run the drain procedure with them), and Debian's PgBouncer for the
+# benchmark harness's smoke test (perf/tests/smoke.rs).
 # When all of that is already there it goes straight to cargo.
 #
 # Environment: HELIOS_TEST_TARGET=direct runs the end-to-end scenarios against PostgreSQL
