@@ -86,7 +86,8 @@ pub struct ShardCtx {
     pub stats: Arc<ShardStats>,
     pub draining: Latch,
     pub peers: RefCell<Option<Rc<glommio::channels::channel_mesh::Senders<ShardMsg>>>>,
-    pub max_clients: usize,
+    /// This shard's share of `limits.max_client_connections` (reloadable).
+    pub max_clients: Cell<usize>,
     pub active_clients: Cell<usize>,
     next_backend_id: Rc<Cell<u64>>,
     limits: RefCell<PoolLimits>,
@@ -172,7 +173,7 @@ impl ShardCtx {
             statements: Registry::default(),
             draining: Latch::new(),
             peers: RefCell::new(None),
-            max_clients: share(config.limits.max_client_connections, workers, id).max(1),
+            max_clients: Cell::new(share(config.limits.max_client_connections, workers, id).max(1)),
             active_clients: Cell::new(0),
             next_backend_id: Rc::new(Cell::new(((id as u64) << 48) | 1)),
             limits: RefCell::new(limits),
@@ -284,6 +285,8 @@ impl ShardCtx {
         }
         *self.users.borrow_mut() = users;
         *self.limits.borrow_mut() = limits;
+        self.max_clients
+            .set(share(config.limits.max_client_connections, self.workers, self.id).max(1));
         *self.config.borrow_mut() = config;
         Ok(())
     }

@@ -253,7 +253,7 @@ async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &TcpListener) {
             }
         };
         ctx.stats.clients_accepted.inc();
-        if ctx.active_clients.get() >= ctx.max_clients {
+        if ctx.active_clients.get() >= ctx.max_clients.get() {
             ctx.stats.clients_rejected.inc();
             ctx.stats.clients_closed.inc();
             glommio::spawn_local(reject(stream)).detach();
