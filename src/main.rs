@@ -78,12 +78,15 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let spawned = (|| -> std::io::Result<()> {
-        let (c, server) = (control.clone(), admin_server.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("admin".into())
-                .spawn(move || control::admin::serve(c, server))?,
-        );
+        // Two threads, so a slow report (it waits for every shard) never delays a probe.
+        for i in 0..2 {
+            let (c, server) = (control.clone(), admin_server.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("admin-{i}"))
+                    .spawn(move || control::admin::serve(c, server))?,
+            );
+        }
         threads.push(control::metrics::spawn_sync_loop(
             control.clone(),
             stop.clone(),
@@ -112,7 +115,9 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
     runtime.begin_shutdown();
     runtime.join();
     stop.store(true, Ordering::Release);
-    admin_server.unblock();
+    for _ in 0..2 {
+        admin_server.unblock();
+    }
     for t in threads {
         let _ = t.join();
     }
