@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::raw::Ending;
 use common::{
-    cluster, guarded, proxy_only, psql, sqlstate, Proxy, DATABASE, HANG_GUARD, SUPERUSER,
+    cluster, guarded, proxy_only, psql, sqlstate, Proxy, RawConn, DATABASE, HANG_GUARD, SUPERUSER,
     SUPERUSER_PASSWORD,
 };
 use tokio_postgres::SimpleQueryMessage;
@@ -18,13 +19,15 @@ const ADMIN: &str = "console_admin";
 const ADMIN_PASSWORD: &str = "console-admin-secret";
 const STATS: &str = "console_stats";
 const STATS_PASSWORD: &str = "console-stats-secret";
+/// An admin without a password, for the raw protocol client.
+const TRUSTED: &str = "console_trusted";
 
 /// The users the console tests need: the superuser for ordinary sessions, an admin and a
 /// stats user that exist only in the proxy (the console never logs in to PostgreSQL).
 fn overrides(extra: &str) -> String {
     format!(
         r#"
-admin_users = ["{ADMIN}"]
+admin_users = ["{ADMIN}", "{TRUSTED}"]
 stats_users = ["{STATS}"]
 {extra}
 
@@ -35,6 +38,10 @@ password = "{SUPERUSER_PASSWORD}"
 [[users]]
 name = "{ADMIN}"
 password = "{ADMIN_PASSWORD}"
+
+[[users]]
+name = "{TRUSTED}"
+auth_method = "trust"
 
 [[users]]
 name = "{STATS}"
@@ -298,6 +305,13 @@ async fn psql_and_every_show_use_pgbouncer_columns() {
     );
     assert_eq!(nodes.get(node, "role"), Some("primary"));
 
+    let state = show(&admin, "SHOW STATE").await;
+    assert_eq!(state.columns, strs(&["key", "value"]));
+    assert!(state
+        .rows
+        .iter()
+        .any(|r| r[0].as_deref() == Some("paused") && r[1].as_deref() == Some("no")));
+
     let users = show(&admin, "SHOW USERS").await;
     assert!(users
         .rows
@@ -382,6 +396,11 @@ async fn pause_holds_new_transactions_until_resume() {
         .rows
         .iter()
         .all(|r| databases.get(r, "paused") == Some("1")));
+    let state = show(&admin, "SHOW STATE").await;
+    assert!(state
+        .rows
+        .iter()
+        .any(|r| r[0].as_deref() == Some("paused") && r[1].as_deref() == Some("yes")));
 
     let resumed = Arc::new(AtomicBool::new(false));
     let seen = resumed.clone();
@@ -400,6 +419,39 @@ async fn pause_holds_new_transactions_until_resume() {
         .unwrap();
     assert!(ok, "the held query succeeds after RESUME");
     assert!(after_resume, "the held query finished only after RESUME");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_reports_connections_still_in_use_and_stays_paused() {
+    if proxy_only("PAUSE bound", "the console is the proxy's") {
+        return;
+    }
+    let proxy = start("[timeouts]\nshutdown_timeout_secs = 1\n");
+    // A session-mode client holds its server connection for the whole session.
+    let app = proxy.client().await;
+    app.simple_query("SELECT 1").await.unwrap();
+    let admin = console(&proxy, ADMIN, ADMIN_PASSWORD).await;
+    let err = guarded(HANG_GUARD, "PAUSE", admin.simple_query("PAUSE"))
+        .await
+        .expect_err("a session still holds its connection");
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    let message = err.as_db_error().unwrap().message().to_string();
+    assert!(message.contains("1 server connection"), "{message}");
+    let databases = show(&admin, "SHOW DATABASES").await;
+    assert!(databases
+        .rows
+        .iter()
+        .all(|r| databases.get(r, "paused") == Some("1")));
+    // The session that holds its connection carries on; RESUME lifts the pause.
+    app.simple_query("SELECT 2").await.unwrap();
+    admin.simple_query("RESUME").await.unwrap();
+    let databases = show(&admin, "SHOW DATABASES").await;
+    assert!(databases
+        .rows
+        .iter()
+        .all(|r| databases.get(r, "paused") == Some("0")));
+    let other = proxy.client().await;
+    other.simple_query("SELECT 3").await.unwrap();
 }
 
 fn set_pool_size(proxy: &Proxy, size: i64) {
@@ -497,5 +549,71 @@ async fn who_may_use_the_console_and_what_it_refuses() {
     // An empty query is answered like a server does.
     let messages = admin.simple_query(";").await.unwrap();
     assert!(messages.is_empty() || matches!(messages[0], SimpleQueryMessage::CommandComplete(_)));
+    proxy.assert_running();
+}
+
+#[test]
+fn the_protocol_seen_byte_by_byte() {
+    if proxy_only("console protocol", "the console is the proxy's") {
+        return;
+    }
+    let proxy = start("");
+    let mut raw = RawConn::connect(proxy.port);
+    let startup = raw.startup_trust_with(TRUSTED, "pgbouncer", &[("application_name", "raw-app")]);
+    assert!(
+        startup.error.is_none(),
+        "{:?}",
+        startup.error.map(|e| e.fields())
+    );
+    assert_eq!(startup.ready_status, Some(b'I'));
+    assert!(startup.backend_key.is_some());
+    assert!(
+        startup.params["server_version"].contains("HeliosProxy"),
+        "{:?}",
+        startup.params
+    );
+    assert_eq!(startup.params["application_name"], "raw-app");
+    assert_eq!(startup.params["client_encoding"], "UTF8");
+    assert_eq!(startup.params["standard_conforming_strings"], "on");
+
+    // Several commands in one query: one result each, in order.
+    let r = raw.simple_query("show version; SHOW HELP;");
+    assert!(r.error.is_none(), "{:?}", r.error.map(|e| e.fields()));
+    assert_eq!(r.tags, vec!["SHOW", "SHOW"]);
+    assert_eq!(r.rows.len(), 1 + 15);
+    let r = raw.simple_query("  ");
+    assert!(r.error.is_none() && r.tags.is_empty() && r.status == b'I');
+
+    // Parse/Bind/Execute: one 0A000, the rest skipped up to the Sync.
+    raw.send(b'P', b"\0SHOW POOLS\0\0\0").unwrap();
+    raw.send(b'B', b"\0\0\0\0\0\0\0\0").unwrap();
+    raw.send(b'E', b"\0\0\0\0\0").unwrap();
+    raw.send(b'S', b"").unwrap();
+    let first = raw.read_message().unwrap().expect("an answer");
+    assert_eq!((first.tag, first.sqlstate()), (b'E', "0A000".to_string()));
+    let second = raw.read_message().unwrap().expect("ReadyForQuery");
+    assert_eq!(second.tag, b'Z');
+    assert_eq!(raw.simple_query("SHOW VERSION").rows.len(), 1);
+
+    // Shutdown tells an idle console session 57P01.
+    proxy.signal(libc::SIGTERM);
+    match raw.read_ending(Duration::from_secs(30)) {
+        Ending::Error(m) => assert_eq!(m.sqlstate(), "57P01"),
+        other => panic!("expected 57P01 at shutdown, got {other:?}"),
+    }
+    assert!(proxy
+        .wait_exit(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+
+    // A message type that does not exist closes a (new proxy's) session with 08P01.
+    let proxy = start("");
+    let mut raw = RawConn::connect(proxy.port);
+    raw.startup_trust(TRUSTED, "heliosproxy");
+    raw.send(b'x', b"junk").unwrap();
+    match raw.read_ending(Duration::from_secs(30)) {
+        Ending::Error(m) => assert_eq!(m.sqlstate(), "08P01"),
+        other => panic!("expected 08P01, got {other:?}"),
+    }
+    assert!(raw.closed_within(Duration::from_secs(30)));
     proxy.assert_running();
 }

@@ -15,6 +15,7 @@ pub enum Show {
     Version,
     Users,
     Nodes,
+    State,
     Help,
 }
 
@@ -51,7 +52,7 @@ impl Command {
 }
 
 /// Every command, for SHOW HELP and the hint of a syntax error: (syntax, what it does).
-pub const COMMANDS: [(&str, &str); 14] = [
+pub const COMMANDS: [(&str, &str); 15] = [
     (
         "SHOW POOLS",
         "server and client counts per (database, user)",
@@ -69,6 +70,7 @@ pub const COMMANDS: [(&str, &str); 14] = [
         "backend nodes and their health (as GET /nodes)",
     ),
     ("SHOW CONFIG", "the running configuration, secrets redacted"),
+    ("SHOW STATE", "paused or not, and since when the proxy runs"),
     ("SHOW VERSION", "the proxy version"),
     ("SHOW HELP", "this list"),
     (
@@ -141,6 +143,7 @@ fn show(what: &str) -> Option<Show> {
         "VERSION" => Show::Version,
         "USERS" => Show::Users,
         "NODES" => Show::Nodes,
+        "STATE" => Show::State,
         "HELP" => Show::Help,
         _ => return None,
     })

@@ -34,6 +34,7 @@ pub fn show(control: &Control, what: Show) -> ConsoleResult {
         ),
         Show::Users => users(control),
         Show::Nodes => nodes(control),
+        Show::State => state(control),
         Show::Help => table(
             &["command", "description"],
             COMMANDS
@@ -528,6 +529,22 @@ fn nodes(control: &Control) -> ConsoleResult {
             "in_recovery",
         ],
         rows,
+    )
+}
+
+/// PgBouncer's `active`/`paused`/`suspended`, and when this process started.
+fn state(control: &Control) -> ConsoleResult {
+    let paused = control.paused();
+    let yes_no = |on: bool| text(if on { "yes" } else { "no" });
+    table(
+        &["key", "value"],
+        vec![
+            vec![text("active"), yes_no(!paused)],
+            vec![text("paused"), yes_no(paused)],
+            vec![text("suspended"), yes_no(false)],
+            vec![text("started"), timestamp(control.started)],
+            vec![text("uptime_secs"), text(control.uptime().as_secs())],
+        ],
     )
 }
 
