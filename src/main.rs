@@ -1,6 +1,6 @@
 //! heliosdb-proxy: the process. Parses the command line, loads and validates the
 //! configuration, checks the kernel can run the io_uring data plane, starts one shard per
-//! worker and the control threads (admin API, metrics), reloads on SIGHUP, and stops
+//! worker and the control threads (admin API, metrics, SQL admin console), reloads on SIGHUP, and stops
 //! gracefully on SIGTERM/SIGINT.
 
 mod cli;
@@ -60,7 +60,8 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let runtime = match Runtime::start(config.clone(), None) {
+    let (console_tx, console_rx) = crossbeam_channel::unbounded();
+    let runtime = match Runtime::start(config.clone(), Some(console_tx)) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("heliosdb-proxy: {e}");
@@ -87,6 +88,11 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
                     .spawn(move || control::admin::serve(c, server))?,
             );
         }
+        threads.push(control::console::spawn(
+            control.clone(),
+            console_rx,
+            stop.clone(),
+        )?);
         threads.push(control::metrics::spawn_sync_loop(
             control.clone(),
             stop.clone(),

@@ -431,7 +431,7 @@ fn config_json(control: &Control) -> Value {
 
 const SECRET_KEYS: [&str; 4] = ["password", "server_password", "admin_token", "token"];
 
-fn redact(value: &mut Value) {
+pub(crate) fn redact(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, v) in map.iter_mut() {

@@ -4,6 +4,7 @@
 //! and serves the admin REST API, the metrics and the SQL admin console.
 
 pub mod admin;
+pub mod console;
 pub mod metrics;
 
 use std::net::SocketAddr;

@@ -5,6 +5,7 @@
 //! Memory: while a client is idle the session owns no I/O buffers — it waits on a
 //! 16-byte read from either socket and borrows pooled buffers only while bytes flow.
 
+pub mod console;
 pub mod login;
 pub mod pooled;
 pub mod pump;
@@ -60,6 +61,11 @@ pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
         login.user.name,
         login.database
     );
+    if console::is_console(&login.database) {
+        Box::pin(console::serve(&ctx, client, login)).await;
+        log::debug!("client {who}: console session ended");
+        return;
+    }
     let mode = ctx
         .config()
         .pool_mode_for(&login.user.name, &login.database);
