@@ -4,7 +4,9 @@
 //! and serves the admin REST API, the metrics and the SQL admin console.
 
 pub mod admin;
+pub mod health;
 pub mod metrics;
+pub mod probe;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
