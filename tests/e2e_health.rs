@@ -137,8 +137,14 @@ fn a_stopped_server_leaves_routing_and_returns_when_it_is_back() {
         None,
     );
     assert!(out.status.success() && out.stdout.trim() == "42", "{out}");
-    proxy.assert_running();
     unchecked.assert_running();
+    // Shutdown stops and joins the checkers.
+    let status = proxy.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        proxy.log()
+    );
 }
 
 #[test]
@@ -201,6 +207,35 @@ fn a_standby_added_by_reload_reports_recovery_and_lag() {
     wait_for_node(&proxy, &standby_address, "caught up", |n| {
         n["replication_lag_bytes"] == 0
     });
+
+    // Removed by the next reload: its checker ends and closes its connection.
+    let checks_on_standby = || {
+        standby
+            .psql_admin(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = 'heliosdb-proxy-health';",
+            )
+            .trim()
+            .to_string()
+    };
+    assert_eq!(checks_on_standby(), "1");
+    std::fs::write(
+        &config_path,
+        toml::to_string(&proxy.config).expect("serialise config"),
+    )
+    .expect("write proxy config");
+    let r = post(admin(&proxy), "/config/reload");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        get(admin(&proxy), &format!("/nodes/{standby_address}")).status,
+        404
+    );
+    assert!(
+        wait_until(SETTLE, || checks_on_standby() == "0"),
+        "the removed node's checker kept its connection\n{}",
+        proxy.log()
+    );
     proxy.assert_running();
 }
 
