@@ -1,6 +1,7 @@
 //! heliosdb-proxy: the process. Parses the command line, loads and validates the
 //! configuration, checks the kernel can run the io_uring data plane, starts one shard per
-//! worker and the control threads (admin API, metrics, SQL admin console), reloads on SIGHUP, and stops
+//! worker and the control threads (admin API, metrics, health checks, SQL admin
+//! console), reloads on SIGHUP, and stops
 //! gracefully on SIGTERM/SIGINT.
 
 mod cli;
@@ -97,6 +98,7 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
             control.clone(),
             stop.clone(),
         )?);
+        threads.push(control::health::spawn(control.clone(), stop.clone())?);
         Ok(())
     })();
     if let Err(e) = spawned {

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use crate::auth::{md5, scram};
+use crate::auth::client::{ClientAuth, ClientAuthError};
+use crate::auth::scram;
 use crate::codec::backend::{self as be, Authentication, BackendMessage};
 use crate::codec::frame::{Scanner, Step, TagSet};
 use crate::codec::{frontend, startup, CodecError};
@@ -239,13 +240,13 @@ impl BackendConn {
         );
         self.stream.write_all(&out).await?;
         let mut reader = MessageReader::new(spec.max_message_size);
-        let mut scram_client: Option<scram::ScramClient> = None;
+        let mut client = ClientAuth::new(&spec.user, spec.password.as_deref());
         loop {
             let (tag, body) = reader.next(&mut self.stream).await?;
             match be::decode(tag, &body)? {
                 BackendMessage::Authentication(auth) => {
                     out.clear();
-                    self.answer_auth(auth, spec, &mut scram_client, &mut out)?;
+                    self.answer_auth(auth, spec, &mut client, &mut out)?;
                     if !out.is_empty() {
                         self.stream.write_all(&out).await?;
                     }
@@ -273,64 +274,25 @@ impl BackendConn {
         }
     }
 
+    /// Answers one Authentication request through the shared sans-IO client
+    /// ([`ClientAuth`]), naming this server and the config key in the errors.
     fn answer_auth(
         &self,
         auth: Authentication<'_>,
         spec: &ConnectSpec,
-        scram_client: &mut Option<scram::ScramClient>,
+        client: &mut ClientAuth<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        let password = || {
-            spec.password.as_deref().ok_or_else(|| {
-                BackendError::Auth(format!(
+        client
+            .answer(auth, &mut spec.scram_cache.borrow_mut(), out)
+            .map_err(|e| match e {
+                ClientAuthError::NoPassword => BackendError::Auth(format!(
                     "server {} asks for a password for user \"{}\" and none is configured (users.server_password)",
                     spec.addr, spec.user
-                ))
+                )),
+                ClientAuthError::OutOfOrder(what) => BackendError::Protocol(what.into()),
+                other => BackendError::Auth(other.to_string()),
             })
-        };
-        match auth {
-            Authentication::Ok => {}
-            Authentication::CleartextPassword => {
-                frontend::encode_password(out, password()?.as_bytes())
-            }
-            Authentication::Md5Password(salt) => {
-                let response = md5::client_response(&spec.user, password()?, salt);
-                frontend::encode_password(out, response.as_bytes());
-            }
-            Authentication::Sasl(mechanisms) => {
-                if !mechanisms.into_iter().any(|m| m == scram::MECHANISM) {
-                    return Err(BackendError::Auth(
-                        "server offers no supported SASL mechanism".into(),
-                    ));
-                }
-                let client = scram::ScramClient::new(password()?);
-                frontend::encode_sasl_initial(out, scram::MECHANISM, &client.client_first());
-                *scram_client = Some(client);
-            }
-            Authentication::SaslContinue(data) => {
-                let client = scram_client
-                    .as_mut()
-                    .ok_or_else(|| BackendError::Protocol("SASL continue without start".into()))?;
-                let reply = client
-                    .server_first_cached(data, &mut spec.scram_cache.borrow_mut())
-                    .map_err(|e| BackendError::Auth(e.to_string()))?;
-                frontend::encode_sasl_response(out, &reply);
-            }
-            Authentication::SaslFinal(data) => {
-                let client = scram_client
-                    .as_ref()
-                    .ok_or_else(|| BackendError::Protocol("SASL final without start".into()))?;
-                client
-                    .server_final(data)
-                    .map_err(|e| BackendError::Auth(e.to_string()))?;
-            }
-            _ => {
-                return Err(BackendError::Auth(
-                    "server asks for an unsupported authentication method".into(),
-                ))
-            }
-        }
-        Ok(())
     }
 
     /// Sends `request` and reads until `syncs` ReadyForQuery messages arrived (see

@@ -5,7 +5,9 @@
 
 pub mod admin;
 pub mod console;
+pub mod health;
 pub mod metrics;
+pub mod probe;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};

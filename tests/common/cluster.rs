@@ -94,13 +94,20 @@ impl PgCluster {
         cluster.give_to_owner(&cluster.root.clone());
         cluster.initdb();
         cluster.configure();
+        cluster.launch_on_free_port();
+        cluster.create_roles();
+        cluster
+    }
+
+    /// Starts postgres on a free port, trying a few ports; panics with the last error.
+    fn launch_on_free_port(&mut self) {
         let mut last_error = String::new();
         for attempt in 1..=START_ATTEMPTS {
             let port = tools::free_port();
-            match cluster.launch(port) {
+            match self.launch(port) {
                 Ok(()) => {
-                    cluster.port = port;
-                    break;
+                    self.port = port;
+                    return;
                 }
                 Err(e) => {
                     eprintln!("postgres start attempt {attempt} on port {port} failed: {e}");
@@ -108,9 +115,59 @@ impl PgCluster {
                 }
             }
         }
-        assert!(cluster.port != 0, "PostgreSQL did not start: {last_error}");
-        cluster.create_roles();
-        cluster
+        panic!("PostgreSQL did not start: {last_error}");
+    }
+
+    /// A streaming standby of this server (`pg_basebackup -R` over the trusted socket),
+    /// started on its own free port and socket directory; stopped and removed on drop.
+    pub fn start_standby(&self) -> PgCluster {
+        let root = tempfile::Builder::new()
+            .prefix("helios-pg-standby-")
+            .tempdir()
+            .expect("create temp dir for the standby")
+            .keep();
+        let mut standby = PgCluster {
+            port: 0,
+            bin_dir: self.bin_dir.clone(),
+            socket_dir: root.clone(),
+            root,
+            owner: self.owner.clone(),
+            child: Mutex::new(None),
+            removed: Mutex::new(false),
+        };
+        standby.give_to_owner(&standby.root.clone());
+        let mut cmd = standby.server_command("pg_basebackup");
+        cmd.arg("-h")
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-U", SUPERUSER, "-D"])
+            .arg(standby.data_dir())
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        let out = run_tool(cmd, None, Duration::from_secs(120));
+        assert!(out.status.success(), "pg_basebackup failed:\n{out}");
+        // The copied postgresql.conf names the primary's socket directory; the last line wins.
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(standby.data_dir().join("postgresql.conf"))
+            .expect("open the standby's postgresql.conf");
+        writeln!(
+            conf,
+            "unix_socket_directories = '{}'",
+            standby.socket_dir.display()
+        )
+        .expect("append the standby's postgresql.conf");
+        standby.launch_on_free_port();
+        standby
+    }
+
+    /// Stops the server (fast shutdown) but keeps its files, for [`Self::restart_server`].
+    pub fn stop_server(&self) {
+        self.kill_child();
+    }
+
+    /// Starts the server again on its port after [`Self::stop_server`].
+    pub fn restart_server(&self) {
+        self.launch(self.port)
+            .unwrap_or_else(|e| panic!("PostgreSQL did not restart on port {}: {e}", self.port));
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -175,6 +232,7 @@ impl PgCluster {
         let data = self.data_dir();
         let hba = format!(
             "local all all trust\n\
+             local replication all trust\n\
              host all {MD5_USER} 127.0.0.1/32 md5\n\
              host all {TRUST_USER} 127.0.0.1/32 trust\n\
              host all all 127.0.0.1/32 scram-sha-256\n"

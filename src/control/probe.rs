@@ -1,0 +1,330 @@
+//! A small blocking PostgreSQL client for the control threads (the health checker): one
+//! `std::net::TcpStream`, the shard crate's sans-IO codec and client authentication, and
+//! a deadline that bounds every step, connect included. It only runs simple Queries and
+//! keeps the text values of their rows.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use helios_shard::auth::client::{ClientAuth, ClientAuthError};
+use helios_shard::auth::scram::SaltedPasswordCache;
+use helios_shard::codec::backend::{self as be, BackendMessage, Fields};
+use helios_shard::codec::{frame, frontend, startup};
+
+/// Larger messages are refused: probes read a handful of short rows.
+const MAX_MESSAGE: usize = 1 << 20;
+const APPLICATION_NAME: &str = "heliosdb-proxy-health";
+
+/// Rows of text values (`None` is NULL) from every statement of one Query.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+/// Where and as whom a probe logs in.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub addr: SocketAddr,
+    pub user: &'a str,
+    pub password: Option<&'a str>,
+    pub database: &'a str,
+}
+
+/// Why a probe failed; the text is what `/nodes` shows as `last_error`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("server connection lost: {0}")]
+    Io(io::Error),
+    #[error("server closed the connection unexpectedly")]
+    Closed,
+    /// An ErrorResponse, as the server worded it.
+    #[error("{severity} {code}: {message}")]
+    Server {
+        severity: String,
+        code: String,
+        message: String,
+    },
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("server sent an invalid message: {0}")]
+    Protocol(String),
+}
+
+impl ProbeError {
+    /// The connection is gone (not refused, not rejected): a reused connection that fails
+    /// this way is worth one fresh attempt.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, ProbeError::Io(_) | ProbeError::Closed)
+            || matches!(self, ProbeError::Server { code, .. } if code.starts_with("57P") || code.starts_with("08"))
+    }
+
+    fn server(fields: &Fields<'_>) -> ProbeError {
+        ProbeError::Server {
+            severity: fields.severity().to_string(),
+            code: fields.code().to_string(),
+            message: fields.message().to_string(),
+        }
+    }
+
+    fn io(e: io::Error, waiting: &'static str) -> ProbeError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ProbeError::Timeout(waiting),
+            _ => ProbeError::Io(e),
+        }
+    }
+}
+
+impl From<ClientAuthError> for ProbeError {
+    fn from(e: ClientAuthError) -> Self {
+        match e {
+            ClientAuthError::OutOfOrder(what) => ProbeError::Protocol(what.into()),
+            other => ProbeError::Auth(other.to_string()),
+        }
+    }
+}
+
+impl From<helios_shard::codec::CodecError> for ProbeError {
+    fn from(e: helios_shard::codec::CodecError) -> Self {
+        ProbeError::Protocol(e.to_string())
+    }
+}
+
+/// One logged-in connection.
+pub struct Probe {
+    stream: TcpStream,
+    /// Received bytes not yet consumed, from `start`.
+    buf: Vec<u8>,
+    start: usize,
+}
+
+/// Time left before `deadline`, or a timeout error naming what was being waited for.
+fn left(deadline: Instant, waiting: &'static str) -> Result<Duration, ProbeError> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or(ProbeError::Timeout(waiting))
+}
+
+impl Probe {
+    /// Connects and logs in (trust, cleartext, md5 or SCRAM-SHA-256) before `deadline`.
+    pub fn connect(target: Target<'_>, deadline: Instant) -> Result<Probe, ProbeError> {
+        let stream = TcpStream::connect_timeout(&target.addr, left(deadline, "connecting")?)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+                    ProbeError::Timeout("connecting")
+                }
+                _ => ProbeError::Connect {
+                    addr: target.addr,
+                    source,
+                },
+            })?;
+        stream.set_nodelay(true).map_err(ProbeError::Io)?;
+        let mut probe = Probe {
+            stream,
+            buf: Vec::with_capacity(1024),
+            start: 0,
+        };
+        probe.login(target, deadline)?;
+        Ok(probe)
+    }
+
+    fn login(&mut self, target: Target<'_>, deadline: Instant) -> Result<(), ProbeError> {
+        let mut out = Vec::with_capacity(128);
+        startup::encode_startup(
+            &mut out,
+            &[
+                ("user", target.user),
+                ("database", target.database),
+                ("application_name", APPLICATION_NAME),
+            ],
+        );
+        self.send(&out, deadline)?;
+        let mut auth = ClientAuth::new(target.user, target.password);
+        // Reconnects are rare (only after a failure): no salted password is kept.
+        let mut cache = SaltedPasswordCache::default();
+        loop {
+            let (tag, body) = self.next(deadline, "logging in")?;
+            match be::decode(tag, &body)? {
+                BackendMessage::Authentication(request) => {
+                    out.clear();
+                    auth.answer(request, &mut cache, &mut out)?;
+                    if !out.is_empty() {
+                        self.send(&out, deadline)?;
+                    }
+                }
+                BackendMessage::ErrorResponse(fields) => return Err(ProbeError::server(&fields)),
+                BackendMessage::ReadyForQuery(_) => return Ok(()),
+                BackendMessage::ParameterStatus { .. }
+                | BackendMessage::BackendKeyData { .. }
+                | BackendMessage::NoticeResponse(_)
+                | BackendMessage::NegotiateProtocolVersion { .. } => {}
+                other => {
+                    return Err(ProbeError::Protocol(format!(
+                        "unexpected message '{}' during startup",
+                        other.tag() as char
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Runs `sql` as one simple Query and returns the rows of all its statements, or the
+    /// server's first error once it is ready again.
+    pub fn query(&mut self, sql: &str, deadline: Instant) -> Result<Rows, ProbeError> {
+        let mut out = Vec::with_capacity(sql.len() + 6);
+        frontend::encode_query(&mut out, sql);
+        self.send(&out, deadline)?;
+        let mut rows = Rows::new();
+        let mut error = None;
+        loop {
+            let (tag, body) = match self.next(deadline, "waiting for the query result") {
+                Ok(message) => message,
+                // A server that says why before it hangs up (shutdown) is more telling.
+                Err(ProbeError::Closed) if error.is_some() => break,
+                Err(e) => return Err(e),
+            };
+            match be::decode(tag, &body)? {
+                BackendMessage::DataRow(values) => rows.push(
+                    values
+                        .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                        .collect(),
+                ),
+                BackendMessage::ErrorResponse(fields) if error.is_none() => {
+                    error = Some(ProbeError::server(&fields))
+                }
+                BackendMessage::ReadyForQuery(_) => break,
+                BackendMessage::CopyInResponse(_)
+                | BackendMessage::CopyOutResponse(_)
+                | BackendMessage::CopyBothResponse(_) => {
+                    return Err(ProbeError::Protocol(
+                        "COPY is not supported in a health check query".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// Says goodbye; best effort, bounded by a short write timeout.
+    pub fn terminate(mut self) {
+        let mut out = Vec::with_capacity(5);
+        frontend::encode_terminate(&mut out);
+        let _ = self.send(&out, Instant::now() + Duration::from_millis(200));
+    }
+
+    fn send(&mut self, bytes: &[u8], deadline: Instant) -> Result<(), ProbeError> {
+        let waiting = "sending to the server";
+        self.stream
+            .set_write_timeout(Some(left(deadline, waiting)?))
+            .map_err(ProbeError::Io)?;
+        self.stream
+            .write_all(bytes)
+            .map_err(|e| ProbeError::io(e, waiting))
+    }
+
+    /// The next whole message: (tag, body).
+    fn next(
+        &mut self,
+        deadline: Instant,
+        waiting: &'static str,
+    ) -> Result<(u8, Vec<u8>), ProbeError> {
+        loop {
+            if let Some((tag, body, total)) =
+                frame::split_message(&self.buf[self.start..], MAX_MESSAGE)?
+            {
+                let body = body.to_vec();
+                self.start += total;
+                return Ok((tag, body));
+            }
+            self.buf.drain(..self.start);
+            self.start = 0;
+            self.stream
+                .set_read_timeout(Some(left(deadline, waiting)?))
+                .map_err(ProbeError::Io)?;
+            let old = self.buf.len();
+            self.buf.resize(old + 8192, 0);
+            let read = self.stream.read(&mut self.buf[old..]);
+            self.buf.truncate(old + read.as_ref().map_or(0, |n| *n));
+            match read {
+                Ok(0) => return Err(ProbeError::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ProbeError::io(e, waiting)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A fake server that answers the startup with `script` and then reads until EOF.
+    fn serve(script: Vec<u8>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut sink = [0u8; 1024];
+            let _ = conn.read(&mut sink);
+            let _ = conn.write_all(&script);
+            while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        addr
+    }
+
+    fn target(addr: SocketAddr) -> Target<'static> {
+        Target {
+            addr,
+            user: "u",
+            password: None,
+            database: "d",
+        }
+    }
+
+    #[test]
+    fn a_login_error_comes_back_with_the_servers_words() {
+        let mut script = Vec::new();
+        be::write_error(
+            &mut script,
+            "FATAL",
+            "28P01",
+            "password authentication failed for user \"u\"",
+        );
+        let addr = serve(script);
+        let err = Probe::connect(target(addr), Instant::now() + Duration::from_secs(5))
+            .err()
+            .expect("login fails");
+        assert_eq!(
+            err.to_string(),
+            "FATAL 28P01: password authentication failed for user \"u\""
+        );
+    }
+
+    #[test]
+    fn a_silent_server_times_out_at_the_deadline() {
+        let addr = serve(Vec::new());
+        let err = Probe::connect(target(addr), Instant::now() + Duration::from_millis(100))
+            .err()
+            .expect("no answer");
+        assert!(matches!(err, ProbeError::Timeout(_)), "{err}");
+    }
+
+    #[test]
+    fn a_password_request_without_a_password_is_an_auth_error() {
+        let mut script = Vec::new();
+        be::write_auth_cleartext(&mut script);
+        let addr = serve(script);
+        let err = Probe::connect(target(addr), Instant::now() + Duration::from_secs(5))
+            .err()
+            .expect("no password");
+        assert!(matches!(err, ProbeError::Auth(_)), "{err}");
+    }
+}
