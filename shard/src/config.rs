@@ -51,6 +51,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
     pub health: HealthConfig,
+    pub load_balancer: LoadBalancerConfig,
+    pub routing: RoutingConfig,
+    /// Tables whose reads go to a given node or role.
+    pub schema_routes: Vec<SchemaRouteConfig>,
     /// When set, every mutating admin API request needs `Authorization: Bearer <token>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
@@ -75,6 +79,9 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             health: HealthConfig::default(),
+            load_balancer: LoadBalancerConfig::default(),
+            routing: RoutingConfig::default(),
+            schema_routes: Vec::new(),
             admin_token: None,
             admin_users: Vec::new(),
             stats_users: Vec::new(),
@@ -270,6 +277,10 @@ pub struct NodeConfig {
     /// Relative share of read traffic.
     pub weight: u32,
     pub enabled: bool,
+    /// Preference among standbys when one must be chosen (lower first); reported in the
+    /// admin API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
 }
 
 impl Default for NodeConfig {
@@ -281,6 +292,7 @@ impl Default for NodeConfig {
             role: NodeRole::Primary,
             weight: 100,
             enabled: true,
+            priority: None,
         }
     }
 }
@@ -342,6 +354,79 @@ impl Default for TimeoutsConfig {
             dirty_release_timeout_ms: 5000,
         }
     }
+}
+
+/// How reads are spread over standbys and replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadStrategy {
+    /// Each read node in turn.
+    #[default]
+    RoundRobin,
+    /// In turn, in proportion to `weight` (smooth weighted round-robin).
+    WeightedRoundRobin,
+    /// The node with the fewest server connections in use on this worker.
+    LeastConnections,
+    /// The node with the lowest health-check latency.
+    #[serde(alias = "latency")]
+    LatencyBased,
+    /// Two nodes picked at random; the one with fewer connections in use.
+    RandomTwoChoices,
+}
+
+impl ReadStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadStrategy::RoundRobin => "round_robin",
+            ReadStrategy::WeightedRoundRobin => "weighted_round_robin",
+            ReadStrategy::LeastConnections => "least_connections",
+            ReadStrategy::LatencyBased => "latency_based",
+            ReadStrategy::RandomTwoChoices => "random_two_choices",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadBalancerConfig {
+    /// Send reads to standbys and replicas (transaction and statement pooling).
+    pub read_write_split: bool,
+    pub read_strategy: ReadStrategy,
+    /// Functions a SELECT may call and still go to a replica, besides the built-in list
+    /// of read-only ones (`name` or `schema.name`).
+    pub read_only_functions: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Replicas further behind than this (by replay time) get no reads; 0 = no limit.
+    pub max_replica_lag_ms: u64,
+    /// How often standbys and replicas report their lag and replay position.
+    pub lag_check_interval_secs: f64,
+    /// After a session writes, its reads go to the primary until a replica has replayed
+    /// past that write.
+    pub read_your_writes: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            max_replica_lag_ms: 1000,
+            lag_check_interval_secs: 1.0,
+            read_your_writes: true,
+        }
+    }
+}
+
+/// Reads of these tables go to `target`: `primary`, `standby`, `replica`, or a node's
+/// name or address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaRouteConfig {
+    /// `table` or `schema.table`.
+    pub tables: Vec<String>,
+    pub target: String,
 }
 
 /// How the control thread checks each node.

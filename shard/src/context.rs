@@ -49,6 +49,9 @@ pub struct NodeEntry {
     pub weight: u32,
     /// Enabled, healthy and not draining: may be given new work.
     pub routable: bool,
+    pub latency_ms: f64,
+    pub lag_ms: Option<f64>,
+    pub replay_lsn: Option<u64>,
 }
 
 impl NodeEntry {
@@ -60,6 +63,9 @@ impl NodeEntry {
             role: node.role,
             weight: node.weight,
             routable: node.routable(),
+            latency_ms: node.latency_ms,
+            lag_ms: node.lag_ms,
+            replay_lsn: node.replay_lsn,
         }
     }
 }
@@ -138,6 +144,10 @@ pub fn initial_topology(config: &Config) -> Result<Topology, String> {
                 enabled: n.enabled,
                 healthy: true,
                 draining: false,
+                priority: n.priority,
+                latency_ms: 0.0,
+                lag_ms: None,
+                replay_lsn: None,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;

@@ -65,6 +65,13 @@ pub struct TopologyNode {
     pub healthy: bool,
     /// Being drained: no new work; connections close as they come back.
     pub draining: bool,
+    pub priority: Option<u32>,
+    /// Round trip of the last good health check (for latency-based reads).
+    pub latency_ms: f64,
+    /// Standbys and replicas: how far behind in replay time, when known.
+    pub lag_ms: Option<f64>,
+    /// Standbys and replicas: WAL position replayed, when known (read-your-writes).
+    pub replay_lsn: Option<u64>,
 }
 
 impl TopologyNode {
@@ -83,6 +90,8 @@ pub struct ShardSnapshot {
     pub pools: Vec<PoolReport>,
     pub clients: Vec<ClientReport>,
     pub servers: Vec<ServerReport>,
+    /// Routing decisions so far: (node address, reason, count).
+    pub routes: Vec<(String, &'static str, u64)>,
 }
 
 /// One pool (node, database, user) on one shard.
@@ -177,4 +186,12 @@ pub struct ConsoleResult {
 pub struct ConsoleError {
     pub code: &'static str,
     pub message: String,
+}
+
+/// A `pg_lsn` in its text form `X/Y` (two hex numbers, high and low 32 bits).
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.trim().split_once('/')?;
+    let high = u32::from_str_radix(high, 16).ok()?;
+    let low = u32::from_str_radix(low, 16).ok()?;
+    Some((u64::from(high) << 32) | u64::from(low))
 }

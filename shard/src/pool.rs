@@ -164,6 +164,12 @@ impl Pool {
         }
     }
 
+    /// Server connections lent out (or being opened) right now.
+    pub fn in_use(&self) -> usize {
+        let st = self.state.borrow();
+        st.total.saturating_sub(st.idle.len())
+    }
+
     pub fn is_retired(&self) -> bool {
         self.retired.get()
     }

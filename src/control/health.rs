@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use helios_shard::config::{HealthConfig, NodeRole};
+use helios_shard::control::parse_lsn;
 
 use super::probe::{Probe, ProbeError, Rows, Target};
 use super::{Control, Health};
@@ -144,7 +145,15 @@ fn check_loop(control: &Control, address: &str, stopped: &Receiver<()>) {
         };
         let outcome = check(&mut conn, target, &config.health);
         record(control, address, &config.health, outcome);
-        let next = started + config.health.interval();
+        // Standbys and replicas report lag and replay position for routing, so they are
+        // checked at least every `routing.lag_check_interval_secs`.
+        let mut every = config.health.interval();
+        if node.role != NodeRole::Primary {
+            every = every.min(Duration::from_secs_f64(
+                config.routing.lag_check_interval_secs,
+            ));
+        }
+        let next = started + every;
         match stopped.recv_timeout(next.saturating_duration_since(Instant::now())) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => break,
@@ -228,14 +237,6 @@ fn parse_role(rows: &Rows, latency_ms: f64) -> Result<Observation, ProbeError> {
         receive_lsn: lsn(2)?,
         lag_seconds: column(3).and_then(|s| s.parse::<f64>().ok()),
     })
-}
-
-/// A `pg_lsn` in its text form `X/Y` (two hex numbers, high and low 32 bits).
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (high, low) = text.trim().split_once('/')?;
-    let high = u32::from_str_radix(high, 16).ok()?;
-    let low = u32::from_str_radix(low, 16).ok()?;
-    Some((u64::from(high) << 32) | u64::from(low))
 }
 
 /// Bytes a standby is behind: the primary's position minus the standby's replay

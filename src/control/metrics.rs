@@ -65,6 +65,7 @@ fn describe() {
         ("heliosdb_proxy_cancels_forwarded_total", "Cancel requests forwarded to a server"),
         ("heliosdb_proxy_protocol_errors_total", "Clients disconnected for protocol violations"),
         ("heliosdb_proxy_auth_failures_total", "Failed client logins"),
+        ("heliosdb_proxy_routing_decisions_total", "Units of work routed, by node and reason (read/write splitting)"),
     ];
     for (name, help) in counters {
         describe_counter!(name, help);
@@ -186,6 +187,14 @@ fn sync(control: &Control) {
         gauge!("heliosdb_proxy_uptime_seconds").set(control.uptime().as_secs_f64());
         gauge!("heliosdb_proxy_paused").set(f64::from(u8::from(control.paused())));
 
+        for ((node, reason), count) in routing_decisions(&snapshots) {
+            counter!(
+                "heliosdb_proxy_routing_decisions_total",
+                "node" => node,
+                "reason" => reason
+            )
+            .absolute(count);
+        }
         let pools: Vec<&PoolReport> = snapshots.iter().flat_map(|s| s.pools.iter()).collect();
         for node in &nodes {
             let label = node.address.clone();
@@ -265,6 +274,17 @@ fn feed(source: &Histogram, fed: &mut Reading, name: &'static str) {
     *fed = now;
 }
 
+/// Routing decisions summed over shards, by (node, reason).
+fn routing_decisions(
+    snapshots: &[helios_shard::control::ShardSnapshot],
+) -> std::collections::BTreeMap<(String, &'static str), u64> {
+    let mut sums = std::collections::BTreeMap::new();
+    for (node, reason, count) in snapshots.iter().flat_map(|s| s.routes.iter()) {
+        *sums.entry((node.clone(), *reason)).or_insert(0) += count;
+    }
+    sums
+}
+
 /// Counters summed over every shard.
 #[derive(Default)]
 struct Totals {
@@ -319,6 +339,10 @@ impl Totals {
 /// `GET /metrics`: the documented JSON counters, plus the rest of the totals.
 pub fn json(control: &Control) -> Value {
     let t = Totals::sum(control.shard_links().iter().map(|l| &*l.stats));
+    let routing: Vec<Value> = routing_decisions(&control.gather(Detail::default()))
+        .into_iter()
+        .map(|((node, reason), count)| json!({"node": node, "reason": reason, "count": count}))
+        .collect();
     json!({
         "connections_accepted": t.accepted,
         "connections_closed": t.closed,
@@ -340,5 +364,6 @@ pub fn json(control: &Control) -> Value {
         "protocol_errors": t.protocol_errors,
         "auth_failures": t.auth_failures,
         "uptime_seconds": control.uptime().as_secs(),
+        "routing_decisions": routing,
     })
 }

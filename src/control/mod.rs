@@ -56,6 +56,7 @@ pub struct NodeStatus {
     pub addr: SocketAddr,
     pub role: NodeRole,
     pub weight: u32,
+    pub priority: Option<u32>,
     /// Not disabled (by the configuration or `POST /nodes/{address}/disable`).
     pub enabled: bool,
     /// `POST /nodes/{address}/drain` was called and the node was not enabled since.
@@ -185,6 +186,15 @@ impl Control {
                     enabled: n.enabled,
                     healthy: n.health.healthy,
                     draining: n.draining,
+                    priority: n.priority,
+                    latency_ms: n.health.latency_ms,
+                    lag_ms: n.health.replication_lag_seconds.map(|s| s * 1000.0),
+                    replay_lsn: n
+                        .health
+                        .in_recovery
+                        .unwrap_or(false)
+                        .then_some(n.health.wal_lsn)
+                        .flatten(),
                 })
                 .collect(),
         });
@@ -211,9 +221,9 @@ impl Control {
             .iter_mut()
             .find(|n| n.address == address)
             .ok_or(ControlError::NodeNotFound)?;
-        let before = (node.routable(), node.enabled, node.draining);
+        let before = routing_view(node);
         change(node);
-        let after = (node.routable(), node.enabled, node.draining);
+        let after = routing_view(node);
         let status = node.clone();
         if before != after {
             self.publish(&mut state);
@@ -391,6 +401,30 @@ impl Control {
     }
 }
 
+/// What shards route by: a change in any of it is published to them.
+fn routing_view(
+    n: &NodeStatus,
+) -> (
+    bool,
+    bool,
+    bool,
+    u64,
+    Option<u64>,
+    Option<u64>,
+    Option<bool>,
+) {
+    let h = &n.health;
+    (
+        n.routable(),
+        n.enabled,
+        n.draining,
+        h.latency_ms.to_bits(),
+        h.replication_lag_seconds.map(f64::to_bits),
+        h.wal_lsn,
+        h.in_recovery,
+    )
+}
+
 fn node_status(node: &TopologyNode) -> NodeStatus {
     NodeStatus {
         address: node.address.clone(),
@@ -398,6 +432,7 @@ fn node_status(node: &TopologyNode) -> NodeStatus {
         addr: node.addr,
         role: node.role,
         weight: node.weight,
+        priority: node.priority,
         enabled: node.enabled,
         draining: false,
         health: Health {

@@ -126,6 +126,11 @@ pub fn proxy_command() -> Command {
 impl Proxy {
     /// Writes the config, spawns the proxy and waits until its port accepts connections.
     pub fn start(cluster: &PgCluster, overrides: &str) -> Proxy {
+        Self::start_logged(cluster, overrides, None)
+    }
+
+    /// [`Proxy::start`] with its own `RUST_LOG` filter.
+    pub fn start_logged(cluster: &PgCluster, overrides: &str, rust_log: Option<&str>) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix("helios-proxy-")
             .tempdir()
@@ -142,7 +147,11 @@ impl Proxy {
         let log_path = dir.path().join("proxy.log");
         let log = fs::File::create(&log_path).expect("create proxy log");
         let log_err = log.try_clone().expect("dup proxy log");
-        let child = proxy_command()
+        let mut command = proxy_command();
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .stdout(log)

@@ -26,7 +26,50 @@ pub(super) fn config(config: &Config) -> Check {
     limits(&config.limits)?;
     timeouts(&config.timeouts)?;
     health(&config.health)?;
+    routing(config)?;
     admin(config)
+}
+
+fn routing(config: &Config) -> Check {
+    let lag = config.routing.lag_check_interval_secs;
+    ensure(
+        lag.is_finite() && (0.05..=86_400.0).contains(&lag),
+        "routing.lag_check_interval_secs",
+        || "must be between 0.05 and 86400".into(),
+    )?;
+    for (index, name) in config.load_balancer.read_only_functions.iter().enumerate() {
+        ensure(
+            !name.trim().is_empty() && !name.contains(['(', ')', ' ']),
+            &format!("load_balancer.read_only_functions[{index}]"),
+            || "must be a function name (`name` or `schema.name`)".into(),
+        )?;
+    }
+    for (index, route) in config.schema_routes.iter().enumerate() {
+        ensure(
+            !route.tables.is_empty(),
+            &format!("schema_routes[{index}].tables"),
+            || "must name at least one table".into(),
+        )?;
+        for (t, table) in route.tables.iter().enumerate() {
+            ensure(
+                !table.trim().is_empty() && table.split('.').count() <= 2,
+                &format!("schema_routes[{index}].tables[{t}]"),
+                || "must be `table` or `schema.table`".into(),
+            )?;
+        }
+        let target = route.target.as_str();
+        let known = matches!(target, "primary" | "standby" | "replica")
+            || config
+                .nodes
+                .iter()
+                .any(|n| n.label() == target || n.address() == target);
+        ensure(known, &format!("schema_routes[{index}].target"), || {
+            format!(
+                "`{target}` is neither primary, standby, replica nor the name or address of a [[nodes]] entry"
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn health(health: &super::HealthConfig) -> Check {

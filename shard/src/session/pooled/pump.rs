@@ -62,6 +62,14 @@ impl UpLane {
         }
     }
 
+    /// Client bytes not yet translated.
+    pub fn pending(&self) -> &[u8] {
+        match &self.inb {
+            Some(buf) => &buf[self.start..self.end],
+            None => &[],
+        }
+    }
+
     /// Takes over bytes read while idle.
     pub fn seed(&mut self, buf: Buf, n: usize) {
         self.inb = Some(buf);
@@ -187,6 +195,9 @@ pub struct Flow {
     pub terminated: bool,
     /// When the oldest unanswered request went out (for the query-duration histogram).
     pub since: Option<std::time::Instant>,
+    /// The lease is on a read node: outside a transaction, read no more client input,
+    /// so the client's next unit is routed on its own (it may write).
+    pub hold_when_idle: bool,
 }
 
 pub struct PooledPump<'a> {
@@ -536,7 +547,10 @@ impl PooledPump<'_> {
 
     fn fill_up(&mut self, cx: &mut Context<'_>) -> Poll<Moved> {
         let lane = &mut *self.up;
-        if self.flow.terminated || self.backend_eof {
+        if self.flow.terminated
+            || self.backend_eof
+            || (self.flow.hold_when_idle && *self.status == b'I')
+        {
             return Poll::Ready(Ok(false));
         }
         if lane.start == lane.end {
