@@ -55,7 +55,11 @@ pub struct TableRef {
     pub name: String,
 }
 
-/// Analyses `sql` for routing. See the module documentation for the cost.
+/// Analyses `sql` for routing.
+///
+/// Runs once per Query (or Parse) on the hot path, so it is one pass over the lexer's
+/// tokens with one token of lookahead, fixed-size state (33 parenthesis levels, 8 inline
+/// CTE names) and no regex; it allocates only for the tables it reports.
 pub fn analyze(sql: &[u8], functions: &ReadOnlyFunctions) -> RouteAnalysis {
     let mut analyzer = Analyzer::new(functions);
     let mut tokens = Tokens::new(sql);
