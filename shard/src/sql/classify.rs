@@ -180,7 +180,14 @@ pub fn classify(sql: &[u8]) -> Effects {
                 continue;
             }
             Token::Word(w) => keyword(w),
-            Token::Quoted(_) | Token::Other | Token::Dot | Token::OpenParen => {
+            Token::Quoted(_)
+            | Token::Other
+            | Token::Dot
+            | Token::OpenParen
+            | Token::CloseParen
+            | Token::Comma
+            | Token::Cast
+            | Token::Comment(_) => {
                 // Only a statement's leading words decide its kind.
                 if stmt.words < 3 {
                     stmt.words += 1;

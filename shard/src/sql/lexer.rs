@@ -1,6 +1,9 @@
 //! A minimal SQL tokenizer: just enough to find keywords and identifiers outside string
 //! literals, quoted identifiers, dollar-quoted bodies and comments. It never allocates and
 //! never fails: unterminated constructs simply run to the end of the input.
+//!
+//! Comments are skipped unless the lexer is built with [`Lexer::with_comments`], which
+//! surfaces their text (routing hints live in comments).
 
 /// One token of interest. Literals, numbers and operators are reported as `Other` so the
 /// caller can still tell "next token" apart.
@@ -16,6 +19,14 @@ pub enum Token<'a> {
     Dot,
     /// `(`
     OpenParen,
+    /// `)`
+    CloseParen,
+    /// `,`
+    Comma,
+    /// `::` (a type cast follows).
+    Cast,
+    /// A comment's text without its delimiters; only from [`Lexer::with_comments`].
+    Comment(&'a [u8]),
     /// Anything else: literals, numbers, operators, parameters.
     Other,
 }
@@ -24,29 +35,51 @@ pub enum Token<'a> {
 pub struct Lexer<'a> {
     sql: &'a [u8],
     pos: usize,
+    comments: bool,
 }
 
 impl<'a> Lexer<'a> {
     pub fn new(sql: &'a [u8]) -> Self {
-        Lexer { sql, pos: 0 }
+        Lexer {
+            sql,
+            pos: 0,
+            comments: false,
+        }
+    }
+
+    /// A lexer that reports comments as [`Token::Comment`] instead of skipping them.
+    pub fn with_comments(sql: &'a [u8]) -> Self {
+        Lexer {
+            sql,
+            pos: 0,
+            comments: true,
+        }
     }
 
     fn peek(&self, offset: usize) -> u8 {
         self.sql.get(self.pos + offset).copied().unwrap_or(0)
     }
 
-    /// Skips whitespace and comments (`--` to end of line, nested `/* */`).
-    fn skip_blank(&mut self) {
+    /// Skips whitespace and comments (`--` to end of line, nested `/* */`); stops at a
+    /// comment when comments are reported, returning its text's range.
+    fn skip_blank(&mut self) -> Option<(usize, usize)> {
         loop {
             let c = self.peek(0);
             if c.is_ascii_whitespace() {
                 self.pos += 1;
             } else if c == b'-' && self.peek(1) == b'-' {
+                self.pos += 2;
+                let start = self.pos;
                 while self.pos < self.sql.len() && self.sql[self.pos] != b'\n' {
                     self.pos += 1;
                 }
+                if self.comments {
+                    return Some((start, self.pos));
+                }
             } else if c == b'/' && self.peek(1) == b'*' {
                 self.pos += 2;
+                let start = self.pos;
+                let mut end = self.sql.len();
                 let mut depth = 1usize;
                 while self.pos < self.sql.len() && depth > 0 {
                     if self.peek(0) == b'/' && self.peek(1) == b'*' {
@@ -54,13 +87,20 @@ impl<'a> Lexer<'a> {
                         self.pos += 2;
                     } else if self.peek(0) == b'*' && self.peek(1) == b'/' {
                         depth -= 1;
+                        if depth == 0 {
+                            end = self.pos;
+                        }
                         self.pos += 2;
                     } else {
                         self.pos += 1;
                     }
                 }
+                self.pos = self.pos.min(self.sql.len());
+                if self.comments {
+                    return Some((start, end.min(self.sql.len())));
+                }
             } else {
-                return;
+                return None;
             }
         }
     }
@@ -131,9 +171,11 @@ impl<'a> Iterator for Lexer<'a> {
     type Item = Token<'a>;
 
     fn next(&mut self) -> Option<Token<'a>> {
-        self.skip_blank();
-        let c = *self.sql.get(self.pos)?;
         let sql = self.sql;
+        if let Some((start, end)) = self.skip_blank() {
+            return Some(Token::Comment(&sql[start..end]));
+        }
+        let c = *self.sql.get(self.pos)?;
         let token = match c {
             b';' => {
                 self.pos += 1;
@@ -146,6 +188,18 @@ impl<'a> Iterator for Lexer<'a> {
             b'(' => {
                 self.pos += 1;
                 Token::OpenParen
+            }
+            b')' => {
+                self.pos += 1;
+                Token::CloseParen
+            }
+            b',' => {
+                self.pos += 1;
+                Token::Comma
+            }
+            b':' if self.peek(1) == b':' => {
+                self.pos += 2;
+                Token::Cast
             }
             b'\'' => {
                 self.skip_quoted(b'\'', false);
@@ -214,6 +268,48 @@ mod tests {
         );
         assert_eq!(words("select E'it\\'s; set', 'a''b' y"), ["select", "y"]);
         assert_eq!(words("select $1 + $2 z"), ["select", "z"]);
+    }
+
+    #[test]
+    fn comments_are_reported_on_request() {
+        let sql = b"/*+ route=primary */ SELECT -- helios:cache=skip\n 1 /* a /* b */ c */";
+        let comments: Vec<&[u8]> = Lexer::with_comments(sql)
+            .filter_map(|t| match t {
+                Token::Comment(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            comments,
+            [
+                &b"+ route=primary "[..],
+                b" helios:cache=skip",
+                b" a /* b */ c "
+            ]
+        );
+        assert!(Lexer::new(sql).all(|t| !matches!(t, Token::Comment(_))));
+        assert_eq!(
+            Lexer::with_comments(b"select /* open").last(),
+            Some(Token::Comment(b" open"))
+        );
+    }
+
+    #[test]
+    fn punctuation_is_told_apart() {
+        let tokens: Vec<Token> = Lexer::new(b"f(a, b)::int").collect();
+        assert_eq!(
+            tokens,
+            [
+                Token::Word(b"f"),
+                Token::OpenParen,
+                Token::Word(b"a"),
+                Token::Comma,
+                Token::Word(b"b"),
+                Token::CloseParen,
+                Token::Cast,
+                Token::Word(b"int"),
+            ]
+        );
     }
 
     #[test]
