@@ -21,6 +21,8 @@ use crate::config::{AuthMethod, Config, NodeRole};
 use crate::control::{ConsoleRequest, Topology, TopologyNode};
 use crate::pool::{Pool, PoolKey, PoolLimits};
 use crate::prepared::Registry;
+use crate::router::{Router, SchemaRoute};
+use crate::sql::route::ReadOnlyFunctions;
 use crate::stats::ShardStats;
 use crate::sync::{Gate, Latch, Signal};
 
@@ -82,6 +84,11 @@ pub struct ShardCtx {
     pub topology_changed: Signal,
     /// Closed while PAUSEd: no server connections are handed out.
     pub gate: Rc<Gate>,
+    /// Picks nodes for reads and writes (read/write splitting).
+    pub router: Router,
+    /// Functions a read may call (built-in list plus `load_balancer.read_only_functions`).
+    pub read_only_functions: RefCell<Rc<ReadOnlyFunctions>>,
+    pub schema_routes: RefCell<Rc<Vec<SchemaRoute>>>,
     /// Where SQL admin console statements go (the control plane).
     pub console: Option<Sender<ConsoleRequest>>,
     pub pools: RefCell<HashMap<PoolKey, Rc<Pool>>>,
@@ -172,6 +179,11 @@ impl ShardCtx {
             topology_version: Cell::new(0),
             topology_changed: Signal::default(),
             gate: Rc::default(),
+            router: Router::new(rand::random()),
+            read_only_functions: RefCell::new(Rc::new(ReadOnlyFunctions::new(
+                &config.load_balancer.read_only_functions,
+            ))),
+            schema_routes: RefCell::new(Rc::new(SchemaRoute::compile(&config.schema_routes))),
             console: None,
             pools: RefCell::new(HashMap::new()),
             cancels: CancelRegistry::new(
@@ -295,6 +307,10 @@ impl ShardCtx {
         }
         *self.users.borrow_mut() = users;
         *self.limits.borrow_mut() = limits;
+        *self.read_only_functions.borrow_mut() = Rc::new(ReadOnlyFunctions::new(
+            &config.load_balancer.read_only_functions,
+        ));
+        *self.schema_routes.borrow_mut() = Rc::new(SchemaRoute::compile(&config.schema_routes));
         self.max_clients
             .set(share(config.limits.max_client_connections, self.workers, self.id).max(1));
         *self.config.borrow_mut() = config;

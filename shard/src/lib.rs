@@ -13,6 +13,7 @@ pub mod mailbox;
 pub mod msgio;
 pub mod pool;
 pub mod prepared;
+pub mod router;
 pub mod runtime;
 pub mod session;
 pub mod sql;

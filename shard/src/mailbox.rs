@@ -100,6 +100,6 @@ pub fn snapshot(ctx: &ShardCtx, detail: Detail) -> ShardSnapshot {
             .collect(),
         clients,
         servers,
-        routes: Vec::new(),
+        routes: ctx.router.decisions(),
     }
 }

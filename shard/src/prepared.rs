@@ -13,6 +13,7 @@ use std::rc::{Rc, Weak};
 
 use hashbrown::HashMap;
 
+use crate::sql::route::{analyze, ReadOnlyFunctions, RouteAnalysis};
 use crate::sql::{classify, Effects};
 
 /// Prefix of every server-side statement name the proxy creates.
@@ -33,11 +34,27 @@ pub struct Statement {
     /// changed (DDL). A client told an older shape must not silently get the new one.
     shape: RefCell<Option<Box<[u8]>>>,
     epoch: Cell<u32>,
+    /// How the query may be routed, analysed once for the function list in force.
+    route: RefCell<Option<(Weak<ReadOnlyFunctions>, Rc<RouteAnalysis>)>>,
 }
 
 impl Statement {
     pub fn spec(&self) -> &[u8] {
         &self.spec
+    }
+
+    /// The routing analysis of the query: computed at the first use after the statement
+    /// was prepared, and again only if a reload changed the read-only function list.
+    pub fn route_analysis(&self, functions: &Rc<ReadOnlyFunctions>) -> Rc<RouteAnalysis> {
+        let mut cached = self.route.borrow_mut();
+        if let Some((list, analysis)) = cached.as_ref() {
+            if list.ptr_eq(&Rc::downgrade(functions)) {
+                return analysis.clone();
+            }
+        }
+        let analysis = Rc::new(analyze(query_of(&self.spec), functions));
+        *cached = Some((Rc::downgrade(functions), analysis.clone()));
+        analysis
     }
 
     /// The query text (without its NUL).
@@ -145,6 +162,7 @@ impl Registry {
             name: RefCell::new(server_name(hash, 0)),
             shape: RefCell::new(None),
             epoch: Cell::new(0),
+            route: RefCell::new(None),
         });
         map.insert(hash, Rc::downgrade(&stmt));
         stmt
@@ -372,6 +390,7 @@ mod tests {
             effects: Effects::default(),
             shape: RefCell::new(None),
             epoch: Cell::new(0),
+            route: RefCell::new(None),
         });
         assert!(!server.has(&impostor));
     }

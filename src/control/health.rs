@@ -276,6 +276,22 @@ pub fn record_failure(health: &mut Health, config: &HealthConfig, now: SystemTim
     }
 }
 
+/// A standby's lag in time: the smaller of the server's own figure (time since its last
+/// replayed transaction, 0 when it replayed all it received) and how long ago the
+/// primary was where the standby has replayed to. The first alone overstates the lag
+/// right after a quiet primary writes again; the second alone, by up to one check
+/// interval, under steady writes.
+fn replay_lag(control: &Control, seen: &Observation, at: Instant) -> Option<f64> {
+    let by_primary = seen
+        .wal_lsn
+        .and_then(|replayed| control.behind_primary(replayed, at))
+        .map(|d| d.as_secs_f64());
+    match (seen.lag_seconds, by_primary) {
+        (Some(own), Some(primary)) => Some(own.min(primary)),
+        (own, primary) => own.or(primary),
+    }
+}
+
 /// Stores one check's outcome on the node and logs a change of health.
 fn record(
     control: &Control,
@@ -290,6 +306,15 @@ fn record(
         .find(|n| n.role == NodeRole::Primary && n.address != address)
         .and_then(|n| n.health.wal_lsn);
     let now = SystemTime::now();
+    let checked_at = Instant::now();
+    if let Ok(Observation {
+        in_recovery: false,
+        wal_lsn: Some(lsn),
+        ..
+    }) = &outcome
+    {
+        control.primary_position(checked_at, *lsn);
+    }
     let mut was_healthy = true;
     let updated = control.update_node(address, |n| {
         was_healthy = n.health.healthy;
@@ -303,7 +328,9 @@ fn record(
                 h.replication_lag_bytes = standby
                     .then(|| lag_bytes(primary_lsn, seen.wal_lsn, seen.receive_lsn))
                     .flatten();
-                h.replication_lag_seconds = standby.then_some(seen.lag_seconds).flatten();
+                h.replication_lag_seconds = standby
+                    .then(|| replay_lag(control, seen, checked_at))
+                    .flatten();
             }
             Err(e) => record_failure(h, config, now, e.to_string()),
         }

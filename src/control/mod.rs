@@ -17,6 +17,9 @@ use helios_shard::config::{Config, ConfigError, NodeRole};
 use helios_shard::context::initial_topology;
 use helios_shard::control::{ControlMsg, Detail, ShardLink, ShardSnapshot, Topology, TopologyNode};
 
+/// Primary WAL readings kept for time-lag estimates (a few minutes at 1 s checks).
+const PRIMARY_POSITIONS_KEPT: usize = 256;
+
 /// How long a shard may take to answer a report request (it reads its mailbox every
 /// 50 ms).
 const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -104,6 +107,9 @@ pub struct Control {
     started_at: Instant,
     /// Raised by every topology change, so the health checker can follow node changes.
     health_epoch: std::sync::atomic::AtomicU64,
+    /// Recent (time, WAL position) readings of the primary, to turn a standby's replay
+    /// position into how far behind in time it is.
+    primary_positions: Mutex<std::collections::VecDeque<(Instant, u64)>>,
     pub metrics: metrics::Exporter,
 }
 
@@ -129,6 +135,7 @@ impl Control {
             started: SystemTime::now(),
             started_at: Instant::now(),
             health_epoch: Default::default(),
+            primary_positions: Mutex::default(),
         }))
     }
 
@@ -392,6 +399,40 @@ impl Control {
         Ok(report)
     }
 
+    /// Records the primary's WAL position as read at `at`.
+    pub fn primary_position(&self, at: Instant, lsn: u64) {
+        let mut seen = self
+            .primary_positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        seen.push_back((at, lsn));
+        while seen.len() > PRIMARY_POSITIONS_KEPT {
+            seen.pop_front();
+        }
+    }
+
+    /// How long ago the primary was at or before `replayed`, judged from its readings:
+    /// a standby that has replayed that far is at most this far behind in time. `None`
+    /// without readings.
+    pub fn behind_primary(&self, replayed: u64, now: Instant) -> Option<Duration> {
+        let seen = self
+            .primary_positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (_, latest) = *seen.back()?;
+        if replayed >= latest {
+            // Caught up with the newest reading.
+            return Some(Duration::ZERO);
+        }
+        // The newest reading at or below what was replayed; past the oldest, its age.
+        let at = seen
+            .iter()
+            .rev()
+            .find(|(_, lsn)| *lsn <= replayed)
+            .map_or(seen.front()?.0, |(at, _)| *at);
+        Some(now.saturating_duration_since(at))
+    }
+
     /// Ready when at least one enabled node passes its health checks.
     pub fn ready(&self) -> bool {
         self.state()
@@ -439,5 +480,33 @@ fn node_status(node: &TopologyNode) -> NodeStatus {
             healthy: true,
             ..Health::default()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control() -> Arc<Control> {
+        let config =
+            Config::from_toml_str("[[nodes]]\nhost = \"127.0.0.1\"\n", []).expect("config");
+        Control::new(Arc::new(config), Vec::new(), None).expect("control")
+    }
+
+    #[test]
+    fn time_behind_the_primary_comes_from_its_readings() {
+        let c = control();
+        let t0 = Instant::now();
+        assert_eq!(c.behind_primary(10, t0), None);
+        for (i, lsn) in [100u64, 200, 300].iter().enumerate() {
+            c.primary_position(t0 + Duration::from_secs(i as u64), *lsn);
+        }
+        let now = t0 + Duration::from_secs(5);
+        // Caught up with the newest reading.
+        assert_eq!(c.behind_primary(300, now), Some(Duration::ZERO));
+        // Replayed as far as the reading taken at t0+1 s: 4 s behind.
+        assert_eq!(c.behind_primary(250, now), Some(Duration::from_secs(4)));
+        // Older than every reading: at least as old as the oldest.
+        assert_eq!(c.behind_primary(50, now), Some(Duration::from_secs(5)));
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod pump;
 pub mod responses;
+pub mod routing;
 pub mod settings;
 pub mod upstream;
 
@@ -39,6 +40,10 @@ struct ClientState {
     startup: Vec<(String, String)>,
     /// Who the client logs in to servers as, for finding its pool on another node.
     user: Rc<UserEntry>,
+    /// Pools on other nodes this client was routed to (read/write splitting).
+    pools: routing::NodePools,
+    /// The primary's WAL position after this client's last write (0: none yet).
+    wrote_at: u64,
 }
 
 /// Serves a logged-in client in transaction or statement mode.
@@ -91,6 +96,8 @@ async fn start(
             .cloned()
             .collect(),
         user: login.user.clone(),
+        pools: routing::NodePools::default(),
+        wrote_at: 0,
     };
     if login
         .params
@@ -175,7 +182,7 @@ fn current_pool(ctx: &ShardCtx, pool: Rc<Pool>, user: &UserEntry) -> Rc<Pool> {
 
 async fn run(
     ctx: &Rc<ShardCtx>,
-    mut pool: Rc<Pool>,
+    mut home: Rc<Pool>,
     mut client: TcpStream,
     cancel: &CancelHandle,
     state: &mut ClientState,
@@ -218,8 +225,17 @@ async fn run(
         };
         ctx.stats.bytes_from_clients.add(n as u64);
         up.seed(buf, n);
-        pool = current_pool(ctx, pool, &state.user);
-        let pool = &pool;
+        home = current_pool(ctx, home, &state.user);
+        let routed = routing::route(
+            ctx,
+            &home,
+            up.pending(),
+            &state.statements,
+            &mut state.pools,
+            &state.user,
+            state.wrote_at,
+        );
+        let pool = &routed.pool;
         let mut backend = match pool.acquire().await {
             Ok(b) => b,
             Err(e) => {
@@ -267,10 +283,27 @@ async fn run(
             },
             state,
             mode,
+            routed.on_read_node,
         )
         .await;
         cancel.detach();
         match outcome {
+            LeaseEnd::Released if routed.remember_position => {
+                let mut buf = ctx.bufs.take();
+                match routing::write_position(&mut backend, &mut buf).await {
+                    Ok(lsn) => {
+                        log::debug!(
+                            target: "heliosdb_proxy::routing",
+                            "client {}: wrote up to WAL position {lsn:?}",
+                            cancel.pid
+                        );
+                        state.wrote_at = state.wrote_at.max(lsn.unwrap_or(0));
+                        pool.release(backend);
+                    }
+                    // The connection broke after the unit completed: the client is fine.
+                    Err(_) => pool.forget(),
+                }
+            }
             LeaseEnd::Released => pool.release(backend),
             LeaseEnd::Ended(end, flow, notes) => {
                 let discard = notes.maybe_pinned;
@@ -308,6 +341,7 @@ async fn lease(
     lanes: Lanes<'_>,
     state: &mut ClientState,
     mode: PoolMode,
+    on_read_node: bool,
 ) -> LeaseEnd {
     let Lanes {
         up,
@@ -315,7 +349,10 @@ async fn lease(
         responses,
     } = lanes;
     responses.start(backend.status);
-    let mut flow = Flow::default();
+    let mut flow = Flow {
+        hold_when_idle: on_read_node,
+        ..Flow::default()
+    };
     let mut notes = LeaseNotes::default();
     let config = ctx.config();
     let pool_cfg = &config.pool_mode;

@@ -11,6 +11,7 @@ use crate::codec::backend as be;
 use crate::codec::CodecError;
 use crate::config::PoolMode;
 use crate::prepared::{Registry, ServerStatements, Statement};
+use crate::sql::route::{analyze, ReadOnlyFunctions, RouteAnalysis};
 use crate::sql::{unlisted_setting_names, Effects};
 
 use super::responses::{Expect, Outcome, Responses, PARSE_COMPLETE};
@@ -44,6 +45,29 @@ impl ClientStatements {
                 entry.1 = stmt.epoch();
             }
         }
+    }
+
+    /// How the statement a Bind names may be routed: a named one's cached analysis, or
+    /// the unnamed one analysed now. `None` for a name the client never prepared.
+    pub fn analysis(
+        &self,
+        name: &[u8],
+        functions: &Rc<ReadOnlyFunctions>,
+    ) -> Option<Rc<RouteAnalysis>> {
+        if name.is_empty() {
+            if !self.has_unnamed {
+                return None;
+            }
+            let end = self
+                .unnamed
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(self.unnamed.len());
+            return Some(Rc::new(analyze(&self.unnamed[..end], functions)));
+        }
+        self.by_name
+            .get(name)
+            .map(|(stmt, _)| stmt.route_analysis(functions))
     }
 
     pub fn clear(&mut self) {
