@@ -387,6 +387,7 @@ fn node_json(node: &NodeStatus) -> Value {
         "name": node.label,
         "role": role_name(node.role),
         "weight": node.weight,
+        "priority": node.priority,
         "enabled": node.enabled,
         "draining": node.draining,
         "healthy": h.healthy,
