@@ -5,8 +5,13 @@
 //! against the three targets in interleaved order with repetitions, and writes a report
 //! (terminal table, `report.md`, `report.json`) with medians, spread and ratios.
 //!
+//! When the read-mostly workload is selected it also starts a streaming standby and a
+//! second proxy in front of both nodes (`standby.rs`).
+//!
 //! Every process it starts runs in its own process group and is stopped by PID at the end,
 //! on failure, and on SIGINT/SIGTERM. See `perf/README.md`.
+
+mod standby;
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -30,6 +35,8 @@ const POOL_SIZE: u32 = 16;
 /// Role and database the workloads use.
 const DB_USER: &str = "postgres";
 const DB_NAME: &str = "bench";
+/// pg_hba.conf line that lets the standby replicate from the perf PostgreSQL.
+const HBA_REPLICATION: &str = "host replication all 127.0.0.1/32 trust\n";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -152,6 +159,8 @@ enum Kind {
     SelectPrepared,
     Tpcb,
     Connect,
+    /// select-only and simple-update mixed 9:1; the proxy column runs on two nodes.
+    ReadMostly,
 }
 
 #[derive(Clone, Serialize)]
@@ -207,6 +216,16 @@ fn workloads(mode: Mode) -> Vec<Workload> {
         latency: false,
         cpu: false,
     });
+    v.push(Workload {
+        name: "read-mostly-c64".into(),
+        kind: Kind::ReadMostly,
+        clients: 64,
+        description: "pgbench built-in select-only and simple-update mixed 9:1; \
+                      the proxy column is the two-node proxy (primary + streaming standby, \
+                      read/write split)",
+        latency: false,
+        cpu: false,
+    });
     v
 }
 
@@ -227,6 +246,14 @@ impl Workload {
             Kind::SelectPrepared => a.extend(["-S".into(), "-M".into(), "prepared".into()]),
             Kind::Tpcb => a.extend(["-M".into(), "simple".into()]),
             Kind::Connect => a.extend(["-S".into(), "-C".into(), "-M".into(), "simple".into()]),
+            Kind::ReadMostly => a.extend([
+                "-M".into(),
+                "simple".into(),
+                "-b".into(),
+                "select-only@9".into(),
+                "-b".into(),
+                "simple-update@1".into(),
+            ]),
         }
         a
     }
@@ -616,6 +643,8 @@ struct Env {
     /// Pooler PIDs whose CPU time is measured (none for direct PostgreSQL).
     pids: [Option<libc::pid_t>; 3],
     pgbouncer_prepared: bool,
+    /// The two-node proxy's port, when the read-mostly workload is selected.
+    proxy_2node_port: Option<u16>,
 }
 
 impl Env {
@@ -623,7 +652,19 @@ impl Env {
         self.ports[t as usize]
     }
 
+    /// The port a workload runs against: the proxy column of the read-mostly workload is
+    /// the two-node proxy.
+    fn port_for(&self, w: &Workload, t: Target) -> u16 {
+        match (w.kind, t, self.proxy_2node_port) {
+            (Kind::ReadMostly, Target::Proxy, Some(p)) => p,
+            _ => self.port(t),
+        }
+    }
+
     fn unsupported(&self, w: &Workload, t: Target) -> Option<&'static str> {
+        if t == Target::Proxy && w.kind == Kind::ReadMostly && self.proxy_2node_port.is_none() {
+            return Some("not run: the two-node proxy was not started");
+        }
         if t == Target::Pgbouncer && w.kind == Kind::SelectPrepared && !self.pgbouncer_prepared {
             return Some("not supported: PgBouncer < 1.21 cannot keep named prepared statements in transaction mode");
         }
@@ -696,6 +737,10 @@ struct Report {
     postgres: serde_json::Value,
     pgbouncer: serde_json::Value,
     proxy: serde_json::Value,
+    /// The streaming standby and the proxy in front of both nodes (null unless the
+    /// read-mostly workload ran).
+    standby: serde_json::Value,
+    proxy_2node: serde_json::Value,
     pgbench: serde_json::Value,
     workloads: Vec<WorkloadResult>,
     /// Memory of each pooler per logged-in idle client (not measured for direct
@@ -883,6 +928,9 @@ fn setup_postgres(
         ("full_page_writes", "off".into()),
         ("max_wal_size", "'4GB'".into()),
         ("checkpoint_timeout", "'30min'".into()),
+        // The defaults, named because the read-mostly workload's standby streams from here.
+        ("wal_level", "replica".into()),
+        ("max_wal_senders", "10".into()),
     ];
     let mut conf = String::from("\n# helios-perf\n");
     for (k, v) in &settings {
@@ -893,6 +941,12 @@ fn setup_postgres(
         .open(data.join("postgresql.conf"))
         .and_then(|mut f| f.write_all(conf.as_bytes()))
         .map_err(|e| format!("postgresql.conf: {e}"))?;
+    // pg_basebackup and the standby's WAL receiver connect over TCP.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("pg_hba.conf"))
+        .and_then(|mut f| f.write_all(HBA_REPLICATION.as_bytes()))
+        .map_err(|e| format!("pg_hba.conf: {e}"))?;
     let mut c = command(pg.tool("postgres"), run_as);
     c.current_dir(&dir).arg("-D").arg(&data);
     start_service(
@@ -947,6 +1001,7 @@ fn setup_postgres(
         }
     }
     set.insert("auth".into(), "trust".into());
+    set.insert("pg_hba".into(), HBA_REPLICATION.trim().into());
     s.insert("settings".into(), set.into());
     Ok((port, s.into()))
 }
@@ -1038,17 +1093,41 @@ fn setup_pgbouncer(
     Ok((port, prepared, s.into()))
 }
 
+/// One proxy instance: `label` names its directory and (as `heliosdb-<label>`) its service.
+struct ProxySpec<'a> {
+    label: &'a str,
+    /// `[[nodes]]` as (name, port, role).
+    nodes: &'a [(&'a str, u16, &'a str)],
+    /// Adds `[load_balancer]` with the read/write split and round-robin reads.
+    split: bool,
+}
+
+/// The `[load_balancer]` section of the two-node proxy.
+const LOAD_BALANCER: &str =
+    "[load_balancer]\nread_write_split = true\nread_strategy = \"round_robin\"\n";
+
 fn setup_proxy(
     pg: &PgTools,
     out: &Path,
     proxy_bin: &Path,
     services: &mut Services,
-    pg_port: u16,
+    spec: &ProxySpec,
 ) -> Res<(u16, serde_json::Value)> {
-    let dir = out.join("proxy");
+    let dir = out.join(spec.label);
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let port = free_port()?;
     let admin = free_port()?;
+    let mut nodes = String::new();
+    for (name, node_port, role) in spec.nodes {
+        let _ = write!(
+            nodes,
+            "[[nodes]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {node_port}\nrole = \"{role}\"\n\n"
+        );
+    }
+    if spec.split {
+        nodes.push_str(LOAD_BALANCER);
+        nodes.push('\n');
+    }
     let config = format!(
         "# Written by helios-perf.\n\
          listen_address = \"127.0.0.1:{port}\"\n\
@@ -1057,7 +1136,7 @@ fn setup_proxy(
          [pool_mode]\nmode = \"transaction\"\nmax_pool_size = {POOL_SIZE}\n\n\
          [auth]\nmethod = \"trust\"\n\n\
          [[users]]\nname = \"{DB_USER}\"\nauth_method = \"trust\"\n\n\
-         [[nodes]]\nname = \"perf-pg\"\nhost = \"127.0.0.1\"\nport = {pg_port}\nrole = \"primary\"\n\n\
+         {nodes}\
          [limits]\nmax_client_connections = 12000\n\n\
          [timeouts]\nshutdown_timeout_secs = 5\n"
     );
@@ -1084,12 +1163,12 @@ fn setup_proxy(
     );
     start_service(
         services,
-        "heliosdb-proxy",
+        &format!("heliosdb-{}", spec.label),
         &mut c,
         &dir.join("proxy.log"),
         libc::SIGTERM,
     )?;
-    wait_ready(pg, "proxy", port, DB_NAME, services, &out.join("logs"))?;
+    wait_ready(pg, spec.label, port, DB_NAME, services, &out.join("logs"))?;
     let commit = capture("git", &["rev-parse", "--short", "HEAD"]);
     let dirty = !capture("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
     let mut s = serde_json::Map::new();
@@ -1103,6 +1182,19 @@ fn setup_proxy(
     set.insert("mode".into(), "transaction".into());
     set.insert("max_pool_size".into(), POOL_SIZE.into());
     set.insert("workers".into(), "0 (one per core)".into());
+    if spec.nodes.len() > 1 {
+        let nodes: Vec<String> = spec
+            .nodes
+            .iter()
+            .map(|(name, _, role)| format!("{name} ({role})"))
+            .collect();
+        set.insert("nodes".into(), nodes.join(" + ").into());
+    }
+    if spec.split {
+        let lb = LOAD_BALANCER.lines().skip(1).collect::<Vec<_>>().join("; ");
+        let lb = lb.replace('"', "");
+        set.insert("load_balancer".into(), lb.into());
+    }
     s.insert("settings".into(), set.into());
     Ok((port, s.into()))
 }
@@ -1252,7 +1344,7 @@ fn run_pgbench(
         "-h",
         "127.0.0.1",
         "-p",
-        &env.port(t).to_string(),
+        &env.port_for(w, t).to_string(),
         "-U",
         DB_USER,
     ])
@@ -1370,6 +1462,9 @@ fn terminal_table(r: &Report) -> String {
             fmt_ratio(w.proxy_vs_pgbouncer)
         );
     }
+    if has_two_node(r) {
+        let _ = writeln!(s, "\nNote: {TWO_NODE_NOTE}");
+    }
     s.push_str(&extra_tables(r, false));
     for w in &r.workloads {
         for c in &w.cells {
@@ -1379,6 +1474,21 @@ fn terminal_table(r: &Report) -> String {
         }
     }
     s
+}
+
+/// Printed under the table when the read-mostly workload ran: its proxy column is not the
+/// same setup as the other rows.
+const TWO_NODE_NOTE: &str = "read-mostly-c64: the proxy column runs on two nodes, the primary \
+and its streaming standby (read_write_split = true, read_strategy = round_robin): reads \
+split to the standby, writes and a session's reads after its own writes go to the primary. \
+PgBouncer cannot split reads, so its column (like direct) runs on the primary only. On a \
+2-core machine the standby shares the same CPUs, so the figure shows routing overhead and \
+balance rather than added capacity.";
+
+fn has_two_node(r: &Report) -> bool {
+    r.workloads
+        .iter()
+        .any(|w| w.workload.kind == Kind::ReadMostly)
 }
 
 fn fmt_ms(v: Option<f64>) -> String {
@@ -1562,6 +1672,19 @@ fn markdown(r: &Report) -> String {
         r.proxy["commit"].as_str().unwrap_or(""),
         json_kv(&r.proxy["settings"])
     );
+    if !r.standby.is_null() {
+        let _ = writeln!(
+            s,
+            "PostgreSQL standby {}: {}  ",
+            r.standby["version"].as_str().unwrap_or(""),
+            json_kv(&r.standby["settings"])
+        );
+        let _ = writeln!(
+            s,
+            "HeliosProxy two-node (proxy column of read-mostly-c64): {}  ",
+            json_kv(&r.proxy_2node["settings"])
+        );
+    }
     let _ = writeln!(s, "pgbench: {}\n", json_kv(&r.pgbench));
     let _ = writeln!(
         s,
@@ -1598,6 +1721,9 @@ fn markdown(r: &Report) -> String {
             fmt_ratio(w.proxy_vs_pgbouncer)
         );
     }
+    if has_two_node(r) {
+        let _ = writeln!(s, "\n{TWO_NODE_NOTE}");
+    }
     s.push_str(&extra_tables(r, true));
     let _ = writeln!(s, "\nWorkloads:\n");
     for w in &r.workloads {
@@ -1625,7 +1751,10 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
         None
     };
     let out = &opts.out;
-    if let Ok(pid) = fs::read_to_string(out.join("pg/data/postmaster.pid")) {
+    for node in ["pg", "pg-standby"] {
+        let Ok(pid) = fs::read_to_string(out.join(node).join("data/postmaster.pid")) else {
+            continue;
+        };
         if let Some(pid) = pid
             .lines()
             .next()
@@ -1675,17 +1804,48 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
 
     let (pg_port, pg_info) = setup_postgres(&pg, out, run_as, services, opts.scale)?;
     report.postgres = pg_info;
+    let two_node = selected.iter().any(|w| w.kind == Kind::ReadMostly);
+    let standby_port = if two_node {
+        let (port, info) =
+            standby::setup_standby(&pg, out, run_as, services, pg_port, &report.postgres)?;
+        report.standby = info;
+        Some(port)
+    } else {
+        None
+    };
     let (pgb_port, pgb_prepared, pgb_info) = setup_pgbouncer(&pg, out, run_as, services, pg_port)?;
     let pgb_pid = services.0.last().map(|s| pid_of(&s.child));
     report.pgbouncer = pgb_info;
-    let (proxy_port, proxy_info) = setup_proxy(&pg, out, &opts.proxy_bin, services, pg_port)?;
+    let one_node = ProxySpec {
+        label: "proxy",
+        nodes: &[("perf-pg", pg_port, "primary")],
+        split: false,
+    };
+    let (proxy_port, proxy_info) = setup_proxy(&pg, out, &opts.proxy_bin, services, &one_node)?;
     report.proxy = proxy_info;
     let proxy_pid = services.0.last().map(|s| pid_of(&s.child));
+    let proxy_2node_port = match standby_port {
+        Some(sb_port) => {
+            let two = ProxySpec {
+                label: "proxy-2node",
+                nodes: &[
+                    ("perf-pg", pg_port, "primary"),
+                    ("perf-pg-standby", sb_port, "standby"),
+                ],
+                split: true,
+            };
+            let (port, info) = setup_proxy(&pg, out, &opts.proxy_bin, services, &two)?;
+            report.proxy_2node = info;
+            Some(port)
+        }
+        None => None,
+    };
     let env = Env {
         pg,
         ports: [pg_port, pgb_port, proxy_port],
         pids: [None, pgb_pid, proxy_pid],
         pgbouncer_prepared: pgb_prepared,
+        proxy_2node_port,
     };
 
     // Warm-up (not counted): fills the poolers' backend pools and PostgreSQL's caches.
@@ -1697,12 +1857,24 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
         latency: false,
         cpu: false,
     };
-    for t in TARGETS {
+    // The two-node proxy warms up with the read-mostly mix, which reaches both nodes once
+    // reads are split.
+    let warm_2node = Workload {
+        name: "warmup-2node".into(),
+        kind: Kind::ReadMostly,
+        ..warm.clone()
+    };
+    let mut warmups: Vec<(&Workload, Target)> = TARGETS.iter().map(|&t| (&warm, t)).collect();
+    if env.proxy_2node_port.is_some() {
+        warmups.push((&warm_2node, Target::Proxy));
+    }
+    for (w, t) in warmups {
         services.check_alive()?;
-        let r = run_pgbench(&env, &warm, t, 0, 1, &out.join("logs"))?;
+        let r = run_pgbench(&env, w, t, 0, 1, &out.join("logs"))?;
         if !r.ok {
             return Err(format!(
-                "warm-up against {} failed: {}",
+                "{} against {} failed: {}",
+                w.name,
                 t.name(),
                 r.error.unwrap_or_default()
             ));
@@ -1816,6 +1988,8 @@ fn main() {
         postgres: serde_json::Value::Null,
         pgbouncer: serde_json::Value::Null,
         proxy: serde_json::Value::Null,
+        standby: serde_json::Value::Null,
+        proxy_2node: serde_json::Value::Null,
         pgbench: serde_json::json!({
             "scale": opts.scale,
             "duration_s": opts.duration_s,

@@ -130,3 +130,25 @@ fn harness_writes_a_well_formed_report_and_stops_everything() {
     assert!(md.contains("| select-simple-c1 |"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The read-mostly workload (the two-node one) is listed in both modes; it starts a
+/// standby, so the harness test above leaves it out.
+#[test]
+fn list_has_the_read_mostly_workload_in_both_modes() {
+    let output = Command::new(env!("CARGO_BIN_EXE_helios-perf"))
+        .arg("--list")
+        .output()
+        .expect("run helios-perf --list");
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for mode in ["quick", "full"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{mode}:")))
+            .unwrap_or_else(|| panic!("no {mode} line: {stdout}"));
+        assert!(
+            line.split_whitespace().any(|n| n == "read-mostly-c64"),
+            "{line}"
+        );
+    }
+}
