@@ -24,8 +24,14 @@ fn main() {
         });
     println!("cargo:rustc-env=HELIOS_GIT_COMMIT={commit}");
     println!("cargo:rustc-env=HELIOS_BUILD_TIME={}", utc(secs));
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/refs/heads");
+    // Re-run when the commit changes. A path that does not exist (a worktree's `.git` is a
+    // file) would make cargo re-run this, and re-link, on every build.
+    println!("cargo:rerun-if-changed=build.rs");
+    for path in [".git/HEAD", ".git/refs/heads"] {
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
 }
 
