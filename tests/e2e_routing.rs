@@ -408,7 +408,12 @@ async fn hints_and_schema_routes_pick_the_node() {
         );
         assert_eq!(
             one(&client, "SELECT inet_server_port() FROM (SELECT 1) x LEFT JOIN routed_events ON true LIMIT 1").await,
-            c.standbys[1].port.to_string()
+            c.standbys[1].port.to_string(),
+            "ports: primary {}, standbys {} {}; decisions {}",
+            c.primary.port,
+            c.standbys[0].port,
+            c.standbys[1].port,
+            get(proxy.admin_port.unwrap(), "/metrics").json()["routing_decisions"]
         );
     }
     // A hint cannot send a write to a standby.

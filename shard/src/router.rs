@@ -77,7 +77,9 @@ pub enum Want {
 }
 
 impl Want {
-    pub fn is_write(&self) -> bool {
+    /// The unit may write (as opposed to a read sent to the primary by a hint, a schema
+    /// route or a fallback): read-your-writes must remember where the primary was after it.
+    pub fn may_write(&self) -> bool {
         matches!(self, Want::Primary(Reason::Write))
     }
 }
@@ -139,10 +141,8 @@ pub fn want(analysis: &RouteAnalysis, routes: &[SchemaRoute]) -> Want {
                 analysis.hint
             );
         }
-        return Want::Primary(match analysis.hint {
-            Some(RouteHint::Primary) => Reason::HintPrimary,
-            _ => Reason::Write,
-        });
+        // It goes to the primary because it may write, whatever a hint says.
+        return Want::Primary(Reason::Write);
     }
     match analysis.hint {
         Some(RouteHint::Primary) => return Want::Primary(Reason::HintPrimary),

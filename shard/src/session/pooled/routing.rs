@@ -79,7 +79,7 @@ pub fn route(
     }
     let want = request_want(ctx, pending, statements);
     let nodes = ctx.nodes.borrow();
-    let Some((node, reason)) = ctx.router.choose(
+    let Some((node, _)) = ctx.router.choose(
         &nodes,
         &want,
         config.load_balancer.read_strategy,
@@ -97,10 +97,9 @@ pub fn route(
         pool,
         on_read_node: !on_primary,
         remember_position: on_primary
+            && want.may_write()
             && config.routing.read_your_writes
-            && has_read_nodes
-            && !matches!(want, Want::Read(..))
-            && reason != Reason::HintPrimary,
+            && has_read_nodes,
     }
 }
 
