@@ -1178,6 +1178,7 @@ fn setup_proxy(
         format!("{commit}{}", if dirty { "-dirty" } else { "" }).into(),
     );
     s.insert("port".into(), port.into());
+    s.insert("admin_port".into(), admin.into());
     let mut set = serde_json::Map::new();
     set.insert("mode".into(), "transaction".into());
     set.insert("max_pool_size".into(), POOL_SIZE.into());
@@ -1464,6 +1465,9 @@ fn terminal_table(r: &Report) -> String {
     }
     if has_two_node(r) {
         let _ = writeln!(s, "\nNote: {TWO_NODE_NOTE}");
+        if let Some(summary) = routing_summary(r) {
+            let _ = writeln!(s, "{summary}");
+        }
     }
     s.push_str(&extra_tables(r, false));
     for w in &r.workloads {
@@ -1484,6 +1488,63 @@ split to the standby, writes and a session's reads after its own writes go to th
 PgBouncer cannot split reads, so its column (like direct) runs on the primary only. On a \
 2-core machine the standby shares the same CPUs, so the figure shows routing overhead and \
 balance rather than added capacity.";
+
+/// The two-node proxy's routing decisions (`routing_decisions` of its `/metrics`): where
+/// its units of work went, and why, over the whole run (warm-up included).
+fn routing_decisions(admin_port: u16) -> Res<serde_json::Value> {
+    use std::io::{Read, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", admin_port))
+        .map_err(|e| format!("admin API: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("admin API: {e}"))?;
+    let mut raw = String::new();
+    stream
+        .read_to_string(&mut raw)
+        .map_err(|e| format!("admin API: {e}"))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or("admin API: no body")?;
+    let metrics: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("admin API: {e}"))?;
+    Ok(metrics["routing_decisions"].clone())
+}
+
+/// "perf-pg-standby read_query 61% (…), perf-pg write_query 9% (…), …", largest first.
+fn routing_summary(r: &Report) -> Option<String> {
+    let decisions = r.proxy_2node["routing_decisions"].as_array()?;
+    let total: u64 = decisions.iter().filter_map(|d| d["count"].as_u64()).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut rows: Vec<(u64, String)> = decisions
+        .iter()
+        .map(|d| {
+            let n = d["count"].as_u64().unwrap_or(0);
+            (
+                n,
+                format!(
+                    "{} {} {:.0}% ({n})",
+                    d["node"].as_str().unwrap_or("?"),
+                    d["reason"].as_str().unwrap_or("?"),
+                    n as f64 * 100.0 / total as f64
+                ),
+            )
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    Some(format!(
+        "proxy-2node routing over the whole run ({total} units of work): {}",
+        rows.into_iter()
+            .map(|(_, s)| s)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
 
 fn has_two_node(r: &Report) -> bool {
     r.workloads
@@ -1723,6 +1784,9 @@ fn markdown(r: &Report) -> String {
     }
     if has_two_node(r) {
         let _ = writeln!(s, "\n{TWO_NODE_NOTE}");
+        if let Some(summary) = routing_summary(r) {
+            let _ = writeln!(s, "\n{summary}");
+        }
     }
     s.push_str(&extra_tables(r, true));
     let _ = writeln!(s, "\nWorkloads:\n");
@@ -1921,6 +1985,12 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
             proxy_vs_pgbouncer: ratio(&cells[2], &cells[1]),
             cells,
         });
+    }
+    if let Some(admin) = report.proxy_2node["admin_port"].as_u64() {
+        match routing_decisions(admin as u16) {
+            Ok(decisions) => report.proxy_2node["routing_decisions"] = decisions,
+            Err(e) => log(format!("proxy-2node routing decisions unavailable: {e}")),
+        }
     }
     if idle {
         let n = opts.idle_clients.unwrap_or(match opts.mode {
