@@ -23,7 +23,8 @@ fn main() {
                 .unwrap_or(0)
         });
     println!("cargo:rustc-env=HELIOS_GIT_COMMIT={commit}");
-    println!("cargo:rustc-env=HELIOS_BUILD_TIME={}", utc(secs));
+    // Seconds since the epoch; `GET /version` formats them.
+    println!("cargo:rustc-env=HELIOS_BUILD_EPOCH={secs}");
     // Re-run when the commit changes. A path that does not exist (a worktree's `.git` is a
     // file) would make cargo re-run this, and re-link, on every build.
     println!("cargo:rerun-if-changed=build.rs");
@@ -33,24 +34,4 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
-}
-
-/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-fn utc(secs: u64) -> String {
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }

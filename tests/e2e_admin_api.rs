@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::http::{get, post, request};
+use common::proxy::set_pool_size;
 use common::{cluster, proxy_only, wait_until, Proxy, SUPERUSER, SUPERUSER_PASSWORD};
 use serde_json::Value;
 
@@ -349,22 +350,6 @@ echo enabled
     assert_eq!(get(port, "/nodes").json()[0]["draining"], false);
 }
 
-fn rewrite_config(proxy: &Proxy, change: impl FnOnce(&mut toml::Table)) {
-    let mut config = proxy.config.clone();
-    change(&mut config);
-    let path = proxy.config_path.as_ref().expect("config file");
-    std::fs::write(path, toml::to_string(&config).unwrap()).unwrap();
-}
-
-fn set_pool_size(config: &mut toml::Table, size: i64) {
-    config
-        .entry("pool_mode")
-        .or_insert_with(|| toml::Value::Table(Default::default()))
-        .as_table_mut()
-        .unwrap()
-        .insert("max_pool_size".into(), toml::Value::Integer(size));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_pool_sizes_and_refuses_invalid_files() {
     if proxy_only("reload", "the admin API is the proxy's") {
@@ -384,7 +369,7 @@ async fn reload_applies_pool_sizes_and_refuses_invalid_files() {
     let err = connect().await.expect_err("pool of one is full");
     assert_eq!(common::sqlstate(&err), "53300", "{err:?}");
 
-    rewrite_config(&proxy, |c| set_pool_size(c, 3));
+    proxy.rewrite_config(|c| set_pool_size(c, 3));
     let r = post(port, "/config/reload");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["changed"], true);
@@ -610,7 +595,7 @@ async fn reload_moves_pooled_clients_to_a_changed_node() {
     let before = server_port(client.simple_query("SHOW port").await.unwrap());
     assert_eq!(before, cluster().port.to_string());
 
-    rewrite_config(&proxy, |c| {
+    proxy.rewrite_config(|c| {
         let nodes = c.get_mut("nodes").unwrap().as_array_mut().unwrap();
         nodes[0]
             .as_table_mut()

@@ -454,18 +454,6 @@ async fn pause_reports_connections_still_in_use_and_stays_paused() {
     other.simple_query("SELECT 3").await.unwrap();
 }
 
-fn set_pool_size(proxy: &Proxy, size: i64) {
-    let mut config = proxy.config.clone();
-    config
-        .entry("pool_mode")
-        .or_insert_with(|| toml::Value::Table(Default::default()))
-        .as_table_mut()
-        .unwrap()
-        .insert("max_pool_size".into(), toml::Value::Integer(size));
-    let path = proxy.config_path.as_ref().expect("config file");
-    std::fs::write(path, toml::to_string(&config).unwrap()).unwrap();
-}
-
 async fn pool_sizes(admin: &tokio_postgres::Client) -> Vec<String> {
     let databases = show(admin, "SHOW DATABASES").await;
     databases
@@ -487,7 +475,7 @@ async fn reload_changes_the_pool_size() {
     let admin = console(&proxy, ADMIN, ADMIN_PASSWORD).await;
     assert_eq!(pool_sizes(&admin).await, vec!["7"]);
 
-    set_pool_size(&proxy, 9);
+    proxy.rewrite_config(|c| common::proxy::set_pool_size(c, 9));
     admin.simple_query("RELOAD").await.unwrap();
     assert_eq!(pool_sizes(&admin).await, vec!["9"]);
     let r = common::http::get(proxy.admin_port.unwrap(), "/pools");

@@ -162,23 +162,18 @@ fn a_standby_added_by_reload_reports_recovery_and_lag() {
     });
 
     // The standby joins by reload; the supervisor starts a checker for it.
-    let config_path = proxy.config_path.clone().expect("proxy config file");
-    let mut config = proxy.config.clone();
     let standby_node: toml::Table = toml::from_str(&format!(
         "name = \"standby\"\nhost = \"127.0.0.1\"\nport = {}\nrole = \"standby\"\n",
         standby.port
     ))
     .expect("node TOML");
-    config
-        .get_mut("nodes")
-        .and_then(toml::Value::as_array_mut)
-        .expect("nodes array")
-        .push(toml::Value::Table(standby_node));
-    std::fs::write(
-        &config_path,
-        toml::to_string(&config).expect("serialise config"),
-    )
-    .expect("write proxy config");
+    proxy.rewrite_config(|config| {
+        config
+            .get_mut("nodes")
+            .and_then(toml::Value::as_array_mut)
+            .expect("nodes array")
+            .push(toml::Value::Table(standby_node));
+    });
     let r = post(admin(&proxy), "/config/reload");
     assert_eq!(r.status, 200, "{}", r.body);
 
@@ -220,11 +215,7 @@ fn a_standby_added_by_reload_reports_recovery_and_lag() {
             .to_string()
     };
     assert_eq!(checks_on_standby(), "1");
-    std::fs::write(
-        &config_path,
-        toml::to_string(&proxy.config).expect("serialise config"),
-    )
-    .expect("write proxy config");
+    proxy.rewrite_config(|_| {});
     let r = post(admin(&proxy), "/config/reload");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(

@@ -1463,12 +1463,7 @@ fn terminal_table(r: &Report) -> String {
             fmt_ratio(w.proxy_vs_pgbouncer)
         );
     }
-    if has_two_node(r) {
-        let _ = writeln!(s, "\nNote: {TWO_NODE_NOTE}");
-        if let Some(summary) = routing_summary(r) {
-            let _ = writeln!(s, "{summary}");
-        }
-    }
+    s.push_str(&two_node_notes(r, "\nNote: ", ""));
     s.push_str(&extra_tables(r, false));
     for w in &r.workloads {
         for c in &w.cells {
@@ -1544,6 +1539,21 @@ fn routing_summary(r: &Report) -> Option<String> {
             .collect::<Vec<_>>()
             .join(", ")
     ))
+}
+
+/// The note under the table when the two-node workload ran, and where its proxy routed
+/// work: `lead` before the note, `gap` between its line and the routing line.
+fn two_node_notes(r: &Report, lead: &str, gap: &str) -> String {
+    if !has_two_node(r) {
+        return String::new();
+    }
+    let mut s = format!("{lead}{TWO_NODE_NOTE}\n");
+    if let Some(summary) = routing_summary(r) {
+        s.push_str(gap);
+        s.push_str(&summary);
+        s.push('\n');
+    }
+    s
 }
 
 fn has_two_node(r: &Report) -> bool {
@@ -1782,12 +1792,7 @@ fn markdown(r: &Report) -> String {
             fmt_ratio(w.proxy_vs_pgbouncer)
         );
     }
-    if has_two_node(r) {
-        let _ = writeln!(s, "\n{TWO_NODE_NOTE}");
-        if let Some(summary) = routing_summary(r) {
-            let _ = writeln!(s, "\n{summary}");
-        }
-    }
+    s.push_str(&two_node_notes(r, "\n", "\n"));
     s.push_str(&extra_tables(r, true));
     let _ = writeln!(s, "\nWorkloads:\n");
     for w in &r.workloads {

@@ -217,12 +217,7 @@ impl ShardCtx {
     /// disabled, draining or failing primary is still named (its pool waits for it to
     /// come back, up to the acquire timeout); `None` only when no primary is configured.
     pub fn primary(&self) -> Option<NodeEntry> {
-        let nodes = self.nodes.borrow();
-        let primaries = || nodes.iter().filter(|n| n.role == NodeRole::Primary);
-        primaries()
-            .find(|n| n.routable)
-            .or_else(|| primaries().next())
-            .cloned()
+        primary_of(&self.nodes.borrow()).cloned()
     }
 
     fn node_routable(&self, address: &str) -> bool {
@@ -320,6 +315,15 @@ impl ShardCtx {
     pub fn max_message_size(&self) -> usize {
         self.config.borrow().limits.max_message_size
     }
+}
+
+/// The node writes go to among `nodes`: the primary that may take work, else the
+/// configured one (its pool then waits for it); `None` only without a primary.
+pub fn primary_of(nodes: &[NodeEntry]) -> Option<&NodeEntry> {
+    let primaries = || nodes.iter().filter(|n| n.role == NodeRole::Primary);
+    primaries()
+        .find(|n| n.routable)
+        .or_else(|| primaries().next())
 }
 
 /// Shard `id`'s part of `total` split across `workers` (the first shards take the remainder).

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use hashbrown::HashMap;
 
 use crate::config::{NodeRole, ReadStrategy, RoutingConfig, SchemaRouteConfig};
-use crate::context::NodeEntry;
+use crate::context::{primary_of, NodeEntry};
 use crate::sql::route::{RouteAnalysis, RouteHint, TableRef};
 
 /// Why a node was chosen; counted per node and logged at debug level.
@@ -196,13 +196,7 @@ impl Router {
         wrote_at: u64,
         in_use: &dyn Fn(&NodeEntry) -> usize,
     ) -> Option<(NodeEntry, Reason)> {
-        let primary = || {
-            let primaries = || nodes.iter().filter(|n| n.role == NodeRole::Primary);
-            primaries()
-                .find(|n| n.routable)
-                .or_else(|| primaries().next())
-                .cloned()
-        };
+        let primary = || primary_of(nodes).cloned();
         let (reason, among) = match want {
             Want::Primary(reason) => return self.decided(primary()?, *reason),
             Want::Read(reason, among) => (*reason, among),

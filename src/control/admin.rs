@@ -238,7 +238,7 @@ fn dispatch(control: &Control, route: Route<'_>) -> Reply {
             200,
             json!({
                 "version": env!("CARGO_PKG_VERSION"),
-                "build_time": env!("HELIOS_BUILD_TIME"),
+                "build_time": build_time(),
                 "commit": env!("HELIOS_GIT_COMMIT"),
             }),
         ),
@@ -341,6 +341,12 @@ fn percent_decode(segment: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// When this binary was built (stamped by build.rs), in ISO 8601.
+pub fn build_time() -> String {
+    let secs = env!("HELIOS_BUILD_EPOCH").parse().unwrap_or(0);
+    iso8601(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
 /// RFC 3339 / ISO 8601 UTC with milliseconds, e.g. `2026-03-26T10:15:30.123Z`.

@@ -267,6 +267,19 @@ impl Proxy {
         }
     }
 
+    /// Rewrites the proxy's config file as its start-up configuration changed by `change`
+    /// (for reload tests; the running proxy reads it on reload).
+    pub fn rewrite_config(&self, change: impl FnOnce(&mut toml::Table)) {
+        let mut config = self.config.clone();
+        change(&mut config);
+        let path = self
+            .config_path
+            .as_ref()
+            .expect("a config file (not direct mode)");
+        fs::write(path, toml::to_string(&config).expect("serialise config"))
+            .expect("write proxy config");
+    }
+
     /// The configured value of `[pool_mode] max_pool_size` (the proxy's default 20 if unset).
     pub fn max_pool_size(&self) -> i64 {
         self.config
@@ -377,4 +390,14 @@ impl Drop for Proxy {
             );
         }
     }
+}
+
+/// Sets `[pool_mode] max_pool_size` in a configuration table.
+pub fn set_pool_size(config: &mut toml::Table, size: i64) {
+    config
+        .entry("pool_mode")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .expect("[pool_mode] is a table")
+        .insert("max_pool_size".into(), toml::Value::Integer(size));
 }
