@@ -29,7 +29,10 @@ pub struct ConnectSpec {
     pub user: String,
     pub database: String,
     pub password: Option<String>,
+    /// The TCP connect.
     pub connect_timeout: Duration,
+    /// Startup and authentication after the connect.
+    pub login_timeout: Duration,
     pub max_message_size: usize,
     /// SCRAM salted passwords for this credential, shared by every connection of a pool.
     pub scram_cache: Rc<RefCell<scram::SaltedPasswordCache>>,
@@ -116,6 +119,8 @@ pub enum BackendError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("timed out connecting to server {0}")]
     ConnectTimeout(SocketAddr),
+    #[error("timed out logging in to server {0} (timeouts.server_login_timeout_ms)")]
+    LoginTimeout(SocketAddr),
     #[error("server connection lost: {0}")]
     Io(#[from] io::Error),
     #[error("server closed the connection unexpectedly")]
@@ -225,9 +230,9 @@ impl BackendConn {
             notifications: Vec::new(),
         };
         let startup_fut = conn.startup(spec);
-        match crate::sync::timeout(spec.connect_timeout, startup_fut).await {
+        match crate::sync::timeout(spec.login_timeout, startup_fut).await {
             Some(r) => r?,
-            None => return Err(BackendError::ConnectTimeout(spec.addr)),
+            None => return Err(BackendError::LoginTimeout(spec.addr)),
         }
         Ok(conn)
     }

@@ -1,7 +1,14 @@
-//! Query cancellation across shards. Clients get a proxy-issued key whose pid names the
-//! shard that owns the session; a CancelRequest landing on any shard is sent to the owner,
-//! which forwards it to the backend with that backend's real key — and only while that
-//! backend still serves the client that asked (a late cancel must not hit the next client).
+//! Query cancellation across shards. Every client gets a cancel key whose secret names the
+//! shard that owns the session (its top byte); a CancelRequest landing on any shard is
+//! sent to the owner, which forwards it to the backend with that backend's real key — and
+//! only while that backend still serves the client that asked (a late cancel must not hit
+//! the next client).
+//!
+//! The pid in the key is what the client believes `pg_backend_pid()` to be. In session
+//! pooling it is the real pid of the client's one backend. In the pooled modes the client
+//! has no backend of its own, so the proxy makes one up from a range no real process can
+//! have (Linux's pid_max is at most 2^22): a pid there can never be passed to
+//! `pg_terminate_backend()` and hit somebody else's backend.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -17,10 +24,17 @@ use crate::backend::BackendKey;
 use crate::codec::startup;
 use crate::stats::ShardStats;
 
-/// Bits of the proxy pid that number sessions within a shard; the shard id sits above.
-const SESSION_BITS: u32 = 23;
-const SESSION_MASK: i32 = (1 << SESSION_BITS) - 1;
-pub const MAX_SHARDS: usize = 1 << (31 - SESSION_BITS);
+/// The lowest pid the proxy makes up: above `PID_MAX_LIMIT` (2^22 on 64-bit Linux), the
+/// largest pid the kernel can ever hand out.
+pub const PROXY_PID_BASE: i32 = 1 << 22;
+/// Bits of a made-up pid (above the base) and of a secret that name the shard.
+const SHARD_BITS: u32 = 8;
+pub const MAX_SHARDS: usize = 1 << SHARD_BITS;
+/// Session numbers a shard uses before its counter wraps; with the shard below them they
+/// fill the range from the base up to `i32::MAX`.
+const SESSIONS_PER_SHARD: i32 = (i32::MAX - PROXY_PID_BASE) >> SHARD_BITS;
+/// The random part of a secret: everything below the shard byte.
+const SECRET_RANDOM_MASK: u32 = (1 << (32 - SHARD_BITS)) - 1;
 
 /// A cancel request as it crosses shards.
 #[derive(Clone, Copy, Debug)]
@@ -30,18 +44,36 @@ pub struct CancelMsg {
 }
 
 /// What one shard tells another over the channel mesh.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum ShardMsg {
     /// A CancelRequest for a session the receiving shard owns.
     Cancel(CancelMsg),
     /// A client changed the schema (CREATE, ALTER, DROP): the receiving shard prepares
     /// its shared statements afresh, so no stale plan serves its clients.
     SchemaChanged,
+    /// Raise (or lower) a database fence (see `fence`); `done` is counted up once the
+    /// receiving shard closed its idle connections there.
+    Fence {
+        database: Arc<str>,
+        raise: bool,
+        done: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    },
 }
 
-/// The shard that issued a proxy pid.
-pub fn owner_shard(pid: i32) -> usize {
-    (pid >> SESSION_BITS) as usize
+/// The shard that owns the session a cancel key's secret belongs to.
+pub fn owner_shard(secret: i32) -> usize {
+    ((secret as u32) >> (32 - SHARD_BITS)) as usize
+}
+
+/// The shard that numbered a session id (see [`CancelHandle::id`]); `None` for a
+/// number the proxy never issues.
+pub fn shard_of_id(id: i32) -> Option<usize> {
+    is_proxy_pid(id).then(|| ((id - PROXY_PID_BASE) as usize) & (MAX_SHARDS - 1))
+}
+
+/// True for a pid the proxy made up (never a real backend's).
+pub fn is_proxy_pid(pid: i32) -> bool {
+    pid >= PROXY_PID_BASE
 }
 
 /// Which backend a session's queries currently run on.
@@ -65,6 +97,10 @@ pub struct ClientInfo {
 
 /// The cancel-relevant part of one client session, shared with the shard registry.
 pub struct CancelHandle {
+    /// The proxy's own number for the session (SHOW CLIENTS, KILL_CLIENT); in the pooled
+    /// modes also the pid the client was given.
+    pub id: i32,
+    /// The pid in the client's BackendKeyData.
     pub pid: i32,
     pub secret: i32,
     target: Cell<Option<CancelTarget>>,
@@ -83,11 +119,12 @@ impl CancelHandle {
     }
 }
 
-/// A shard's live sessions by proxy pid.
+/// A shard's live sessions by proxy id, and by the cancel key clients were given.
 pub struct CancelRegistry {
     shard: usize,
     next: Cell<i32>,
     sessions: RefCell<HashMap<i32, Rc<CancelHandle>>>,
+    by_key: RefCell<HashMap<(i32, i32), i32>>,
     connect_timeout: Duration,
     stats: Arc<ShardStats>,
 }
@@ -97,36 +134,57 @@ impl CancelRegistry {
         assert!(shard < MAX_SHARDS);
         CancelRegistry {
             shard,
-            next: Cell::new(1),
+            next: Cell::new(0),
             sessions: RefCell::new(HashMap::new()),
+            by_key: RefCell::new(HashMap::new()),
             connect_timeout,
             stats,
         }
     }
 
-    /// Issues a fresh key for a new session.
-    pub fn register(&self, info: ClientInfo) -> Rc<CancelHandle> {
+    /// Issues a fresh key for a new session. `backend_pid` is the pid the client is to
+    /// see (session pooling: its backend's); without one the client gets the session's
+    /// made-up pid.
+    pub fn register(&self, info: ClientInfo, backend_pid: Option<i32>) -> Rc<CancelHandle> {
         let mut sessions = self.sessions.borrow_mut();
-        let pid = loop {
+        let id = loop {
             let n = self.next.get();
-            self.next.set(if n >= SESSION_MASK { 1 } else { n + 1 });
-            let pid = ((self.shard as i32) << SESSION_BITS) | n;
-            if !sessions.contains_key(&pid) {
-                break pid;
+            self.next.set(if n + 1 >= SESSIONS_PER_SHARD {
+                0
+            } else {
+                n + 1
+            });
+            let id = PROXY_PID_BASE + ((n << SHARD_BITS) | self.shard as i32);
+            if !sessions.contains_key(&id) {
+                break id;
+            }
+        };
+        let pid = backend_pid.unwrap_or(id);
+        let mut by_key = self.by_key.borrow_mut();
+        let secret = loop {
+            let random = rand::random::<u32>() & SECRET_RANDOM_MASK;
+            let secret = (((self.shard as u32) << (32 - SHARD_BITS)) | random) as i32;
+            if !by_key.contains_key(&(pid, secret)) {
+                break secret;
             }
         };
         let handle = Rc::new(CancelHandle {
+            id,
             pid,
-            secret: rand::random(),
+            secret,
             target: Cell::new(None),
             info,
         });
-        sessions.insert(pid, handle.clone());
+        sessions.insert(id, handle.clone());
+        by_key.insert((pid, secret), id);
         handle
     }
 
-    pub fn unregister(&self, pid: i32) {
-        self.sessions.borrow_mut().remove(&pid);
+    pub fn unregister(&self, handle: &CancelHandle) {
+        self.sessions.borrow_mut().remove(&handle.id);
+        self.by_key
+            .borrow_mut()
+            .remove(&(handle.pid, handle.secret));
     }
 
     /// Every live session, for SHOW CLIENTS.
@@ -138,8 +196,8 @@ impl CancelRegistry {
     /// (mid-response bytes must not be interleaved), then both directions of its socket
     /// shut, so the session ends through its usual path for a vanished client (a lent
     /// server connection is cancelled, drained and cleaned). False if no such session.
-    pub fn kill(&self, pid: i32) -> bool {
-        let Some(handle) = self.sessions.borrow().get(&pid).cloned() else {
+    pub fn kill(&self, id: i32) -> bool {
+        let Some(handle) = self.sessions.borrow().get(&id).cloned() else {
             return false;
         };
         // A session unregisters a moment after its socket closed; make sure the fd still
@@ -186,9 +244,9 @@ impl CancelRegistry {
     /// attached to a backend. Runs the backend connection in its own task.
     pub fn cancel(&self, msg: CancelMsg) {
         self.stats.cancels_received.inc();
-        let handle = match self.sessions.borrow().get(&msg.pid) {
-            Some(h) if h.secret == msg.secret => h.clone(),
-            _ => return,
+        let id = self.by_key.borrow().get(&(msg.pid, msg.secret)).copied();
+        let Some(handle) = id.and_then(|id| self.sessions.borrow().get(&id).cloned()) else {
+            return;
         };
         let Some(target) = handle.target() else {
             return;
@@ -241,11 +299,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pid_names_its_shard() {
+    fn made_up_pids_are_never_real_and_keys_name_their_shard() {
+        const LINUX_PID_MAX_LIMIT: i32 = 4_194_304;
         for shard in [0usize, 1, 7, MAX_SHARDS - 1] {
-            let pid = ((shard as i32) << SESSION_BITS) | 12345;
-            assert!(pid > 0);
-            assert_eq!(owner_shard(pid), shard);
+            let stats = Arc::<ShardStats>::default();
+            let registry = CancelRegistry::new(shard, Duration::from_secs(1), stats);
+            let info = || ClientInfo {
+                user: "u".into(),
+                database: "d".into(),
+                application_name: None,
+                addr: None,
+                connected: std::time::SystemTime::now(),
+                fd: -1,
+            };
+            let pooled = registry.register(info(), None);
+            assert!(pooled.pid >= LINUX_PID_MAX_LIMIT && is_proxy_pid(pooled.pid));
+            assert_eq!(pooled.id, pooled.pid);
+            assert_eq!(owner_shard(pooled.secret), shard);
+            let session = registry.register(info(), Some(4242));
+            assert_eq!(session.pid, 4242);
+            assert!(is_proxy_pid(session.id));
+            assert_eq!(owner_shard(session.secret), shard);
+            registry.unregister(&pooled);
+            registry.unregister(&session);
+            assert!(registry.is_empty());
         }
+        // The last session number of the last shard still fits in an i32.
+        let top =
+            PROXY_PID_BASE + (((SESSIONS_PER_SHARD - 1) << SHARD_BITS) | (MAX_SHARDS as i32 - 1));
+        assert!(top > PROXY_PID_BASE);
     }
 }

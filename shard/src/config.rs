@@ -335,9 +335,14 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsConfig {
-    /// TCP connect plus login to a backend.
+    /// TCP connect to a backend (and to a backend's port for a cancel request).
     pub connect_timeout_ms: u64,
-    /// Time a client has to finish startup and authentication.
+    /// A backend's login after the connect: startup, authentication, first
+    /// ReadyForQuery. As long as PostgreSQL's own `authentication_timeout` by default, so
+    /// a slow but valid login is never cut short.
+    pub server_login_timeout_ms: u64,
+    /// Time a client has to finish startup and authentication (PostgreSQL's
+    /// `authentication_timeout`, 60 s by default).
     pub startup_timeout_ms: u64,
     /// Grace period for sessions to finish on SIGTERM/SIGINT.
     pub shutdown_timeout_secs: u64,
@@ -349,7 +354,8 @@ impl Default for TimeoutsConfig {
     fn default() -> Self {
         TimeoutsConfig {
             connect_timeout_ms: 5000,
-            startup_timeout_ms: 10_000,
+            server_login_timeout_ms: 60_000,
+            startup_timeout_ms: 60_000,
             shutdown_timeout_secs: 30,
             dirty_release_timeout_ms: 5000,
         }

@@ -2,6 +2,7 @@
 //! its pools, its cancel registry, buffers, counters and drain latch. Only this shard's
 //! tasks touch it.
 
+use crate::fence::Fences;
 use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
@@ -92,6 +93,8 @@ pub struct ShardCtx {
     /// Where SQL admin console statements go (the control plane).
     pub console: Option<Sender<ConsoleRequest>>,
     pub pools: RefCell<HashMap<PoolKey, Rc<Pool>>>,
+    /// Databases a client's statement needs to itself right now (see `fence`).
+    pub fences: Rc<Fences>,
     pub cancels: CancelRegistry,
     pub bufs: BufPool,
     /// Prepared statements shared by this shard's transaction-pooled clients.
@@ -186,6 +189,7 @@ impl ShardCtx {
             schema_routes: RefCell::new(Rc::new(SchemaRoute::compile(&config.schema_routes))),
             console: None,
             pools: RefCell::new(HashMap::new()),
+            fences: Rc::default(),
             cancels: CancelRegistry::new(
                 id,
                 Duration::from_millis(config.timeouts.connect_timeout_ms),
@@ -244,6 +248,7 @@ impl ShardCtx {
             database: database.to_string(),
             password: user.server_password.clone(),
             connect_timeout: Duration::from_millis(config.timeouts.connect_timeout_ms),
+            login_timeout: Duration::from_millis(config.timeouts.server_login_timeout_ms),
             max_message_size: usize::MAX >> 1,
             scram_cache: Rc::default(),
         };
@@ -253,9 +258,12 @@ impl ShardCtx {
             label,
             spec,
             self.limits.borrow().clone(),
-            self.stats.clone(),
-            self.next_backend_id.clone(),
-            self.gate.clone(),
+            crate::pool::ShardShared {
+                stats: self.stats.clone(),
+                next_id: self.next_backend_id.clone(),
+                gate: self.gate.clone(),
+                fences: self.fences.clone(),
+            },
         );
         if !node.routable {
             pool.set_retired(true);
@@ -292,13 +300,12 @@ impl ShardCtx {
     pub fn apply_config(&self, config: Arc<Config>) -> Result<(), String> {
         let users = user_entries(&config)?;
         let limits = pool_limits(&config, self.workers, self.id);
-        let connect_timeout = Duration::from_millis(config.timeouts.connect_timeout_ms);
         for pool in self.all_pools() {
             let password = users
                 .values()
                 .find(|u| *u.server_user == *pool.key.user)
                 .and_then(|u| u.server_password.clone());
-            pool.set_limits(limits.clone(), connect_timeout, password);
+            pool.set_limits(limits.clone(), &config.timeouts, password);
         }
         *self.users.borrow_mut() = users;
         *self.limits.borrow_mut() = limits;

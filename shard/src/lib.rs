@@ -9,6 +9,7 @@ pub mod codec;
 pub mod config;
 pub mod context;
 pub mod control;
+pub mod fence;
 pub mod mailbox;
 pub mod msgio;
 pub mod pool;

@@ -52,7 +52,7 @@ pub fn snapshot(ctx: &ShardCtx, detail: Detail) -> ShardSnapshot {
         sessions
             .iter()
             .map(|s| ClientReport {
-                pid: s.pid,
+                pid: s.id,
                 user: s.info.user.to_string(),
                 database: s.info.database.to_string(),
                 addr: s.info.addr,

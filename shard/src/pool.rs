@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::{BackendConn, BackendError, ConnectSpec};
+use crate::config::TimeoutsConfig;
 use crate::control::{PoolReport, ServerReport};
+use crate::fence::Fences;
 use crate::stats::ShardStats;
 use crate::sync::{self, Gate, Signal, Slot};
 
@@ -74,6 +76,8 @@ pub struct Pool {
     state: RefCell<PoolState>,
     /// Closed while the shard is PAUSEd.
     gate: Rc<Gate>,
+    /// While a fence is up for this pool's database, nothing is opened or kept idle.
+    fences: Rc<Fences>,
     /// The node takes no new work: nothing is opened, connections close as they return.
     retired: Cell<bool>,
     /// Raised when a retired pool's node may take work again.
@@ -92,16 +96,29 @@ struct PoolState {
     wait_us: u64,
 }
 
+/// What every pool of a shard shares with the shard.
+pub struct ShardShared {
+    pub stats: Arc<ShardStats>,
+    /// Numbers server connections across the shard's pools.
+    pub next_id: Rc<Cell<u64>>,
+    pub gate: Rc<Gate>,
+    pub fences: Rc<Fences>,
+}
+
 impl Pool {
     pub fn new(
         key: PoolKey,
         label: String,
         spec: ConnectSpec,
         limits: PoolLimits,
-        stats: Arc<ShardStats>,
-        next_id: Rc<Cell<u64>>,
-        gate: Rc<Gate>,
+        shared: ShardShared,
     ) -> Rc<Pool> {
+        let ShardShared {
+            stats,
+            next_id,
+            gate,
+            fences,
+        } = shared;
         Rc::new(Pool {
             key,
             label,
@@ -111,6 +128,7 @@ impl Pool {
             next_id,
             state: RefCell::new(PoolState::default()),
             gate,
+            fences,
             retired: Cell::new(false),
             reinstated: Signal::default(),
         })
@@ -194,12 +212,13 @@ impl Pool {
     pub fn set_limits(
         self: &Rc<Self>,
         limits: PoolLimits,
-        connect_timeout: Duration,
+        timeouts: &TimeoutsConfig,
         password: Option<String>,
     ) {
         {
             let mut spec = self.spec.borrow_mut();
-            spec.connect_timeout = connect_timeout;
+            spec.connect_timeout = Duration::from_millis(timeouts.connect_timeout_ms);
+            spec.login_timeout = Duration::from_millis(timeouts.server_login_timeout_ms);
             if spec.password != password {
                 spec.password = password;
                 spec.scram_cache = Rc::default();
@@ -256,6 +275,19 @@ impl Pool {
     pub async fn acquire(self: &Rc<Self>) -> Result<BackendConn, AcquireError> {
         if self.gate.is_closed() {
             self.gate.wait_open().await;
+        }
+        if self.fenced() {
+            // Another client's statement needs this database to itself: wait until it
+            // is done (then the database may be gone, which the server will say).
+            let limit = self.limits.borrow().acquire_timeout;
+            if !self.fences.wait_lifted(&self.key.database, limit).await {
+                self.stats.pool_timeouts.inc();
+                return Err(AcquireError::Timeout {
+                    pool: self.label.clone(),
+                    waited_ms: limit.as_millis(),
+                    max: self.limits.borrow().max_size,
+                });
+            }
         }
         if !self.retired.get() {
             if let Some(conn) = self.take_idle() {
@@ -315,6 +347,7 @@ impl Pool {
     /// Returns a clean connection (status I, reset done) for reuse.
     pub fn release(&self, mut conn: BackendConn) {
         if self.retired.get()
+            || self.fenced()
             || conn.created.elapsed() >= self.limits.borrow().max_lifetime
             || self.state.borrow().total > self.limits.borrow().max_size
         {
@@ -375,7 +408,7 @@ impl Pool {
         for conn in expired {
             self.discard(conn);
         }
-        if self.retired.get() {
+        if self.retired.get() || self.fenced() {
             return;
         }
         let missing = {
@@ -404,6 +437,10 @@ impl Pool {
         }
     }
 
+    fn fenced(&self) -> bool {
+        self.fences.is_fenced(&self.key.database)
+    }
+
     fn take_idle(&self) -> Option<BackendConn> {
         loop {
             let conn = self.state.borrow_mut().idle.pop()?;
@@ -426,6 +463,11 @@ impl Pool {
     }
 
     async fn open_reserved(&self) -> Result<BackendConn, AcquireError> {
+        if self.fenced() {
+            // A slot freed while a fence went up: open nothing there until it is down.
+            let limit = self.limits.borrow().acquire_timeout;
+            self.fences.wait_lifted(&self.key.database, limit).await;
+        }
         let id = self.next_id.get();
         self.next_id.set(id + 1);
         // A copy: a reload may change the spec while this connect is under way.

@@ -29,11 +29,10 @@ pub struct Statement {
     name: RefCell<Rc<str>>,
     /// What the SQL does, classified once.
     pub effects: Effects,
-    /// The result columns (RowDescription body; empty for NoData) the server last
-    /// reported when preparing this statement, and a counter bumped whenever that shape
-    /// changed (DDL). A client told an older shape must not silently get the new one.
-    shape: RefCell<Option<Box<[u8]>>>,
-    epoch: Cell<u32>,
+    /// The result columns the server last reported when preparing this statement (see
+    /// [`result_shape`]). A client that prepared it when the shape was different must
+    /// not silently get the new one.
+    shape: RefCell<Option<Shape>>,
     /// How the query may be routed, analysed once for the function list in force.
     route: RefCell<Option<(Weak<ReadOnlyFunctions>, Rc<RouteAnalysis>)>>,
 }
@@ -76,22 +75,19 @@ impl Statement {
         self.generation.get()
     }
 
-    /// Which result shape clients preparing this statement now are told.
-    pub fn epoch(&self) -> u32 {
-        self.epoch.get()
+    /// The result shape clients preparing this statement now are told; `None` until a
+    /// server described it.
+    pub fn shape(&self) -> Option<Shape> {
+        self.shape.borrow().clone()
     }
 
-    /// Records the result shape a server just reported for this statement; a different
-    /// shape than before starts a new epoch.
-    pub fn learn_shape(&self, shape: &[u8]) {
+    /// Records the result shape a server just reported for this statement: the body of
+    /// its RowDescription, or empty for NoData.
+    pub fn learn_shape(&self, row_description: &[u8]) {
+        let shape = result_shape(row_description);
         let mut known = self.shape.borrow_mut();
-        match known.as_deref() {
-            Some(old) if old == shape => {}
-            Some(_) => {
-                *known = Some(shape.into());
-                self.epoch.set(self.epoch.get().wrapping_add(1));
-            }
-            None => *known = Some(shape.into()),
+        if known.as_deref() != Some(&*shape) {
+            *known = Some(shape);
         }
     }
 
@@ -106,7 +102,7 @@ impl Statement {
 
     /// The server said this statement's plan no longer fits the table (DDL changed its
     /// result type): prepare it afresh under a new name everywhere. Whether clients that
-    /// prepared it earlier must be told is decided when the new shape is learnt.
+    /// prepared it earlier must be told is decided by comparing shapes at their Bind.
     pub fn invalidate(&self) {
         self.rename();
     }
@@ -118,6 +114,40 @@ impl std::fmt::Debug for Statement {
             .field("name", &*self.name.borrow())
             .field("query", &String::from_utf8_lossy(self.query()))
             .finish()
+    }
+}
+
+/// A statement's result columns as PostgreSQL compares them when it re-plans a prepared
+/// statement: each column's name, type, size and type modifier, in order. The table OID
+/// and column number a RowDescription also carries are left out: a table dropped and
+/// created again with the same columns gets new ones, and PostgreSQL re-plans silently.
+pub type Shape = Rc<[u8]>;
+
+/// The [`Shape`] of a RowDescription body (empty for NoData). A body that does not
+/// parse is kept whole: it can only compare equal to itself.
+pub fn result_shape(row_description: &[u8]) -> Shape {
+    fn columns(body: &[u8]) -> Option<Vec<u8>> {
+        let count = u16::from_be_bytes(*body.first_chunk::<2>()?);
+        let mut out = Vec::with_capacity(body.len());
+        out.extend_from_slice(&count.to_be_bytes());
+        let mut rest = &body[2..];
+        for _ in 0..count {
+            let nul = rest.iter().position(|&b| b == 0)?;
+            // name NUL | table OID (4) | column number (2) | type OID (4) | size (2) |
+            // type modifier (4) | format (2)
+            let fixed = rest.get(nul + 1..nul + 19)?;
+            out.extend_from_slice(&rest[..=nul]);
+            out.extend_from_slice(&fixed[6..16]);
+            rest = &rest[nul + 19..];
+        }
+        rest.is_empty().then_some(out)
+    }
+    if row_description.is_empty() {
+        return Rc::from(&[][..]);
+    }
+    match columns(row_description) {
+        Some(shape) => shape.into(),
+        None => row_description.into(),
     }
 }
 
@@ -161,7 +191,6 @@ impl Registry {
             generation: Cell::new(0),
             name: RefCell::new(server_name(hash, 0)),
             shape: RefCell::new(None),
-            epoch: Cell::new(0),
             route: RefCell::new(None),
         });
         map.insert(hash, Rc::downgrade(&stmt));
@@ -343,19 +372,50 @@ mod tests {
         assert!(!server.has(&a), "the stale plan must not be reused");
     }
 
+    /// A RowDescription body with one column per (name, table OID, type OID).
+    fn row_description(columns: &[(&str, u32, u32)]) -> Vec<u8> {
+        let mut out = (columns.len() as u16).to_be_bytes().to_vec();
+        for (i, (name, table, ty)) in columns.iter().enumerate() {
+            out.extend_from_slice(name.as_bytes());
+            out.push(0);
+            out.extend_from_slice(&table.to_be_bytes());
+            out.extend_from_slice(&(i as u16 + 1).to_be_bytes());
+            out.extend_from_slice(&ty.to_be_bytes());
+            out.extend_from_slice(&4i16.to_be_bytes());
+            out.extend_from_slice(&(-1i32).to_be_bytes());
+            out.extend_from_slice(&0u16.to_be_bytes());
+        }
+        out
+    }
+
     #[test]
-    fn a_changed_shape_starts_a_new_epoch() {
+    fn shapes_compare_like_postgresql_does() {
+        let before = result_shape(&row_description(&[("id", 16384, 23), ("v", 16384, 25)]));
+        // The table dropped and created again: new OID, same columns.
+        let recreated = result_shape(&row_description(&[("id", 16390, 23), ("v", 16390, 25)]));
+        assert_eq!(before, recreated);
+        let retyped = result_shape(&row_description(&[("id", 16390, 20), ("v", 16390, 25)]));
+        assert_ne!(before, retyped);
+        let renamed = result_shape(&row_description(&[("ident", 16390, 23), ("v", 16390, 25)]));
+        assert_ne!(before, renamed);
+        let wider = result_shape(&row_description(&[
+            ("id", 16390, 23),
+            ("v", 16390, 25),
+            ("w", 16390, 25),
+        ]));
+        assert_ne!(before, wider);
+        assert!(result_shape(b"").is_empty(), "NoData");
+        assert_eq!(&*result_shape(b"\0\x01junk"), b"\0\x01junk", "kept whole");
+
         let reg = Registry::default();
         let a = reg.intern(&spec("SELECT * FROM t", &[]));
-        a.learn_shape(b"two columns");
-        a.learn_shape(b"two columns");
-        assert_eq!(a.epoch(), 0);
-        a.learn_shape(b"three columns");
-        assert_eq!(a.epoch(), 1);
-        a.invalidate();
-        assert_eq!(a.epoch(), 1, "renaming alone tells no client anything");
-        a.learn_shape(b"three columns");
-        assert_eq!(a.epoch(), 1);
+        assert!(a.shape().is_none());
+        a.learn_shape(&row_description(&[("id", 1, 23)]));
+        let first = a.shape().unwrap();
+        a.learn_shape(&row_description(&[("id", 2, 23)]));
+        assert!(Rc::ptr_eq(&first, &a.shape().unwrap()), "same shape, kept");
+        a.learn_shape(&row_description(&[("id", 2, 20)]));
+        assert_ne!(first, a.shape().unwrap());
     }
 
     #[test]
@@ -389,7 +449,6 @@ mod tests {
             name: RefCell::new(a.server_name()),
             effects: Effects::default(),
             shape: RefCell::new(None),
-            epoch: Cell::new(0),
             route: RefCell::new(None),
         });
         assert!(!server.has(&impostor));

@@ -220,6 +220,11 @@ async fn shard_main(start: ShardStart) {
                         match msg {
                             ShardMsg::Cancel(cancel) => ctx.cancels.cancel(cancel),
                             ShardMsg::SchemaChanged => ctx.statements.rename_all(),
+                            ShardMsg::Fence {
+                                database,
+                                raise,
+                                done,
+                            } => crate::fence::on_message(&ctx, &database, raise, done.as_deref()),
                         }
                     }
                 })

@@ -294,10 +294,11 @@ impl Control {
         self.broadcast(|| ControlMsg::Pause(paused));
     }
 
-    /// Disconnects the client with proxy pid `pid`; false if no shard has it.
+    /// Disconnects the client with proxy id `pid` (SHOW CLIENTS' `id`); false if no
+    /// shard has it.
     pub fn kill_client(&self, pid: i32) -> bool {
-        let owner = helios_shard::cancel::owner_shard(pid);
-        let Some(link) = self.links.get(owner) else {
+        let Some(link) = helios_shard::cancel::shard_of_id(pid).and_then(|s| self.links.get(s))
+        else {
             return false;
         };
         let (reply, answer) = crossbeam_channel::bounded(1);

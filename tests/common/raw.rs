@@ -44,7 +44,7 @@ impl Message {
         self.fields().remove(&'C').unwrap_or_default()
     }
 
-    fn i32_at(&self, at: usize) -> i32 {
+    pub fn i32_at(&self, at: usize) -> i32 {
         let bytes: [u8; 4] = self
             .body
             .get(at..at + 4)
@@ -114,6 +114,45 @@ impl RawConn {
 
     pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes)
+    }
+
+    /// Closes the sending half: the peer reads EOF.
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Sends several messages (built with [`msg`] and friends) in one write, as a
+    /// pipelining driver does.
+    pub fn send_all(&mut self, messages: &[Vec<u8>]) {
+        self.write_all(&messages.concat()).expect("send messages");
+    }
+
+    /// Reads every message up to and including the next ReadyForQuery.
+    pub fn read_until_ready(&mut self) -> Vec<Message> {
+        let mut messages = Vec::new();
+        loop {
+            let m = self.expect_message("reading up to ReadyForQuery");
+            let done = m.tag == b'Z';
+            messages.push(m);
+            if done {
+                return messages;
+            }
+        }
+    }
+
+    /// Reads every message until the server closes the connection (or `limit` of silence,
+    /// which panics).
+    pub fn read_until_closed(&mut self, limit: Duration) -> Vec<Message> {
+        self.set_read_timeout(limit);
+        let mut messages = Vec::new();
+        loop {
+            match self.read_message() {
+                Ok(Some(m)) => messages.push(m),
+                Ok(None) => return messages,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return messages,
+                Err(e) => panic!("connection still open after {messages:?}: {e}"),
+            }
+        }
     }
 
     /// Sends an 8-byte negotiation request (SSL or GSSENC) and returns the one-byte answer.
@@ -319,6 +358,74 @@ impl RawConn {
             }
         }
     }
+}
+
+/// One frontend message: tag, length, body.
+pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&(i32::try_from(body.len() + 4).expect("length")).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+/// Parse of `sql` as statement `name`, parameter types left to the server.
+pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, name);
+    cstr(&mut body, sql);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    msg(b'P', &body)
+}
+
+/// Bind of statement `name` to the unnamed portal: no parameters, text results.
+pub fn bind(name: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, "");
+    cstr(&mut body, name);
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    msg(b'B', &body)
+}
+
+/// Execute of the unnamed portal, all rows.
+pub fn execute() -> Vec<u8> {
+    msg(b'E', b"\0\0\0\0\0")
+}
+
+/// Describe of statement `name`.
+pub fn describe_statement(name: &str) -> Vec<u8> {
+    let mut body = vec![b'S'];
+    cstr(&mut body, name);
+    msg(b'D', &body)
+}
+
+pub fn sync() -> Vec<u8> {
+    msg(b'S', b"")
+}
+
+/// A simple Query.
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, sql);
+    msg(b'Q', &body)
+}
+
+/// The ErrorResponses among `messages`.
+pub fn errors(messages: &[Message]) -> Vec<&Message> {
+    messages.iter().filter(|m| m.tag == b'E').collect()
+}
+
+/// The first column of every DataRow among `messages`.
+pub fn first_column(messages: &[Message]) -> Vec<Option<String>> {
+    messages
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| data_row(m).into_iter().next().flatten())
+        .collect()
 }
 
 fn data_row(m: &Message) -> Vec<Option<String>> {

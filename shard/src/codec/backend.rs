@@ -563,6 +563,42 @@ fn put_i32_count(out: &mut Vec<u8>, count: usize) {
     out.extend_from_slice(&count.to_be_bytes());
 }
 
+/// True when an ErrorResponse body ends the session: severity FATAL or PANIC (the
+/// non-localized `V` field when present, else `S`). The server closes right after it.
+pub fn is_fatal_error(body: &[u8]) -> bool {
+    let Ok(BackendMessage::ErrorResponse(fields)) = decode(b'E', body) else {
+        return false;
+    };
+    let severity = fields.get(b'V').or_else(|| fields.get(b'S')).unwrap_or(b"");
+    severity == b"FATAL" || severity == b"PANIC"
+}
+
+/// Where the sender pid sits in a NotificationResponse body, if the body is one whose
+/// sender is `pid`: the proxy shows a client its own made-up pid there (see
+/// [`rewrite_notification_pids`]).
+pub fn notification_from(body: &[u8], pid: i32) -> bool {
+    body.first_chunk::<4>()
+        .is_some_and(|sender| i32::from_be_bytes(*sender) == pid)
+}
+
+/// Rewrites the sender pid of every NotificationResponse in `bytes` (whole messages)
+/// from `from` to `to`, in place.
+pub fn rewrite_notification_pids(bytes: &mut [u8], from: i32, to: i32) {
+    let mut at = 0;
+    while let Some(header) = bytes.get(at..at + 5) {
+        let tag = header[0];
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let Ok(len) = usize::try_from(len) else {
+            return;
+        };
+        let body = at + 5;
+        if tag == b'A' && bytes.len() >= body + 4 && notification_from(&bytes[body..], from) {
+            bytes[body..body + 4].copy_from_slice(&to.to_be_bytes());
+        }
+        at += 1 + len.max(4);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Writers for what the proxy itself sends to clients
 // ---------------------------------------------------------------------------------------

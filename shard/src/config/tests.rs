@@ -82,7 +82,11 @@ mod defaults {
         assert_eq!(limits.buffer_size, 16384);
         let timeouts = TimeoutsConfig::default();
         assert_eq!(timeouts.connect_timeout_ms, 5000);
-        assert_eq!(timeouts.startup_timeout_ms, 10_000);
+        assert_eq!(
+            timeouts.startup_timeout_ms, 60_000,
+            "as long as PostgreSQL's authentication_timeout"
+        );
+        assert_eq!(timeouts.server_login_timeout_ms, 60_000);
         assert_eq!(timeouts.shutdown_timeout_secs, 30);
         assert_eq!(timeouts.dirty_release_timeout_ms, 5000);
     }
@@ -634,6 +638,7 @@ mod validation {
                 (|t: &mut TimeoutsConfig| t.connect_timeout_ms = 0) as fn(&mut _),
             ),
             ("startup_timeout_ms", |t| t.startup_timeout_ms = 0),
+            ("server_login_timeout_ms", |t| t.server_login_timeout_ms = 0),
             ("shutdown_timeout_secs", |t| t.shutdown_timeout_secs = 0),
             ("dirty_release_timeout_ms", |t| {
                 t.dirty_release_timeout_ms = 0

@@ -314,6 +314,10 @@ fn limits(limits: &LimitsConfig) -> Check {
 
 fn timeouts(timeouts: &TimeoutsConfig) -> Check {
     positive(timeouts.connect_timeout_ms, "timeouts.connect_timeout_ms")?;
+    positive(
+        timeouts.server_login_timeout_ms,
+        "timeouts.server_login_timeout_ms",
+    )?;
     positive(timeouts.startup_timeout_ms, "timeouts.startup_timeout_ms")?;
     positive(
         timeouts.shutdown_timeout_secs,

@@ -46,11 +46,13 @@ pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
         send_fatal(&mut client, "42501", &not_allowed(&user)).await;
         return;
     }
-    let cancel = ctx.cancels.register(super::client_info(&client, &login));
+    let cancel = ctx
+        .cancels
+        .register(super::client_info(&client, &login), None);
     if welcome(&mut client, &login, &cancel).await.is_ok() {
         run(ctx, &mut client, &user).await;
     }
-    ctx.cancels.unregister(cancel.pid);
+    ctx.cancels.unregister(&cancel);
 }
 
 fn not_allowed(user: &str) -> String {

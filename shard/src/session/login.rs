@@ -120,7 +120,7 @@ pub async fn broadcast_schema_change(ctx: &ShardCtx) {
 
 /// Sends a cancel to the shard that owns the key (maybe this one).
 pub async fn route_cancel(ctx: &ShardCtx, msg: CancelMsg) {
-    let owner = crate::cancel::owner_shard(msg.pid);
+    let owner = crate::cancel::owner_shard(msg.secret);
     if owner == ctx.id {
         ctx.cancels.cancel(msg);
         return;
@@ -138,10 +138,10 @@ async fn read_startup_packet(stream: &mut TcpStream) -> Result<Vec<u8>, LoginErr
     read_exact_or_gone(stream, &mut len_bytes).await?;
     let len = u32::from_be_bytes(len_bytes) as usize;
     if !(8..=MAX_STARTUP_PACKET).contains(&len) {
-        return Err(LoginError::fatal(
-            "08P01",
-            "invalid length of startup packet",
-        ));
+        // Not a PostgreSQL client (a Terminate, an HTTP request, noise): PostgreSQL only
+        // logs this and hangs up, so a client that sent it hears nothing either.
+        log::debug!("invalid length of startup packet ({len}); closing");
+        return Err(LoginError::Gone);
     }
     let mut packet = vec![0u8; len];
     packet[..4].copy_from_slice(&len_bytes);

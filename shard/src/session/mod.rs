@@ -121,10 +121,14 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
         }
     }
 
-    let cancel = ctx.cancels.register(client_info(&client, &login));
+    // The client sees its backend's real pid: in session pooling that is what
+    // pg_backend_pid() and its notifications say.
+    let cancel = ctx
+        .cancels
+        .register(client_info(&client, &login), Some(backend.key.pid));
     drop(login);
     if welcome(&mut client, &backend, &cancel).await.is_err() {
-        ctx.cancels.unregister(cancel.pid);
+        ctx.cancels.unregister(&cancel);
         release::release_clean(ctx, &pool, backend).await;
         return;
     }
@@ -147,7 +151,7 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
     )
     .await;
     cancel.detach();
-    ctx.cancels.unregister(cancel.pid);
+    ctx.cancels.unregister(&cancel);
     release::finish(ctx, &pool, client, backend, end, track, up).await;
 }
 
@@ -300,7 +304,7 @@ pub(crate) enum Wake {
 /// Alternates between idle (no buffers; waiting for either socket to become readable)
 /// and active (the pump) until the session ends.
 async fn forward(
-    ctx: &ShardCtx,
+    ctx: &Rc<ShardCtx>,
     client: &mut TcpStream,
     backend: &mut BackendConn,
     up: &mut Lane,
@@ -310,14 +314,22 @@ async fn forward(
     loop {
         let wake = idle_wait(ctx, client, &mut backend.stream).await;
         let mut terminated = false;
+        // DROP DATABASE and the like: the proxy's idle connections there must go first.
+        // The fence stays up until the session is idle again.
+        let mut _fence = None;
         match wake {
             Wake::ClientGone => return PumpEnd::ClientGone,
             Wake::BackendGone => return PumpEnd::BackendGone,
             Wake::Drain => return PumpEnd::Drain,
-            Wake::Client(buf, n) => match pump::seed_up(up, buf, n, track, &ctx.stats) {
-                Ok(t) => terminated = t,
-                Err(e) => return PumpEnd::ClientProtocol(e),
-            },
+            Wake::Client(buf, n) => {
+                if let Some(database) = crate::sql::exclusive::exclusive_database_in(&buf[..n]) {
+                    _fence = Some(crate::fence::fence_database(ctx, &database).await);
+                }
+                match pump::seed_up(up, buf, n, track, &ctx.stats) {
+                    Ok(t) => terminated = t,
+                    Err(e) => return PumpEnd::ClientProtocol(e),
+                }
+            }
             Wake::Backend(buf, n) => {
                 if let Err(e) =
                     pump::seed_down(down, buf, n, track, &mut backend.params, &ctx.stats)

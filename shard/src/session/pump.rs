@@ -25,8 +25,9 @@ use crate::sync::Latch;
 const UP_NOTIFY: TagSet = TagSet::new(b"QSFPBDECHcf");
 /// Frontend messages whose body we need: Terminate ends the session.
 const UP_CAPTURE: TagSet = TagSet::new(b"X");
-/// Backend messages whose body we need (CommandComplete: to count reads and writes).
-const DOWN_CAPTURE: TagSet = TagSet::new(b"ZSGC");
+/// Backend messages whose body we need (CommandComplete: to count reads and writes;
+/// ErrorResponse: to know whether the server said FATAL before closing).
+const DOWN_CAPTURE: TagSet = TagSet::new(b"ZSGCE");
 
 /// One direction of traffic: a loaned buffer (only while active) and a scanner.
 pub struct Lane {
@@ -126,6 +127,9 @@ pub struct Tracker {
     pub status: u8,
     /// When the oldest unanswered request was sent (for the query-duration histogram).
     since: Option<std::time::Instant>,
+    /// The server sent a FATAL (or PANIC) ErrorResponse: it closes next, and the client
+    /// already has the one error PostgreSQL gives.
+    pub server_fatal: bool,
 }
 
 impl Tracker {
@@ -136,6 +140,7 @@ impl Tracker {
             copy_in: false,
             status,
             since: None,
+            server_fatal: false,
         }
     }
 
@@ -186,6 +191,7 @@ impl Tracker {
                 }
             }
             b'C' => stats.count_statement(body),
+            b'E' => self.server_fatal |= be::is_fatal_error(body),
             b'G' => self.copy_in = true,
             b'S' => {
                 if let Ok(be::BackendMessage::ParameterStatus { name, value }) =

@@ -27,7 +27,7 @@ pub async fn finish(
     track: Tracker,
     up: Lane,
 ) {
-    tell_client(ctx, pool, &mut client, &end).await;
+    tell_client(ctx, pool, &mut client, &end, track.server_fatal).await;
     match end {
         PumpEnd::BackendGone => {
             pool.forget();
@@ -46,8 +46,19 @@ pub async fn finish(
 }
 
 /// Tells the client why its session ends (nothing when it left by itself) and logs it.
-pub async fn tell_client(ctx: &ShardCtx, pool: &Pool, client: &mut TcpStream, end: &PumpEnd) {
+/// When the server's own FATAL already reached the client (`server_fatal`), a vanished
+/// server adds nothing: PostgreSQL sends one FATAL and closes.
+pub async fn tell_client(
+    ctx: &ShardCtx,
+    pool: &Pool,
+    client: &mut TcpStream,
+    end: &PumpEnd,
+    server_fatal: bool,
+) {
     match end {
+        PumpEnd::BackendGone if server_fatal => {
+            let _ = client.close().await;
+        }
         PumpEnd::BackendGone => {
             send_fatal(client, "08006", "server closed the connection unexpectedly").await
         }

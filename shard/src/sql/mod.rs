@@ -2,6 +2,7 @@
 //! the classification transaction pooling needs, and the analysis read/write routing needs.
 
 pub mod classify;
+pub mod exclusive;
 pub mod lexer;
 pub mod route;
 

@@ -44,6 +44,8 @@ struct ClientState {
     pools: routing::NodePools,
     /// The primary's WAL position after this client's last write (0: none yet).
     wrote_at: u64,
+    /// The pid the client was given (made up: it has no backend of its own).
+    pid: i32,
 }
 
 /// Serves a logged-in client in transaction or statement mode.
@@ -53,7 +55,9 @@ pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login, mode
         return;
     };
     let pool = ctx.pool(&node, &login.database, &login.user);
-    let cancel = ctx.cancels.register(super::client_info(&client, &login));
+    let cancel = ctx
+        .cancels
+        .register(super::client_info(&client, &login), None);
     // The rarely taken paths (login completion, session end, settings restore) live in
     // their own allocations, so the state machine an idle client keeps stays small.
     let state = Box::pin(start(ctx, &pool, &mut client, &login, &cancel)).await;
@@ -61,7 +65,7 @@ pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login, mode
     if let Some(mut state) = state {
         run(ctx, pool, client, &cancel, &mut state, mode).await;
     }
-    ctx.cancels.unregister(cancel.pid);
+    ctx.cancels.unregister(&cancel);
 }
 
 /// Completes the client's login on a leased connection: applies its startup parameters,
@@ -98,6 +102,7 @@ async fn start(
         user: login.user.clone(),
         pools: routing::NodePools::default(),
         wrote_at: 0,
+        pid: cancel.pid,
     };
     if login
         .params
@@ -225,6 +230,12 @@ async fn run(
         };
         ctx.stats.bytes_from_clients.add(n as u64);
         up.seed(buf, n);
+        // DROP DATABASE and the like: the proxy's idle connections there must go first.
+        // The fence stays up until this unit of work is over.
+        let _fence = match crate::sql::exclusive::exclusive_database_in(up.pending()) {
+            Some(database) => Some(crate::fence::fence_database(ctx, &database).await),
+            None => None,
+        };
         home = current_pool(ctx, home, &state.user);
         let routed = routing::route(
             ctx,
@@ -359,6 +370,7 @@ async fn lease(
     loop {
         up.activate(&ctx.bufs);
         down.activate(&ctx.bufs);
+        let pids = (backend.key.pid, state.pid);
         let end = {
             let BackendConn {
                 stream,
@@ -390,6 +402,7 @@ async fn lease(
                 stats: &ctx.stats,
                 draining: &ctx.draining,
                 backend_eof: false,
+                pids,
             }
             .await
         };
@@ -448,7 +461,12 @@ async fn lease(
                 false
             };
             if !backend.notifications.is_empty() {
-                let pending = std::mem::take(&mut backend.notifications);
+                let mut pending = std::mem::take(&mut backend.notifications);
+                crate::codec::backend::rewrite_notification_pids(
+                    &mut pending,
+                    backend.key.pid,
+                    state.pid,
+                );
                 if client.write_all(&pending).await.is_err() {
                     return LeaseEnd::Ended(PumpEnd::ClientGone, flow, notes);
                 }
@@ -515,7 +533,7 @@ async fn finish(
     discard: bool,
 ) {
     let cancel_running = matches!(end, PumpEnd::ClientGone | PumpEnd::ClientProtocol(_));
-    release::tell_client(ctx, pool, &mut client, &end).await;
+    release::tell_client(ctx, pool, &mut client, &end, flow.server_fatal).await;
     match end {
         PumpEnd::BackendGone => {
             pool.forget();

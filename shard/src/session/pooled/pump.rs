@@ -26,12 +26,12 @@ use super::upstream::{Translated, Upstream};
 use crate::session::pump::PumpEnd;
 
 /// Server messages whose body decides something: errors, command tags, transaction
-/// status, parameter changes.
-const DOWN_CAPTURE: TagSet = TagSet::new(b"ECZStT");
+/// status, parameter changes, notifications (whose sender pid may be rewritten).
+const DOWN_CAPTURE: TagSet = TagSet::new(b"ECZStTA");
 /// Server messages whose arrival completes an answer.
 const DOWN_NOTIFY: TagSet = TagSet::new(b"123nIsGHW");
-/// Server messages the proxy may drop: held back until complete.
-const DROPPABLE: TagSet = TagSet::new(b"13EtTn");
+/// Server messages the proxy may drop or rewrite: held back until complete.
+const DROPPABLE: TagSet = TagSet::new(b"13EtTnA");
 /// Stop translating client messages while this much output waits to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 
@@ -198,6 +198,9 @@ pub struct Flow {
     /// The lease is on a read node: outside a transaction, read no more client input,
     /// so the client's next unit is routed on its own (it may write).
     pub hold_when_idle: bool,
+    /// The server sent a FATAL (or PANIC) ErrorResponse, which the client has; the
+    /// connection closes next and the proxy adds no error of its own.
+    pub server_fatal: bool,
 }
 
 pub struct PooledPump<'a> {
@@ -213,6 +216,9 @@ pub struct PooledPump<'a> {
     pub stats: &'a ShardStats,
     pub draining: &'a Latch,
     pub backend_eof: bool,
+    /// (the server's real pid, the pid the client was given): a notification the
+    /// client's own backend sent shows the client's pid, as it would without a pooler.
+    pub pids: (i32, i32),
 }
 
 type Moved = Result<bool, PumpEnd>;
@@ -318,9 +324,17 @@ impl PooledPump<'_> {
         let stats = self.stats;
         let mut outcome = Outcome::default();
         let mut dropped: Option<usize> = None;
+        let mut own_notification: Option<usize> = None;
+        let (server_pid, client_pid) = self.pids;
         let chunk = &buf[base..lane.raw_end];
-        let scanned = lane.scanner.scan(chunk, |tag, body, _end| {
+        let scanned = lane.scanner.scan(chunk, |tag, body, end| {
             match tag {
+                b'A' if be::notification_from(body, server_pid) => {
+                    // Patched once the scan lets go of the buffer (the message is held
+                    // back until complete, so all of it is still there).
+                    own_notification = (base + end).checked_sub(body.len());
+                    return Step::Stop;
+                }
                 b'Z' => {
                     *backend_status = body.first().copied().unwrap_or(b'I');
                     flow.copy_in = false;
@@ -330,7 +344,10 @@ impl PooledPump<'_> {
                     flow.copy_in = false;
                     stats.count_statement(body);
                 }
-                b'E' => flow.copy_in = false,
+                b'E' => {
+                    flow.copy_in = false;
+                    flow.server_fatal |= be::is_fatal_error(body);
+                }
                 b'S' => {
                     if let Ok(be::BackendMessage::ParameterStatus { name, value }) =
                         be::decode(tag, body)
@@ -362,17 +379,23 @@ impl PooledPump<'_> {
             Ok(n) => n,
             Err(e) => return Poll::Ready(Err(PumpEnd::BackendProtocol(e))),
         };
+        if let Some(at) = own_notification.filter(|&at| at >= lane.start) {
+            buf[at..at + 4].copy_from_slice(&client_pid.to_be_bytes());
+        }
         if outcome.cleared {
             self.translate.server.clear();
             self.translate.pending_close.clear();
         }
-        self.translate.pending_close.extend(outcome.to_close);
+        self.translate
+            .pending_close
+            .extend(std::mem::take(&mut outcome.to_close));
         if outcome.schema_changed {
             // Plans prepared before may no longer fit: prepare afresh where next used.
             self.translate.registry.schema_changed();
         }
-        for (name, stmt) in outcome.epochs {
-            self.translate.client.confirm_epoch(&name, &stmt);
+        if self.translate.client.settle(&mut outcome) {
+            // A Parse held back for a name whose registration was undecided may go on.
+            self.translate.responses.awaiting_parse = false;
         }
         let lane = &mut *self.down;
         let msg_end = base + scanned;
@@ -461,6 +484,7 @@ impl PooledPump<'_> {
             if lane.out.len() - lane.out_pos >= OUT_HIGH_WATER
                 || self.flow.terminated
                 || self.translate.responses.awaiting_check
+                || self.translate.responses.awaiting_parse
             {
                 return Poll::Ready(Ok(moved));
             }

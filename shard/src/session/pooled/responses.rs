@@ -16,10 +16,24 @@ use crate::sql::Effects;
 /// The server's answer to a Parse, as a complete message.
 pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
 
+/// One registration of a client's statement name (see `ClientStatements`): the name and
+/// the serial number it got, so news about an older registration of the same name is
+/// not applied to a newer one.
+pub type ClientName = (Box<[u8]>, u32);
+
 #[derive(Debug)]
 pub enum Expect {
-    /// A client Parse; a named one records the statement it prepares.
-    Parse(Option<Rc<Statement>>),
+    /// A client Parse. `prepares` is the shared statement it prepares on this connection
+    /// (none for the client's unnamed statement, or when the Parse only probes the
+    /// server's transaction state); `client` the client's name it registers, confirmed by
+    /// ParseComplete and forgotten if the server rejects or skips the Parse.
+    Parse {
+        prepares: Option<Rc<Statement>>,
+        client: Option<ClientName>,
+    },
+    /// A client Parse of a statement this connection already has: the proxy answers
+    /// ParseComplete itself when everything before it was answered.
+    ParseAnswered(ClientName),
     /// A Parse the proxy added to prepare a statement here; its ParseComplete is dropped.
     InjectedParse(Rc<Statement>),
     /// A Parse the proxy added to recreate the client's unnamed statement on this
@@ -28,12 +42,12 @@ pub enum Expect {
     /// A Close the proxy added to evict a statement; its CloseComplete is dropped.
     InjectedClose(Rc<str>),
     /// A Describe the proxy added after preparing a statement, to learn its result
-    /// shape; the answer is dropped. `client` names the client statement whose epoch
-    /// follows what is learnt (a Parse the client sent); `check` means the client's next
-    /// message waits for this answer.
+    /// shape; the answer is dropped. `client` names the client statement that is told the
+    /// shape learnt (a Parse the client sent); `check` means the client's next message
+    /// waits for this answer.
     InjectedDescribe {
         stmt: Rc<Statement>,
-        client: Option<Box<[u8]>>,
+        client: Option<ClientName>,
         check: bool,
     },
     Bind(Option<Rc<Statement>>),
@@ -64,13 +78,21 @@ pub enum Action {
     Drop,
 }
 
-/// Side effects on the server connection's bookkeeping that the pump applies.
+/// Side effects on the server connection's and the client's bookkeeping that the pump
+/// applies.
 #[derive(Default)]
 pub struct Outcome {
     /// Names to Close before the next request.
     pub to_close: Vec<Rc<str>>,
-    /// Client statement names whose epoch becomes the statement's current one.
-    pub epochs: Vec<(Box<[u8]>, Rc<Statement>)>,
+    /// Client statement names now told the statement's current result shape.
+    pub shapes: Vec<(ClientName, Rc<Statement>)>,
+    /// Client statement names whose Parse the server (or the proxy) completed.
+    pub confirmed: Vec<ClientName>,
+    /// Client statement names whose Parse failed or was skipped: PostgreSQL keeps no
+    /// statement under that name.
+    pub forgotten: Vec<ClientName>,
+    /// The client's unnamed Parse failed: it has no unnamed statement now.
+    pub unnamed_failed: bool,
     /// The server dropped all prepared statements.
     pub cleared: bool,
     /// The schema changed (CREATE, ALTER, DROP completed): shared plans may not fit.
@@ -88,6 +110,9 @@ pub struct Responses {
     skipping: bool,
     /// A shape check the client's next message waits for is outstanding.
     pub awaiting_check: bool,
+    /// The client's next message re-registers a name whose Parse is still unanswered: it
+    /// waits until that Parse succeeded or failed.
+    pub awaiting_parse: bool,
     /// Transaction status from the server's last ReadyForQuery.
     pub status: u8,
 }
@@ -109,6 +134,7 @@ impl Responses {
         self.unsynced = false;
         self.skipping = false;
         self.awaiting_check = false;
+        self.awaiting_parse = false;
         self.status = status;
     }
 
@@ -145,6 +171,10 @@ impl Responses {
             Expect::Synthetic(bytes) if self.queue.is_empty() => {
                 self.ready.extend_from_slice(bytes)
             }
+            Expect::ParseAnswered(name) if self.queue.is_empty() => {
+                self.ready.extend_from_slice(PARSE_COMPLETE);
+                out.confirmed.push(name);
+            }
             Expect::SyntheticCommand(tag) if self.queue.is_empty() => self.answer_command(tag),
             Expect::InjectedDescribe { check: true, .. } => {
                 self.awaiting_check = true;
@@ -163,10 +193,22 @@ impl Responses {
         server: &mut ServerStatements,
         out: &mut Outcome,
     ) -> Action {
+        let action = self.answer(tag, body, server, out);
+        self.release_synthetic(out);
+        action
+    }
+
+    fn answer(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        server: &mut ServerStatements,
+        out: &mut Outcome,
+    ) -> Action {
         let Some(head) = self.queue.front() else {
             return Action::Forward;
         };
-        let action = match (tag, head) {
+        match (tag, head) {
             (b'E', Expect::RefusedQuery(bytes)) => {
                 self.ready.extend_from_slice(bytes);
                 Action::Drop
@@ -176,8 +218,16 @@ impl Responses {
                 self.pop(Action::Forward)
             }
             (b'E', Expect::Query(_) | Expect::Sync) => Action::Forward,
-            (b'E', _) => return self.on_error(body, server, out),
-            (b'1', Expect::Parse(_)) => self.pop(Action::Forward),
+            (b'E', _) => self.on_error(body, server, out),
+            (b'1', Expect::Parse { .. }) => {
+                if let Some(Expect::Parse {
+                    client: Some(name), ..
+                }) = self.queue.pop_front()
+                {
+                    out.confirmed.push(name);
+                }
+                Action::Forward
+            }
             (b'1', Expect::InjectedParse(_) | Expect::InjectedUnnamedParse) => {
                 self.pop(Action::Drop)
             }
@@ -191,7 +241,7 @@ impl Responses {
                 {
                     stmt.learn_shape(if tag == b'T' { body } else { b"" });
                     if let Some(name) = client {
-                        out.epochs.push((name, stmt));
+                        out.shapes.push((name, stmt));
                     }
                     if check {
                         self.awaiting_check = false;
@@ -219,9 +269,7 @@ impl Responses {
                 self.pop(Action::Forward)
             }
             _ => Action::Forward,
-        };
-        self.release_synthetic();
-        action
+        }
     }
 
     fn pop(&mut self, action: Action) -> Action {
@@ -230,13 +278,20 @@ impl Responses {
     }
 
     /// Moves answers the proxy gives itself to `ready` once they reach the head.
-    fn release_synthetic(&mut self) {
+    fn release_synthetic(&mut self, out: &mut Outcome) {
         loop {
             match self.queue.front() {
                 Some(Expect::Synthetic(bytes)) => self.ready.extend_from_slice(bytes),
                 Some(Expect::SyntheticCommand(tag)) => {
                     let tag = *tag;
                     self.answer_command(tag);
+                }
+                Some(Expect::ParseAnswered(_)) => {
+                    if let Some(Expect::ParseAnswered(name)) = self.queue.pop_front() {
+                        self.ready.extend_from_slice(PARSE_COMPLETE);
+                        out.confirmed.push(name);
+                    }
+                    continue;
                 }
                 _ => return,
             }
@@ -281,6 +336,10 @@ impl Responses {
                 self.ready.extend_from_slice(&bytes);
                 action = Action::Drop;
             }
+            Some(Expect::Parse {
+                prepares: None,
+                client: None,
+            }) => out.unnamed_failed = true,
             Some(
                 Expect::Bind(Some(stmt))
                 | Expect::Describe(Some(stmt))
@@ -311,7 +370,14 @@ impl Responses {
     /// A message the server rejected or skipped: undo what sending it assumed.
     fn unprepare(expect: Expect, server: &mut ServerStatements, out: &mut Outcome) {
         match expect {
-            Expect::Parse(Some(stmt)) | Expect::InjectedParse(stmt) => {
+            Expect::Parse { prepares, client } => {
+                if let Some(stmt) = prepares {
+                    server.remove(&stmt.server_name());
+                }
+                out.forgotten.extend(client);
+            }
+            Expect::ParseAnswered(name) => out.forgotten.push(name),
+            Expect::InjectedParse(stmt) => {
                 server.remove(&stmt.server_name());
             }
             // The eviction did not happen: close it next time.
@@ -498,7 +564,14 @@ mod tests {
         r.on_server_message(b'E', &err, &mut server, &mut out);
         // The client's next messages arrive after the error was seen.
         server.insert(&stmt, 10);
-        r.push(Expect::Parse(Some(stmt.clone())), &mut server, &mut out);
+        r.push(
+            Expect::Parse {
+                prepares: Some(stmt.clone()),
+                client: Some((b"s1".to_vec().into(), 1)),
+            },
+            &mut server,
+            &mut out,
+        );
         r.push(Expect::Synthetic(PARSE_COMPLETE), &mut server, &mut out);
         r.push(Expect::Execute, &mut server, &mut out);
         assert!(!server.has(&stmt), "a skipped Parse prepares nothing");
@@ -521,7 +594,7 @@ mod tests {
         r.push(
             Expect::InjectedDescribe {
                 stmt: stmt.clone(),
-                client: Some(b"s1".to_vec().into()),
+                client: Some((b"s1".to_vec().into(), 1)),
                 check: true,
             },
             &mut server,
@@ -537,7 +610,8 @@ mod tests {
             Action::Drop
         );
         assert!(!r.awaiting_check);
-        assert_eq!(out.epochs.len(), 1);
+        assert_eq!(out.shapes.len(), 1);
+        let told = stmt.shape();
         r.push(
             Expect::InjectedDescribe {
                 stmt: stmt.clone(),
@@ -548,7 +622,102 @@ mod tests {
             &mut out,
         );
         r.on_server_message(b'T', b"three", &mut server, &mut out);
-        assert_eq!(stmt.epoch(), 1, "a new shape is a new epoch");
+        assert_ne!(stmt.shape(), told, "a new shape is learnt");
+    }
+
+    fn name(n: &str, serial: u32) -> ClientName {
+        (n.as_bytes().into(), serial)
+    }
+
+    #[test]
+    fn a_parse_the_server_rejects_or_skips_registers_nothing() {
+        let reg = Registry::default();
+        let bad = reg.intern(&spec("SELEC 1"));
+        let good = reg.intern(&spec("SELECT 2"));
+        let mut server = ServerStatements::default();
+        let mut out = Outcome::default();
+        let mut r = Responses::default();
+        server.insert(&bad, 10);
+        server.insert(&good, 10);
+        r.push(
+            Expect::Parse {
+                prepares: Some(bad.clone()),
+                client: Some(name("s1", 1)),
+            },
+            &mut server,
+            &mut out,
+        );
+        r.push(
+            Expect::Parse {
+                prepares: Some(good.clone()),
+                client: Some(name("s2", 2)),
+            },
+            &mut server,
+            &mut out,
+        );
+        r.push(Expect::ParseAnswered(name("s3", 3)), &mut server, &mut out);
+        r.push(Expect::Sync, &mut server, &mut out);
+        let err = error_body("42601", "syntax error");
+        r.on_server_message(b'E', &err, &mut server, &mut out);
+        assert_eq!(out.forgotten, [name("s1", 1), name("s2", 2), name("s3", 3)]);
+        assert!(out.confirmed.is_empty());
+        assert!(!server.has(&bad) && !server.has(&good));
+        assert!(r.ready.is_empty(), "no ParseComplete for a skipped Parse");
+        r.on_server_message(b'Z', b"I", &mut server, &mut out);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_parse_the_server_completes_is_confirmed_in_order() {
+        let reg = Registry::default();
+        let stmt = reg.intern(&spec("SELECT 1"));
+        let mut server = ServerStatements::default();
+        let mut out = Outcome::default();
+        let mut r = Responses::default();
+        r.push(
+            Expect::Parse {
+                prepares: Some(stmt.clone()),
+                client: Some(name("s1", 1)),
+            },
+            &mut server,
+            &mut out,
+        );
+        r.push(Expect::ParseAnswered(name("s2", 2)), &mut server, &mut out);
+        assert!(out.confirmed.is_empty() && r.ready.is_empty());
+        assert_eq!(
+            r.on_server_message(b'1', b"", &mut server, &mut out),
+            Action::Forward
+        );
+        assert_eq!(out.confirmed, [name("s1", 1), name("s2", 2)]);
+        assert_eq!(r.ready, PARSE_COMPLETE);
+        // Nothing ahead of it: answered at once.
+        r.ready.clear();
+        r.push(Expect::ParseAnswered(name("s3", 3)), &mut server, &mut out);
+        assert_eq!(out.confirmed.last(), Some(&name("s3", 3)));
+        assert_eq!(r.ready, PARSE_COMPLETE);
+    }
+
+    #[test]
+    fn a_failed_unnamed_parse_is_reported() {
+        let mut server = ServerStatements::default();
+        let mut out = Outcome::default();
+        let mut r = Responses::default();
+        r.push(
+            Expect::Parse {
+                prepares: None,
+                client: None,
+            },
+            &mut server,
+            &mut out,
+        );
+        r.push(Expect::Sync, &mut server, &mut out);
+        r.on_server_message(
+            b'E',
+            &error_body("42601", "syntax error"),
+            &mut server,
+            &mut out,
+        );
+        assert!(out.unnamed_failed);
     }
 
     #[test]

@@ -10,11 +10,11 @@ use hashbrown::HashMap;
 use crate::codec::backend as be;
 use crate::codec::CodecError;
 use crate::config::PoolMode;
-use crate::prepared::{Registry, ServerStatements, Statement};
+use crate::prepared::{Registry, ServerStatements, Shape, Statement};
 use crate::sql::route::{analyze, ReadOnlyFunctions, RouteAnalysis};
 use crate::sql::{unlisted_setting_names, Effects};
 
-use super::responses::{Expect, Outcome, Responses, PARSE_COMPLETE};
+use super::responses::{ClientName, Expect, Outcome, Responses};
 
 /// A Close for a name that never exists: the server answers CloseComplete and nothing
 /// else happens (closing a nonexistent statement is not an error).
@@ -24,11 +24,26 @@ const NO_SUCH_STATEMENT: &[u8] = b"_hx_none";
 /// aborts the batch (and any transaction) exactly as if the refused one had failed.
 const ALWAYS_FAILS: &[u8] = b")\0";
 
+/// A valid statement that is not a transaction exit: parsed (unnamed) in a failed
+/// transaction, the server rejects it with 25P02 as it would the client's own Parse.
+const PROBE_ABORTED: &[u8] = b"SELECT\0\0\0";
+
+/// What one of the client's statement names stands for.
+struct ClientEntry {
+    stmt: Rc<Statement>,
+    /// The result shape the client was told when it prepared the statement.
+    shape: Option<Shape>,
+    /// Tells this registration of the name from earlier ones.
+    serial: u32,
+    /// The server has not yet answered the Parse that registered the name.
+    pending: bool,
+}
+
 /// The client's own statement names and what they stand for. Lives as long as the client.
 #[derive(Default)]
 pub struct ClientStatements {
-    /// Each name's statement and the result-shape epoch the client was told.
-    by_name: HashMap<Box<[u8]>, (Rc<Statement>, u32)>,
+    by_name: HashMap<Box<[u8]>, ClientEntry>,
+    next_serial: u32,
     /// The client's unnamed statement (Parse body after the name), which PostgreSQL keeps
     /// until the next unnamed Parse or simple Query — possibly across transactions, so
     /// across server connections here. The buffer is reused.
@@ -37,14 +52,56 @@ pub struct ClientStatements {
 }
 
 impl ClientStatements {
-    /// The server confirmed the shape `name` was prepared with: the client now expects
-    /// the statement's current epoch.
-    pub fn confirm_epoch(&mut self, name: &[u8], stmt: &Rc<Statement>) {
-        if let Some(entry) = self.by_name.get_mut(name) {
-            if Rc::ptr_eq(&entry.0, stmt) {
-                entry.1 = stmt.epoch();
+    /// Applies what the server's answers settled about the client's names: Parses that
+    /// completed or failed, shapes learnt for them, an unnamed Parse that failed. True
+    /// when a pending name was settled (a held Parse may go on).
+    pub fn settle(&mut self, out: &mut Outcome) -> bool {
+        let mut settled = false;
+        for (name, serial) in out.confirmed.drain(..) {
+            if let Some(entry) = self.entry_mut(&name, serial) {
+                entry.pending = false;
+                settled = true;
             }
         }
+        for (name, serial) in out.forgotten.drain(..) {
+            if self.entry_mut(&name, serial).is_some() {
+                self.by_name.remove(&name);
+                settled = true;
+            }
+        }
+        for ((name, serial), stmt) in out.shapes.drain(..) {
+            if let Some(entry) = self.entry_mut(&name, serial) {
+                if Rc::ptr_eq(&entry.stmt, &stmt) {
+                    entry.shape = stmt.shape();
+                }
+            }
+        }
+        if std::mem::take(&mut out.unnamed_failed) {
+            self.has_unnamed = false;
+        }
+        settled
+    }
+
+    fn entry_mut(&mut self, name: &[u8], serial: u32) -> Option<&mut ClientEntry> {
+        self.by_name
+            .get_mut(name)
+            .filter(|entry| entry.serial == serial)
+    }
+
+    /// Registers `name` for `stmt`, pending until the server answers its Parse.
+    fn register(&mut self, name: &[u8], stmt: &Rc<Statement>) -> ClientName {
+        self.next_serial = self.next_serial.wrapping_add(1);
+        let serial = self.next_serial;
+        self.by_name.insert(
+            name.into(),
+            ClientEntry {
+                stmt: stmt.clone(),
+                shape: stmt.shape(),
+                serial,
+                pending: true,
+            },
+        );
+        (name.into(), serial)
     }
 
     /// How the statement a Bind names may be routed: a named one's cached analysis, or
@@ -67,7 +124,7 @@ impl ClientStatements {
         }
         self.by_name
             .get(name)
-            .map(|(stmt, _)| stmt.route_analysis(functions))
+            .map(|entry| entry.stmt.route_analysis(functions))
     }
 
     pub fn clear(&mut self) {
@@ -132,7 +189,7 @@ impl Upstream<'_> {
         }
         match tag {
             b'Q' => self.query(msg, body, out),
-            b'P' => self.parse(msg, body, out)?,
+            b'P' => return self.parse(msg, body, out),
             b'B' => return self.bind(msg, body, out),
             b'D' => self.describe(msg, body, out)?,
             b'C' => self.close(msg, body, out)?,
@@ -157,6 +214,7 @@ impl Upstream<'_> {
     fn expect(&mut self, expect: Expect) {
         let mut outcome = Outcome::default();
         self.responses.push(expect, self.server, &mut outcome);
+        self.client.settle(&mut outcome);
         self.pending_close.extend(outcome.to_close);
     }
 
@@ -192,7 +250,12 @@ impl Upstream<'_> {
         out.extend_from_slice(msg);
     }
 
-    fn parse(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    fn parse(
+        &mut self,
+        msg: &[u8],
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Translated, CodecError> {
         // The body is interned and replayed on other connections: it must be well formed.
         crate::codec::frontend::decode(b'P', body)?;
         let (name, spec) = split_cstr(body, "Parse")?;
@@ -201,49 +264,92 @@ impl Upstream<'_> {
             let effects = crate::sql::classify(sql);
             if let Some(refusal) = self.refusal(&effects) {
                 self.refuse_extended(&refusal, "0A000", out);
-                return Ok(());
+                return Ok(Translated::Done);
             }
             self.note(&effects, sql);
             self.client.unnamed.clear();
             self.client.unnamed.extend_from_slice(spec);
             self.client.has_unnamed = true;
             self.notes.unnamed_here = true;
-            self.extended(msg, Expect::Parse(None), out);
-            return Ok(());
-        }
-        if self.client.by_name.contains_key(name) {
-            let message = format!(
-                "prepared statement \"{}\" already exists",
-                String::from_utf8_lossy(name)
+            self.extended(
+                msg,
+                Expect::Parse {
+                    prepares: None,
+                    client: None,
+                },
+                out,
             );
-            self.refuse_extended(&message, "42P05", out);
-            return Ok(());
+            return Ok(Translated::Done);
+        }
+        if self.responses.is_skipping() {
+            // The server ignores it (an earlier message failed), so PostgreSQL would
+            // register nothing: neither does the proxy.
+            self.extended(
+                msg,
+                Expect::Parse {
+                    prepares: None,
+                    client: None,
+                },
+                out,
+            );
+            return Ok(Translated::Done);
+        }
+        match self.client.by_name.get(name) {
+            Some(entry) if entry.pending => {
+                // Whether the name is taken depends on an answer still to come.
+                write_message(out, b'H', &[]);
+                self.responses.awaiting_parse = true;
+                return Ok(Translated::Hold);
+            }
+            Some(_) => {
+                let message = format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(name)
+                );
+                self.refuse_extended(&message, "42P05", out);
+                return Ok(Translated::Done);
+            }
+            None => {}
         }
         let stmt = self.registry.intern(spec);
         if let Some(refusal) = self.refusal(&stmt.effects) {
             self.refuse_extended(&refusal, "0A000", out);
-            return Ok(());
+            return Ok(Translated::Done);
         }
-        self.client
-            .by_name
-            .insert(name.into(), (stmt.clone(), stmt.epoch()));
+        let client = self.client.register(name, &stmt);
         self.responses.unsynced = true;
         if self.server.has(&stmt) {
-            self.expect(Expect::Synthetic(PARSE_COMPLETE));
-            return Ok(());
+            if self.responses.status == b'E' && self.responses.outstanding() == 0 {
+                // A failed transaction: PostgreSQL refuses the Parse (25P02) and skips to
+                // Sync. Let the server say so with a Parse of its own that fails the same
+                // way; it replaces the unnamed statement here, which is recreated if the
+                // client needs its own.
+                write_message(out, b'P', &[b"\0", PROBE_ABORTED]);
+                self.notes.unnamed_here = false;
+                self.expect(Expect::Parse {
+                    prepares: None,
+                    client: Some(client),
+                });
+                return Ok(Translated::Done);
+            }
+            self.expect(Expect::ParseAnswered(client));
+            return Ok(Translated::Done);
         }
         self.make_room(&stmt, out);
         let server_name = stmt.server_name();
         write_message(out, b'P', &[server_name.as_bytes(), b"\0", stmt.spec()]);
-        self.expect(Expect::Parse(Some(stmt.clone())));
+        self.expect(Expect::Parse {
+            prepares: Some(stmt.clone()),
+            client: Some(client.clone()),
+        });
         // Learn the shape the client is being told, so a later change is noticed.
         write_message(out, b'D', &[b"S", server_name.as_bytes(), b"\0"]);
         self.expect(Expect::InjectedDescribe {
             stmt,
-            client: Some(name.into()),
+            client: Some(client),
             check: false,
         });
-        Ok(())
+        Ok(Translated::Done)
     }
 
     fn bind(
@@ -254,7 +360,7 @@ impl Upstream<'_> {
     ) -> Result<Translated, CodecError> {
         let (portal, rest) = split_cstr(body, "Bind")?;
         let (name, rest) = split_cstr(rest, "Bind")?;
-        let Some((stmt, epoch)) = self.lookup(name) else {
+        let Some((stmt, told)) = self.lookup(name) else {
             // Unnamed, or unknown: the server answers as PostgreSQL would.
             if name.is_empty() && !self.ensure_unnamed(out) {
                 // Whatever unnamed statement this connection has is another client's.
@@ -278,12 +384,12 @@ impl Upstream<'_> {
                 return Ok(Translated::Hold);
             }
         }
-        if epoch != stmt.epoch() {
-            // The table changed shape since the client prepared this: PostgreSQL's answer.
+        if shape_changed(told.as_ref(), stmt.shape().as_ref()) {
+            // The result columns changed since the client prepared this: PostgreSQL's
+            // answer (a table dropped and created alike is no change).
             log::debug!(
-                "statement {}: result shape changed since the client prepared it (epoch {epoch} -> {})",
+                "statement {}: result shape changed since the client prepared it",
                 stmt.server_name(),
-                stmt.epoch()
             );
             write_message(out, b'B', &[portal, b"\0", NO_SUCH_STATEMENT, b"\0", rest]);
             self.expect(Expect::ReplaceError(stale_plan_error()));
@@ -355,11 +461,14 @@ impl Upstream<'_> {
         Ok(())
     }
 
-    fn lookup(&self, name: &[u8]) -> Option<(Rc<Statement>, u32)> {
+    fn lookup(&self, name: &[u8]) -> Option<(Rc<Statement>, Option<Shape>)> {
         if name.is_empty() {
             return None;
         }
-        self.client.by_name.get(name).cloned()
+        self.client
+            .by_name
+            .get(name)
+            .map(|entry| (entry.stmt.clone(), entry.shape.clone()))
     }
 
     /// Prepares `stmt` on this connection (which lacks it) and learns its result shape;
@@ -454,6 +563,11 @@ impl Upstream<'_> {
             self.notes.maybe_pinned = true;
         }
     }
+}
+
+/// True when the client was told one result shape and the statement now has another.
+fn shape_changed(told: Option<&Shape>, now: Option<&Shape>) -> bool {
+    matches!((told, now), (Some(told), Some(now)) if told != now)
 }
 
 fn mode_name(mode: PoolMode) -> &'static str {
