@@ -93,8 +93,8 @@ impl Mode {
     }
 
     /// Session mode holds a backend per client for its whole life, so it gets enough
-    /// backends for every connection a program opens at once (8, split over 2 workers with
-    /// room for an uneven spread); transaction mode shares 4 (2 per worker) among them all.
+    /// backends for every connection a program opens at once (8, with plenty of room);
+    /// transaction mode shares 4 (one budget for both workers) among them all.
     fn overrides(self) -> String {
         let pool = match self {
             Mode::Session => 40,

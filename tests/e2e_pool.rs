@@ -108,3 +108,71 @@ async fn pgbench_runs_clean() {
     assert!(processed > 0, "pgbench processed no transactions:\n{run}");
     target.assert_running();
 }
+
+/// The worker a transaction-pooling client's made-up pid names (see `cancel.rs`).
+fn worker_of(pid: i32) -> i32 {
+    (pid - 4_194_304) & 0xff
+}
+
+#[test]
+fn a_client_never_waits_while_a_server_connection_of_its_pool_sits_idle() {
+    if common::proxy_only(
+        "a_client_never_waits_while_a_server_connection_of_its_pool_sits_idle",
+        "pool budgets are the proxy's",
+    ) {
+        return;
+    }
+    // max_pool_size is one budget for both workers: the kernel spreads clients unevenly,
+    // and a client must not wait on one worker while the other keeps a connection idle.
+    let proxy = target(
+        "workers = 2\n[pool_mode]\nmode = \"transaction\"\nmax_pool_size = 2\nacquire_timeout_ms = 5000\n",
+    );
+    let db = "budget_shared";
+    common::cluster().psql_admin("postgres", &format!("CREATE DATABASE {db}"));
+    // Log in until two clients share a worker and one is on the other.
+    let mut by_worker: [Vec<common::RawConn>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..64 {
+        if by_worker.iter().any(|w| w.len() >= 2) && by_worker.iter().all(|w| !w.is_empty()) {
+            break;
+        }
+        let mut conn = common::RawConn::connect(proxy.port);
+        let startup = conn.startup_trust(common::TRUST_USER, db);
+        assert!(startup.error.is_none(), "{:?}", startup.error);
+        let (pid, _) = startup.backend_key.expect("BackendKeyData");
+        by_worker[worker_of(pid) as usize].push(conn);
+    }
+    let busy = usize::from(by_worker[1].len() >= 2);
+    let [mut first, mut second] = [by_worker[busy].remove(0), by_worker[busy].remove(0)];
+    let mut other = by_worker[1 - busy].remove(0);
+    drop(by_worker);
+
+    // The other worker ends up with an idle connection, this one's first client holds one:
+    // the budget of two is spent.
+    assert!(other.simple_query("SELECT 1").error.is_none());
+    assert!(first.simple_query("BEGIN").error.is_none());
+    assert!(first.simple_query("SELECT 1").error.is_none());
+    // The second client of the busy worker is served: the idle connection is given back
+    // and opened again where it is needed, within the acquire timeout.
+    let result = second.simple_query("SELECT 2");
+    assert!(
+        result.error.is_none(),
+        "waited while a connection sat idle: {:?}\n{}",
+        result.error.map(|e| e.fields()),
+        proxy.log()
+    );
+    assert_eq!(result.rows, [[Some("2".to_string())]]);
+    let connections: i64 = common::cluster()
+        .psql_admin(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'"),
+        )
+        .trim()
+        .parse()
+        .expect("count");
+    assert!(
+        connections <= 2,
+        "{connections} server connections for a budget of 2"
+    );
+    assert!(first.simple_query("COMMIT").error.is_none());
+    assert!(other.simple_query("SELECT 3").error.is_none());
+}

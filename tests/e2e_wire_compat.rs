@@ -300,3 +300,97 @@ fn a_slow_but_valid_login_is_not_cut_short() {
         [[Some("1".to_string())]]
     );
 }
+
+/// Server connections PostgreSQL has to `db`.
+fn connections_to(db: &str) -> i64 {
+    cluster()
+        .psql_admin(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'"),
+        )
+        .trim()
+        .parse()
+        .expect("count")
+}
+
+/// Leaves the proxy with idle pooled connections to `db`: several clients at once run a
+/// query there and leave.
+async fn use_database(target: &Proxy, db: &str) {
+    let clients = futures_util::future::join_all(
+        (0..6).map(|_| target.connect(common::SUPERUSER, Some(common::SUPERUSER_PASSWORD), db)),
+    )
+    .await;
+    for client in clients {
+        let client = client.unwrap_or_else(|e| panic!("login to {db}: {e:?}"));
+        client.simple_query("SELECT 1").await.expect("query");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_that_need_a_database_to_themselves_are_not_blocked_by_the_pool() {
+    for (mode, _) in modes(1) {
+        let config = format!("workers = 2\n[pool_mode]\nmode = \"{mode}\"\nmax_pool_size = 16\n");
+        let target = target(&config);
+        let db = format!("fenced_{mode}");
+        let renamed = format!("{db}_renamed");
+        let copy = format!("{db}_copy");
+        cluster().psql_admin("postgres", &format!("CREATE DATABASE {db}"));
+        let admin = target.client().await;
+
+        use_database(&target, &db).await;
+        if !target.is_direct() {
+            assert!(
+                connections_to(&db) > 0,
+                "{mode}: the proxy kept connections"
+            );
+        }
+        admin
+            .batch_execute(&format!("ALTER DATABASE {db} RENAME TO {renamed}"))
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: RENAME: {e:?}"));
+
+        use_database(&target, &renamed).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {copy} TEMPLATE {renamed}"))
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: CREATE … TEMPLATE: {e:?}"));
+
+        // Over the extended protocol too (drivers send it that way).
+        use_database(&target, &renamed).await;
+        admin
+            .execute(&format!("DROP DATABASE {renamed}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: DROP: {e:?}"));
+        assert_eq!(connections_to(&renamed), 0);
+
+        // A real client in a transaction there still blocks it, as it would directly.
+        let holder = target
+            .connect(common::SUPERUSER, Some(common::SUPERUSER_PASSWORD), &copy)
+            .await
+            .expect("login to the copy");
+        holder
+            .batch_execute("BEGIN; SELECT 1")
+            .await
+            .expect("BEGIN");
+        let err = admin
+            .batch_execute(&format!("DROP DATABASE {copy}"))
+            .await
+            .expect_err("DROP DATABASE while a client is in a transaction there");
+        assert_eq!(common::sqlstate(&err), "55006", "{mode}: {err:?}");
+        holder.batch_execute("COMMIT").await.expect("COMMIT");
+        drop(holder);
+        // Once it left, the database can go (its session-mode backend may take a moment).
+        let mut dropped = Err(err);
+        for _ in 0..50 {
+            dropped = admin.batch_execute(&format!("DROP DATABASE {copy}")).await;
+            if dropped.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        dropped.unwrap_or_else(|e| panic!("{mode}: DROP after the client left: {e:?}"));
+        // Clients of other databases never noticed.
+        admin.simple_query("SELECT 1").await.expect("still served");
+        target.assert_running();
+    }
+}

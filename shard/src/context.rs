@@ -2,6 +2,7 @@
 //! its pools, its cancel registry, buffers, counters and drain latch. Only this shard's
 //! tasks touch it.
 
+use crate::budget::Budgets;
 use crate::fence::Fences;
 use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -95,6 +96,8 @@ pub struct ShardCtx {
     pub pools: RefCell<HashMap<PoolKey, Rc<Pool>>>,
     /// Databases a client's statement needs to itself right now (see `fence`).
     pub fences: Rc<Fences>,
+    /// Every pool key's connection budget, shared with the other shards.
+    pub budgets: Arc<Budgets>,
     pub cancels: CancelRegistry,
     pub bufs: BufPool,
     /// Prepared statements shared by this shard's transaction-pooled clients.
@@ -113,7 +116,8 @@ pub struct ShardCtx {
 fn pool_limits(config: &Config, workers: usize, id: usize) -> PoolLimits {
     let pool = &config.pool_mode;
     PoolLimits {
-        max_size: share(pool.max_pool_size as usize, workers, id).max(1),
+        // One budget for every shard (see `budget`); min_idle is kept per shard.
+        max_size: (pool.max_pool_size as usize).max(1),
         min_idle: share(pool.min_idle as usize, workers, id),
         idle_timeout: Duration::from_secs(pool.idle_timeout_secs),
         max_lifetime: Duration::from_secs(pool.max_lifetime_secs),
@@ -165,7 +169,12 @@ pub fn initial_topology(config: &Config) -> Result<Topology, String> {
 }
 
 impl ShardCtx {
-    pub fn new(id: usize, config: Arc<Config>, stats: Arc<ShardStats>) -> Result<Self, String> {
+    pub fn new(
+        id: usize,
+        config: Arc<Config>,
+        stats: Arc<ShardStats>,
+        budgets: Arc<Budgets>,
+    ) -> Result<Self, String> {
         let workers = config.effective_workers();
         let limits = pool_limits(&config, workers, id);
         let users = user_entries(&config)?;
@@ -190,6 +199,7 @@ impl ShardCtx {
             console: None,
             pools: RefCell::new(HashMap::new()),
             fences: Rc::default(),
+            budgets,
             cancels: CancelRegistry::new(
                 id,
                 Duration::from_millis(config.timeouts.connect_timeout_ms),
@@ -263,6 +273,14 @@ impl ShardCtx {
                 next_id: self.next_backend_id.clone(),
                 gate: self.gate.clone(),
                 fences: self.fences.clone(),
+                budget: self.budgets.get(
+                    (
+                        key.node.to_string(),
+                        key.database.to_string(),
+                        key.user.to_string(),
+                    ),
+                    self.limits.borrow().max_size,
+                ),
             },
         );
         if !node.routable {

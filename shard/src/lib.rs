@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod budget;
 pub mod bufpool;
 pub mod cancel;
 pub mod codec;

@@ -1,6 +1,8 @@
-//! Per-shard backend pools keyed by (node, database, user). A shard never borrows
-//! another shard's connections: its share of `max_pool_size` is all it has, and its
-//! clients queue FIFO for it up to the acquire timeout.
+//! Per-shard backend pools keyed by (node, database, user). A shard never uses another
+//! shard's connections, but `max_pool_size` is one budget for all of them (see
+//! [`crate::budget`]): a shard opens a connection when the budget has room, and gives
+//! back what it keeps idle while other shards' clients wait. Clients queue FIFO up to
+//! the acquire timeout.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::{BackendConn, BackendError, ConnectSpec};
+use crate::budget::Budget;
 use crate::config::TimeoutsConfig;
 use crate::control::{PoolReport, ServerReport};
 use crate::fence::Fences;
@@ -35,7 +38,7 @@ pub struct PoolLimits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
-    #[error("timed out after {waited_ms} ms waiting for a server connection from pool \"{pool}\" ({max} connections on this worker, all busy)")]
+    #[error("timed out after {waited_ms} ms waiting for a server connection from pool \"{pool}\" ({max} server connections in all, every one in use; pool_mode.max_pool_size)")]
     Timeout {
         pool: String,
         waited_ms: u128,
@@ -82,6 +85,8 @@ pub struct Pool {
     retired: Cell<bool>,
     /// Raised when a retired pool's node may take work again.
     reinstated: Signal,
+    /// The right to open connections, shared with this key's pools on other shards.
+    budget: Arc<Budget>,
 }
 
 #[derive(Default)]
@@ -103,6 +108,8 @@ pub struct ShardShared {
     pub next_id: Rc<Cell<u64>>,
     pub gate: Rc<Gate>,
     pub fences: Rc<Fences>,
+    /// This pool key's budget, shared with the other shards.
+    pub budget: Arc<Budget>,
 }
 
 impl Pool {
@@ -118,6 +125,7 @@ impl Pool {
             next_id,
             gate,
             fences,
+            budget,
         } = shared;
         Rc::new(Pool {
             key,
@@ -131,6 +139,7 @@ impl Pool {
             fences,
             retired: Cell::new(false),
             reinstated: Signal::default(),
+            budget,
         })
     }
 
@@ -149,7 +158,7 @@ impl Pool {
                 .waiters
                 .front()
                 .map_or(0, |(_, since)| since.elapsed().as_micros() as u64),
-            max: self.limits.borrow().max_size,
+            max: self.budget.max(),
             created: st.created,
             closed: st.closed,
             leases: st.leases,
@@ -224,43 +233,62 @@ impl Pool {
                 spec.scram_cache = Rc::default();
             }
         }
+        self.budget.set_max(limits.max_size);
         *self.limits.borrow_mut() = limits;
-        let excess: Vec<BackendConn> = {
-            let mut st = self.state.borrow_mut();
-            let max = self.limits.borrow().max_size;
-            let n = st.total.saturating_sub(max).min(st.idle.len());
-            let keep = st.idle.len() - n;
-            st.idle.drain(keep..).collect()
-        };
-        for conn in excess {
+        // A smaller budget: idle connections beyond it close now, lent ones as they
+        // come back.
+        while self.budget.over() {
+            let Some(conn) = self.state.borrow_mut().idle.pop() else {
+                break;
+            };
             self.discard(conn);
         }
         self.grant_slots();
     }
 
-    /// Hands free slots to waiting clients (after the limit grew or the node came back).
-    fn grant_slots(&self) {
+    /// Hands free places in the budget to waiting clients (after the limit grew, the
+    /// node came back, or another shard gave connections back).
+    pub fn grant_slots(&self) {
         if self.retired.get() {
             return;
         }
-        loop {
-            let waiter = {
-                let mut st = self.state.borrow_mut();
-                if st.total >= self.limits.borrow().max_size {
-                    return;
-                }
-                match st.waiters.pop_front() {
-                    Some((w, _)) => {
-                        st.total += 1;
-                        w
-                    }
-                    None => return,
-                }
+        while !self.state.borrow().waiters.is_empty() && self.budget.try_take() {
+            let Some(waiter) = self.pop_waiter() else {
+                self.budget.give_back();
+                return;
             };
+            self.state.borrow_mut().total += 1;
             if waiter.put(Grant::Slot).is_err() {
                 self.state.borrow_mut().total -= 1;
+                self.budget.give_back();
             }
         }
+    }
+
+    /// The first waiting client, no longer counted as waiting.
+    fn pop_waiter(&self) -> Option<Rc<Slot<Grant>>> {
+        let (waiter, _) = self.state.borrow_mut().waiters.pop_front()?;
+        self.budget.stop_waiting();
+        Some(waiter)
+    }
+
+    /// Clients of other shards wait for this key's budget, which this shard holds in
+    /// idle connections: close them, so those clients can open their own.
+    pub fn yield_idle(&self) {
+        let local = self.state.borrow().waiters.len();
+        let mut wanted = self.budget.waiting_elsewhere(local);
+        while wanted > 0 {
+            let Some(conn) = self.state.borrow_mut().idle.pop() else {
+                return;
+            };
+            self.discard(conn);
+            wanted -= 1;
+        }
+    }
+
+    /// Clients are waiting here.
+    pub fn has_waiters(&self) -> bool {
+        !self.state.borrow().waiters.is_empty()
     }
 
     /// No connections and nobody waiting: the pool can be forgotten.
@@ -285,7 +313,7 @@ impl Pool {
                 return Err(AcquireError::Timeout {
                     pool: self.label.clone(),
                     waited_ms: limit.as_millis(),
-                    max: self.limits.borrow().max_size,
+                    max: self.budget.max(),
                 });
             }
         }
@@ -308,6 +336,7 @@ impl Pool {
             .borrow_mut()
             .waiters
             .push_back((slot.clone(), started));
+        self.budget.start_waiting();
         let guard = WaitGuard {
             pool: self,
             slot: &slot,
@@ -338,7 +367,7 @@ impl Pool {
                 Err(AcquireError::Timeout {
                     pool: self.label.clone(),
                     waited_ms: waited.as_millis(),
-                    max: self.limits.borrow().max_size,
+                    max: self.budget.max(),
                 })
             }
         }
@@ -349,7 +378,7 @@ impl Pool {
         if self.retired.get()
             || self.fenced()
             || conn.created.elapsed() >= self.limits.borrow().max_lifetime
-            || self.state.borrow().total > self.limits.borrow().max_size
+            || self.budget.over()
         {
             self.discard(conn);
             return;
@@ -358,9 +387,7 @@ impl Pool {
         // Messages for the client that left do not go to the next one.
         conn.notifications.clear();
         let mut pending = Some(conn);
-        loop {
-            let waiter = self.state.borrow_mut().waiters.pop_front();
-            let Some((waiter, _)) = waiter else { break };
+        while let Some(waiter) = self.pop_waiter() {
             match waiter.put(Grant::Conn(pending.take().expect("conn present"))) {
                 Ok(()) => return,
                 Err(Grant::Conn(c)) => pending = Some(c),
@@ -368,6 +395,11 @@ impl Pool {
             }
         }
         if let Some(conn) = pending {
+            if self.budget.waiting_elsewhere(0) > 0 {
+                // Nobody here wants it and another shard's clients wait for the budget.
+                self.discard(conn);
+                return;
+            }
             self.state.borrow_mut().idle.push(conn);
         }
     }
@@ -408,7 +440,7 @@ impl Pool {
         for conn in expired {
             self.discard(conn);
         }
-        if self.retired.get() || self.fenced() {
+        if self.retired.get() || self.fenced() || self.budget.waiting_elsewhere(0) > 0 {
             return;
         }
         let missing = {
@@ -453,9 +485,8 @@ impl Pool {
     }
 
     fn reserve_slot(&self) -> bool {
-        let mut st = self.state.borrow_mut();
-        if st.total < self.limits.borrow().max_size {
-            st.total += 1;
+        if self.budget.try_take() {
+            self.state.borrow_mut().total += 1;
             true
         } else {
             false
@@ -496,27 +527,23 @@ impl Pool {
         self.release_slot_only();
     }
 
-    /// Gives a freed slot to the first live waiter, or back to the pool. A retired pool
-    /// (or one over its reloaded limit) keeps the slot free.
+    /// Gives a freed place in the budget back, then to the first live waiter here if
+    /// the budget still has room (a retired pool keeps it free).
     fn release_slot_only(&self) {
-        let mut st = self.state.borrow_mut();
-        st.total -= 1;
-        if self.retired.get() || st.total >= self.limits.borrow().max_size {
-            return;
-        }
-        while let Some((waiter, _)) = st.waiters.pop_front() {
-            if waiter.put(Grant::Slot).is_ok() {
-                st.total += 1;
-                return;
-            }
-        }
+        self.state.borrow_mut().total -= 1;
+        self.budget.give_back();
+        self.grant_slots();
     }
 
     fn abandon_wait(&self, slot: &Rc<Slot<Grant>>) {
-        self.state
-            .borrow_mut()
-            .waiters
-            .retain(|(w, _)| !Rc::ptr_eq(w, slot));
+        {
+            let mut st = self.state.borrow_mut();
+            let before = st.waiters.len();
+            st.waiters.retain(|(w, _)| !Rc::ptr_eq(w, slot));
+            if st.waiters.len() < before {
+                self.budget.stop_waiting();
+            }
+        }
         match slot.abandon() {
             Some(Grant::Conn(conn)) => self.release(conn),
             Some(Grant::Slot) => self.release_slot_only(),

@@ -14,6 +14,7 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::budget::Budgets;
 use crate::cancel::{ShardMsg, MAX_SHARDS};
 use crate::codec::backend as be;
 use crate::config::Config;
@@ -61,7 +62,8 @@ impl Runtime {
             return Err(StartError::TooManyWorkers(workers));
         }
         // Build one context up front so config problems surface before any thread starts.
-        ShardCtx::new(0, config.clone(), Arc::default()).map_err(StartError::Config)?;
+        ShardCtx::new(0, config.clone(), Arc::default(), Arc::default())
+            .map_err(StartError::Config)?;
         let listeners = (0..workers)
             .map(|_| bind_reuseport(&config.listen_address))
             .collect::<Result<Vec<_>, _>>()?;
@@ -75,6 +77,7 @@ impl Runtime {
             })?;
         let cpus = allowed_cpus();
         let mesh: MeshBuilder<ShardMsg, Full> = MeshBuilder::full(workers, 1024);
+        let budgets = Arc::<Budgets>::default();
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut links = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
@@ -97,6 +100,7 @@ impl Runtime {
             let console = console.clone();
             let shard = ShardStart {
                 id,
+                budgets: budgets.clone(),
                 config,
                 stats,
                 listener,
@@ -175,6 +179,7 @@ fn allowed_cpus() -> Vec<usize> {
 /// Everything a shard thread is started with.
 struct ShardStart {
     id: usize,
+    budgets: Arc<Budgets>,
     config: Arc<Config>,
     stats: Arc<ShardStats>,
     listener: OwnedFd,
@@ -187,6 +192,7 @@ struct ShardStart {
 async fn shard_main(start: ShardStart) {
     let ShardStart {
         id,
+        budgets,
         config,
         stats,
         listener,
@@ -195,7 +201,7 @@ async fn shard_main(start: ShardStart) {
         inbox,
         console,
     } = start;
-    let ctx = match ShardCtx::new(id, config, stats) {
+    let ctx = match ShardCtx::new(id, config, stats, budgets) {
         Ok(mut ctx) => {
             ctx.console = console;
             Rc::new(ctx)
@@ -300,6 +306,7 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>, inbox: Recei
             break;
         }
         crate::mailbox::drain(&ctx, &inbox);
+        balance_budgets(&ctx);
         ticks += 1;
         if ticks.is_multiple_of(MAINTENANCE_EVERY) {
             // Pools nobody uses (e.g. a client named a database that does not exist)
@@ -315,6 +322,17 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>, inbox: Recei
             for pool in pools {
                 pool.maintain();
             }
+        }
+    }
+}
+
+/// Shares pool budgets with the other shards: idle connections another shard's clients
+/// are waiting for close, and clients waiting here take what the others gave back.
+fn balance_budgets(ctx: &ShardCtx) {
+    for pool in ctx.pools.borrow().values() {
+        pool.yield_idle();
+        if pool.has_waiters() {
+            pool.grant_slots();
         }
     }
 }
