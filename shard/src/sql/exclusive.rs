@@ -13,6 +13,12 @@ use super::lexer::{Lexer, Token};
 pub fn exclusive_database(sql: &[u8]) -> Option<String> {
     let mut tokens = Lexer::new(sql);
     let verb = word(tokens.next()?)?;
+    if ![&b"drop"[..], b"alter", b"create"]
+        .iter()
+        .any(|v| verb.eq_ignore_ascii_case(v))
+    {
+        return None;
+    }
     let Token::Word(second) = tokens.next()? else {
         return None;
     };

@@ -147,9 +147,11 @@ impl Responses {
         self.queue.len()
     }
 
-    /// The server ignores messages until the next Sync.
+    /// The server ignores a message sent now: it reported an error and has not been
+    /// sent the Sync that ends the skipping (once that Sync is queued, messages sent
+    /// after it are answered again).
     pub fn is_skipping(&self) -> bool {
-        self.skipping
+        self.skipping && self.queue.is_empty()
     }
 
     /// ReadyForQuery messages still to come.
@@ -163,7 +165,7 @@ impl Responses {
     /// Queues what the server will owe for a message being sent. While the server skips
     /// to Sync after an error, messages before that Sync get no answer at all.
     pub fn push(&mut self, expect: Expect, server: &mut ServerStatements, out: &mut Outcome) {
-        if self.skipping && !matches!(expect, Expect::Sync) {
+        if self.is_skipping() && !matches!(expect, Expect::Sync) {
             Self::unprepare(expect, server, out);
             return;
         }
@@ -582,6 +584,37 @@ mod tests {
         assert!(r.is_empty());
         r.push(Expect::Execute, &mut server, &mut out);
         assert_eq!(r.outstanding(), 1, "after Sync the server answers again");
+    }
+
+    #[test]
+    fn messages_after_a_sync_already_sent_are_answered_despite_an_error() {
+        let reg = Registry::default();
+        let stmt = reg.intern(&spec("SELECT 1"));
+        let mut server = ServerStatements::default();
+        let mut out = Outcome::default();
+        let mut r = Responses::default();
+        r.push(Expect::Execute, &mut server, &mut out);
+        r.push(Expect::Sync, &mut server, &mut out);
+        r.on_server_message(
+            b'E',
+            &error_body("22012", "division by zero"),
+            &mut server,
+            &mut out,
+        );
+        assert!(!r.is_skipping(), "the Sync that ends it is on its way");
+        // The next batch, sent before the first batch's ReadyForQuery arrived.
+        server.insert(&stmt, 10);
+        r.push(
+            Expect::Parse {
+                prepares: Some(stmt.clone()),
+                client: Some((b"s1".to_vec().into(), 1)),
+            },
+            &mut server,
+            &mut out,
+        );
+        assert!(server.has(&stmt), "not skipped: the server will run it");
+        assert!(out.forgotten.is_empty());
+        assert_eq!(r.outstanding(), 2);
     }
 
     #[test]
