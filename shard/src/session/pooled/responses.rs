@@ -427,6 +427,11 @@ mod tests {
         out[5..].to_vec()
     }
 
+    /// A server connection's statements, an outcome and a queue, all empty.
+    fn fixture() -> (ServerStatements, Outcome, Responses) {
+        Default::default()
+    }
+
     fn spec(q: &str) -> Vec<u8> {
         let mut s = q.as_bytes().to_vec();
         s.extend_from_slice(&[0, 0, 0]);
@@ -437,9 +442,7 @@ mod tests {
     fn injected_answers_are_dropped_and_synthetic_ones_placed_in_order() {
         let reg = Registry::default();
         let stmt = reg.intern(&spec("SELECT 1"));
-        let mut server = ServerStatements::default();
-        let mut out = Outcome::default();
-        let mut r = Responses::default();
+        let (mut server, mut out, mut r) = fixture();
         r.push(Expect::InjectedParse(stmt.clone()), &mut server, &mut out);
         r.push(Expect::Bind(Some(stmt.clone())), &mut server, &mut out);
         r.push(Expect::Synthetic(PARSE_COMPLETE), &mut server, &mut out);
@@ -475,9 +478,7 @@ mod tests {
 
     #[test]
     fn a_synthetic_answer_with_nothing_before_it_is_ready_at_once() {
-        let mut server = ServerStatements::default();
-        let mut out = Outcome::default();
-        let mut r = Responses::default();
+        let (mut server, mut out, mut r) = fixture();
         r.push(Expect::Synthetic(PARSE_COMPLETE), &mut server, &mut out);
         assert_eq!(r.ready, PARSE_COMPLETE);
         assert_eq!(r.outstanding(), 0);
@@ -558,22 +559,13 @@ mod tests {
     fn messages_after_an_error_before_sync_get_no_answer() {
         let reg = Registry::default();
         let stmt = reg.intern(&spec("SELECT 1"));
-        let mut server = ServerStatements::default();
-        let mut out = Outcome::default();
-        let mut r = Responses::default();
+        let (mut server, mut out, mut r) = fixture();
         r.push(Expect::Execute, &mut server, &mut out);
         let err = error_body("22012", "division by zero");
         r.on_server_message(b'E', &err, &mut server, &mut out);
         // The client's next messages arrive after the error was seen.
         server.insert(&stmt, 10);
-        r.push(
-            Expect::Parse {
-                prepares: Some(stmt.clone()),
-                client: Some((b"s1".to_vec().into(), 1)),
-            },
-            &mut server,
-            &mut out,
-        );
+        r.push(named_parse(&stmt, "s1", 1), &mut server, &mut out);
         r.push(Expect::Synthetic(PARSE_COMPLETE), &mut server, &mut out);
         r.push(Expect::Execute, &mut server, &mut out);
         assert!(!server.has(&stmt), "a skipped Parse prepares nothing");
@@ -590,9 +582,7 @@ mod tests {
     fn messages_after_a_sync_already_sent_are_answered_despite_an_error() {
         let reg = Registry::default();
         let stmt = reg.intern(&spec("SELECT 1"));
-        let mut server = ServerStatements::default();
-        let mut out = Outcome::default();
-        let mut r = Responses::default();
+        let (mut server, mut out, mut r) = fixture();
         r.push(Expect::Execute, &mut server, &mut out);
         r.push(Expect::Sync, &mut server, &mut out);
         r.on_server_message(
@@ -604,14 +594,7 @@ mod tests {
         assert!(!r.is_skipping(), "the Sync that ends it is on its way");
         // The next batch, sent before the first batch's ReadyForQuery arrived.
         server.insert(&stmt, 10);
-        r.push(
-            Expect::Parse {
-                prepares: Some(stmt.clone()),
-                client: Some((b"s1".to_vec().into(), 1)),
-            },
-            &mut server,
-            &mut out,
-        );
+        r.push(named_parse(&stmt, "s1", 1), &mut server, &mut out);
         assert!(server.has(&stmt), "not skipped: the server will run it");
         assert!(out.forgotten.is_empty());
         assert_eq!(r.outstanding(), 2);
@@ -621,9 +604,7 @@ mod tests {
     fn shapes_are_learnt_from_injected_describes() {
         let reg = Registry::default();
         let stmt = reg.intern(&spec("SELECT * FROM t"));
-        let mut server = ServerStatements::default();
-        let mut out = Outcome::default();
-        let mut r = Responses::default();
+        let (mut server, mut out, mut r) = fixture();
         r.push(
             Expect::InjectedDescribe {
                 stmt: stmt.clone(),
@@ -662,32 +643,24 @@ mod tests {
         (n.as_bytes().into(), serial)
     }
 
+    /// A client's Parse of `stmt` as `n`, preparing it on the connection.
+    fn named_parse(stmt: &Rc<Statement>, n: &str, serial: u32) -> Expect {
+        Expect::Parse {
+            prepares: Some(stmt.clone()),
+            client: Some(name(n, serial)),
+        }
+    }
+
     #[test]
     fn a_parse_the_server_rejects_or_skips_registers_nothing() {
         let reg = Registry::default();
         let bad = reg.intern(&spec("SELEC 1"));
         let good = reg.intern(&spec("SELECT 2"));
-        let mut server = ServerStatements::default();
-        let mut out = Outcome::default();
-        let mut r = Responses::default();
+        let (mut server, mut out, mut r) = fixture();
         server.insert(&bad, 10);
         server.insert(&good, 10);
-        r.push(
-            Expect::Parse {
-                prepares: Some(bad.clone()),
-                client: Some(name("s1", 1)),
-            },
-            &mut server,
-            &mut out,
-        );
-        r.push(
-            Expect::Parse {
-                prepares: Some(good.clone()),
-                client: Some(name("s2", 2)),
-            },
-            &mut server,
-            &mut out,
-        );
+        r.push(named_parse(&bad, "s1", 1), &mut server, &mut out);
+        r.push(named_parse(&good, "s2", 2), &mut server, &mut out);
         r.push(Expect::ParseAnswered(name("s3", 3)), &mut server, &mut out);
         r.push(Expect::Sync, &mut server, &mut out);
         let err = error_body("42601", "syntax error");
@@ -704,17 +677,8 @@ mod tests {
     fn a_parse_the_server_completes_is_confirmed_in_order() {
         let reg = Registry::default();
         let stmt = reg.intern(&spec("SELECT 1"));
-        let mut server = ServerStatements::default();
-        let mut out = Outcome::default();
-        let mut r = Responses::default();
-        r.push(
-            Expect::Parse {
-                prepares: Some(stmt.clone()),
-                client: Some(name("s1", 1)),
-            },
-            &mut server,
-            &mut out,
-        );
+        let (mut server, mut out, mut r) = fixture();
+        r.push(named_parse(&stmt, "s1", 1), &mut server, &mut out);
         r.push(Expect::ParseAnswered(name("s2", 2)), &mut server, &mut out);
         assert!(out.confirmed.is_empty() && r.ready.is_empty());
         assert_eq!(
@@ -732,9 +696,7 @@ mod tests {
 
     #[test]
     fn a_failed_unnamed_parse_is_reported() {
-        let mut server = ServerStatements::default();
-        let mut out = Outcome::default();
-        let mut r = Responses::default();
+        let (mut server, mut out, mut r) = fixture();
         r.push(
             Expect::Parse {
                 prepares: None,
@@ -755,9 +717,7 @@ mod tests {
 
     #[test]
     fn deallocate_all_is_seen_in_command_complete() {
-        let mut server = ServerStatements::default();
-        let mut out = Outcome::default();
-        let mut r = Responses::default();
+        let (mut server, mut out, mut r) = fixture();
         r.push(Expect::Query(Effects::default()), &mut server, &mut out);
         r.on_server_message(b'C', b"DEALLOCATE ALL\0", &mut server, &mut out);
         assert!(out.cleared);

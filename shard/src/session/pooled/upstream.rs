@@ -271,19 +271,11 @@ impl Upstream<'_> {
             self.client.unnamed.extend_from_slice(spec);
             self.client.has_unnamed = true;
             self.notes.unnamed_here = true;
-            self.extended(
-                msg,
-                Expect::Parse {
-                    prepares: None,
-                    client: None,
-                },
-                out,
-            );
-            return Ok(Translated::Done);
         }
-        if self.responses.is_skipping() {
-            // The server ignores it (an earlier message failed), so PostgreSQL would
-            // register nothing: neither does the proxy.
+        if name.is_empty() || self.responses.is_skipping() {
+            // The unnamed statement is the client's own on this connection; a named one
+            // the server ignores (an earlier message failed) registers nothing, as in
+            // PostgreSQL.
             self.extended(
                 msg,
                 Expect::Parse {
