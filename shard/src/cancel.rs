@@ -43,23 +43,6 @@ pub struct CancelMsg {
     pub secret: i32,
 }
 
-/// What one shard tells another over the channel mesh.
-#[derive(Clone, Debug)]
-pub enum ShardMsg {
-    /// A CancelRequest for a session the receiving shard owns.
-    Cancel(CancelMsg),
-    /// A client changed the schema (CREATE, ALTER, DROP): the receiving shard prepares
-    /// its shared statements afresh, so no stale plan serves its clients.
-    SchemaChanged,
-    /// Raise (or lower) a database fence (see `fence`); `done` is counted up once the
-    /// receiving shard closed its idle connections there.
-    Fence {
-        database: Arc<str>,
-        raise: bool,
-        done: Option<Arc<std::sync::atomic::AtomicUsize>>,
-    },
-}
-
 /// The shard that owns the session a cancel key's secret belongs to.
 pub fn owner_shard(secret: i32) -> usize {
     ((secret as u32) >> (32 - SHARD_BITS)) as usize

@@ -18,7 +18,7 @@ use crate::auth::secret::ScramVerifier;
 use crate::auth::Secret;
 use crate::backend::ConnectSpec;
 use crate::bufpool::BufPool;
-use crate::cancel::{CancelRegistry, ShardMsg};
+use crate::cancel::CancelRegistry;
 use crate::config::{AuthMethod, Config, NodeRole};
 use crate::control::{ConsoleRequest, Topology, TopologyNode};
 use crate::pool::{Pool, PoolKey, PoolLimits};
@@ -104,7 +104,7 @@ pub struct ShardCtx {
     pub statements: Registry,
     pub stats: Arc<ShardStats>,
     pub draining: Latch,
-    pub peers: RefCell<Option<Rc<glommio::channels::channel_mesh::Senders<ShardMsg>>>>,
+    pub peers: RefCell<Option<Rc<crate::bus::Peers>>>,
     /// This shard's share of `limits.max_client_connections` (reloadable).
     pub max_clients: Cell<usize>,
     pub active_clients: Cell<usize>,

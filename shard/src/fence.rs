@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 
-use crate::cancel::ShardMsg;
+use crate::bus::ShardMsg;
 use crate::context::ShardCtx;
 use crate::sync::Signal;
 
@@ -91,24 +91,16 @@ pub async fn fence_database(ctx: &Rc<ShardCtx>, database: &str) -> FenceGuard {
     );
     let database: Arc<str> = database.into();
     raise_here(ctx, &database);
-    let peers = ctx.peers.borrow().clone();
-    if let Some(peers) = peers {
-        let done = Arc::new(AtomicUsize::new(0));
-        let mut asked = 0;
-        for shard in (0..peers.nr_consumers()).filter(|&s| s != ctx.id) {
-            let msg = ShardMsg::Fence {
-                database: database.clone(),
-                raise: true,
-                done: Some(done.clone()),
-            };
-            if peers.send_to(shard, msg).await.is_ok() {
-                asked += 1;
-            }
-        }
-        let deadline = Instant::now() + SHARDS_REPLY_WITHIN;
-        while done.load(Ordering::Acquire) < asked && Instant::now() < deadline {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
+    let done = Arc::new(AtomicUsize::new(0));
+    let asked = crate::bus::broadcast(ctx, || ShardMsg::Fence {
+        database: database.clone(),
+        raise: true,
+        done: Some(done.clone()),
+    })
+    .await;
+    let deadline = Instant::now() + SHARDS_REPLY_WITHIN;
+    while done.load(Ordering::Acquire) < asked && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
     }
     FenceGuard {
         ctx: ctx.clone(),
@@ -134,17 +126,12 @@ impl Drop for FenceGuard {
         let ctx = self.ctx.clone();
         let database = self.database.clone();
         glommio::spawn_local(async move {
-            let peers = ctx.peers.borrow().clone();
-            if let Some(peers) = peers {
-                for shard in (0..peers.nr_consumers()).filter(|&s| s != ctx.id) {
-                    let msg = ShardMsg::Fence {
-                        database: database.clone(),
-                        raise: false,
-                        done: None,
-                    };
-                    let _ = peers.send_to(shard, msg).await;
-                }
-            }
+            crate::bus::broadcast(&ctx, || ShardMsg::Fence {
+                database: database.clone(),
+                raise: false,
+                done: None,
+            })
+            .await;
         })
         .detach();
     }

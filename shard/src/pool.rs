@@ -15,6 +15,7 @@ use crate::budget::Budget;
 use crate::config::TimeoutsConfig;
 use crate::control::{PoolReport, ServerReport};
 use crate::fence::Fences;
+use crate::lease::Lease;
 use crate::stats::ShardStats;
 use crate::sync::{self, Gate, Signal, Slot};
 
@@ -300,7 +301,12 @@ impl Pool {
     /// Takes an idle connection, opens a new one within the limit, or waits FIFO. While
     /// the shard is paused it waits for RESUME; while the pool is retired it waits (up to
     /// the acquire timeout) for the node to come back.
-    pub async fn acquire(self: &Rc<Self>) -> Result<BackendConn, AcquireError> {
+    pub async fn acquire(self: &Rc<Self>) -> Result<Lease, AcquireError> {
+        let conn = self.acquire_conn().await?;
+        Ok(Lease::new(conn, self.clone()))
+    }
+
+    async fn acquire_conn(self: &Rc<Self>) -> Result<BackendConn, AcquireError> {
         if self.gate.is_closed() {
             self.gate.wait_open().await;
         }
@@ -373,8 +379,8 @@ impl Pool {
         }
     }
 
-    /// Returns a clean connection (status I, reset done) for reuse.
-    pub fn release(&self, mut conn: BackendConn) {
+    /// Returns a clean connection (status I, reset done) for reuse (see [`Lease`]).
+    pub(crate) fn release(&self, mut conn: BackendConn) {
         if self.retired.get()
             || self.fenced()
             || conn.created.elapsed() >= self.limits.borrow().max_lifetime
@@ -405,13 +411,13 @@ impl Pool {
     }
 
     /// Drops a connection that must never be reused and frees its slot.
-    pub fn discard(&self, conn: BackendConn) {
+    pub(crate) fn discard(&self, conn: BackendConn) {
         glommio::spawn_local(conn.terminate()).detach();
         self.slot_freed();
     }
 
     /// A connection was lost without being handed back (broken socket).
-    pub fn forget(&self) {
+    pub(crate) fn forget(&self) {
         self.slot_freed();
     }
 

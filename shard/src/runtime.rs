@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWriteExt;
-use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::budget::Budgets;
-use crate::cancel::{ShardMsg, MAX_SHARDS};
+use crate::bus::Mesh;
+use crate::cancel::MAX_SHARDS;
 use crate::codec::backend as be;
 use crate::config::Config;
 use crate::context::ShardCtx;
@@ -76,7 +76,7 @@ impl Runtime {
                 source: std::io::Error::other("no local address"),
             })?;
         let cpus = allowed_cpus();
-        let mesh: MeshBuilder<ShardMsg, Full> = MeshBuilder::full(workers, 1024);
+        let mesh = crate::bus::mesh(workers);
         let budgets = Arc::<Budgets>::default();
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut links = Vec::with_capacity(workers);
@@ -183,7 +183,7 @@ struct ShardStart {
     config: Arc<Config>,
     stats: Arc<ShardStats>,
     listener: OwnedFd,
-    mesh: MeshBuilder<ShardMsg, Full>,
+    mesh: Mesh,
     shutdown: Arc<AtomicBool>,
     inbox: Receiver<ControlMsg>,
     console: Option<Sender<ConsoleRequest>>,
@@ -216,29 +216,7 @@ async fn shard_main(start: ShardStart) {
         use std::os::fd::FromRawFd;
         TcpListener::from_raw_fd(listener.into_raw_fd())
     };
-    match mesh.join().await {
-        Ok((senders, mut receivers)) => {
-            *ctx.peers.borrow_mut() = Some(Rc::new(senders));
-            for (_, stream) in receivers.streams() {
-                let ctx = ctx.clone();
-                glommio::spawn_local(async move {
-                    while let Some(msg) = stream.recv().await {
-                        match msg {
-                            ShardMsg::Cancel(cancel) => ctx.cancels.cancel(cancel),
-                            ShardMsg::SchemaChanged => ctx.statements.rename_all(),
-                            ShardMsg::Fence {
-                                database,
-                                raise,
-                                done,
-                            } => crate::fence::on_message(&ctx, &database, raise, done.as_deref()),
-                        }
-                    }
-                })
-                .detach();
-            }
-        }
-        Err(_) => log::warn!("shard {id}: channels to other shards unavailable"),
-    }
+    crate::bus::join(&ctx, mesh).await;
     glommio::spawn_local(housekeeping(ctx.clone(), shutdown, inbox)).detach();
     log::info!("shard {id} accepting on {}", ctx.config().listen_address);
     accept_loop(&ctx, &listener).await;

@@ -8,7 +8,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use crate::auth::{md5, scram};
-use crate::cancel::{CancelMsg, ShardMsg};
+use crate::cancel::CancelMsg;
 use crate::codec::backend as be;
 use crate::codec::startup::{self, StartupPacket, MAX_STARTUP_PACKET};
 use crate::codec::{frontend, CodecError};
@@ -77,7 +77,7 @@ pub async fn login(ctx: &ShardCtx, stream: &mut TcpStream) -> Result<Login, Logi
                 stream.write_all(b"N").await?;
             }
             Some((StartupPacket::Cancel { pid, secret }, _)) => {
-                route_cancel(ctx, CancelMsg { pid, secret }).await;
+                crate::bus::route_cancel(ctx, CancelMsg { pid, secret }).await;
                 return Err(LoginError::Gone);
             }
             Some((StartupPacket::Startup(msg), _)) => {
@@ -104,33 +104,6 @@ async fn negotiate_protocol(
     let mut out = Vec::with_capacity(64);
     be::write_negotiate_protocol_version(&mut out, startup::PROTOCOL_3_0 as i32, &options);
     stream.write_all(&out).await
-}
-
-/// Tells every other shard that the schema changed.
-pub async fn broadcast_schema_change(ctx: &ShardCtx) {
-    let peers = ctx.peers.borrow().clone();
-    if let Some(peers) = peers {
-        for shard in 0..peers.nr_consumers() {
-            if shard != ctx.id {
-                let _ = peers.send_to(shard, ShardMsg::SchemaChanged).await;
-            }
-        }
-    }
-}
-
-/// Sends a cancel to the shard that owns the key (maybe this one).
-pub async fn route_cancel(ctx: &ShardCtx, msg: CancelMsg) {
-    let owner = crate::cancel::owner_shard(msg.secret);
-    if owner == ctx.id {
-        ctx.cancels.cancel(msg);
-        return;
-    }
-    let peers = ctx.peers.borrow().clone();
-    if let Some(peers) = peers {
-        if owner < peers.nr_consumers() {
-            let _ = peers.send_to(owner, ShardMsg::Cancel(msg)).await;
-        }
-    }
 }
 
 async fn read_startup_packet(stream: &mut TcpStream) -> Result<Vec<u8>, LoginError> {

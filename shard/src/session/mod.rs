@@ -22,6 +22,7 @@ use crate::bufpool::Buf;
 use crate::cancel::{CancelHandle, CancelTarget};
 use crate::codec::backend as be;
 use crate::context::ShardCtx;
+use crate::lease::Lease;
 use crate::pool::Pool;
 use crate::sync;
 use login::{send_fatal, Login, LoginError};
@@ -106,11 +107,11 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
             err.encode(&mut out);
             let _ = client.write_all(&out).await;
             let _ = client.close().await;
-            release::release_clean(ctx, &pool, backend).await;
+            release::release_clean(ctx, backend).await;
             return;
         }
         Err(_) => {
-            pool.forget();
+            backend.lost();
             send_fatal(
                 &mut client,
                 "08006",
@@ -129,7 +130,7 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
     drop(login);
     if welcome(&mut client, &backend, &cancel).await.is_err() {
         ctx.cancels.unregister(&cancel);
-        release::release_clean(ctx, &pool, backend).await;
+        release::release_clean(ctx, backend).await;
         return;
     }
     cancel.attach(CancelTarget {
@@ -152,7 +153,7 @@ async fn session_mode(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
     .await;
     cancel.detach();
     ctx.cancels.unregister(&cancel);
-    release::finish(ctx, &pool, client, backend, end, track, up).await;
+    release::finish(ctx, client, backend, end, track, up).await;
 }
 
 /// Who the client is, for SHOW CLIENTS and KILL_CLIENT.
@@ -174,10 +175,7 @@ pub(crate) fn client_info(client: &TcpStream, login: &Login) -> crate::cancel::C
 
 /// Takes a connection for this client (see [`acquire_watching_client`]), or tells the
 /// client why there is none and closes it.
-pub(crate) async fn acquire_or_report(
-    pool: &Rc<Pool>,
-    client: &mut TcpStream,
-) -> Option<BackendConn> {
+pub(crate) async fn acquire_or_report(pool: &Rc<Pool>, client: &mut TcpStream) -> Option<Lease> {
     match acquire_watching_client(pool, client).await? {
         Ok(backend) => Some(backend),
         Err(e) => {
@@ -209,7 +207,7 @@ pub(crate) async fn report_acquire_error(
 pub(crate) async fn acquire_watching_client(
     pool: &Rc<Pool>,
     client: &mut TcpStream,
-) -> Option<Result<BackendConn, crate::pool::AcquireError>> {
+) -> Option<Result<Lease, crate::pool::AcquireError>> {
     let acquire = async { Some(pool.acquire().await) };
     let watch = async {
         let mut probe = [0u8; 1];

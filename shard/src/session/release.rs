@@ -2,7 +2,6 @@
 //! to a clean idle state (finish or cancel what is running, roll back, reset) and return
 //! it to the pool — or close it when that cannot be done within the time limit.
 
-use std::rc::Rc;
 use std::time::Duration;
 
 use futures_lite::AsyncWriteExt;
@@ -12,6 +11,7 @@ use crate::backend::{BackendConn, Settings};
 use crate::cancel::send_cancel;
 use crate::codec::frontend;
 use crate::context::ShardCtx;
+use crate::lease::Lease;
 use crate::pool::Pool;
 use crate::sync;
 
@@ -20,27 +20,23 @@ use super::pump::{Lane, PumpEnd, Tracker};
 
 pub async fn finish(
     ctx: &ShardCtx,
-    pool: &Rc<Pool>,
     mut client: TcpStream,
-    backend: BackendConn,
+    backend: Lease,
     end: PumpEnd,
     track: Tracker,
     up: Lane,
 ) {
-    tell_client(ctx, pool, &mut client, &end, track.server_fatal).await;
+    tell_client(ctx, backend.pool(), &mut client, &end, track.server_fatal).await;
     match end {
-        PumpEnd::BackendGone => {
-            pool.forget();
-            drop(backend);
-        }
-        PumpEnd::BackendProtocol(_) => pool.discard(backend),
-        PumpEnd::ClientProtocol(_) => recover(ctx, pool, backend, track, Some(&up), true).await,
+        PumpEnd::BackendGone => backend.lost(),
+        PumpEnd::BackendProtocol(_) => backend.discard(),
+        PumpEnd::ClientProtocol(_) => recover(ctx, backend, track, Some(&up), true).await,
         PumpEnd::Drain | PumpEnd::ClientTerminated => {
-            recover(ctx, pool, backend, track, Some(&up), false).await
+            recover(ctx, backend, track, Some(&up), false).await
         }
         PumpEnd::ClientGone | PumpEnd::Quiet => {
             drop(client);
-            recover(ctx, pool, backend, track, Some(&up), true).await;
+            recover(ctx, backend, track, Some(&up), true).await;
         }
     }
 }
@@ -87,9 +83,9 @@ pub async fn tell_client(
 }
 
 /// Returns a backend whose client left normally (status known, nothing in flight).
-pub async fn release_clean(ctx: &ShardCtx, pool: &Rc<Pool>, backend: BackendConn) {
+pub async fn release_clean(ctx: &ShardCtx, backend: Lease) {
     let track = Tracker::new(backend.status);
-    recover(ctx, pool, backend, track, None, false).await;
+    recover(ctx, backend, track, None, false).await;
 }
 
 /// How a connection is brought back to a state any client may get.
@@ -106,31 +102,28 @@ pub enum Reset {
 /// Cleans the backend within `dirty_release_timeout_ms` and pools it, or closes it.
 async fn recover(
     ctx: &ShardCtx,
-    pool: &Rc<Pool>,
-    backend: BackendConn,
+    backend: Lease,
     track: Tracker,
     up: Option<&Lane>,
     cancel_running: bool,
 ) {
-    recover_inner(ctx, pool, backend, track, up, cancel_running, Reset::Query).await
+    recover_inner(ctx, backend, track, up, cancel_running, Reset::Query).await
 }
 
 /// [`recover`] for transaction pooling, whose unsent client bytes were already handled.
 pub async fn recover_with(
     ctx: &ShardCtx,
-    pool: &Rc<Pool>,
-    backend: BackendConn,
+    backend: Lease,
     track: Tracker,
     cancel_running: bool,
     reset: Reset,
 ) {
-    recover_inner(ctx, pool, backend, track, None, cancel_running, reset).await
+    recover_inner(ctx, backend, track, None, cancel_running, reset).await
 }
 
 async fn recover_inner(
     ctx: &ShardCtx,
-    pool: &Rc<Pool>,
-    mut backend: BackendConn,
+    mut backend: Lease,
     mut track: Tracker,
     up: Option<&Lane>,
     cancel_running: bool,
@@ -143,13 +136,13 @@ async fn recover_inner(
     )
     .await;
     match cleaned {
-        Some(true) => pool.release(backend),
+        Some(true) => backend.release(),
         _ => {
             log::info!(
                 "pool {}: closing a server connection that could not be cleaned for reuse",
-                pool.label
+                backend.pool().label
             );
-            pool.discard(backend)
+            backend.discard()
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::bufpool::Buf;
 use crate::cancel::{CancelHandle, CancelTarget};
 use crate::config::PoolMode;
 use crate::context::{ShardCtx, UserEntry};
+use crate::lease::Lease;
 use crate::pool::Pool;
 
 use super::login::{send_fatal, Login};
@@ -84,7 +85,7 @@ async fn start(
         match settings::apply(&mut backend, &Settings::default(), &mut buf).await {
             Ok(None) => {}
             _ => {
-                pool.discard(backend);
+                backend.discard();
                 send_fatal(client, "08006", "could not reset a server connection").await;
                 return None;
             }
@@ -116,11 +117,11 @@ async fn start(
                 err.encode(&mut out);
                 let _ = client.write_all(&out).await;
                 let _ = client.close().await;
-                reset_and_release(ctx, pool, backend).await;
+                reset_and_release(ctx, backend).await;
                 return None;
             }
             Err(_) => {
-                pool.forget();
+                backend.lost();
                 send_fatal(
                     client,
                     "08006",
@@ -142,7 +143,7 @@ async fn start(
                 state.settings = snapshot;
             }
             _ => {
-                pool.discard(backend);
+                backend.discard();
                 send_fatal(client, "08006", "could not read session settings").await;
                 return None;
             }
@@ -150,16 +151,16 @@ async fn start(
     }
     drop(buf);
     let welcomed = welcome(client, &backend, cancel).await.is_ok();
-    pool.release(backend);
+    backend.release();
     welcomed.then_some(state)
 }
 
 /// Brings a connection back to the server defaults and pools it (or closes it).
-async fn reset_and_release(ctx: &ShardCtx, pool: &Rc<Pool>, mut backend: BackendConn) {
+async fn reset_and_release(ctx: &ShardCtx, mut backend: Lease) {
     let mut buf = ctx.bufs.take();
     match settings::apply(&mut backend, &Settings::default(), &mut buf).await {
-        Ok(None) if backend.status == b'I' => pool.release(backend),
-        _ => pool.discard(backend),
+        Ok(None) if backend.status == b'I' => backend.release(),
+        _ => backend.discard(),
     }
 }
 
@@ -267,11 +268,11 @@ async fn run(
                     err.encode(&mut out);
                     let _ = client.write_all(&out).await;
                     let _ = client.close().await;
-                    Box::pin(reset_and_release(ctx, pool, backend)).await;
+                    Box::pin(reset_and_release(ctx, backend)).await;
                     return;
                 }
                 Err(_) => {
-                    pool.forget();
+                    backend.lost();
                     send_fatal(&mut client, "08006", "server connection lost").await;
                     return;
                 }
@@ -309,17 +310,17 @@ async fn run(
                             cancel.pid
                         );
                         state.wrote_at = state.wrote_at.max(lsn.unwrap_or(0));
-                        pool.release(backend);
+                        backend.release();
                     }
                     // The connection broke after the unit completed: the client is fine.
-                    Err(_) => pool.forget(),
+                    Err(_) => backend.lost(),
                 }
             }
-            LeaseEnd::Released => pool.release(backend),
+            LeaseEnd::Released => backend.release(),
             LeaseEnd::Ended(end, flow, notes) => {
                 let discard = notes.maybe_pinned;
                 Box::pin(finish(
-                    ctx, pool, client, backend, end, flow, &responses, &up, discard,
+                    ctx, client, backend, end, flow, &responses, &up, discard,
                 ))
                 .await;
                 return;
@@ -407,7 +408,7 @@ async fn lease(
             .await
         };
         if ctx.statements.take_unannounced_change() {
-            super::login::broadcast_schema_change(ctx).await;
+            crate::bus::broadcast_schema_change(ctx).await;
         }
         log::trace!(
             "backend {}: pump ended {end:?}, status {}, unsynced {}, copy {}",
@@ -523,9 +524,8 @@ async fn wait_either(
 #[allow(clippy::too_many_arguments)]
 async fn finish(
     ctx: &ShardCtx,
-    pool: &Rc<Pool>,
     mut client: TcpStream,
-    mut backend: BackendConn,
+    mut backend: Lease,
     end: PumpEnd,
     flow: Flow,
     responses: &Responses,
@@ -533,14 +533,14 @@ async fn finish(
     discard: bool,
 ) {
     let cancel_running = matches!(end, PumpEnd::ClientGone | PumpEnd::ClientProtocol(_));
-    release::tell_client(ctx, pool, &mut client, &end, flow.server_fatal).await;
+    release::tell_client(ctx, backend.pool(), &mut client, &end, flow.server_fatal).await;
     match end {
         PumpEnd::BackendGone => {
-            pool.forget();
+            backend.lost();
             return;
         }
         PumpEnd::BackendProtocol(_) => {
-            pool.discard(backend);
+            backend.discard();
             return;
         }
         _ => {}
@@ -554,7 +554,7 @@ async fn finish(
         {
             // Whole messages: sent, and their answers are drained below.
         } else {
-            pool.discard(backend);
+            backend.discard();
             return;
         }
     }
@@ -567,5 +567,5 @@ async fn finish(
     } else {
         release::Reset::Settings
     };
-    release::recover_with(ctx, pool, backend, track, cancel_running, reset).await;
+    release::recover_with(ctx, backend, track, cancel_running, reset).await;
 }
