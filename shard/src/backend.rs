@@ -18,6 +18,7 @@ use crate::auth::client::{ClientAuth, ClientAuthError};
 use crate::auth::scram;
 use crate::codec::backend::{self as be, Authentication, BackendMessage};
 use crate::codec::frame::{Scanner, Step, TagSet};
+use crate::codec::tag::be as server_tag;
 use crate::codec::{frontend, startup, CodecError};
 use crate::msgio::{MessageReader, ReadError};
 use crate::prepared::ServerStatements;
@@ -162,9 +163,7 @@ impl BackendError {
 
 /// Appends a message the server sent on its own, header included, for later delivery.
 fn keep_for_client(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
-    out.push(tag);
-    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    out.extend_from_slice(body);
+    crate::codec::frame::write_parts(out, tag, &[body]);
 }
 
 /// One authenticated backend connection.
@@ -223,7 +222,7 @@ impl BackendConn {
             params: ServerParams::default(),
             created: now,
             idle_since: now,
-            status: b'I',
+            status: crate::codec::tag::status::IDLE,
             statements: ServerStatements::default(),
             pending_close: Vec::new(),
             settings: Settings::default(),
@@ -347,7 +346,18 @@ impl BackendConn {
         buf: &mut [u8],
         keep_rows: bool,
     ) -> Result<(Rows, Option<ServerError>), BackendError> {
-        let mut scanner = Scanner::new(be::TAGS, TagSet::new(b"ZSEDAN"), usize::MAX >> 1);
+        let mut scanner = Scanner::new(
+            be::TAGS,
+            TagSet::new(&[
+                server_tag::READY_FOR_QUERY,
+                server_tag::PARAMETER_STATUS,
+                server_tag::ERROR_RESPONSE,
+                server_tag::DATA_ROW,
+                server_tag::NOTIFICATION_RESPONSE,
+                server_tag::NOTICE_RESPONSE,
+            ]),
+            usize::MAX >> 1,
+        );
         let mut rows = Rows::new();
         let mut first_error = None;
         let mut stray = false;
@@ -359,12 +369,19 @@ impl BackendConn {
             let (params, status) = (&mut self.params, &mut self.status);
             let notifications = &mut self.notifications;
             scanner.scan(&buf[..n], |tag, body, _| {
-                if tag == b'A' || (tag == b'N' && syncs == 0) {
+                if tag == server_tag::NOTIFICATION_RESPONSE
+                    || (tag == server_tag::NOTICE_RESPONSE && syncs == 0)
+                {
                     keep_for_client(notifications, tag, body);
                 }
                 match be::decode(tag, body) {
                     Ok(BackendMessage::ParameterStatus { name, value }) => params.set(name, value),
-                    _ if syncs == 0 => stray |= !matches!(tag, b'A' | b'N'),
+                    _ if syncs == 0 => {
+                        stray |= !matches!(
+                            tag,
+                            server_tag::NOTIFICATION_RESPONSE | server_tag::NOTICE_RESPONSE
+                        )
+                    }
                     Ok(BackendMessage::ReadyForQuery(s)) => {
                         *status = s;
                         syncs -= 1;

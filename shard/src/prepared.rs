@@ -13,6 +13,8 @@ use std::rc::{Rc, Weak};
 
 use hashbrown::HashMap;
 
+use crate::codec::backend::{decode, BackendMessage};
+use crate::codec::tag;
 use crate::sql::route::{analyze, ReadOnlyFunctions, RouteAnalysis};
 use crate::sql::{classify, Effects};
 
@@ -126,29 +128,23 @@ pub type Shape = Rc<[u8]>;
 /// The [`Shape`] of a RowDescription body (empty for NoData). A body that does not
 /// parse is kept whole: it can only compare equal to itself.
 pub fn result_shape(row_description: &[u8]) -> Shape {
-    fn columns(body: &[u8]) -> Option<Vec<u8>> {
-        let count = u16::from_be_bytes(*body.first_chunk::<2>()?);
-        let mut out = Vec::with_capacity(body.len());
-        out.extend_from_slice(&count.to_be_bytes());
-        let mut rest = &body[2..];
-        for _ in 0..count {
-            let nul = rest.iter().position(|&b| b == 0)?;
-            // name NUL | table OID (4) | column number (2) | type OID (4) | size (2) |
-            // type modifier (4) | format (2)
-            let fixed = rest.get(nul + 1..nul + 19)?;
-            out.extend_from_slice(&rest[..=nul]);
-            out.extend_from_slice(&fixed[6..16]);
-            rest = &rest[nul + 19..];
-        }
-        rest.is_empty().then_some(out)
-    }
     if row_description.is_empty() {
         return Rc::from(&[][..]);
     }
-    match columns(row_description) {
-        Some(shape) => shape.into(),
-        None => row_description.into(),
+    let Ok(BackendMessage::RowDescription(fields)) =
+        decode(tag::be::ROW_DESCRIPTION, row_description)
+    else {
+        return row_description.into();
+    };
+    let mut shape = Vec::with_capacity(row_description.len());
+    for field in fields.iter() {
+        shape.extend_from_slice(field.name);
+        shape.push(0);
+        shape.extend_from_slice(&field.type_oid.to_be_bytes());
+        shape.extend_from_slice(&field.type_size.to_be_bytes());
+        shape.extend_from_slice(&field.type_modifier.to_be_bytes());
     }
+    shape.into()
 }
 
 fn server_name(hash: u128, generation: u32) -> Rc<str> {

@@ -215,6 +215,16 @@ impl<'a> FieldDescription<'a> {
             format: reader.i16()?,
         })
     }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        put_cstr(out, self.name);
+        out.extend_from_slice(&self.table_oid.to_be_bytes());
+        out.extend_from_slice(&self.column_id.to_be_bytes());
+        out.extend_from_slice(&self.type_oid.to_be_bytes());
+        out.extend_from_slice(&self.type_size.to_be_bytes());
+        out.extend_from_slice(&self.type_modifier.to_be_bytes());
+        out.extend_from_slice(&self.format.to_be_bytes());
+    }
 }
 
 /// The columns of a RowDescription.
@@ -611,6 +621,51 @@ pub fn write_error(out: &mut Vec<u8>, severity: &str, sqlstate: &str, message: &
 /// A NoticeResponse with the same fields as [`write_error`].
 pub fn write_notice(out: &mut Vec<u8>, severity: &str, sqlstate: &str, message: &str) {
     write_fields(out, b'N', &standard_fields(severity, sqlstate, message));
+}
+
+/// A CommandComplete with `tag` (e.g. `DEALLOCATE`, `SELECT 3`).
+pub fn write_command_complete(out: &mut Vec<u8>, tag: &str) {
+    write_message(out, b'C', |out| put_cstr(out, tag.as_bytes()));
+}
+
+/// A whole result of text columns: RowDescription and DataRows when there are columns,
+/// then CommandComplete with `tag`. For answers the proxy gives itself (the console).
+pub fn write_text_result(
+    out: &mut Vec<u8>,
+    columns: &[String],
+    rows: &[Vec<Option<String>>],
+    tag: &str,
+) {
+    const TEXT_OID: u32 = 25;
+    if !columns.is_empty() {
+        let fields: Vec<FieldDescription<'_>> = columns
+            .iter()
+            .map(|name| FieldDescription {
+                name: name.as_bytes(),
+                table_oid: 0,
+                column_id: 0,
+                type_oid: TEXT_OID,
+                type_size: -1,
+                type_modifier: -1,
+                format: 0,
+            })
+            .collect();
+        write_message(out, b'T', |out| {
+            put_count(out, fields.len());
+            for field in &fields {
+                field.write(out);
+            }
+        });
+        for row in rows {
+            write_message(out, b'D', |out| {
+                put_count(out, row.len());
+                for value in row {
+                    put_nullable(out, value.as_deref().map(str::as_bytes));
+                }
+            });
+        }
+    }
+    write_command_complete(out, tag);
 }
 
 /// An ErrorResponse with arbitrary fields. A field with code 0 is skipped: it would end

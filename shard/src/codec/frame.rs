@@ -567,6 +567,22 @@ pub(crate) fn write_message(out: &mut Vec<u8>, tag: u8, write_body: impl FnOnce(
     write_packet(out, write_body);
 }
 
+/// Appends a tagged message whose body is `parts` one after another: for forwarding a
+/// client's message with one field changed without building it twice.
+pub fn write_parts(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
+    write_message(out, tag, |out| {
+        for part in parts {
+            out.extend_from_slice(part);
+        }
+    });
+}
+
+/// Splits a NUL-terminated string off the front of `bytes`: (string, rest after the NUL).
+pub fn split_cstr(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = bytes.iter().position(|&b| b == 0)?;
+    Some((&bytes[..nul], &bytes[nul + 1..]))
+}
+
 /// Appends an untagged (startup-phase) packet; see [`write_message`].
 pub(crate) fn write_packet(out: &mut Vec<u8>, write_body: impl FnOnce(&mut Vec<u8>)) {
     let length_at = out.len();

@@ -6,5 +6,6 @@ pub mod error;
 pub mod frame;
 pub mod frontend;
 pub mod startup;
+pub mod tag;
 
 pub use error::CodecError;

@@ -14,7 +14,6 @@ use glommio::net::TcpStream;
 use super::login::{send_fatal, Login};
 use crate::cancel::CancelHandle;
 use crate::codec::backend as be;
-use crate::codec::frame::{put_count, put_cstr, put_nullable, write_message};
 use crate::codec::frontend::{self, FrontendMessage};
 use crate::context::ShardCtx;
 use crate::control::{ConsoleError, ConsoleReply, ConsoleRequest, ConsoleResult};
@@ -28,9 +27,6 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often the reply channel is looked at while a statement runs.
 const REPLY_POLL: Duration = Duration::from_millis(2);
-
-/// Text (`text`): every console value is sent as text, as PgBouncer does.
-const TEXT_OID: u32 = 25;
 
 /// Is this startup database the admin console?
 pub fn is_console(database: &str) -> bool {
@@ -88,7 +84,7 @@ async fn welcome(
         be::write_parameter_status(&mut out, name.as_bytes(), value.as_bytes());
     }
     be::write_backend_key_data(&mut out, cancel.pid, cancel.secret);
-    be::write_ready_for_query(&mut out, b'I');
+    be::write_ready_for_query(&mut out, crate::codec::tag::status::IDLE);
     client.write_all(&out).await
 }
 
@@ -148,13 +144,13 @@ async fn run(ctx: &Rc<ShardCtx>, client: &mut TcpStream, user: &str) {
             FrontendMessage::Terminate => return,
             FrontendMessage::Sync => {
                 skipping = false;
-                be::write_ready_for_query(&mut out, b'I');
+                be::write_ready_for_query(&mut out, crate::codec::tag::status::IDLE);
             }
             _ if skipping => continue,
             FrontendMessage::Query(sql) => {
                 let sql = String::from_utf8_lossy(sql);
                 answer(ctx, user, &sql, &mut out).await;
-                be::write_ready_for_query(&mut out, b'I');
+                be::write_ready_for_query(&mut out, crate::codec::tag::status::IDLE);
             }
             FrontendMessage::Parse { .. }
             | FrontendMessage::Bind(_)
@@ -167,7 +163,7 @@ async fn run(ctx: &Rc<ShardCtx>, client: &mut TcpStream, user: &str) {
             }
             FrontendMessage::FunctionCall(_) => {
                 write_error(&mut out, &extended_refused());
-                be::write_ready_for_query(&mut out, b'I');
+                be::write_ready_for_query(&mut out, crate::codec::tag::status::IDLE);
             }
             // Outside COPY a server ignores these too.
             FrontendMessage::CopyData(_)
@@ -268,29 +264,7 @@ fn write_error(out: &mut Vec<u8>, e: &ConsoleError) {
 
 /// RowDescription and DataRows (when the result has columns), then CommandComplete.
 fn write_result(out: &mut Vec<u8>, result: &ConsoleResult) {
-    if !result.columns.is_empty() {
-        write_message(out, b'T', |out| {
-            put_count(out, result.columns.len());
-            for name in &result.columns {
-                put_cstr(out, name.as_bytes());
-                out.extend_from_slice(&0u32.to_be_bytes()); // table oid
-                out.extend_from_slice(&0i16.to_be_bytes()); // column number
-                out.extend_from_slice(&TEXT_OID.to_be_bytes());
-                out.extend_from_slice(&(-1i16).to_be_bytes()); // variable width
-                out.extend_from_slice(&(-1i32).to_be_bytes()); // no type modifier
-                out.extend_from_slice(&0i16.to_be_bytes()); // text format
-            }
-        });
-        for row in &result.rows {
-            write_message(out, b'D', |out| {
-                put_count(out, row.len());
-                for value in row {
-                    put_nullable(out, value.as_deref().map(str::as_bytes));
-                }
-            });
-        }
-    }
-    write_message(out, b'C', |out| put_cstr(out, result.tag.as_bytes()));
+    be::write_text_result(out, &result.columns, &result.rows, &result.tag);
 }
 
 #[cfg(test)]

@@ -303,7 +303,7 @@ async fn read_password_message(
     reader: &mut MessageReader,
 ) -> Result<Vec<u8>, LoginError> {
     let (tag, body) = reader.next(stream).await?;
-    if tag != b'p' {
+    if tag != crate::codec::tag::fe::PASSWORD {
         return Err(LoginError::fatal(
             "08P01",
             format!(

@@ -17,17 +17,36 @@ use glommio::net::TcpStream;
 use crate::backend::ServerParams;
 use crate::bufpool::{Buf, BufPool};
 use crate::codec::frame::{Scanner, Step, TagSet};
-use crate::codec::{backend as be, frontend, CodecError};
+use crate::codec::tag::{be, fe, status};
+use crate::codec::{backend, frontend, CodecError};
 use crate::stats::ShardStats;
 use crate::sync::Latch;
 
 /// Frontend messages whose arrival changes the state we track.
-const UP_NOTIFY: TagSet = TagSet::new(b"QSFPBDECHcf");
+const UP_NOTIFY: TagSet = TagSet::new(&[
+    fe::QUERY,
+    fe::SYNC,
+    fe::FUNCTION_CALL,
+    fe::PARSE,
+    fe::BIND,
+    fe::DESCRIBE,
+    fe::EXECUTE,
+    fe::CLOSE,
+    fe::FLUSH,
+    fe::COPY_DONE,
+    fe::COPY_FAIL,
+]);
 /// Frontend messages whose body we need: Terminate ends the session.
-const UP_CAPTURE: TagSet = TagSet::new(b"X");
+const UP_CAPTURE: TagSet = TagSet::new(&[fe::TERMINATE]);
 /// Backend messages whose body we need (CommandComplete: to count reads and writes;
 /// ErrorResponse: to know whether the server said FATAL before closing).
-const DOWN_CAPTURE: TagSet = TagSet::new(b"ZSGCE");
+const DOWN_CAPTURE: TagSet = TagSet::new(&[
+    be::READY_FOR_QUERY,
+    be::PARAMETER_STATUS,
+    be::COPY_IN_RESPONSE,
+    be::COMMAND_COMPLETE,
+    be::ERROR_RESPONSE,
+]);
 
 /// One direction of traffic: a loaned buffer (only while active) and a scanner.
 pub struct Lane {
@@ -43,7 +62,7 @@ impl Lane {
     }
 
     pub fn downstream() -> Lane {
-        Lane::new(Scanner::new(be::TAGS, DOWN_CAPTURE, usize::MAX >> 1))
+        Lane::new(Scanner::new(backend::TAGS, DOWN_CAPTURE, usize::MAX >> 1))
     }
 
     fn new(scanner: Scanner) -> Lane {
@@ -146,19 +165,19 @@ impl Tracker {
 
     fn on_client_message(&mut self, tag: u8, stats: &ShardStats) {
         match tag {
-            b'Q' | b'F' => {
+            fe::QUERY | fe::FUNCTION_CALL => {
                 self.request_sent();
                 stats.queries.inc();
             }
-            b'S' => {
+            fe::SYNC => {
                 self.request_sent();
                 self.unsynced = false;
             }
-            b'E' => {
+            fe::EXECUTE => {
                 self.unsynced = true;
                 stats.queries.inc();
             }
-            b'c' | b'f' => self.copy_in = false,
+            fe::COPY_DONE | fe::COPY_FAIL => self.copy_in = false,
             _ => self.unsynced = true,
         }
     }
@@ -178,9 +197,9 @@ impl Tracker {
         stats: &ShardStats,
     ) {
         match tag {
-            b'Z' => {
+            be::READY_FOR_QUERY => {
                 self.in_flight = self.in_flight.saturating_sub(1);
-                self.status = body.first().copied().unwrap_or(b'I');
+                self.status = body.first().copied().unwrap_or(status::IDLE);
                 self.copy_in = false;
                 if self.in_flight == 0 {
                     if let Some(since) = self.since.take() {
@@ -190,12 +209,12 @@ impl Tracker {
                     }
                 }
             }
-            b'C' => stats.count_statement(body),
-            b'E' => self.server_fatal |= be::is_fatal_error(body),
-            b'G' => self.copy_in = true,
-            b'S' => {
-                if let Ok(be::BackendMessage::ParameterStatus { name, value }) =
-                    be::decode(tag, body)
+            be::COMMAND_COMPLETE => stats.count_statement(body),
+            be::ERROR_RESPONSE => self.server_fatal |= backend::is_fatal_error(body),
+            be::COPY_IN_RESPONSE => self.copy_in = true,
+            be::PARAMETER_STATUS => {
+                if let Ok(backend::BackendMessage::ParameterStatus { name, value }) =
+                    backend::decode(tag, body)
                 {
                     params.set(name, value);
                 }
@@ -413,7 +432,7 @@ fn scan_up(
     };
     let mut terminate_at = None;
     let scanned = lane.scanner.scan(&buf[base..base + n], |tag, body, end| {
-        if tag == b'X' {
+        if tag == fe::TERMINATE {
             terminate_at = Some(base + end - 5 - body.len());
             return Step::Stop;
         }

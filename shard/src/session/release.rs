@@ -10,6 +10,7 @@ use glommio::net::TcpStream;
 use crate::backend::{BackendConn, Settings};
 use crate::cancel::send_cancel;
 use crate::codec::frontend;
+use crate::codec::tag::status;
 use crate::context::ShardCtx;
 use crate::lease::Lease;
 use crate::pool::Pool;
@@ -196,11 +197,11 @@ async fn clean(
             return false;
         }
     }
-    if backend.status != b'I' {
+    if backend.status != status::IDLE {
         let mut rollback = Vec::new();
         frontend::encode_query(&mut rollback, "ROLLBACK");
         match backend.exchange(&rollback, 1, &mut buf).await {
-            Ok(None) if backend.status == b'I' => {}
+            Ok(None) if backend.status == status::IDLE => {}
             _ => return false,
         }
     }
@@ -213,14 +214,14 @@ async fn clean(
             return matches!(
                 super::pooled::settings::apply(backend, &defaults, &mut buf).await,
                 Ok(None)
-            ) && backend.status == b'I';
+            ) && backend.status == status::IDLE;
         }
     };
     if !query.is_empty() {
         let mut req = Vec::new();
         frontend::encode_query(&mut req, query);
         match backend.exchange(&req, 1, &mut buf).await {
-            Ok(None) if backend.status == b'I' => {}
+            Ok(None) if backend.status == status::IDLE => {}
             _ => return false,
         }
         // Whatever the reset query did, the proxy no longer knows what is prepared or set.

@@ -8,6 +8,8 @@
 //! or CREATE and its second is DATABASE.
 
 use super::lexer::{Lexer, Token};
+use crate::codec::frame::{split_cstr, split_message};
+use crate::codec::tag::fe;
 
 /// The database a SQL text needs no other connections to, if it is one of those statements.
 pub fn exclusive_database(sql: &[u8]) -> Option<String> {
@@ -62,11 +64,8 @@ pub fn exclusive_database(sql: &[u8]) -> Option<String> {
 /// The SQL of a frontend Query or Parse message body, if `tag` is one.
 fn message_sql(tag: u8, body: &[u8]) -> Option<&[u8]> {
     let sql = match tag {
-        b'Q' => body,
-        b'P' => {
-            let name_end = body.iter().position(|&b| b == 0)?;
-            &body[name_end + 1..]
-        }
+        fe::QUERY => body,
+        fe::PARSE => split_cstr(body)?.1,
         _ => return None,
     };
     let end = sql.iter().position(|&b| b == 0).unwrap_or(sql.len());
@@ -77,13 +76,11 @@ fn message_sql(tag: u8, body: &[u8]) -> Option<&[u8]> {
 /// request as read) for a statement that needs a database to itself.
 pub fn exclusive_database_in(bytes: &[u8]) -> Option<String> {
     let mut rest = bytes;
-    while let Some(header) = rest.first_chunk::<5>() {
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        let body = rest.get(5..1 + len.max(4))?;
-        if let Some(db) = message_sql(header[0], body).and_then(exclusive_database) {
+    while let Ok(Some((tag, body, len))) = split_message(rest, usize::MAX >> 1) {
+        if let Some(db) = message_sql(tag, body).and_then(exclusive_database) {
             return Some(db);
         }
-        rest = &rest[1 + len.max(4)..];
+        rest = &rest[len..];
     }
     None
 }

@@ -19,6 +19,7 @@ use glommio::net::TcpStream;
 use crate::backend::{BackendConn, Settings};
 use crate::bufpool::Buf;
 use crate::cancel::{CancelHandle, CancelTarget};
+use crate::codec::tag::status;
 use crate::config::PoolMode;
 use crate::context::{ShardCtx, UserEntry};
 use crate::lease::Lease;
@@ -159,7 +160,7 @@ async fn start(
 async fn reset_and_release(ctx: &ShardCtx, mut backend: Lease) {
     let mut buf = ctx.bufs.take();
     match settings::apply(&mut backend, &Settings::default(), &mut buf).await {
-        Ok(None) if backend.status == b'I' => backend.release(),
+        Ok(None) if backend.status == status::IDLE => backend.release(),
         _ => backend.discard(),
     }
 }
@@ -424,7 +425,7 @@ async fn lease(
             }
             other => return LeaseEnd::Ended(other, flow, notes),
         }
-        if backend.status == b'I' && !responses.unsynced && !flow.copy_in {
+        if backend.status == status::IDLE && !responses.unsynced && !flow.copy_in {
             let mut buf = ctx.bufs.take();
             if notes.settings_touched {
                 let unlisted = settings::unlisted_names(&state.settings, &notes.unlisted);

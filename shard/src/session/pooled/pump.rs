@@ -17,7 +17,8 @@ use glommio::net::TcpStream;
 use crate::backend::ServerParams;
 use crate::bufpool::{Buf, BufPool};
 use crate::codec::frame::{read_header, Scanner, Step, TagSet, HEADER_LEN};
-use crate::codec::{backend as be, frontend, CodecError};
+use crate::codec::tag::{be, fe, status};
+use crate::codec::{backend, frontend, CodecError};
 use crate::stats::ShardStats;
 use crate::sync::Latch;
 
@@ -27,11 +28,37 @@ use crate::session::pump::PumpEnd;
 
 /// Server messages whose body decides something: errors, command tags, transaction
 /// status, parameter changes, notifications (whose sender pid may be rewritten).
-const DOWN_CAPTURE: TagSet = TagSet::new(b"ECZStTA");
+const DOWN_CAPTURE: TagSet = TagSet::new(&[
+    be::ERROR_RESPONSE,
+    be::COMMAND_COMPLETE,
+    be::READY_FOR_QUERY,
+    be::PARAMETER_STATUS,
+    be::PARAMETER_DESCRIPTION,
+    be::ROW_DESCRIPTION,
+    be::NOTIFICATION_RESPONSE,
+]);
 /// Server messages whose arrival completes an answer.
-const DOWN_NOTIFY: TagSet = TagSet::new(b"123nIsGHW");
+const DOWN_NOTIFY: TagSet = TagSet::new(&[
+    be::PARSE_COMPLETE,
+    be::BIND_COMPLETE,
+    be::CLOSE_COMPLETE,
+    be::NO_DATA,
+    be::EMPTY_QUERY_RESPONSE,
+    be::PORTAL_SUSPENDED,
+    be::COPY_IN_RESPONSE,
+    be::COPY_OUT_RESPONSE,
+    be::COPY_BOTH_RESPONSE,
+]);
 /// Server messages the proxy may drop or rewrite: held back until complete.
-const DROPPABLE: TagSet = TagSet::new(b"13EtTnA");
+const DROPPABLE: TagSet = TagSet::new(&[
+    be::PARSE_COMPLETE,
+    be::CLOSE_COMPLETE,
+    be::ERROR_RESPONSE,
+    be::PARAMETER_DESCRIPTION,
+    be::ROW_DESCRIPTION,
+    be::NO_DATA,
+    be::NOTIFICATION_RESPONSE,
+]);
 /// Stop translating client messages while this much output waits to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 
@@ -135,7 +162,8 @@ impl DownLane {
             raw_end: 0,
             hold: 0,
             ready_pos: 0,
-            scanner: Scanner::new(be::TAGS, DOWN_CAPTURE, usize::MAX >> 1).with_notify(DOWN_NOTIFY),
+            scanner: Scanner::new(backend::TAGS, DOWN_CAPTURE, usize::MAX >> 1)
+                .with_notify(DOWN_NOTIFY),
         }
     }
 
@@ -329,28 +357,28 @@ impl PooledPump<'_> {
         let chunk = &buf[base..lane.raw_end];
         let scanned = lane.scanner.scan(chunk, |tag, body, end| {
             match tag {
-                b'A' if be::notification_from(body, server_pid) => {
+                be::NOTIFICATION_RESPONSE if backend::notification_from(body, server_pid) => {
                     // Patched once the scan lets go of the buffer (the message is held
                     // back until complete, so all of it is still there).
                     own_notification = (base + end).checked_sub(body.len());
                     return Step::Stop;
                 }
-                b'Z' => {
-                    *backend_status = body.first().copied().unwrap_or(b'I');
+                be::READY_FOR_QUERY => {
+                    *backend_status = body.first().copied().unwrap_or(status::IDLE);
                     flow.copy_in = false;
                 }
-                b'G' => flow.copy_in = true,
-                b'C' => {
+                be::COPY_IN_RESPONSE => flow.copy_in = true,
+                be::COMMAND_COMPLETE => {
                     flow.copy_in = false;
                     stats.count_statement(body);
                 }
-                b'E' => {
+                be::ERROR_RESPONSE => {
                     flow.copy_in = false;
-                    flow.server_fatal |= be::is_fatal_error(body);
+                    flow.server_fatal |= backend::is_fatal_error(body);
                 }
-                b'S' => {
-                    if let Ok(be::BackendMessage::ParameterStatus { name, value }) =
-                        be::decode(tag, body)
+                be::PARAMETER_STATUS => {
+                    if let Ok(backend::BackendMessage::ParameterStatus { name, value }) =
+                        backend::decode(tag, body)
                     {
                         params.set(name, value);
                     }
@@ -358,7 +386,7 @@ impl PooledPump<'_> {
                 _ => {}
             }
             let action = responses.on_server_message(tag, body, server, &mut outcome);
-            if tag == b'Z' && responses.outstanding() == 0 {
+            if tag == be::READY_FOR_QUERY && responses.outstanding() == 0 {
                 if let Some(since) = flow.since.take() {
                     stats
                         .query_duration
@@ -557,14 +585,14 @@ impl PooledPump<'_> {
     }
 
     fn after_message(&mut self, tag: u8) {
-        if matches!(tag, b'Q' | b'F' | b'S') && self.flow.since.is_none() {
+        if matches!(tag, fe::QUERY | fe::FUNCTION_CALL | fe::SYNC) && self.flow.since.is_none() {
             self.flow.since = Some(std::time::Instant::now());
         }
         match tag {
-            b'Q' | b'F' => self.stats.queries.inc(),
-            b'E' => self.stats.queries.inc(),
-            b'c' | b'f' => self.flow.copy_in = false,
-            b'X' => self.flow.terminated = true,
+            fe::QUERY | fe::FUNCTION_CALL => self.stats.queries.inc(),
+            fe::EXECUTE => self.stats.queries.inc(),
+            fe::COPY_DONE | fe::COPY_FAIL => self.flow.copy_in = false,
+            fe::TERMINATE => self.flow.terminated = true,
             _ => {}
         }
     }
@@ -573,7 +601,7 @@ impl PooledPump<'_> {
         let lane = &mut *self.up;
         if self.flow.terminated
             || self.backend_eof
-            || (self.flow.hold_when_idle && *self.status == b'I')
+            || (self.flow.hold_when_idle && *self.status == status::IDLE)
         {
             return Poll::Ready(Ok(false));
         }

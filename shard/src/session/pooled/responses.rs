@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use crate::codec::backend as be;
+use crate::codec::tag::{be as tag, status};
 use crate::prepared::{ServerStatements, Statement};
 use crate::sql::Effects;
 
@@ -211,17 +212,17 @@ impl Responses {
             return Action::Forward;
         };
         match (tag, head) {
-            (b'E', Expect::RefusedQuery(bytes)) => {
+            (tag::ERROR_RESPONSE, Expect::RefusedQuery(bytes)) => {
                 self.ready.extend_from_slice(bytes);
                 Action::Drop
             }
-            (b'Z', Expect::RefusedQuery(_)) => {
-                self.status = body.first().copied().unwrap_or(b'I');
+            (tag::READY_FOR_QUERY, Expect::RefusedQuery(_)) => {
+                self.status = body.first().copied().unwrap_or(status::IDLE);
                 self.pop(Action::Forward)
             }
-            (b'E', Expect::Query(_) | Expect::Sync) => Action::Forward,
-            (b'E', _) => self.on_error(body, server, out),
-            (b'1', Expect::Parse { .. }) => {
+            (tag::ERROR_RESPONSE, Expect::Query(_) | Expect::Sync) => Action::Forward,
+            (tag::ERROR_RESPONSE, _) => self.on_error(body, server, out),
+            (tag::PARSE_COMPLETE, Expect::Parse { .. }) => {
                 if let Some(Expect::Parse {
                     client: Some(name), ..
                 }) = self.queue.pop_front()
@@ -230,18 +231,22 @@ impl Responses {
                 }
                 Action::Forward
             }
-            (b'1', Expect::InjectedParse(_) | Expect::InjectedUnnamedParse) => {
+            (tag::PARSE_COMPLETE, Expect::InjectedParse(_) | Expect::InjectedUnnamedParse) => {
                 self.pop(Action::Drop)
             }
-            (b't', Expect::InjectedDescribe { .. }) => Action::Drop,
-            (b'T' | b'n', Expect::InjectedDescribe { .. }) => {
+            (tag::PARAMETER_DESCRIPTION, Expect::InjectedDescribe { .. }) => Action::Drop,
+            (tag::ROW_DESCRIPTION | tag::NO_DATA, Expect::InjectedDescribe { .. }) => {
                 if let Some(Expect::InjectedDescribe {
                     stmt,
                     client,
                     check,
                 }) = self.queue.pop_front()
                 {
-                    stmt.learn_shape(if tag == b'T' { body } else { b"" });
+                    stmt.learn_shape(if tag == tag::ROW_DESCRIPTION {
+                        body
+                    } else {
+                        b""
+                    });
                     if let Some(name) = client {
                         out.shapes.push((name, stmt));
                     }
@@ -251,22 +256,25 @@ impl Responses {
                 }
                 Action::Drop
             }
-            (b'3', Expect::InjectedClose(_)) => self.pop(Action::Drop),
-            (b'3', Expect::Close) => self.pop(Action::Forward),
-            (b'2', Expect::Bind(_)) => self.pop(Action::Forward),
-            (b'T' | b'n', Expect::Describe(_)) => self.pop(Action::Forward),
-            (b'C' | b'I' | b's', Expect::Execute) => {
-                if tag == b'C' {
+            (tag::CLOSE_COMPLETE, Expect::InjectedClose(_)) => self.pop(Action::Drop),
+            (tag::CLOSE_COMPLETE, Expect::Close) => self.pop(Action::Forward),
+            (tag::BIND_COMPLETE, Expect::Bind(_)) => self.pop(Action::Forward),
+            (tag::ROW_DESCRIPTION | tag::NO_DATA, Expect::Describe(_)) => self.pop(Action::Forward),
+            (
+                tag::COMMAND_COMPLETE | tag::EMPTY_QUERY_RESPONSE | tag::PORTAL_SUSPENDED,
+                Expect::Execute,
+            ) => {
+                if tag == tag::COMMAND_COMPLETE {
                     note_command(body, out);
                 }
                 self.pop(Action::Forward)
             }
-            (b'C', Expect::Query(_)) => {
+            (tag::COMMAND_COMPLETE, Expect::Query(_)) => {
                 note_command(body, out);
                 Action::Forward
             }
-            (b'Z', Expect::Sync | Expect::Query(_)) => {
-                self.status = body.first().copied().unwrap_or(b'I');
+            (tag::READY_FOR_QUERY, Expect::Sync | Expect::Query(_)) => {
+                self.status = body.first().copied().unwrap_or(status::IDLE);
                 self.skipping = false;
                 self.pop(Action::Forward)
             }
@@ -304,7 +312,7 @@ impl Responses {
     /// CommandComplete and ReadyForQuery for a command the proxy handled itself; in a
     /// failed transaction, the error PostgreSQL gives instead.
     fn answer_command(&mut self, tag: &str) {
-        if self.status == b'E' {
+        if self.status == status::FAILED {
             be::write_error(
                 &mut self.ready,
                 "ERROR",
@@ -312,13 +320,7 @@ impl Responses {
                 "current transaction is aborted, commands ignored until end of transaction block",
             );
         } else {
-            let mut body = Vec::with_capacity(tag.len() + 1);
-            body.extend_from_slice(tag.as_bytes());
-            body.push(0);
-            self.ready.push(b'C');
-            self.ready
-                .extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-            self.ready.extend_from_slice(&body);
+            be::write_command_complete(&mut self.ready, tag);
         }
         be::write_ready_for_query(&mut self.ready, self.status);
     }
@@ -392,7 +394,7 @@ impl Responses {
 
 /// "cached plan must not change result type" (SQLSTATE 0A000).
 fn is_stale_plan(body: &[u8]) -> bool {
-    match be::decode(b'E', body) {
+    match be::decode(tag::ERROR_RESPONSE, body) {
         Ok(be::BackendMessage::ErrorResponse(fields)) => {
             fields.code() == "0A000" && fields.message().contains("cached plan must not change")
         }
@@ -449,11 +451,11 @@ mod tests {
         r.push(Expect::Execute, &mut server, &mut out);
         r.push(Expect::Sync, &mut server, &mut out);
         assert_eq!(
-            r.on_server_message(b'1', b"", &mut server, &mut out),
+            r.on_server_message(tag::PARSE_COMPLETE, b"", &mut server, &mut out),
             Action::Drop
         );
         assert_eq!(
-            r.on_server_message(b'2', b"", &mut server, &mut out),
+            r.on_server_message(tag::BIND_COMPLETE, b"", &mut server, &mut out),
             Action::Forward
         );
         assert_eq!(
@@ -462,15 +464,15 @@ mod tests {
         );
         r.ready.clear();
         assert_eq!(
-            r.on_server_message(b'D', b"", &mut server, &mut out),
+            r.on_server_message(tag::DATA_ROW, b"", &mut server, &mut out),
             Action::Forward
         );
         assert_eq!(
-            r.on_server_message(b'C', b"SELECT 1\0", &mut server, &mut out),
+            r.on_server_message(tag::COMMAND_COMPLETE, b"SELECT 1\0", &mut server, &mut out),
             Action::Forward
         );
         assert_eq!(
-            r.on_server_message(b'Z', b"I", &mut server, &mut out),
+            r.on_server_message(tag::READY_FOR_QUERY, b"I", &mut server, &mut out),
             Action::Forward
         );
         assert!(r.is_empty());
@@ -503,7 +505,7 @@ mod tests {
         r.push(Expect::Sync, &mut server, &mut out);
         let err = error_body("22012", "division by zero");
         assert_eq!(
-            r.on_server_message(b'E', &err, &mut server, &mut out),
+            r.on_server_message(tag::ERROR_RESPONSE, &err, &mut server, &mut out),
             Action::Forward
         );
         assert!(
@@ -514,7 +516,7 @@ mod tests {
         assert!(!server.has(&stmt));
         assert_eq!(r.outstanding(), 1);
         assert_eq!(
-            r.on_server_message(b'Z', b"I", &mut server, &mut out),
+            r.on_server_message(tag::READY_FOR_QUERY, b"I", &mut server, &mut out),
             Action::Forward
         );
         assert!(r.is_empty());
@@ -537,18 +539,18 @@ mod tests {
         r.push(Expect::Sync, &mut server, &mut out);
         let err = error_body("42601", "syntax error");
         assert_eq!(
-            r.on_server_message(b'E', &err, &mut server, &mut out),
+            r.on_server_message(tag::ERROR_RESPONSE, &err, &mut server, &mut out),
             Action::Drop
         );
         assert_eq!(r.ready, b"ours");
         r.ready.clear();
-        r.on_server_message(b'Z', b"I", &mut server, &mut out);
+        r.on_server_message(tag::READY_FOR_QUERY, b"I", &mut server, &mut out);
 
         r.push(Expect::Bind(Some(stmt.clone())), &mut server, &mut out);
         r.push(Expect::Sync, &mut server, &mut out);
         let stale = error_body("0A000", "cached plan must not change result type");
         assert_eq!(
-            r.on_server_message(b'E', &stale, &mut server, &mut out),
+            r.on_server_message(tag::ERROR_RESPONSE, &stale, &mut server, &mut out),
             Action::Forward
         );
         assert_ne!(stmt.server_name(), old, "renamed so it is prepared afresh");
@@ -562,7 +564,7 @@ mod tests {
         let (mut server, mut out, mut r) = fixture();
         r.push(Expect::Execute, &mut server, &mut out);
         let err = error_body("22012", "division by zero");
-        r.on_server_message(b'E', &err, &mut server, &mut out);
+        r.on_server_message(tag::ERROR_RESPONSE, &err, &mut server, &mut out);
         // The client's next messages arrive after the error was seen.
         server.insert(&stmt, 10);
         r.push(named_parse(&stmt, "s1", 1), &mut server, &mut out);
@@ -572,7 +574,7 @@ mod tests {
         assert!(r.ready.is_empty());
         r.push(Expect::Sync, &mut server, &mut out);
         assert_eq!(r.outstanding(), 1);
-        r.on_server_message(b'Z', b"I", &mut server, &mut out);
+        r.on_server_message(tag::READY_FOR_QUERY, b"I", &mut server, &mut out);
         assert!(r.is_empty());
         r.push(Expect::Execute, &mut server, &mut out);
         assert_eq!(r.outstanding(), 1, "after Sync the server answers again");
@@ -586,7 +588,7 @@ mod tests {
         r.push(Expect::Execute, &mut server, &mut out);
         r.push(Expect::Sync, &mut server, &mut out);
         r.on_server_message(
-            b'E',
+            tag::ERROR_RESPONSE,
             &error_body("22012", "division by zero"),
             &mut server,
             &mut out,
@@ -616,11 +618,11 @@ mod tests {
         );
         assert!(r.awaiting_check);
         assert_eq!(
-            r.on_server_message(b't', b"", &mut server, &mut out),
+            r.on_server_message(tag::PARAMETER_DESCRIPTION, b"", &mut server, &mut out),
             Action::Drop
         );
         assert_eq!(
-            r.on_server_message(b'T', b"two", &mut server, &mut out),
+            r.on_server_message(tag::ROW_DESCRIPTION, b"two", &mut server, &mut out),
             Action::Drop
         );
         assert!(!r.awaiting_check);
@@ -635,7 +637,7 @@ mod tests {
             &mut server,
             &mut out,
         );
-        r.on_server_message(b'T', b"three", &mut server, &mut out);
+        r.on_server_message(tag::ROW_DESCRIPTION, b"three", &mut server, &mut out);
         assert_ne!(stmt.shape(), told, "a new shape is learnt");
     }
 
@@ -664,12 +666,12 @@ mod tests {
         r.push(Expect::ParseAnswered(name("s3", 3)), &mut server, &mut out);
         r.push(Expect::Sync, &mut server, &mut out);
         let err = error_body("42601", "syntax error");
-        r.on_server_message(b'E', &err, &mut server, &mut out);
+        r.on_server_message(tag::ERROR_RESPONSE, &err, &mut server, &mut out);
         assert_eq!(out.forgotten, [name("s1", 1), name("s2", 2), name("s3", 3)]);
         assert!(out.confirmed.is_empty());
         assert!(!server.has(&bad) && !server.has(&good));
         assert!(r.ready.is_empty(), "no ParseComplete for a skipped Parse");
-        r.on_server_message(b'Z', b"I", &mut server, &mut out);
+        r.on_server_message(tag::READY_FOR_QUERY, b"I", &mut server, &mut out);
         assert!(r.is_empty());
     }
 
@@ -682,7 +684,7 @@ mod tests {
         r.push(Expect::ParseAnswered(name("s2", 2)), &mut server, &mut out);
         assert!(out.confirmed.is_empty() && r.ready.is_empty());
         assert_eq!(
-            r.on_server_message(b'1', b"", &mut server, &mut out),
+            r.on_server_message(tag::PARSE_COMPLETE, b"", &mut server, &mut out),
             Action::Forward
         );
         assert_eq!(out.confirmed, [name("s1", 1), name("s2", 2)]);
@@ -707,7 +709,7 @@ mod tests {
         );
         r.push(Expect::Sync, &mut server, &mut out);
         r.on_server_message(
-            b'E',
+            tag::ERROR_RESPONSE,
             &error_body("42601", "syntax error"),
             &mut server,
             &mut out,
@@ -719,7 +721,12 @@ mod tests {
     fn deallocate_all_is_seen_in_command_complete() {
         let (mut server, mut out, mut r) = fixture();
         r.push(Expect::Query(Effects::default()), &mut server, &mut out);
-        r.on_server_message(b'C', b"DEALLOCATE ALL\0", &mut server, &mut out);
+        r.on_server_message(
+            tag::COMMAND_COMPLETE,
+            b"DEALLOCATE ALL\0",
+            &mut server,
+            &mut out,
+        );
         assert!(out.cleared);
     }
 }

@@ -8,6 +8,8 @@ use std::rc::Rc;
 use hashbrown::HashMap;
 
 use crate::codec::backend as be;
+use crate::codec::frame::{self, write_parts};
+use crate::codec::tag::{fe, status, target};
 use crate::codec::CodecError;
 use crate::config::PoolMode;
 use crate::prepared::{Registry, ServerStatements, Shape, Statement};
@@ -184,26 +186,26 @@ impl Upstream<'_> {
         let tag = msg[0];
         let body = &msg[5..];
         self.notes.client_spoke = true;
-        if tag != b'X' && !self.pending_close.is_empty() {
+        if tag != fe::TERMINATE && !self.pending_close.is_empty() {
             self.flush_pending_close(out);
         }
         match tag {
-            b'Q' => self.query(msg, body, out),
-            b'P' => return self.parse(msg, body, out),
-            b'B' => return self.bind(msg, body, out),
-            b'D' => self.describe(msg, body, out)?,
-            b'C' => self.close(msg, body, out)?,
-            b'E' => self.extended(msg, Expect::Execute, out),
-            b'S' => {
+            fe::QUERY => self.query(msg, body, out),
+            fe::PARSE => return self.parse(msg, body, out),
+            fe::BIND => return self.bind(msg, body, out),
+            fe::DESCRIBE => self.describe(msg, body, out)?,
+            fe::CLOSE => self.close(msg, body, out)?,
+            fe::EXECUTE => self.extended(msg, Expect::Execute, out),
+            fe::SYNC => {
                 self.responses.unsynced = false;
                 self.expect(Expect::Sync);
                 out.extend_from_slice(msg);
             }
-            b'F' => {
+            fe::FUNCTION_CALL => {
                 self.expect(Expect::Query(Effects::default()));
                 out.extend_from_slice(msg);
             }
-            b'X' => self.notes.terminated = true,
+            fe::TERMINATE => self.notes.terminated = true,
             // Flush, CopyData, CopyDone, CopyFail: no answer of their own.
             _ => out.extend_from_slice(msg),
         }
@@ -229,7 +231,7 @@ impl Upstream<'_> {
         let effects = crate::sql::classify(sql);
         if let Some(refusal) = self.refusal(&effects) {
             self.expect(Expect::RefusedQuery(error_bytes("0A000", &refusal)));
-            write_message(out, b'Q', &[ALWAYS_FAILS]);
+            write_parts(out, fe::QUERY, &[ALWAYS_FAILS]);
             return;
         }
         if let Some(name) = crate::sql::deallocate_name(sql) {
@@ -257,7 +259,7 @@ impl Upstream<'_> {
         out: &mut Vec<u8>,
     ) -> Result<Translated, CodecError> {
         // The body is interned and replayed on other connections: it must be well formed.
-        crate::codec::frontend::decode(b'P', body)?;
+        crate::codec::frontend::decode(fe::PARSE, body)?;
         let (name, spec) = split_cstr(body, "Parse")?;
         if name.is_empty() {
             let sql = split_cstr(spec, "Parse")?.0;
@@ -289,7 +291,7 @@ impl Upstream<'_> {
         match self.client.by_name.get(name) {
             Some(entry) if entry.pending => {
                 // Whether the name is taken depends on an answer still to come.
-                write_message(out, b'H', &[]);
+                write_parts(out, fe::FLUSH, &[]);
                 self.responses.awaiting_parse = true;
                 return Ok(Translated::Hold);
             }
@@ -311,12 +313,12 @@ impl Upstream<'_> {
         let client = self.client.register(name, &stmt);
         self.responses.unsynced = true;
         if self.server.has(&stmt) {
-            if self.responses.status == b'E' && self.responses.outstanding() == 0 {
+            if self.responses.status == status::FAILED && self.responses.outstanding() == 0 {
                 // A failed transaction: PostgreSQL refuses the Parse (25P02) and skips to
                 // Sync. Let the server say so with a Parse of its own that fails the same
                 // way; it replaces the unnamed statement here, which is recreated if the
                 // client needs its own.
-                write_message(out, b'P', &[b"\0", PROBE_ABORTED]);
+                write_parts(out, fe::PARSE, &[b"\0", PROBE_ABORTED]);
                 self.notes.unnamed_here = false;
                 self.expect(Expect::Parse {
                     prepares: None,
@@ -329,13 +331,21 @@ impl Upstream<'_> {
         }
         self.make_room(&stmt, out);
         let server_name = stmt.server_name();
-        write_message(out, b'P', &[server_name.as_bytes(), b"\0", stmt.spec()]);
+        write_parts(
+            out,
+            fe::PARSE,
+            &[server_name.as_bytes(), b"\0", stmt.spec()],
+        );
         self.expect(Expect::Parse {
             prepares: Some(stmt.clone()),
             client: Some(client.clone()),
         });
         // Learn the shape the client is being told, so a later change is noticed.
-        write_message(out, b'D', &[b"S", server_name.as_bytes(), b"\0"]);
+        write_parts(
+            out,
+            fe::DESCRIBE,
+            &[&[target::STATEMENT], server_name.as_bytes(), b"\0"],
+        );
         self.expect(Expect::InjectedDescribe {
             stmt,
             client: Some(client),
@@ -356,7 +366,11 @@ impl Upstream<'_> {
             // Unnamed, or unknown: the server answers as PostgreSQL would.
             if name.is_empty() && !self.ensure_unnamed(out) {
                 // Whatever unnamed statement this connection has is another client's.
-                write_message(out, b'B', &[portal, b"\0", NO_SUCH_STATEMENT, b"\0", rest]);
+                write_parts(
+                    out,
+                    fe::BIND,
+                    &[portal, b"\0", NO_SUCH_STATEMENT, b"\0", rest],
+                );
                 self.responses.unsynced = true;
                 self.expect(Expect::ReplaceError(error_bytes(
                     "26000",
@@ -372,7 +386,7 @@ impl Upstream<'_> {
             // Prepare it here and learn its shape before the client's Bind may run.
             self.prepare_here(&stmt, true, out);
             if self.responses.awaiting_check {
-                write_message(out, b'H', &[]);
+                write_parts(out, fe::FLUSH, &[]);
                 return Ok(Translated::Hold);
             }
         }
@@ -383,7 +397,11 @@ impl Upstream<'_> {
                 "statement {}: result shape changed since the client prepared it",
                 stmt.server_name(),
             );
-            write_message(out, b'B', &[portal, b"\0", NO_SUCH_STATEMENT, b"\0", rest]);
+            write_parts(
+                out,
+                fe::BIND,
+                &[portal, b"\0", NO_SUCH_STATEMENT, b"\0", rest],
+            );
             self.expect(Expect::ReplaceError(stale_plan_error()));
             return Ok(Translated::Done);
         }
@@ -391,9 +409,9 @@ impl Upstream<'_> {
             self.note(&stmt.effects, stmt.query());
         }
         let server_name = stmt.server_name();
-        write_message(
+        write_parts(
             out,
-            b'B',
+            fe::BIND,
             &[portal, b"\0", server_name.as_bytes(), b"\0", rest],
         );
         self.expect(Expect::Bind(Some(stmt)));
@@ -405,7 +423,7 @@ impl Upstream<'_> {
             return Err(CodecError::malformed("Describe", "missing kind"));
         };
         let (name, _) = split_cstr(rest, "Describe")?;
-        let stmt = if kind == b'S' {
+        let stmt = if kind == target::STATEMENT {
             self.lookup(name)
         } else {
             None
@@ -416,13 +434,21 @@ impl Upstream<'_> {
                     self.prepare_here(&stmt, false, out);
                 }
                 let server_name = stmt.server_name();
-                write_message(out, b'D', &[b"S", server_name.as_bytes(), b"\0"]);
+                write_parts(
+                    out,
+                    fe::DESCRIBE,
+                    &[&[target::STATEMENT], server_name.as_bytes(), b"\0"],
+                );
                 self.responses.unsynced = true;
                 self.expect(Expect::Describe(Some(stmt)));
             }
             None => {
-                if kind == b'S' && name.is_empty() && !self.ensure_unnamed(out) {
-                    write_message(out, b'D', &[b"S", NO_SUCH_STATEMENT, b"\0"]);
+                if kind == target::STATEMENT && name.is_empty() && !self.ensure_unnamed(out) {
+                    write_parts(
+                        out,
+                        fe::DESCRIBE,
+                        &[&[target::STATEMENT], NO_SUCH_STATEMENT, b"\0"],
+                    );
                     self.responses.unsynced = true;
                     self.expect(Expect::ReplaceError(error_bytes(
                         "26000",
@@ -441,10 +467,14 @@ impl Upstream<'_> {
             return Err(CodecError::malformed("Close", "missing kind"));
         };
         let (name, _) = split_cstr(rest, "Close")?;
-        if kind == b'S' && !name.is_empty() {
+        if kind == target::STATEMENT && !name.is_empty() {
             // The shared statement stays prepared for others; only the client's name goes.
             self.client.by_name.remove(name);
-            write_message(out, b'C', &[b"S", NO_SUCH_STATEMENT, b"\0"]);
+            write_parts(
+                out,
+                fe::CLOSE,
+                &[&[target::STATEMENT], NO_SUCH_STATEMENT, b"\0"],
+            );
             self.responses.unsynced = true;
             self.expect(Expect::Close);
             return Ok(());
@@ -469,9 +499,17 @@ impl Upstream<'_> {
     fn prepare_here(&mut self, stmt: &Rc<Statement>, check: bool, out: &mut Vec<u8>) {
         self.make_room(stmt, out);
         let server_name = stmt.server_name();
-        write_message(out, b'P', &[server_name.as_bytes(), b"\0", stmt.spec()]);
+        write_parts(
+            out,
+            fe::PARSE,
+            &[server_name.as_bytes(), b"\0", stmt.spec()],
+        );
         self.expect(Expect::InjectedParse(stmt.clone()));
-        write_message(out, b'D', &[b"S", server_name.as_bytes(), b"\0"]);
+        write_parts(
+            out,
+            fe::DESCRIBE,
+            &[&[target::STATEMENT], server_name.as_bytes(), b"\0"],
+        );
         self.expect(Expect::InjectedDescribe {
             stmt: stmt.clone(),
             client: None,
@@ -489,7 +527,7 @@ impl Upstream<'_> {
         if !self.client.has_unnamed {
             return false;
         }
-        write_message(out, b'P', &[b"\0", &self.client.unnamed]);
+        write_parts(out, fe::PARSE, &[b"\0", &self.client.unnamed]);
         self.expect(Expect::InjectedUnnamedParse);
         self.notes.unnamed_here = true;
         true
@@ -499,21 +537,29 @@ impl Upstream<'_> {
     /// the connection is at `max_prepared_statements`.
     fn make_room(&mut self, stmt: &Rc<Statement>, out: &mut Vec<u8>) {
         if let Some(victim) = self.server.insert(stmt, self.capacity) {
-            write_message(out, b'C', &[b"S", victim.as_bytes(), b"\0"]);
+            write_parts(
+                out,
+                fe::CLOSE,
+                &[&[target::STATEMENT], victim.as_bytes(), b"\0"],
+            );
             self.expect(Expect::InjectedClose(victim));
         }
     }
 
     fn flush_pending_close(&mut self, out: &mut Vec<u8>) {
         for name in std::mem::take(self.pending_close) {
-            write_message(out, b'C', &[b"S", name.as_bytes(), b"\0"]);
+            write_parts(
+                out,
+                fe::CLOSE,
+                &[&[target::STATEMENT], name.as_bytes(), b"\0"],
+            );
             self.expect(Expect::InjectedClose(name));
         }
     }
 
     /// Sends a Parse that fails in place of a refused message; the client gets `message`.
     fn refuse_extended(&mut self, message: &str, code: &str, out: &mut Vec<u8>) {
-        write_message(out, b'P', &[b"\0", ALWAYS_FAILS, &[0, 0]]);
+        write_parts(out, fe::PARSE, &[b"\0", ALWAYS_FAILS, &[0, 0]]);
         self.responses.unsynced = true;
         self.expect(Expect::ReplaceError(error_bytes(code, message)));
     }
@@ -594,21 +640,7 @@ fn error_bytes(code: &str, message: &str) -> Box<[u8]> {
     out.into_boxed_slice()
 }
 
-/// Splits a NUL-terminated string off the front of `bytes`.
+/// Splits a NUL-terminated string off the front of `bytes`, or says which message lacks it.
 fn split_cstr<'a>(bytes: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), CodecError> {
-    let nul = bytes
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(CodecError::malformed(what, "missing string terminator"))?;
-    Ok((&bytes[..nul], &bytes[nul + 1..]))
-}
-
-/// Appends a message made of `parts` with the right length header.
-pub fn write_message(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
-    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 4;
-    out.push(tag);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    for part in parts {
-        out.extend_from_slice(part);
-    }
+    frame::split_cstr(bytes).ok_or(CodecError::malformed(what, "missing string terminator"))
 }
