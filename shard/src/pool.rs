@@ -274,16 +274,28 @@ impl Pool {
     }
 
     /// Clients of other shards wait for this key's budget, which this shard holds in
-    /// idle connections: close them, so those clients can open their own.
-    pub fn yield_idle(&self) {
+    /// connections that sat idle for at least `unused_for`: close them, so those clients
+    /// can open their own. A connection that only just came back stays (it is likely to
+    /// be used again at once), so a passing burst does not close and reopen connections.
+    pub fn yield_idle(&self, unused_for: Duration) {
         let local = self.state.borrow().waiters.len();
-        let mut wanted = self.budget.waiting_elsewhere(local);
-        while wanted > 0 {
-            let Some(conn) = self.state.borrow_mut().idle.pop() else {
-                return;
-            };
+        let wanted = self.budget.waiting_elsewhere(local);
+        if wanted == 0 {
+            return;
+        }
+        let unused: Vec<BackendConn> = {
+            let mut st = self.state.borrow_mut();
+            // Oldest first: connections are pushed as they come back.
+            let stale = st
+                .idle
+                .iter()
+                .take_while(|conn| conn.idle_since.elapsed() >= unused_for)
+                .count()
+                .min(wanted);
+            st.idle.drain(..stale).collect()
+        };
+        for conn in unused {
             self.discard(conn);
-            wanted -= 1;
         }
     }
 
@@ -401,11 +413,6 @@ impl Pool {
             }
         }
         if let Some(conn) = pending {
-            if self.budget.waiting_elsewhere(0) > 0 {
-                // Nobody here wants it and another shard's clients wait for the budget.
-                self.discard(conn);
-                return;
-            }
             self.state.borrow_mut().idle.push(conn);
         }
     }

@@ -304,11 +304,12 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>, inbox: Recei
     }
 }
 
-/// Shares pool budgets with the other shards: idle connections another shard's clients
-/// are waiting for close, and clients waiting here take what the others gave back.
+/// Shares pool budgets with the other shards: connections left unused for a tick while
+/// another shard's clients wait close, and clients waiting here take what the others
+/// gave back.
 fn balance_budgets(ctx: &ShardCtx) {
     for pool in ctx.pools.borrow().values() {
-        pool.yield_idle();
+        pool.yield_idle(TICK);
         if pool.has_waiters() {
             pool.grant_slots();
         }
