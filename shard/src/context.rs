@@ -5,7 +5,7 @@
 use crate::budget::Budgets;
 use crate::fence::Fences;
 use std::cell::{Cell, RefCell};
-use std::net::{SocketAddr, ToSocketAddrs};
+
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,14 +19,15 @@ use crate::auth::Secret;
 use crate::backend::ConnectSpec;
 use crate::bufpool::BufPool;
 use crate::cancel::CancelRegistry;
-use crate::config::{AuthMethod, Config, NodeRole};
-use crate::control::{ConsoleRequest, Topology, TopologyNode};
+use crate::config::{AuthMethod, Config};
+use crate::control::ConsoleRequest;
 use crate::pool::{Pool, PoolKey, PoolLimits};
 use crate::prepared::Registry;
 use crate::router::{Router, SchemaRoute};
 use crate::sql::route::ReadOnlyFunctions;
 use crate::stats::ShardStats;
 use crate::sync::{Gate, Latch, Signal};
+use crate::topology::{primary_of, LocalNode, Topology};
 
 /// SCRAM iteration count for verifiers the proxy derives from plain passwords.
 const SCRAM_ITERATIONS: u32 = 4096;
@@ -42,45 +43,13 @@ pub struct UserEntry {
     pub server_password: Option<String>,
 }
 
-/// A backend node as a shard sees it.
-#[derive(Clone, Debug)]
-pub struct NodeEntry {
-    /// "host:port" as configured: names the node in pool keys and the admin API.
-    pub address: Rc<str>,
-    pub label: String,
-    pub addr: SocketAddr,
-    pub role: NodeRole,
-    pub weight: u32,
-    /// Enabled, healthy and not draining: may be given new work.
-    pub routable: bool,
-    pub latency_ms: f64,
-    pub lag_ms: Option<f64>,
-    pub replay_lsn: Option<u64>,
-}
-
-impl NodeEntry {
-    fn from_topology(node: &TopologyNode) -> Self {
-        NodeEntry {
-            address: node.address.as_str().into(),
-            label: node.label.clone(),
-            addr: node.addr,
-            role: node.role,
-            weight: node.weight,
-            routable: node.routable(),
-            latency_ms: node.latency_ms,
-            lag_ms: node.lag_ms,
-            replay_lsn: node.replay_lsn,
-        }
-    }
-}
-
 pub struct ShardCtx {
     pub id: usize,
     pub workers: usize,
     /// This shard's own copy of the configuration (replaced on reload).
     config: RefCell<Arc<Config>>,
     pub users: RefCell<HashMap<String, Rc<UserEntry>>>,
-    pub nodes: RefCell<Vec<NodeEntry>>,
+    pub nodes: RefCell<Vec<LocalNode>>,
     pub topology_version: Cell<u64>,
     /// Raised whenever the topology changes (a node came back, or another took over).
     pub topology_changed: Signal,
@@ -136,38 +105,6 @@ fn user_entries(config: &Config) -> Result<HashMap<String, Rc<UserEntry>>, Strin
         .collect()
 }
 
-/// The topology a configuration describes before any health check ran: every enabled
-/// node is routable. Addresses are resolved here, once.
-pub fn initial_topology(config: &Config) -> Result<Topology, String> {
-    let nodes = config
-        .nodes
-        .iter()
-        .map(|n| {
-            let addr = n
-                .address()
-                .to_socket_addrs()
-                .map_err(|e| format!("node {}: {e}", n.label()))?
-                .next()
-                .ok_or_else(|| format!("node {}: address resolves to nothing", n.label()))?;
-            Ok(TopologyNode {
-                address: n.address(),
-                label: n.label(),
-                addr,
-                role: n.role,
-                weight: n.weight,
-                enabled: n.enabled,
-                healthy: true,
-                draining: false,
-                priority: n.priority,
-                latency_ms: 0.0,
-                lag_ms: None,
-                replay_lsn: None,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    Ok(Topology { version: 0, nodes })
-}
-
 impl ShardCtx {
     pub fn new(
         id: usize,
@@ -178,10 +115,10 @@ impl ShardCtx {
         let workers = config.effective_workers();
         let limits = pool_limits(&config, workers, id);
         let users = user_entries(&config)?;
-        let nodes = initial_topology(&config)?
+        let nodes = Topology::configured(&config)?
             .nodes
             .iter()
-            .map(NodeEntry::from_topology)
+            .map(|n| n.local())
             .collect();
         Ok(ShardCtx {
             id,
@@ -230,7 +167,7 @@ impl ShardCtx {
     /// The node writes go to: the primary, when it may take work. A configured but
     /// disabled, draining or failing primary is still named (its pool waits for it to
     /// come back, up to the acquire timeout); `None` only when no primary is configured.
-    pub fn primary(&self) -> Option<NodeEntry> {
+    pub fn primary(&self) -> Option<LocalNode> {
         primary_of(&self.nodes.borrow()).cloned()
     }
 
@@ -238,11 +175,11 @@ impl ShardCtx {
         self.nodes
             .borrow()
             .iter()
-            .any(|n| n.routable && &*n.address == address)
+            .any(|n| n.routable() && &*n.address == address)
     }
 
     /// The pool for (node, database, backend user), created on first use.
-    pub fn pool(&self, node: &NodeEntry, database: &str, user: &UserEntry) -> Rc<Pool> {
+    pub fn pool(&self, node: &LocalNode, database: &str, user: &UserEntry) -> Rc<Pool> {
         let key = PoolKey {
             node: node.address.clone(),
             database: database.into(),
@@ -283,7 +220,7 @@ impl ShardCtx {
                 ),
             },
         );
-        if !node.routable {
+        if !node.routable() {
             pool.set_retired(true);
         }
         self.pools.borrow_mut().insert(key, pool.clone());
@@ -302,11 +239,7 @@ impl ShardCtx {
             return;
         }
         self.topology_version.set(topology.version);
-        *self.nodes.borrow_mut() = topology
-            .nodes
-            .iter()
-            .map(NodeEntry::from_topology)
-            .collect();
+        *self.nodes.borrow_mut() = topology.nodes.iter().map(|n| n.local()).collect();
         for pool in self.all_pools() {
             pool.set_retired(!self.node_routable(&pool.key.node));
         }
@@ -340,15 +273,6 @@ impl ShardCtx {
     pub fn max_message_size(&self) -> usize {
         self.config.borrow().limits.max_message_size
     }
-}
-
-/// The node writes go to among `nodes`: the primary that may take work, else the
-/// configured one (its pool then waits for it); `None` only without a primary.
-pub fn primary_of(nodes: &[NodeEntry]) -> Option<&NodeEntry> {
-    let primaries = || nodes.iter().filter(|n| n.role == NodeRole::Primary);
-    primaries()
-        .find(|n| n.routable)
-        .or_else(|| primaries().next())
 }
 
 /// Shard `id`'s part of `total` split across `workers` (the first shards take the remainder).

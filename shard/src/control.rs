@@ -8,8 +8,9 @@ use std::time::SystemTime;
 
 use crossbeam_channel::Sender;
 
-use crate::config::{Config, NodeRole, PoolMode};
+use crate::config::{Config, PoolMode};
 use crate::stats::ShardStats;
+pub use crate::topology::Topology;
 
 /// The control plane's handle on one running shard.
 #[derive(Clone)]
@@ -42,43 +43,6 @@ pub enum ControlMsg {
 pub struct Detail {
     pub clients: bool,
     pub servers: bool,
-}
-
-/// Immutable, versioned view of the backend nodes, published by the control thread.
-#[derive(Clone, Debug)]
-pub struct Topology {
-    pub version: u64,
-    pub nodes: Vec<TopologyNode>,
-}
-
-#[derive(Clone, Debug)]
-pub struct TopologyNode {
-    /// "host:port" as configured: the node's name in the admin API and pool keys.
-    pub address: String,
-    pub label: String,
-    pub addr: SocketAddr,
-    pub role: NodeRole,
-    pub weight: u32,
-    /// Not disabled by configuration or the admin API.
-    pub enabled: bool,
-    /// Passing health checks (or not checked yet).
-    pub healthy: bool,
-    /// Being drained: no new work; connections close as they come back.
-    pub draining: bool,
-    pub priority: Option<u32>,
-    /// Round trip of the last good health check (for latency-based reads).
-    pub latency_ms: f64,
-    /// Standbys and replicas: how far behind in replay time, when known.
-    pub lag_ms: Option<f64>,
-    /// Standbys and replicas: WAL position replayed, when known (read-your-writes).
-    pub replay_lsn: Option<u64>,
-}
-
-impl TopologyNode {
-    /// May this node be given new work?
-    pub fn routable(&self) -> bool {
-        self.enabled && self.healthy && !self.draining
-    }
 }
 
 /// One shard's state at one instant.

@@ -23,3 +23,4 @@ pub mod session;
 pub mod sql;
 pub mod stats;
 pub mod sync;
+pub mod topology;

@@ -11,8 +11,8 @@ use std::rc::Rc;
 use hashbrown::HashMap;
 
 use crate::config::{NodeRole, ReadStrategy, RoutingConfig, SchemaRouteConfig};
-use crate::context::{primary_of, NodeEntry};
 use crate::sql::route::{RouteAnalysis, RouteHint, TableRef};
+use crate::topology::{primary_of, LocalNode};
 
 /// Why a node was chosen; counted per node and logged at debug level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -189,32 +189,32 @@ impl Router {
     /// node. `None` only when no primary is configured.
     pub fn choose(
         &self,
-        nodes: &[NodeEntry],
+        nodes: &[LocalNode],
         want: &Want,
         strategy: ReadStrategy,
         routing: &RoutingConfig,
         wrote_at: u64,
-        in_use: &dyn Fn(&NodeEntry) -> usize,
-    ) -> Option<(NodeEntry, Reason)> {
+        in_use: &dyn Fn(&LocalNode) -> usize,
+    ) -> Option<(LocalNode, Reason)> {
         let primary = || primary_of(nodes).cloned();
         let (reason, among) = match want {
             Want::Primary(reason) => return self.decided(primary()?, *reason),
             Want::Read(reason, among) => (*reason, among),
         };
-        let mut candidates: Vec<&NodeEntry> = nodes
+        let mut candidates: Vec<&LocalNode> = nodes
             .iter()
-            .filter(|n| n.routable)
+            .filter(|n| n.routable())
             .filter(|n| match among {
                 Among::ReadNodes => n.role != NodeRole::Primary,
                 Among::Role(role) => n.role == *role,
-                Among::Node(name) => *n.address == **name || n.label == **name,
+                Among::Node(name) => *n.address == **name || *n.label == **name,
                 Among::Nearest => true,
             })
             .collect();
         if candidates.is_empty() {
             return self.decided(primary()?, Reason::NoReadNode);
         }
-        let fresh = |n: &&NodeEntry| {
+        let fresh = |n: &&LocalNode| {
             n.role == NodeRole::Primary
                 || routing.max_replica_lag_ms == 0
                 || n.lag_ms
@@ -251,10 +251,10 @@ impl Router {
 
     fn pick<'a>(
         &self,
-        candidates: &[&'a NodeEntry],
+        candidates: &[&'a LocalNode],
         strategy: ReadStrategy,
-        in_use: &dyn Fn(&NodeEntry) -> usize,
-    ) -> &'a NodeEntry {
+        in_use: &dyn Fn(&LocalNode) -> usize,
+    ) -> &'a LocalNode {
         if candidates.len() == 1 {
             return candidates[0];
         }
@@ -296,7 +296,7 @@ impl Router {
 
     /// Smooth weighted round-robin (as in nginx): every node gains its weight, the
     /// heaviest is chosen and pays back the total, so picks interleave in proportion.
-    fn weighted<'a>(&self, candidates: &[&'a NodeEntry]) -> &'a NodeEntry {
+    fn weighted<'a>(&self, candidates: &[&'a LocalNode]) -> &'a LocalNode {
         let mut current = self.current.borrow_mut();
         let total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
         if total == 0 {
@@ -337,7 +337,7 @@ impl Router {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn decided(&self, node: NodeEntry, reason: Reason) -> Option<(NodeEntry, Reason)> {
+    fn decided(&self, node: LocalNode, reason: Reason) -> Option<(LocalNode, Reason)> {
         *self
             .decisions
             .borrow_mut()
@@ -366,21 +366,24 @@ impl Router {
 mod tests {
     use super::*;
 
-    fn node(address: &str, role: NodeRole, weight: u32) -> NodeEntry {
-        NodeEntry {
+    fn node(address: &str, role: NodeRole, weight: u32) -> LocalNode {
+        LocalNode {
             address: address.into(),
             label: address.into(),
             addr: "127.0.0.1:1".parse().unwrap(),
             role,
             weight,
-            routable: true,
+            priority: None,
+            enabled: true,
+            draining: false,
+            healthy: true,
             latency_ms: 1.0,
             lag_ms: Some(0.0),
             replay_lsn: Some(100),
         }
     }
 
-    fn cluster() -> Vec<NodeEntry> {
+    fn cluster() -> Vec<LocalNode> {
         vec![
             node("p:1", NodeRole::Primary, 100),
             node("s:1", NodeRole::Standby, 100),
@@ -394,7 +397,7 @@ mod tests {
 
     fn counts(
         router: &Router,
-        nodes: &[NodeEntry],
+        nodes: &[LocalNode],
         strategy: ReadStrategy,
         n: usize,
     ) -> HashMap<String, usize> {
@@ -447,7 +450,7 @@ mod tests {
     fn least_connections_and_two_choices_prefer_idle_nodes() {
         let r = Router::new(7);
         let nodes = cluster();
-        let busy = |n: &NodeEntry| if &*n.address == "s:1" { 5 } else { 1 };
+        let busy = |n: &LocalNode| if &*n.address == "s:1" { 5 } else { 1 };
         for strategy in [
             ReadStrategy::LeastConnections,
             ReadStrategy::RandomTwoChoices,
@@ -529,8 +532,8 @@ mod tests {
     fn unroutable_read_nodes_leave_reads_to_the_primary() {
         let r = Router::new(7);
         let mut nodes = cluster();
-        nodes[1].routable = false;
-        nodes[2].routable = false;
+        nodes[1].healthy = false;
+        nodes[2].healthy = false;
         let (n, why) = r
             .choose(
                 &nodes,

@@ -80,7 +80,11 @@ fn supervise(control: &Arc<Control>, stop: &AtomicBool) {
 fn reconcile(control: &Arc<Control>, checkers: &mut HashMap<String, Checker>) {
     let enabled = control.config().health.enabled;
     let wanted: Vec<String> = if enabled {
-        control.nodes().into_iter().map(|n| n.address).collect()
+        control
+            .nodes()
+            .into_iter()
+            .map(|n| n.node.address)
+            .collect()
     } else {
         Vec::new()
     };
@@ -324,7 +328,7 @@ fn record(
                 record_success(h, config, now, seen.latency_ms);
                 h.in_recovery = Some(seen.in_recovery);
                 h.wal_lsn = seen.wal_lsn;
-                let standby = n.role != NodeRole::Primary && seen.in_recovery;
+                let standby = n.node.role != NodeRole::Primary && seen.in_recovery;
                 h.replication_lag_bytes = standby
                     .then(|| lag_bytes(primary_lsn, seen.wal_lsn, seen.receive_lsn))
                     .flatten();

@@ -9,13 +9,12 @@ pub mod health;
 pub mod metrics;
 pub mod probe;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use helios_shard::config::{Config, ConfigError, NodeRole};
-use helios_shard::context::initial_topology;
-use helios_shard::control::{ControlMsg, Detail, ShardLink, ShardSnapshot, Topology, TopologyNode};
+use helios_shard::config::{Config, ConfigError};
+use helios_shard::control::{ControlMsg, Detail, ShardLink, ShardSnapshot};
+use helios_shard::topology::{Node, Topology};
 
 /// Primary WAL readings kept for time-lag estimates (a few minutes at 1 s checks).
 const PRIMARY_POSITIONS_KEPT: usize = 256;
@@ -51,25 +50,51 @@ pub struct Health {
     pub wal_lsn: Option<u64>,
 }
 
-/// One configured node as the control plane tracks it.
+/// One configured node as the control plane tracks it: the [`Node`] the shards are sent,
+/// and the record of its health checks. Reads of the node's own fields go through to it.
 #[derive(Clone, Debug)]
 pub struct NodeStatus {
-    pub address: String,
-    pub label: String,
-    pub addr: SocketAddr,
-    pub role: NodeRole,
-    pub weight: u32,
-    pub priority: Option<u32>,
-    /// Not disabled (by the configuration or `POST /nodes/{address}/disable`).
-    pub enabled: bool,
-    /// `POST /nodes/{address}/drain` was called and the node was not enabled since.
-    pub draining: bool,
+    pub node: Node,
     pub health: Health,
 }
 
 impl NodeStatus {
-    pub fn routable(&self) -> bool {
-        self.enabled && self.health.healthy && !self.draining
+    fn configured(node: &Node) -> NodeStatus {
+        NodeStatus {
+            node: node.clone(),
+            health: Health {
+                healthy: true,
+                ..Health::default()
+            },
+        }
+    }
+
+    /// Brings the node's routing view (healthy, latency, lag, replay position) up to
+    /// what the health record says.
+    fn refresh(&mut self) {
+        let h = &self.health;
+        self.node.healthy = h.healthy;
+        self.node.latency_ms = h.latency_ms;
+        self.node.lag_ms = h.replication_lag_seconds.map(|s| s * 1000.0);
+        self.node.replay_lsn = h
+            .in_recovery
+            .unwrap_or(false)
+            .then_some(h.wal_lsn)
+            .flatten();
+    }
+}
+
+impl std::ops::Deref for NodeStatus {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for NodeStatus {
+    fn deref_mut(&mut self) -> &mut Node {
+        &mut self.node
     }
 }
 
@@ -119,8 +144,8 @@ impl Control {
         links: Vec<ShardLink>,
         loader: Option<ConfigLoader>,
     ) -> Result<Arc<Control>, String> {
-        let topology = initial_topology(&config)?;
-        let nodes = topology.nodes.iter().map(node_status).collect();
+        let topology = Topology::configured(&config)?;
+        let nodes = topology.nodes.iter().map(NodeStatus::configured).collect();
         let metrics = metrics::Exporter::new(links.len());
         Ok(Arc::new(Control {
             metrics,
@@ -181,29 +206,7 @@ impl Control {
         state.version += 1;
         let topology = Arc::new(Topology {
             version: state.version,
-            nodes: state
-                .nodes
-                .iter()
-                .map(|n| TopologyNode {
-                    address: n.address.clone(),
-                    label: n.label.clone(),
-                    addr: n.addr,
-                    role: n.role,
-                    weight: n.weight,
-                    enabled: n.enabled,
-                    healthy: n.health.healthy,
-                    draining: n.draining,
-                    priority: n.priority,
-                    latency_ms: n.health.latency_ms,
-                    lag_ms: n.health.replication_lag_seconds.map(|s| s * 1000.0),
-                    replay_lsn: n
-                        .health
-                        .in_recovery
-                        .unwrap_or(false)
-                        .then_some(n.health.wal_lsn)
-                        .flatten(),
-                })
-                .collect(),
+            nodes: state.nodes.iter().map(|n| n.node.clone()).collect(),
         });
         self.health_epoch
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -228,11 +231,11 @@ impl Control {
             .iter_mut()
             .find(|n| n.address == address)
             .ok_or(ControlError::NodeNotFound)?;
-        let before = routing_view(node);
+        let before = node.node.clone();
         change(node);
-        let after = routing_view(node);
+        node.refresh();
         let status = node.clone();
-        if before != after {
+        if status.node != before {
             self.publish(&mut state);
         }
         Ok(status)
@@ -322,7 +325,7 @@ impl Control {
             .ok_or_else(|| ControlError::InvalidConfig("no configuration to reload".into()))?;
         let mut fresh = loader().map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
         let topology =
-            initial_topology(&fresh).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+            Topology::configured(&fresh).map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
         let mut state = self.state();
         let old = state.config.clone();
         let mut report = ReloadReport::default();
@@ -342,13 +345,14 @@ impl Control {
         report.changed = fresh != *old;
         let mut nodes: Vec<NodeStatus> = Vec::with_capacity(topology.nodes.len());
         for fresh_node in &topology.nodes {
-            let mut status = node_status(fresh_node);
+            let mut status = NodeStatus::configured(fresh_node);
             match state.nodes.iter().find(|n| n.address == fresh_node.address) {
                 Some(current) => {
                     // Health and an operator's drain carry over; `enabled` follows the
                     // file only when the file changed it.
                     status.health = current.health.clone();
                     status.draining = current.draining;
+                    status.refresh();
                     let was_configured = old
                         .nodes
                         .iter()
@@ -440,47 +444,6 @@ impl Control {
             .nodes
             .iter()
             .any(|n| n.enabled && n.health.healthy)
-    }
-}
-
-/// What shards route by: a change in any of it is published to them.
-fn routing_view(
-    n: &NodeStatus,
-) -> (
-    bool,
-    bool,
-    bool,
-    u64,
-    Option<u64>,
-    Option<u64>,
-    Option<bool>,
-) {
-    let h = &n.health;
-    (
-        n.routable(),
-        n.enabled,
-        n.draining,
-        h.latency_ms.to_bits(),
-        h.replication_lag_seconds.map(f64::to_bits),
-        h.wal_lsn,
-        h.in_recovery,
-    )
-}
-
-fn node_status(node: &TopologyNode) -> NodeStatus {
-    NodeStatus {
-        address: node.address.clone(),
-        label: node.label.clone(),
-        addr: node.addr,
-        role: node.role,
-        weight: node.weight,
-        priority: node.priority,
-        enabled: node.enabled,
-        draining: false,
-        health: Health {
-            healthy: true,
-            ..Health::default()
-        },
     }
 }
 

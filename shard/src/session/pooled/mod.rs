@@ -180,7 +180,7 @@ fn current_pool(ctx: &ShardCtx, pool: Rc<Pool>, user: &UserEntry) -> Rc<Pool> {
         return pool;
     }
     match ctx.primary() {
-        Some(node) if node.routable && node.address != pool.key.node => {
+        Some(node) if node.routable() && node.address != pool.key.node => {
             ctx.pool(&node, &pool.key.database, user)
         }
         _ => pool,

@@ -11,10 +11,11 @@ use crate::backend::BackendConn;
 use crate::codec::frame::split_message;
 use crate::codec::frontend::{self, FrontendMessage};
 use crate::config::NodeRole;
-use crate::context::{NodeEntry, ShardCtx, UserEntry};
+use crate::context::{ShardCtx, UserEntry};
 use crate::pool::Pool;
 use crate::router::{self, Reason, Want};
 use crate::sql::route::analyze;
+use crate::topology::LocalNode;
 
 use super::upstream::ClientStatements;
 
@@ -26,7 +27,7 @@ impl NodePools {
     fn on(
         &mut self,
         ctx: &ShardCtx,
-        node: &NodeEntry,
+        node: &LocalNode,
         database: &str,
         user: &UserEntry,
     ) -> Rc<Pool> {
@@ -38,7 +39,7 @@ impl NodePools {
         pool
     }
 
-    fn in_use(&self, node: &NodeEntry) -> usize {
+    fn in_use(&self, node: &LocalNode) -> usize {
         self.0
             .iter()
             .find(|p| p.key.node == node.address)
