@@ -12,7 +12,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 
 use crate::backend::ServerParams;
 use crate::bufpool::{Buf, BufPool};
@@ -243,9 +242,11 @@ pub enum PumpEnd {
     Drain,
 }
 
-pub struct Pump<'a> {
-    pub client: &'a mut TcpStream,
-    pub backend: &'a mut TcpStream,
+/// Generic over both streams (`C` client, `S` server), so a TLS stream slots in beside a
+/// plain socket.
+pub struct Pump<'a, C, S> {
+    pub client: &'a mut C,
+    pub backend: &'a mut S,
     pub params: &'a mut ServerParams,
     pub up: &'a mut Lane,
     pub down: &'a mut Lane,
@@ -257,7 +258,12 @@ pub struct Pump<'a> {
     pub client_terminated: bool,
 }
 
-impl Future for Pump<'_> {
+/// What the pumps read and write: an unpinned async byte stream.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Stream for T {}
+
+impl<C: Stream, S: Stream> Future for Pump<'_, C, S> {
     type Output = PumpEnd;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PumpEnd> {
@@ -308,7 +314,7 @@ impl Future for Pump<'_> {
 
 type Moved = Result<bool, PumpEnd>;
 
-impl Pump<'_> {
+impl<C: Stream, S: Stream> Pump<'_, C, S> {
     fn flush_down(&mut self, cx: &mut Context<'_>) -> Poll<Moved> {
         let lane = &mut *self.down;
         if lane.start == lane.end {
@@ -455,12 +461,12 @@ fn scan_up(
 /// Waits until `stream` is readable and reads into a buffer borrowed from the shard's
 /// pool only for the instant of the read (given back when nothing is there), so a waiting
 /// session holds no buffer and a whole request arrives with one read.
-pub struct ReadPooled<'a> {
-    pub stream: &'a mut TcpStream,
+pub struct ReadPooled<'a, S> {
+    pub stream: &'a mut S,
     pub pool: &'a BufPool,
 }
 
-impl Future for ReadPooled<'_> {
+impl<S: Stream> Future for ReadPooled<'_, S> {
     type Output = Option<(Buf, usize)>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

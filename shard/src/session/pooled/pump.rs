@@ -11,9 +11,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
-
 use crate::backend::ServerParams;
 use crate::bufpool::{Buf, BufPool};
 use crate::codec::frame::{read_header, Scanner, Step, TagSet, HEADER_LEN};
@@ -24,7 +21,7 @@ use crate::sync::Latch;
 
 use super::responses::{Action, Outcome};
 use super::upstream::{Translated, Upstream};
-use crate::session::pump::PumpEnd;
+use crate::session::pump::{PumpEnd, Stream};
 
 /// Server messages whose body decides something: errors, command tags, transaction
 /// status, parameter changes, notifications (whose sender pid may be rewritten).
@@ -231,9 +228,11 @@ pub struct Flow {
     pub server_fatal: bool,
 }
 
-pub struct PooledPump<'a> {
-    pub client: &'a mut TcpStream,
-    pub server: &'a mut TcpStream,
+/// Generic over both streams (`C` client, `S` server), so a TLS stream slots in beside a
+/// plain socket.
+pub struct PooledPump<'a, C, S> {
+    pub client: &'a mut C,
+    pub server: &'a mut S,
     pub params: &'a mut ServerParams,
     pub status: &'a mut u8,
     pub up: &'a mut UpLane,
@@ -251,7 +250,7 @@ pub struct PooledPump<'a> {
 
 type Moved = Result<bool, PumpEnd>;
 
-impl Future for PooledPump<'_> {
+impl<C: Stream, S: Stream> Future for PooledPump<'_, C, S> {
     type Output = PumpEnd;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PumpEnd> {
@@ -292,7 +291,7 @@ impl Future for PooledPump<'_> {
     }
 }
 
-impl PooledPump<'_> {
+impl<C: Stream, S: Stream> PooledPump<'_, C, S> {
     fn flush_down(&mut self, cx: &mut Context<'_>) -> Poll<Moved> {
         let lane = &mut *self.down;
         let Some(buf) = lane.buf.as_ref() else {
