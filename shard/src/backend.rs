@@ -94,11 +94,11 @@ impl ServerError {
     }
 
     pub fn code(&self) -> &str {
-        self.field(b'C')
+        self.field(crate::codec::tag::field::CODE)
     }
 
     pub fn message(&self) -> &str {
-        self.field(b'M')
+        self.field(crate::codec::tag::field::MESSAGE)
     }
 
     /// Writes this error as an ErrorResponse for a client.

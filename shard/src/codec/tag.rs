@@ -55,6 +55,17 @@ pub mod target {
     pub const PORTAL: u8 = b'P';
 }
 
+/// ErrorResponse and NoticeResponse field codes.
+pub mod field {
+    pub const SEVERITY: u8 = b'S';
+    /// The severity never translated (PostgreSQL 9.6 and later).
+    pub const SEVERITY_NONLOCALIZED: u8 = b'V';
+    pub const CODE: u8 = b'C';
+    pub const MESSAGE: u8 = b'M';
+    pub const FILE: u8 = b'F';
+    pub const ROUTINE: u8 = b'R';
+}
+
 /// ReadyForQuery transaction status.
 pub mod status {
     pub const IDLE: u8 = b'I';

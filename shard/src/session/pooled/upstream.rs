@@ -9,7 +9,7 @@ use hashbrown::HashMap;
 
 use crate::codec::backend as be;
 use crate::codec::frame::{self, write_parts};
-use crate::codec::tag::{fe, status, target};
+use crate::codec::tag::{fe, field, status, target};
 use crate::codec::CodecError;
 use crate::config::PoolMode;
 use crate::prepared::{Registry, ServerStatements, Shape, Statement};
@@ -623,12 +623,12 @@ fn stale_plan_error() -> Box<[u8]> {
     be::write_error_fields(
         &mut out,
         &[
-            (b'S', b"ERROR"),
-            (b'V', b"ERROR"),
-            (b'C', b"0A000"),
-            (b'M', b"cached plan must not change result type"),
-            (b'F', b"plancache.c"),
-            (b'R', b"RevalidateCachedQuery"),
+            (field::SEVERITY, b"ERROR"),
+            (field::SEVERITY_NONLOCALIZED, b"ERROR"),
+            (field::CODE, b"0A000"),
+            (field::MESSAGE, b"cached plan must not change result type"),
+            (field::FILE, b"plancache.c"),
+            (field::ROUTINE, b"RevalidateCachedQuery"),
         ],
     );
     out.into_boxed_slice()
