@@ -4,31 +4,37 @@
 //! client wait on one shard while the other shard's connections sat idle.
 //!
 //! Each shard still owns its connections (a shard never uses another's); only the right
-//! to open one is shared. A shard whose clients wait while the budget is spent asks the
-//! others, through the `waiting` count, to close what they keep idle; each shard looks at
-//! that count when a connection comes back and on its housekeeping tick. The counters are
-//! touched when a connection is opened or closed and when a client starts or stops
-//! waiting — never per query.
+//! to open one is shared. Each shard publishes how many of its clients wait for the key
+//! in a slot of its own (one writer per cache line); on its housekeeping tick a shard
+//! reads the others' slots and closes connections it left unused while they wait. The
+//! shared count is touched only when a connection opens or closes; a release reads it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The budget of one pool key.
+/// A counter alone on its cache line, so one shard writing it never slows another
+/// reading its neighbour.
 #[derive(Debug, Default)]
+#[repr(align(64))]
+struct Padded(AtomicUsize);
+
+/// The budget of one pool key.
+#[derive(Debug)]
 pub struct Budget {
     max: AtomicUsize,
     /// Connections that exist or are being opened, on every shard.
-    used: AtomicUsize,
-    /// Clients waiting for a connection, on every shard.
-    waiting: AtomicUsize,
+    used: Padded,
+    /// Clients waiting for a connection, per shard (each slot written by its shard only).
+    waiting: Box<[Padded]>,
 }
 
 impl Budget {
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, shards: usize) -> Self {
         Budget {
             max: AtomicUsize::new(max.max(1)),
-            ..Budget::default()
+            used: Padded::default(),
+            waiting: (0..shards.max(1)).map(|_| Padded::default()).collect(),
         }
     }
 
@@ -36,6 +42,7 @@ impl Budget {
     pub fn try_take(&self) -> bool {
         let max = self.max.load(Ordering::Relaxed);
         self.used
+            .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 (used < max).then_some(used + 1)
             })
@@ -46,6 +53,7 @@ impl Budget {
     pub fn give_back(&self) {
         let _ = self
             .used
+            .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_sub(1)
             });
@@ -53,7 +61,7 @@ impl Budget {
 
     /// More connections exist than a reload now allows.
     pub fn over(&self) -> bool {
-        self.used.load(Ordering::Acquire) > self.max.load(Ordering::Relaxed)
+        self.used.0.load(Ordering::Acquire) > self.max.load(Ordering::Relaxed)
     }
 
     pub fn max(&self) -> usize {
@@ -65,22 +73,24 @@ impl Budget {
     }
 
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+        self.used.0.load(Ordering::Acquire)
     }
 
-    pub fn start_waiting(&self) {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
+    /// `shard` now has `clients` waiting for this key.
+    pub fn set_waiting(&self, shard: usize, clients: usize) {
+        if let Some(slot) = self.waiting.get(shard) {
+            slot.0.store(clients, Ordering::Release);
+        }
     }
 
-    pub fn stop_waiting(&self) {
-        let _ = self
-            .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
-    }
-
-    /// Clients of other shards are waiting while `local` wait here.
-    pub fn waiting_elsewhere(&self, local: usize) -> usize {
-        self.waiting.load(Ordering::Acquire).saturating_sub(local)
+    /// Clients waiting on every shard but `shard`.
+    pub fn waiting_elsewhere(&self, shard: usize) -> usize {
+        self.waiting
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != shard)
+            .map(|(_, slot)| slot.0.load(Ordering::Acquire))
+            .sum()
     }
 }
 
@@ -90,10 +100,18 @@ pub type BudgetKey = (String, String, String);
 /// Every pool key's budget, found by the shards when they create a pool.
 #[derive(Debug, Default)]
 pub struct Budgets {
+    shards: usize,
     map: Mutex<HashMap<BudgetKey, Arc<Budget>>>,
 }
 
 impl Budgets {
+    pub fn new(shards: usize) -> Self {
+        Budgets {
+            shards,
+            map: Mutex::default(),
+        }
+    }
+
     /// The budget for `key`, created with `max` if no shard has one yet. Budgets no pool
     /// holds any more are dropped here, so clients naming databases at random cannot
     /// grow the map without bound.
@@ -105,7 +123,7 @@ impl Budgets {
         if map.len() >= 64 && map.len().is_power_of_two() {
             map.retain(|_, b| Arc::strong_count(b) > 1);
         }
-        let budget = Arc::new(Budget::new(max));
+        let budget = Arc::new(Budget::new(max, self.shards));
         map.insert(key, budget.clone());
         budget
     }
@@ -125,7 +143,7 @@ mod tests {
 
     #[test]
     fn the_budget_caps_connections_across_takers() {
-        let budget = Budget::new(2);
+        let budget = Budget::new(2, 1);
         assert!(budget.try_take());
         assert!(budget.try_take());
         assert!(!budget.try_take(), "a third connection beyond max");
@@ -142,20 +160,22 @@ mod tests {
 
     #[test]
     fn waiting_elsewhere_counts_other_shards_clients() {
-        let budget = Budget::new(1);
-        budget.start_waiting();
-        budget.start_waiting();
-        assert_eq!(budget.waiting_elsewhere(1), 1);
-        assert_eq!(budget.waiting_elsewhere(2), 0);
-        budget.stop_waiting();
-        budget.stop_waiting();
-        budget.stop_waiting();
-        assert_eq!(budget.waiting_elsewhere(0), 0);
+        let budget = Budget::new(1, 3);
+        budget.set_waiting(0, 2);
+        budget.set_waiting(2, 1);
+        assert_eq!(budget.waiting_elsewhere(0), 1);
+        assert_eq!(budget.waiting_elsewhere(1), 3);
+        assert_eq!(budget.waiting_elsewhere(2), 2);
+        budget.set_waiting(0, 0);
+        budget.set_waiting(2, 0);
+        assert_eq!(budget.waiting_elsewhere(1), 0);
+        budget.set_waiting(7, 5);
+        assert_eq!(budget.waiting_elsewhere(0), 0, "no such shard");
     }
 
     #[test]
     fn shards_share_one_budget_per_key_and_unused_ones_go() {
-        let budgets = Budgets::default();
+        let budgets = Budgets::new(2);
         let key = || ("n".to_string(), "db".to_string(), "u".to_string());
         let a = budgets.get(key(), 3);
         let b = budgets.get(key(), 3);

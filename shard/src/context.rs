@@ -218,6 +218,7 @@ impl ShardCtx {
                     ),
                     self.limits.borrow().max_size,
                 ),
+                shard: self.id,
             },
         );
         if !node.routable() {

@@ -88,6 +88,7 @@ pub struct Pool {
     reinstated: Signal,
     /// The right to open connections, shared with this key's pools on other shards.
     budget: Arc<Budget>,
+    shard: usize,
 }
 
 #[derive(Default)]
@@ -111,6 +112,8 @@ pub struct ShardShared {
     pub fences: Rc<Fences>,
     /// This pool key's budget, shared with the other shards.
     pub budget: Arc<Budget>,
+    /// Which shard the pool is on (its slot in the budget).
+    pub shard: usize,
 }
 
 impl Pool {
@@ -127,6 +130,7 @@ impl Pool {
             gate,
             fences,
             budget,
+            shard,
         } = shared;
         Rc::new(Pool {
             key,
@@ -141,6 +145,7 @@ impl Pool {
             retired: Cell::new(false),
             reinstated: Signal::default(),
             budget,
+            shard,
         })
     }
 
@@ -269,8 +274,14 @@ impl Pool {
     /// The first waiting client, no longer counted as waiting.
     fn pop_waiter(&self) -> Option<Rc<Slot<Grant>>> {
         let (waiter, _) = self.state.borrow_mut().waiters.pop_front()?;
-        self.budget.stop_waiting();
+        self.publish_waiting();
         Some(waiter)
+    }
+
+    /// Tells the other shards how many clients wait here.
+    fn publish_waiting(&self) {
+        let waiting = self.state.borrow().waiters.len();
+        self.budget.set_waiting(self.shard, waiting);
     }
 
     /// Clients of other shards wait for this key's budget, which this shard holds in
@@ -278,8 +289,7 @@ impl Pool {
     /// can open their own. A connection that only just came back stays (it is likely to
     /// be used again at once), so a passing burst does not close and reopen connections.
     pub fn yield_idle(&self, unused_for: Duration) {
-        let local = self.state.borrow().waiters.len();
-        let wanted = self.budget.waiting_elsewhere(local);
+        let wanted = self.budget.waiting_elsewhere(self.shard);
         if wanted == 0 {
             return;
         }
@@ -354,7 +364,7 @@ impl Pool {
             .borrow_mut()
             .waiters
             .push_back((slot.clone(), started));
-        self.budget.start_waiting();
+        self.publish_waiting();
         let guard = WaitGuard {
             pool: self,
             slot: &slot,
@@ -453,7 +463,7 @@ impl Pool {
         for conn in expired {
             self.discard(conn);
         }
-        if self.retired.get() || self.fenced() || self.budget.waiting_elsewhere(0) > 0 {
+        if self.retired.get() || self.fenced() || self.budget.waiting_elsewhere(self.shard) > 0 {
             return;
         }
         let missing = {
@@ -549,14 +559,11 @@ impl Pool {
     }
 
     fn abandon_wait(&self, slot: &Rc<Slot<Grant>>) {
-        {
-            let mut st = self.state.borrow_mut();
-            let before = st.waiters.len();
-            st.waiters.retain(|(w, _)| !Rc::ptr_eq(w, slot));
-            if st.waiters.len() < before {
-                self.budget.stop_waiting();
-            }
-        }
+        self.state
+            .borrow_mut()
+            .waiters
+            .retain(|(w, _)| !Rc::ptr_eq(w, slot));
+        self.publish_waiting();
         match slot.abandon() {
             Some(Grant::Conn(conn)) => self.release(conn),
             Some(Grant::Slot) => self.release_slot_only(),

@@ -77,7 +77,7 @@ impl Runtime {
             })?;
         let cpus = allowed_cpus();
         let mesh = crate::bus::mesh(workers);
-        let budgets = Arc::<Budgets>::default();
+        let budgets = Arc::new(Budgets::new(workers));
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut links = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);

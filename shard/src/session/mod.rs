@@ -321,7 +321,7 @@ async fn forward(
             Wake::Drain => return PumpEnd::Drain,
             Wake::Client(buf, n) => {
                 if let Some(database) = crate::sql::exclusive::exclusive_database_in(&buf[..n]) {
-                    _fence = Some(crate::fence::fence_database(ctx, &database).await);
+                    _fence = Some(Box::pin(crate::fence::fence_database(ctx, &database)).await);
                 }
                 match pump::seed_up(up, buf, n, track, &ctx.stats) {
                     Ok(t) => terminated = t,

@@ -233,9 +233,10 @@ async fn run(
         ctx.stats.bytes_from_clients.add(n as u64);
         up.seed(buf, n);
         // DROP DATABASE and the like: the proxy's idle connections there must go first.
-        // The fence stays up until this unit of work is over.
+        // The fence stays up until this unit of work is over. (Boxed: rare, and kept out
+        // of the state an idle client carries.)
         let _fence = match crate::sql::exclusive::exclusive_database_in(up.pending()) {
-            Some(database) => Some(crate::fence::fence_database(ctx, &database).await),
+            Some(database) => Some(Box::pin(crate::fence::fence_database(ctx, &database)).await),
             None => None,
         };
         home = current_pool(ctx, home, &state.user);
