@@ -545,3 +545,101 @@ async fn a_session_reads_its_own_writes_1000_times() {
         "routing decisions not in the debug log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_splits_reads_and_keeps_session_state_on_the_primary() {
+    if proxy_only("session-split", "read/write splitting is the proxy's") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    setup_table("session_split").await;
+    let proxy = proxy("[pool_mode]\nmode = \"session\"\n");
+    checked(&proxy);
+    let client = proxy.client().await;
+    // The session's home connection is on the primary, and what the client was told is
+    // that connection's pid; reads outside a transaction run on a standby.
+    client.batch_execute("BEGIN").await.unwrap();
+    let home_pid = one(&client, "SELECT pg_backend_pid()::text").await;
+    assert_eq!(one(&client, "SELECT pg_is_in_recovery()").await, "f");
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(one(&client, "SELECT pg_is_in_recovery()").await, "t");
+    // Extended protocol with named statements routes the same way.
+    let row = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    // Settings follow the session to the standby.
+    client
+        .batch_execute("SET application_name = 'split-session'; SET statement_timeout = '41s'")
+        .await
+        .unwrap();
+    assert_eq!(
+        one(
+            &client,
+            "SELECT pg_is_in_recovery()::text || ' ' || current_setting('application_name') || ' ' || current_setting('statement_timeout')"
+        )
+        .await,
+        "true split-session 41s"
+    );
+    // Writes go to the primary, and the session reads them back at once.
+    for i in 0..50 {
+        let on = one(
+            &client,
+            &format!("INSERT INTO session_split VALUES ({i}, 'v') RETURNING pg_is_in_recovery()"),
+        )
+        .await;
+        assert_eq!(on, "f");
+        assert_eq!(
+            one(
+                &client,
+                &format!("SELECT count(*) FROM session_split WHERE id = {i}")
+            )
+            .await,
+            "1",
+            "read {i} missed the session's own write"
+        );
+    }
+    // A transaction runs on the primary, start to end, on the session's home connection.
+    client.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(
+        one(&client, "SELECT pg_backend_pid()::text").await,
+        home_pid
+    );
+    client.batch_execute("COMMIT").await.unwrap();
+    // State that cannot follow the session keeps it on the primary: a temporary table.
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE session_scratch (x int); INSERT INTO session_scratch VALUES (1)",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        one(&client, "SELECT count(*) FROM session_scratch").await,
+        "1"
+    );
+    assert_eq!(one(&client, "SELECT pg_is_in_recovery()").await, "f");
+    assert_eq!(
+        one(&client, "SELECT pg_backend_pid()::text").await,
+        home_pid
+    );
+    // Gone again: reads return to the standbys once replay caught up.
+    client
+        .batch_execute("DROP TABLE session_scratch")
+        .await
+        .unwrap();
+    assert!(
+        common::wait_until_async(Duration::from_secs(30), || async {
+            one(&client, "SELECT pg_is_in_recovery()").await == "t"
+        })
+        .await,
+        "reads never returned to a standby after the temporary table went"
+    );
+    // LISTEN pins the same way, and the notification arrives.
+    client
+        .batch_execute("LISTEN session_split_channel")
+        .await
+        .unwrap();
+    assert_eq!(one(&client, "SELECT pg_is_in_recovery()").await, "f");
+    client.batch_execute("UNLISTEN *").await.unwrap();
+}

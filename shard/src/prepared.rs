@@ -169,7 +169,9 @@ pub struct Registry {
 
 impl Registry {
     /// The statement with this exact content, interned.
-    pub fn intern(&self, spec: &[u8]) -> Rc<Statement> {
+    /// The shared statement for `spec`, made (and classified, unless `effects` were
+    /// already worked out) when it is new.
+    pub fn intern(&self, spec: &[u8], effects: Option<Effects>) -> Rc<Statement> {
         let mut hash = content_hash(spec);
         let mut map = self.by_hash.borrow_mut();
         loop {
@@ -181,7 +183,7 @@ impl Registry {
             }
         }
         let stmt = Rc::new(Statement {
-            effects: classify(query_of(spec)),
+            effects: effects.unwrap_or_else(|| classify(query_of(spec))),
             spec: spec.into(),
             hash,
             generation: Cell::new(0),
@@ -322,9 +324,9 @@ mod tests {
     #[test]
     fn same_content_is_one_statement_and_different_content_another() {
         let reg = Registry::default();
-        let a = reg.intern(&spec("SELECT $1", &[23]));
-        let b = reg.intern(&spec("SELECT $1", &[23]));
-        let c = reg.intern(&spec("SELECT $1", &[25]));
+        let a = reg.intern(&spec("SELECT $1", &[23]), None);
+        let b = reg.intern(&spec("SELECT $1", &[23]), None);
+        let c = reg.intern(&spec("SELECT $1", &[25]), None);
         assert!(Rc::ptr_eq(&a, &b));
         assert!(!Rc::ptr_eq(&a, &c));
         assert_ne!(a.server_name(), c.server_name());
@@ -336,18 +338,18 @@ mod tests {
     fn effects_are_classified_once_at_intern() {
         let reg = Registry::default();
         assert!(
-            reg.intern(&spec("SET search_path = x", &[]))
+            reg.intern(&spec("SET search_path = x", &[]), None)
                 .effects
                 .touches_settings
         );
-        assert!(reg.intern(&spec("SELECT 1", &[])).effects.is_plain());
+        assert!(reg.intern(&spec("SELECT 1", &[]), None).effects.is_plain());
     }
 
     #[test]
     fn dead_statements_are_pruned() {
         let reg = Registry::default();
-        let keep = reg.intern(&spec("SELECT 1", &[]));
-        drop(reg.intern(&spec("SELECT 2", &[])));
+        let keep = reg.intern(&spec("SELECT 1", &[]), None);
+        drop(reg.intern(&spec("SELECT 2", &[]), None));
         reg.prune();
         assert_eq!(reg.len(), 1);
         drop(keep);
@@ -358,7 +360,7 @@ mod tests {
     #[test]
     fn invalidation_renames() {
         let reg = Registry::default();
-        let a = reg.intern(&spec("SELECT * FROM t", &[]));
+        let a = reg.intern(&spec("SELECT * FROM t", &[]), None);
         let before = a.server_name();
         let mut server = ServerStatements::default();
         server.insert(&a, 10);
@@ -404,7 +406,7 @@ mod tests {
         assert_eq!(&*result_shape(b"\0\x01junk"), b"\0\x01junk", "kept whole");
 
         let reg = Registry::default();
-        let a = reg.intern(&spec("SELECT * FROM t", &[]));
+        let a = reg.intern(&spec("SELECT * FROM t", &[]), None);
         assert!(a.shape().is_none());
         a.learn_shape(&row_description(&[("id", 1, 23)]));
         let first = a.shape().unwrap();
@@ -418,7 +420,7 @@ mod tests {
     fn server_set_is_bounded_and_evicts_least_recently_used() {
         let reg = Registry::default();
         let stmts: Vec<_> = (0..4)
-            .map(|i| reg.intern(&spec(&format!("SELECT {i}"), &[])))
+            .map(|i| reg.intern(&spec(&format!("SELECT {i}"), &[]), None))
             .collect();
         let mut server = ServerStatements::default();
         assert_eq!(server.insert(&stmts[0], 3), None);
@@ -434,7 +436,7 @@ mod tests {
     #[test]
     fn a_name_held_by_another_statement_is_not_a_hit() {
         let reg = Registry::default();
-        let a = reg.intern(&spec("SELECT 1", &[]));
+        let a = reg.intern(&spec("SELECT 1", &[]), None);
         let mut server = ServerStatements::default();
         server.insert(&a, 10);
         // A statement object with the same name but other content (forced collision).

@@ -44,7 +44,7 @@ pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
     }
     let cancel = ctx
         .cancels
-        .register(super::client_info(&client, &login), None);
+        .register(crate::engine::welcome::client_info(&client, &login), None);
     if welcome(&mut client, &login, &cancel).await.is_ok() {
         run(ctx, &mut client, &user).await;
     }

@@ -1,7 +1,9 @@
-//! Client messages on their way to a pooled server connection: statement names are
-//! mapped to the server-side names of shared statements (preparing them first where this
-//! connection lacks them), what the server will owe is queued, and what the SQL does to
-//! session state is noted. Messages that need no change are copied through as they are.
+//! Phase: shared prepared statements. Client statement names are mapped to the
+//! server-side names of shared statements (preparing them first where this connection
+//! lacks them), so a client's statements follow it to every connection it uses; what the
+//! server will owe for rewritten messages is queued, and what the SQL does to session
+//! state is noted for the settings and pinning phases. Messages that need no change are
+//! forwarded as they are (in place).
 
 use std::rc::Rc;
 
@@ -11,12 +13,13 @@ use crate::codec::backend as be;
 use crate::codec::frame::{self, write_parts};
 use crate::codec::tag::{fe, field, status, target};
 use crate::codec::CodecError;
-use crate::config::PoolMode;
-use crate::prepared::{Registry, ServerStatements, Shape, Statement};
+use crate::prepared::{Shape, Statement};
 use crate::sql::route::{analyze, ReadOnlyFunctions, RouteAnalysis};
-use crate::sql::{unlisted_setting_names, Effects};
+use crate::sql::Effects;
 
-use super::responses::{ClientName, Expect, Outcome, Responses};
+use super::message::MessageCx;
+use super::phase::{ClientAction, Phase};
+use super::responses::{ClientName, Expect, Outcome};
 
 /// A Close for a name that never exists: the server answers CloseComplete and nothing
 /// else happens (closing a nonexistent statement is not an error).
@@ -142,97 +145,52 @@ impl ClientStatements {
     }
 }
 
-/// What the client did during one lease of a server connection that matters at release.
-#[derive(Default, Debug)]
-pub struct LeaseNotes {
-    /// Settings may have changed: take a fresh snapshot before letting go.
-    pub settings_touched: bool,
-    /// Custom settings or `role` named by SET/RESET, which the snapshot must ask for.
-    pub unlisted: Vec<String>,
-    /// Connection-bound state may exist: check before letting go.
-    pub maybe_pinned: bool,
-    /// The client sent Terminate.
-    pub terminated: bool,
-    /// The client sent something since the last pin check.
-    pub client_spoke: bool,
-    /// This server connection holds the client's current unnamed statement.
-    pub unnamed_here: bool,
-}
+/// The phase (zero-sized: its state is the session's and the connection's).
+pub struct SharedStatements;
 
-/// Whether a message was translated, or must wait for a shape check and be offered again.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Translated {
-    Done,
-    Hold,
-}
+impl Phase for SharedStatements {
+    fn needs_body(&self, m: &MessageCx<'_>, tag: u8) -> bool {
+        m.features.shared_statements
+            && (matches!(
+                tag,
+                fe::QUERY | fe::PARSE | fe::BIND | fe::DESCRIBE | fe::CLOSE
+            ) || (!m.pending_close.is_empty()
+                && matches!(tag, fe::EXECUTE | fe::SYNC | fe::FUNCTION_CALL | fe::FLUSH)))
+    }
 
-/// Everything translation reads or updates besides the message itself.
-pub struct Upstream<'a> {
-    pub registry: &'a Registry,
-    pub client: &'a mut ClientStatements,
-    pub server: &'a mut ServerStatements,
-    pub pending_close: &'a mut Vec<Rc<str>>,
-    pub responses: &'a mut Responses,
-    pub notes: &'a mut LeaseNotes,
-    pub capacity: usize,
-    pub mode: PoolMode,
-    pub pin_session_state: bool,
-}
-
-impl Upstream<'_> {
-    /// Translates one complete client message (`msg` includes its 5-byte header) onto
-    /// `out`.
-    pub fn message(&mut self, msg: &[u8], out: &mut Vec<u8>) -> Result<Translated, CodecError> {
+    fn client_message(
+        &self,
+        m: &mut MessageCx<'_>,
+        msg: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<ClientAction, CodecError> {
+        if !m.features.shared_statements {
+            return Ok(ClientAction::Forward);
+        }
         let tag = msg[0];
         let body = &msg[5..];
-        self.notes.client_spoke = true;
-        if tag != fe::TERMINATE && !self.pending_close.is_empty() {
-            self.flush_pending_close(out);
+        if !m.pending_close.is_empty() {
+            m.flush_pending_close(out);
         }
         match tag {
-            fe::QUERY => self.query(msg, body, out),
-            fe::PARSE => return self.parse(msg, body, out),
-            fe::BIND => return self.bind(msg, body, out),
-            fe::DESCRIBE => self.describe(msg, body, out)?,
-            fe::CLOSE => self.close(msg, body, out)?,
-            fe::EXECUTE => self.extended(msg, Expect::Execute, out),
-            fe::SYNC => {
-                self.responses.unsynced = false;
-                self.expect(Expect::Sync);
-                out.extend_from_slice(msg);
-            }
-            fe::FUNCTION_CALL => {
-                self.expect(Expect::Query(Effects::default()));
-                out.extend_from_slice(msg);
-            }
-            fe::TERMINATE => self.notes.terminated = true,
-            // Flush, CopyData, CopyDone, CopyFail: no answer of their own.
-            _ => out.extend_from_slice(msg),
+            fe::QUERY => Ok(m.query(body, out)),
+            fe::PARSE => m.parse(body, out),
+            fe::BIND => m.bind(body, out),
+            fe::DESCRIBE => m.describe(body, out),
+            fe::CLOSE => m.close(body, out),
+            _ => Ok(ClientAction::Forward),
         }
-        Ok(Translated::Done)
     }
+}
 
-    /// Queues an answer the server will owe.
-    fn expect(&mut self, expect: Expect) {
-        let mut outcome = Outcome::default();
-        self.responses.push(expect, self.server, &mut outcome);
-        self.client.settle(&mut outcome);
-        self.pending_close.extend(outcome.to_close);
-    }
-
-    fn extended(&mut self, msg: &[u8], expect: Expect, out: &mut Vec<u8>) {
-        self.responses.unsynced = true;
-        self.expect(expect);
-        out.extend_from_slice(msg);
-    }
-
-    fn query(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) {
+impl MessageCx<'_> {
+    fn query(&mut self, body: &[u8], out: &mut Vec<u8>) -> ClientAction {
         let sql = body.strip_suffix(b"\0").unwrap_or(body);
-        let effects = crate::sql::classify(sql);
-        if let Some(refusal) = self.refusal(&effects) {
+        let effects = self.analysis(sql).effects;
+        if let Some(refusal) = super::pinning::refusal(self.features, &effects) {
             self.expect(Expect::RefusedQuery(error_bytes("0A000", &refusal)));
             write_parts(out, fe::QUERY, &[ALWAYS_FAILS]);
-            return;
+            return ClientAction::Rewritten;
         }
         if let Some(name) = crate::sql::deallocate_name(sql) {
             if self.client.by_name.remove(name.as_slice()).is_some() {
@@ -240,33 +198,25 @@ impl Upstream<'_> {
                 // all DEALLOCATE means here; the server keeps the plan for others.
                 self.responses.unsynced = false;
                 self.expect(Expect::SyntheticCommand("DEALLOCATE"));
-                return;
+                return ClientAction::Rewritten;
             }
         }
         self.note(&effects, sql);
-        // A simple Query ends any extended-protocol sequence (the server drops the
-        // unnamed statement), so it leaves nothing unsynced behind.
-        self.responses.unsynced = false;
+        // A simple Query drops the unnamed statement.
         self.client.has_unnamed = false;
-        self.expect(Expect::Query(effects));
-        out.extend_from_slice(msg);
+        ClientAction::Forward
     }
 
-    fn parse(
-        &mut self,
-        msg: &[u8],
-        body: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<Translated, CodecError> {
+    fn parse(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<ClientAction, CodecError> {
         // The body is interned and replayed on other connections: it must be well formed.
         crate::codec::frontend::decode(fe::PARSE, body)?;
         let (name, spec) = split_cstr(body, "Parse")?;
         if name.is_empty() {
             let sql = split_cstr(spec, "Parse")?.0;
-            let effects = crate::sql::classify(sql);
-            if let Some(refusal) = self.refusal(&effects) {
+            let effects = self.analysis(sql).effects;
+            if let Some(refusal) = super::pinning::refusal(self.features, &effects) {
                 self.refuse_extended(&refusal, "0A000", out);
-                return Ok(Translated::Done);
+                return Ok(ClientAction::Rewritten);
             }
             self.note(&effects, sql);
             self.client.unnamed.clear();
@@ -278,22 +228,14 @@ impl Upstream<'_> {
             // The unnamed statement is the client's own on this connection; a named one
             // the server ignores (an earlier message failed) registers nothing, as in
             // PostgreSQL.
-            self.extended(
-                msg,
-                Expect::Parse {
-                    prepares: None,
-                    client: None,
-                },
-                out,
-            );
-            return Ok(Translated::Done);
+            return Ok(ClientAction::Forward);
         }
         match self.client.by_name.get(name) {
             Some(entry) if entry.pending => {
                 // Whether the name is taken depends on an answer still to come.
                 write_parts(out, fe::FLUSH, &[]);
                 self.responses.awaiting_parse = true;
-                return Ok(Translated::Hold);
+                return Ok(ClientAction::Hold);
             }
             Some(_) => {
                 let message = format!(
@@ -301,14 +243,15 @@ impl Upstream<'_> {
                     String::from_utf8_lossy(name)
                 );
                 self.refuse_extended(&message, "42P05", out);
-                return Ok(Translated::Done);
+                return Ok(ClientAction::Rewritten);
             }
             None => {}
         }
-        let stmt = self.registry.intern(spec);
-        if let Some(refusal) = self.refusal(&stmt.effects) {
+        let ahead = self.sql.take(self.offset);
+        let stmt = self.registry.intern(spec, ahead.map(|a| a.effects));
+        if let Some(refusal) = super::pinning::refusal(self.features, &stmt.effects) {
             self.refuse_extended(&refusal, "0A000", out);
-            return Ok(Translated::Done);
+            return Ok(ClientAction::Rewritten);
         }
         let client = self.client.register(name, &stmt);
         self.responses.unsynced = true;
@@ -324,10 +267,10 @@ impl Upstream<'_> {
                     prepares: None,
                     client: Some(client),
                 });
-                return Ok(Translated::Done);
+                return Ok(ClientAction::Rewritten);
             }
             self.expect(Expect::ParseAnswered(client));
-            return Ok(Translated::Done);
+            return Ok(ClientAction::Rewritten);
         }
         self.make_room(&stmt, out);
         let server_name = stmt.server_name();
@@ -351,15 +294,10 @@ impl Upstream<'_> {
             client: Some(client),
             check: false,
         });
-        Ok(Translated::Done)
+        Ok(ClientAction::Rewritten)
     }
 
-    fn bind(
-        &mut self,
-        msg: &[u8],
-        body: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<Translated, CodecError> {
+    fn bind(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<ClientAction, CodecError> {
         let (portal, rest) = split_cstr(body, "Bind")?;
         let (name, rest) = split_cstr(rest, "Bind")?;
         let Some((stmt, told)) = self.lookup(name) else {
@@ -376,10 +314,9 @@ impl Upstream<'_> {
                     "26000",
                     "unnamed prepared statement does not exist",
                 )));
-                return Ok(Translated::Done);
+                return Ok(ClientAction::Rewritten);
             }
-            self.extended(msg, Expect::Bind(None), out);
-            return Ok(Translated::Done);
+            return Ok(ClientAction::Forward);
         };
         self.responses.unsynced = true;
         if !self.server.has(&stmt) && !self.responses.is_skipping() {
@@ -387,7 +324,7 @@ impl Upstream<'_> {
             self.prepare_here(&stmt, true, out);
             if self.responses.awaiting_check {
                 write_parts(out, fe::FLUSH, &[]);
-                return Ok(Translated::Hold);
+                return Ok(ClientAction::Hold);
             }
         }
         if shape_changed(told.as_ref(), stmt.shape().as_ref()) {
@@ -403,7 +340,7 @@ impl Upstream<'_> {
                 &[portal, b"\0", NO_SUCH_STATEMENT, b"\0", rest],
             );
             self.expect(Expect::ReplaceError(stale_plan_error()));
-            return Ok(Translated::Done);
+            return Ok(ClientAction::Rewritten);
         }
         if !stmt.effects.is_plain() {
             self.note(&stmt.effects, stmt.query());
@@ -415,10 +352,10 @@ impl Upstream<'_> {
             &[portal, b"\0", server_name.as_bytes(), b"\0", rest],
         );
         self.expect(Expect::Bind(Some(stmt)));
-        Ok(Translated::Done)
+        Ok(ClientAction::Rewritten)
     }
 
-    fn describe(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    fn describe(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<ClientAction, CodecError> {
         let Some((&kind, rest)) = body.split_first() else {
             return Err(CodecError::malformed("Describe", "missing kind"));
         };
@@ -441,6 +378,7 @@ impl Upstream<'_> {
                 );
                 self.responses.unsynced = true;
                 self.expect(Expect::Describe(Some(stmt)));
+                Ok(ClientAction::Rewritten)
             }
             None => {
                 if kind == target::STATEMENT && name.is_empty() && !self.ensure_unnamed(out) {
@@ -454,15 +392,14 @@ impl Upstream<'_> {
                         "26000",
                         "unnamed prepared statement does not exist",
                     )));
-                    return Ok(());
+                    return Ok(ClientAction::Rewritten);
                 }
-                self.extended(msg, Expect::Describe(None), out)
+                Ok(ClientAction::Forward)
             }
         }
-        Ok(())
     }
 
-    fn close(&mut self, msg: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    fn close(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<ClientAction, CodecError> {
         let Some((&kind, rest)) = body.split_first() else {
             return Err(CodecError::malformed("Close", "missing kind"));
         };
@@ -477,10 +414,9 @@ impl Upstream<'_> {
             );
             self.responses.unsynced = true;
             self.expect(Expect::Close);
-            return Ok(());
+            return Ok(ClientAction::Rewritten);
         }
-        self.extended(msg, Expect::Close, out);
-        Ok(())
+        Ok(ClientAction::Forward)
     }
 
     fn lookup(&self, name: &[u8]) -> Option<(Rc<Statement>, Option<Shape>)> {
@@ -536,7 +472,10 @@ impl Upstream<'_> {
     /// Records `stmt` as prepared here, closing the least recently used statement when
     /// the connection is at `max_prepared_statements`.
     fn make_room(&mut self, stmt: &Rc<Statement>, out: &mut Vec<u8>) {
-        if let Some(victim) = self.server.insert(stmt, self.capacity) {
+        if let Some(victim) = self
+            .server
+            .insert(stmt, self.features.max_prepared_statements)
+        {
             write_parts(
                 out,
                 fe::CLOSE,
@@ -546,7 +485,7 @@ impl Upstream<'_> {
         }
     }
 
-    fn flush_pending_close(&mut self, out: &mut Vec<u8>) {
+    pub(super) fn flush_pending_close(&mut self, out: &mut Vec<u8>) {
         for name in std::mem::take(self.pending_close) {
             write_parts(
                 out,
@@ -564,41 +503,15 @@ impl Upstream<'_> {
         self.expect(Expect::ReplaceError(error_bytes(code, message)));
     }
 
-    /// Why this SQL may not run in this pooling mode, if it may not.
-    fn refusal(&self, effects: &Effects) -> Option<String> {
-        if self.mode == PoolMode::Statement && effects.opens_transaction {
-            return Some(
-                "transaction blocks are not allowed in statement pooling mode (pool_mode.mode = \"statement\")".into(),
-            );
-        }
-        if !effects.pins.is_empty() && !self.pin_session_state {
-            return Some(format!(
-                "{} would tie this session to one server connection, which {} pooling does not allow (pool_mode.pin_session_state = false)",
-                effects.pins.describe(),
-                mode_name(self.mode),
-            ));
-        }
-        if !effects.pins.is_empty() && self.mode == PoolMode::Statement {
-            return Some(format!(
-                "{} is not supported in statement pooling mode",
-                effects.pins.describe()
-            ));
-        }
-        None
-    }
-
+    /// Tells the settings and pinning phases what the SQL does to session state; a
+    /// statement that drops every prepared statement drops the client's names.
     fn note(&mut self, effects: &Effects, sql: &[u8]) {
-        if effects.touches_settings || effects.drops_prepared {
-            self.notes.settings_touched = true;
-            unlisted_setting_names(sql, &mut self.notes.unlisted);
-        }
+        super::settings::note(self.notes, effects, sql);
+        super::pinning::note(self.notes, effects);
         if effects.drops_prepared {
             // The client's own names go now; the server's set is cleared when the
             // server confirms (CommandComplete).
             self.client.clear();
-        }
-        if !effects.pins.is_empty() {
-            self.notes.maybe_pinned = true;
         }
     }
 }
@@ -606,14 +519,6 @@ impl Upstream<'_> {
 /// True when the client was told one result shape and the statement now has another.
 fn shape_changed(told: Option<&Shape>, now: Option<&Shape>) -> bool {
     matches!((told, now), (Some(told), Some(now)) if told != now)
-}
-
-fn mode_name(mode: PoolMode) -> &'static str {
-    match mode {
-        PoolMode::Session => "session",
-        PoolMode::Transaction => "transaction",
-        PoolMode::Statement => "statement",
-    }
 }
 
 /// The error PostgreSQL raises when a prepared statement's result type changed, with the

@@ -14,32 +14,67 @@ use crate::codec::tag::status;
 use crate::context::ShardCtx;
 use crate::lease::Lease;
 use crate::pool::Pool;
+use crate::session::login::send_fatal;
 use crate::sync;
 
-use super::login::send_fatal;
-use super::pump::{Lane, PumpEnd, Tracker};
+use super::idle::PumpEnd;
+use super::lanes::Lanes;
+use super::unit::Flow;
 
+/// Ends the session on the unit's connection: tells the client what it needs to know,
+/// then gives the connection back clean (work finished or cancelled, rolled back, reset)
+/// or closes it.
 pub async fn finish(
     ctx: &ShardCtx,
     mut client: TcpStream,
-    backend: Lease,
+    mut backend: Lease,
     end: PumpEnd,
-    track: Tracker,
-    up: Lane,
+    flow: &Flow,
+    lanes: &Lanes,
+    reset: Reset,
 ) {
-    tell_client(ctx, backend.pool(), &mut client, &end, track.server_fatal).await;
+    let cancel_running = matches!(end, PumpEnd::ClientGone | PumpEnd::ClientProtocol(_));
+    tell_client(ctx, backend.pool(), &mut client, &end, flow.server_fatal).await;
     match end {
-        PumpEnd::BackendGone => backend.lost(),
-        PumpEnd::BackendProtocol(_) => backend.discard(),
-        PumpEnd::ClientProtocol(_) => recover(ctx, backend, track, Some(&up), true).await,
-        PumpEnd::Drain | PumpEnd::ClientTerminated => {
-            recover(ctx, backend, track, Some(&up), false).await
+        PumpEnd::BackendGone => {
+            backend.lost();
+            return;
         }
-        PumpEnd::ClientGone | PumpEnd::Quiet => {
-            drop(client);
-            recover(ctx, backend, track, Some(&up), true).await;
+        PumpEnd::BackendProtocol(_) => {
+            backend.discard();
+            return;
+        }
+        _ => {}
+    }
+    drop(client);
+    // Half a message went to the server: it cannot be brought back to a boundary.
+    if lanes.up.mid_message() {
+        backend.discard();
+        return;
+    }
+    // Whole messages decided on but not yet written still count as sent (their answers
+    // are queued): send them, and drain their answers below.
+    for part in lanes.up.unsent() {
+        if !part.is_empty() && backend.stream.write_all(part).await.is_err() {
+            backend.discard();
+            return;
         }
     }
+    let work = Unfinished {
+        copy_in: flow.copy_in,
+        unsynced: lanes.responses.unsynced,
+        in_flight: lanes.responses.pending_syncs(),
+    };
+    recover(ctx, backend, work, cancel_running, reset).await;
+}
+
+/// What the departed client left running on its connection.
+#[derive(Default)]
+struct Unfinished {
+    copy_in: bool,
+    unsynced: bool,
+    /// ReadyForQuery messages still to come.
+    in_flight: u32,
 }
 
 /// Tells the client why its session ends (nothing when it left by itself) and logs it.
@@ -83,10 +118,10 @@ pub async fn tell_client(
     }
 }
 
-/// Returns a backend whose client left normally (status known, nothing in flight).
-pub async fn release_clean(ctx: &ShardCtx, backend: Lease) {
-    let track = Tracker::new(backend.status);
-    recover(ctx, backend, track, None, false).await;
+/// Returns a connection whose client left between units (status known, nothing in
+/// flight).
+pub async fn release_clean(ctx: &ShardCtx, backend: Lease, reset: Reset) {
+    recover(ctx, backend, Unfinished::default(), false, reset).await;
 }
 
 /// How a connection is brought back to a state any client may get.
@@ -100,40 +135,18 @@ pub enum Reset {
     DiscardAll,
 }
 
-/// Cleans the backend within `dirty_release_timeout_ms` and pools it, or closes it.
+/// Cleans the connection within `dirty_release_timeout_ms` and pools it, or closes it.
 async fn recover(
     ctx: &ShardCtx,
-    backend: Lease,
-    track: Tracker,
-    up: Option<&Lane>,
-    cancel_running: bool,
-) {
-    recover_inner(ctx, backend, track, up, cancel_running, Reset::Query).await
-}
-
-/// [`recover`] for transaction pooling, whose unsent client bytes were already handled.
-pub async fn recover_with(
-    ctx: &ShardCtx,
-    backend: Lease,
-    track: Tracker,
-    cancel_running: bool,
-    reset: Reset,
-) {
-    recover_inner(ctx, backend, track, None, cancel_running, reset).await
-}
-
-async fn recover_inner(
-    ctx: &ShardCtx,
     mut backend: Lease,
-    mut track: Tracker,
-    up: Option<&Lane>,
+    mut work: Unfinished,
     cancel_running: bool,
     reset: Reset,
 ) {
     let limit = Duration::from_millis(ctx.config().timeouts.dirty_release_timeout_ms);
     let cleaned = sync::timeout(
         limit,
-        clean(ctx, &mut backend, &mut track, up, cancel_running, reset),
+        clean(ctx, &mut backend, &mut work, cancel_running, reset),
     )
     .await;
     match cleaned {
@@ -151,39 +164,25 @@ async fn recover_inner(
 async fn clean(
     ctx: &ShardCtx,
     backend: &mut BackendConn,
-    track: &mut Tracker,
-    up: Option<&Lane>,
+    work: &mut Unfinished,
     cancel_running: bool,
     reset: Reset,
 ) -> bool {
-    backend.status = track.status;
-    if let Some(up) = up {
-        // Half a message went to the server: it cannot be brought back to a boundary.
-        if !up.at_boundary() {
-            return false;
-        }
-        // Whole messages the client sent but we had not forwarded yet still count as sent
-        // (they were tracked); send them so the server's answers line up with the tracking.
-        let pending = up.pending();
-        if !pending.is_empty() && backend.stream.write_all(pending).await.is_err() {
-            return false;
-        }
-    }
     let mut req = Vec::new();
-    if track.copy_in {
-        req.extend_from_slice(&copy_fail_message());
-        track.copy_in = false;
+    if work.copy_in {
+        frontend::FrontendMessage::CopyFail(b"client disconnected during COPY").encode(&mut req);
+        work.copy_in = false;
     }
-    if track.unsynced {
+    if work.unsynced {
         frontend::encode_sync(&mut req);
-        track.in_flight += 1;
-        track.unsynced = false;
+        work.in_flight += 1;
+        work.unsynced = false;
     }
     if !req.is_empty() && backend.stream.write_all(&req).await.is_err() {
         return false;
     }
     let mut buf = ctx.bufs.take();
-    if track.in_flight > 0 {
+    if work.in_flight > 0 {
         if cancel_running {
             send_cancel(
                 backend.addr,
@@ -193,7 +192,7 @@ async fn clean(
             .await;
         }
         // Errors reported here belong to the departed client's cancelled or failed work.
-        if backend.drain(track.in_flight, &mut buf).await.is_err() {
+        if backend.drain(work.in_flight, &mut buf).await.is_err() {
             return false;
         }
     }
@@ -212,7 +211,7 @@ async fn clean(
         Reset::Settings => {
             let defaults = Settings::default();
             return matches!(
-                super::pooled::settings::apply(backend, &defaults, &mut buf).await,
+                super::settings::apply(backend, &defaults, &mut buf).await,
                 Ok(None)
             ) && backend.status == status::IDLE;
         }
@@ -230,11 +229,4 @@ async fn clean(
         backend.settings = Settings::default();
     }
     true
-}
-
-fn copy_fail_message() -> Vec<u8> {
-    let mut out = Vec::new();
-    let msg = frontend::FrontendMessage::CopyFail(b"client disconnected during COPY");
-    msg.encode(&mut out);
-    out
 }

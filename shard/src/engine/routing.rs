@@ -1,30 +1,34 @@
-//! Read/write splitting for a pooled client: before each unit of work takes a server
-//! connection, the buffered request is analysed (each Query and Parse text once; a Bind
-//! of a prepared statement uses the analysis cached on the statement) and the router
-//! picks the node. After a unit that may have written ran on the primary, the session
+//! Phase: read/write routing. Before each unit of work takes a server connection, the
+//! buffered request is analysed (each Query and Parse text once — the analysis is shared
+//! with the pump's phases; a Bind of a prepared statement uses the analysis cached on the
+//! statement) and the router picks the node. After a unit that may have written ran on the primary, the session
 //! remembers the primary's WAL position, so its later reads wait for a replica that has
 //! replayed that far (read-your-writes).
 
 use std::rc::Rc;
 
-use crate::backend::BackendConn;
+use crate::backend::{BackendConn, BackendError};
 use crate::codec::frame::split_message;
 use crate::codec::frontend::{self, FrontendMessage};
 use crate::config::NodeRole;
 use crate::context::{ShardCtx, UserEntry};
+use crate::lease::Lease;
 use crate::pool::Pool;
 use crate::router::{self, Reason, Want};
 use crate::sql::route::analyze;
 use crate::topology::LocalNode;
 
-use super::upstream::ClientStatements;
+use super::phase::Phase;
+use super::prepared::ClientStatements;
+use super::session::Session;
+use super::unit::{Analysis, Unit, UnitSql};
 
 /// The pools a client has used, one per node (for its database and role).
 #[derive(Default)]
 pub struct NodePools(Vec<Rc<Pool>>);
 
 impl NodePools {
-    fn on(
+    pub fn on(
         &mut self,
         ctx: &ShardCtx,
         node: &LocalNode,
@@ -39,7 +43,7 @@ impl NodePools {
         pool
     }
 
-    fn in_use(&self, node: &LocalNode) -> usize {
+    pub fn in_use(&self, node: &LocalNode) -> usize {
         self.0
             .iter()
             .find(|p| p.key.node == node.address)
@@ -47,69 +51,83 @@ impl NodePools {
     }
 }
 
-/// Where one unit of work runs.
-pub struct Routed {
-    pub pool: Rc<Pool>,
-    /// The unit runs on a standby or replica: read no further client input while the
-    /// server connection is idle in a transaction-less state, so the next unit is routed
-    /// on its own.
-    pub on_read_node: bool,
-    /// Fetch the primary's WAL position after the unit (read-your-writes).
-    pub remember_position: bool,
-}
+pub struct Routing;
 
-/// Picks the pool for the unit whose first bytes are `pending`. Without read/write
-/// splitting that is `home`, the primary's pool.
-pub fn route(
-    ctx: &ShardCtx,
-    home: &Rc<Pool>,
-    pending: &[u8],
-    statements: &ClientStatements,
-    pools: &mut NodePools,
-    user: &UserEntry,
-    wrote_at: u64,
-) -> Routed {
-    let config = ctx.config();
-    let home_unit = || Routed {
-        pool: home.clone(),
-        on_read_node: false,
-        remember_position: false,
-    };
-    if !config.load_balancer.read_write_split {
-        return home_unit();
+impl Phase for Routing {
+    /// With read/write splitting on, picks the node for the unit whose first bytes are
+    /// `request` (else the session's home pool serves it).
+    fn choose_node(&self, s: &mut Session, u: &mut Unit, request: &[u8]) -> Option<Rc<Pool>> {
+        if !s.features.read_write_split || s.pinned {
+            return None;
+        }
+        let ctx = s.ctx.clone();
+        let config = ctx.config();
+        let want = request_want(&ctx, request, u.position, &s.statements, &mut u.sql);
+        let nodes = ctx.nodes.borrow();
+        let (node, _) = ctx.router.choose(
+            &nodes,
+            &want,
+            config.load_balancer.read_strategy,
+            &config.routing,
+            s.wrote_at,
+            &|n| s.pools.in_use(n),
+        )?;
+        let has_read_nodes = nodes.iter().any(|n| n.role != NodeRole::Primary);
+        drop(nodes);
+        let on_primary = node.role == NodeRole::Primary;
+        u.on_read_node = !on_primary;
+        u.remember_position =
+            on_primary && want.may_write() && config.routing.read_your_writes && has_read_nodes;
+        Some(s.pools.on(&ctx, &node, &s.home.key.database, &s.user))
     }
-    let want = request_want(ctx, pending, statements);
-    let nodes = ctx.nodes.borrow();
-    let Some((node, _)) = ctx.router.choose(
-        &nodes,
-        &want,
-        config.load_balancer.read_strategy,
-        &config.routing,
-        wrote_at,
-        &|n| pools.in_use(n),
-    ) else {
-        return home_unit();
-    };
-    let has_read_nodes = nodes.iter().any(|n| n.role != NodeRole::Primary);
-    drop(nodes);
-    let on_primary = node.role == NodeRole::Primary;
-    let pool = pools.on(ctx, &node, &home.key.database, user);
-    Routed {
-        pool,
-        on_read_node: !on_primary,
-        remember_position: on_primary
-            && want.may_write()
-            && config.routing.read_your_writes
-            && has_read_nodes,
+
+    /// After a unit that may have written: the primary's WAL position, which the
+    /// session's later reads wait for replicas to reach.
+    async fn unit_done(
+        &self,
+        s: &mut Session,
+        u: &mut Unit,
+        backend: &mut Lease,
+    ) -> Result<(), BackendError> {
+        if !u.remember_position {
+            return Ok(());
+        }
+        let mut buf = s.ctx.bufs.take();
+        let lsn = Box::pin(write_position(backend, &mut buf)).await?;
+        log::debug!(
+            target: "heliosdb_proxy::routing",
+            "client {}: wrote up to WAL position {lsn:?}",
+            s.pid()
+        );
+        s.wrote_at = s.wrote_at.max(lsn.unwrap_or(0));
+        Ok(())
     }
 }
 
 /// What the complete units at the front of `pending` need. Anything incomplete or not
 /// understood needs the primary.
-fn request_want(ctx: &ShardCtx, pending: &[u8], statements: &ClientStatements) -> Want {
+fn request_want(
+    ctx: &ShardCtx,
+    pending: &[u8],
+    position: u64,
+    statements: &ClientStatements,
+    sql: &mut UnitSql,
+) -> Want {
     let functions = ctx.read_only_functions.borrow();
     let routes = ctx.schema_routes.borrow();
     let mut rest = pending;
+    let mut analyse = |text: &[u8], at: usize| {
+        let route = Rc::new(analyze(text, &functions));
+        let want = router::want(&route, &routes);
+        sql.push(
+            position + at as u64,
+            Analysis {
+                effects: crate::sql::classify(text),
+                route: Some(route),
+            },
+        );
+        want
+    };
     let mut combined: Option<Want> = None;
     let mut at_unit_end = false;
     while !rest.is_empty() {
@@ -117,15 +135,16 @@ fn request_want(ctx: &ShardCtx, pending: &[u8], statements: &ClientStatements) -
             // A message still arriving: the unit cannot be judged whole.
             return Want::Primary(Reason::Write);
         };
+        let at = pending.len() - rest.len();
         rest = &rest[len..];
         let this = match frontend::decode(tag, body) {
-            Ok(FrontendMessage::Query(sql)) => {
+            Ok(FrontendMessage::Query(text)) => {
                 at_unit_end = true;
-                Some(router::want(&analyze(sql, &functions), &routes))
+                Some(analyse(text, at))
             }
             Ok(FrontendMessage::Parse { query, .. }) => {
                 at_unit_end = false;
-                Some(router::want(&analyze(query, &functions), &routes))
+                Some(analyse(query, at))
             }
             Ok(FrontendMessage::Bind(bind)) => {
                 at_unit_end = false;

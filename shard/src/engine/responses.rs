@@ -12,7 +12,6 @@ use std::rc::Rc;
 use crate::codec::backend as be;
 use crate::codec::tag::{be as tag, status};
 use crate::prepared::{ServerStatements, Statement};
-use crate::sql::Effects;
 
 /// The server's answer to a Parse, as a complete message.
 pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
@@ -58,7 +57,7 @@ pub enum Expect {
     Close,
     Sync,
     /// A simple Query or FunctionCall: answered through ReadyForQuery.
-    Query(Effects),
+    Query,
     /// Bytes the proxy answers itself once everything before them was answered.
     Synthetic(&'static [u8]),
     /// A simple Query the proxy answers itself: this command tag, then ReadyForQuery with
@@ -159,7 +158,7 @@ impl Responses {
     pub fn pending_syncs(&self) -> u32 {
         self.queue
             .iter()
-            .filter(|e| matches!(e, Expect::Sync | Expect::Query(_) | Expect::RefusedQuery(_)))
+            .filter(|e| matches!(e, Expect::Sync | Expect::Query | Expect::RefusedQuery(_)))
             .count() as u32
     }
 
@@ -220,7 +219,7 @@ impl Responses {
                 self.status = body.first().copied().unwrap_or(status::IDLE);
                 self.pop(Action::Forward)
             }
-            (tag::ERROR_RESPONSE, Expect::Query(_) | Expect::Sync) => Action::Forward,
+            (tag::ERROR_RESPONSE, Expect::Query | Expect::Sync) => Action::Forward,
             (tag::ERROR_RESPONSE, _) => self.on_error(body, server, out),
             (tag::PARSE_COMPLETE, Expect::Parse { .. }) => {
                 if let Some(Expect::Parse {
@@ -269,11 +268,11 @@ impl Responses {
                 }
                 self.pop(Action::Forward)
             }
-            (tag::COMMAND_COMPLETE, Expect::Query(_)) => {
+            (tag::COMMAND_COMPLETE, Expect::Query) => {
                 note_command(body, out);
                 Action::Forward
             }
-            (tag::READY_FOR_QUERY, Expect::Sync | Expect::Query(_)) => {
+            (tag::READY_FOR_QUERY, Expect::Sync | Expect::Query) => {
                 self.status = body.first().copied().unwrap_or(status::IDLE);
                 self.skipping = false;
                 self.pop(Action::Forward)
@@ -443,7 +442,7 @@ mod tests {
     #[test]
     fn injected_answers_are_dropped_and_synthetic_ones_placed_in_order() {
         let reg = Registry::default();
-        let stmt = reg.intern(&spec("SELECT 1"));
+        let stmt = reg.intern(&spec("SELECT 1"), None);
         let (mut server, mut out, mut r) = fixture();
         r.push(Expect::InjectedParse(stmt.clone()), &mut server, &mut out);
         r.push(Expect::Bind(Some(stmt.clone())), &mut server, &mut out);
@@ -489,7 +488,7 @@ mod tests {
     #[test]
     fn an_error_skips_to_sync_and_undoes_assumed_preparations() {
         let reg = Registry::default();
-        let stmt = reg.intern(&spec("SELECT 1"));
+        let stmt = reg.intern(&spec("SELECT 1"), None);
         let mut server = ServerStatements::default();
         server.insert(&stmt, 10);
         let mut out = Outcome::default();
@@ -525,7 +524,7 @@ mod tests {
     #[test]
     fn replaced_errors_and_stale_plans() {
         let reg = Registry::default();
-        let stmt = reg.intern(&spec("SELECT * FROM t"));
+        let stmt = reg.intern(&spec("SELECT * FROM t"), None);
         let mut server = ServerStatements::default();
         server.insert(&stmt, 10);
         let old = stmt.server_name();
@@ -560,7 +559,7 @@ mod tests {
     #[test]
     fn messages_after_an_error_before_sync_get_no_answer() {
         let reg = Registry::default();
-        let stmt = reg.intern(&spec("SELECT 1"));
+        let stmt = reg.intern(&spec("SELECT 1"), None);
         let (mut server, mut out, mut r) = fixture();
         r.push(Expect::Execute, &mut server, &mut out);
         let err = error_body("22012", "division by zero");
@@ -583,7 +582,7 @@ mod tests {
     #[test]
     fn messages_after_a_sync_already_sent_are_answered_despite_an_error() {
         let reg = Registry::default();
-        let stmt = reg.intern(&spec("SELECT 1"));
+        let stmt = reg.intern(&spec("SELECT 1"), None);
         let (mut server, mut out, mut r) = fixture();
         r.push(Expect::Execute, &mut server, &mut out);
         r.push(Expect::Sync, &mut server, &mut out);
@@ -605,7 +604,7 @@ mod tests {
     #[test]
     fn shapes_are_learnt_from_injected_describes() {
         let reg = Registry::default();
-        let stmt = reg.intern(&spec("SELECT * FROM t"));
+        let stmt = reg.intern(&spec("SELECT * FROM t"), None);
         let (mut server, mut out, mut r) = fixture();
         r.push(
             Expect::InjectedDescribe {
@@ -656,8 +655,8 @@ mod tests {
     #[test]
     fn a_parse_the_server_rejects_or_skips_registers_nothing() {
         let reg = Registry::default();
-        let bad = reg.intern(&spec("SELEC 1"));
-        let good = reg.intern(&spec("SELECT 2"));
+        let bad = reg.intern(&spec("SELEC 1"), None);
+        let good = reg.intern(&spec("SELECT 2"), None);
         let (mut server, mut out, mut r) = fixture();
         server.insert(&bad, 10);
         server.insert(&good, 10);
@@ -678,7 +677,7 @@ mod tests {
     #[test]
     fn a_parse_the_server_completes_is_confirmed_in_order() {
         let reg = Registry::default();
-        let stmt = reg.intern(&spec("SELECT 1"));
+        let stmt = reg.intern(&spec("SELECT 1"), None);
         let (mut server, mut out, mut r) = fixture();
         r.push(named_parse(&stmt, "s1", 1), &mut server, &mut out);
         r.push(Expect::ParseAnswered(name("s2", 2)), &mut server, &mut out);
@@ -720,7 +719,7 @@ mod tests {
     #[test]
     fn deallocate_all_is_seen_in_command_complete() {
         let (mut server, mut out, mut r) = fixture();
-        r.push(Expect::Query(Effects::default()), &mut server, &mut out);
+        r.push(Expect::Query, &mut server, &mut out);
         r.on_server_message(
             tag::COMMAND_COMPLETE,
             b"DEALLOCATE ALL\0",

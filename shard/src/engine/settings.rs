@@ -1,4 +1,4 @@
-//! Session settings that follow a client from one pooled server connection to the next.
+//! Phase: session settings, which follow a client from one server connection to the next.
 //!
 //! After a transaction that ran `SET`/`RESET`/`set_config` (seen by the SQL classifier),
 //! the proxy asks the server what the session settings now are — the server's word, so
@@ -10,6 +10,125 @@ use std::rc::Rc;
 
 use crate::backend::{BackendConn, BackendError, Rows, ServerError, Settings};
 use crate::codec::frontend;
+use crate::lease::Lease;
+use crate::sql::{unlisted_setting_names, Effects};
+
+use super::phase::{Phase, Ready, Release};
+use super::session::Session;
+use super::unit::{LeaseNotes, Unit};
+
+pub struct SessionSettings;
+
+impl Phase for SessionSettings {
+    /// The client's startup parameters are on the connection: learn what the session's
+    /// settings now are.
+    async fn login(&self, s: &mut Session, backend: &mut Lease) -> Ready {
+        if !s.features.follow_settings || s.startup.is_empty() {
+            s.settings = backend.settings.clone();
+            return Ready::Go;
+        }
+        let unlisted: Vec<String> = s
+            .startup
+            .iter()
+            .filter(|(n, _)| n.contains('.'))
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
+        let mut buf = s.ctx.bufs.take();
+        match Box::pin(snapshot(backend, &unlisted, &mut buf)).await {
+            Ok(Ok(snapshot)) => {
+                backend.settings = snapshot.clone();
+                s.settings = snapshot;
+                Ready::Go
+            }
+            Ok(Err(e)) => Ready::Refused(e),
+            Err(e) => Ready::Lost(e),
+        }
+    }
+
+    /// Brings the connection to the session's settings (one round trip, only when they
+    /// differ).
+    async fn after_acquire(&self, s: &mut Session, _u: &mut Unit, backend: &mut Lease) -> Ready {
+        if !s.features.follow_settings || same(&backend.settings, &s.settings) {
+            return Ready::Go;
+        }
+        let mut buf = s.ctx.bufs.take();
+        match Box::pin(apply(backend, &s.settings, &mut buf)).await {
+            Ok(None) => Ready::Go,
+            Ok(Some(err)) => {
+                log::warn!(
+                    "pool {}: could not restore session settings: {err}",
+                    backend.pool().label
+                );
+                Ready::Refused(err)
+            }
+            Err(e) => Ready::Lost(e),
+        }
+    }
+
+    /// After SET, RESET and the like: the server's word on what the settings now are.
+    async fn before_release(&self, s: &mut Session, u: &mut Unit, backend: &mut Lease) -> Release {
+        if !u.notes.settings_touched {
+            return Release::Release;
+        }
+        match Box::pin(refresh(s, &u.notes.unlisted, backend)).await {
+            Ok(Ok(snapshot)) => {
+                backend.settings = snapshot.clone();
+                s.settings = snapshot;
+                u.notes.settings_touched = false;
+                u.notes.unlisted.clear();
+                Release::Release
+            }
+            _ => Release::Lost,
+        }
+    }
+}
+
+/// A fresh snapshot of the session's settings, with startup parameters a RESET took
+/// back to the server default set to their startup values again.
+async fn refresh(
+    s: &Session,
+    named: &[String],
+    backend: &mut BackendConn,
+) -> Result<Result<Settings, ServerError>, BackendError> {
+    let mut buf = s.ctx.bufs.take();
+    let unlisted = unlisted_names(&s.settings, named);
+    let taken = snapshot(backend, &unlisted, &mut buf).await?;
+    let Ok(snapshot) = &taken else {
+        return Ok(taken);
+    };
+    let lost = reset_startup_params(snapshot, &s.startup);
+    if lost.is_empty() {
+        return Ok(taken);
+    }
+    match set_params(backend, &lost, &mut buf).await? {
+        None => self::snapshot(backend, &unlisted, &mut buf).await,
+        Some(e) => Ok(Err(e)),
+    }
+}
+
+/// Notes that the SQL may change settings (and which custom ones it names).
+pub fn note(notes: &mut LeaseNotes, effects: &Effects, sql: &[u8]) {
+    if effects.touches_settings || effects.drops_prepared {
+        notes.settings_touched = true;
+        unlisted_setting_names(sql, &mut notes.unlisted);
+    }
+}
+
+/// Sets the client's startup parameters on `backend` where it differs, in one round trip.
+pub async fn apply_startup_params(
+    backend: &mut BackendConn,
+    params: &[(String, String)],
+    buf: &mut [u8],
+) -> Result<Option<ServerError>, BackendError> {
+    let wanted: Vec<&(String, String)> = params
+        .iter()
+        .filter(|(name, value)| backend.params.get(name) != Some(value.as_str()))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    set_params(backend, &wanted, buf).await
+}
 
 /// Lists the session-level settings: everything `pg_settings` reports as set in this
 /// session, plus the custom (dotted) settings and `role` named in `$1`, which that view
@@ -21,17 +140,6 @@ const SNAPSHOT_SQL: &str = "SELECT name, setting FROM pg_catalog.pg_settings \
      FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n) AS s \
      WHERE v IS NOT NULL AND v <> '' AND NOT (n = 'role' AND v = 'none') \
      ORDER BY 1";
-
-/// Counts what ties a session to its server connection: LISTEN channels, session
-/// advisory locks, WITH HOLD cursors, temporary relations and SQL-level prepared statements.
-const PIN_CHECK_SQL: &str = "SELECT \
-     (SELECT pg_catalog.count(*) FROM pg_catalog.pg_listening_channels()) \
-     + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks \
-        WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
-     + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
-     + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class \
-        WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
-     + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql)";
 
 /// Names in `settings` that the snapshot query must ask for by name.
 pub fn unlisted_names(settings: &Settings, extra: &[String]) -> Vec<String> {
@@ -194,23 +302,6 @@ pub async fn apply(
         backend.settings = wanted.clone();
     }
     Ok(error)
-}
-
-/// Whether anything still ties this session to its server connection.
-pub async fn still_pinned(backend: &mut BackendConn, buf: &mut [u8]) -> Result<bool, BackendError> {
-    let mut req = Vec::with_capacity(PIN_CHECK_SQL.len() + 8);
-    frontend::encode_query(&mut req, PIN_CHECK_SQL);
-    let (rows, error) = backend.fetch(&req, 1, buf).await?;
-    if error.is_some() {
-        // Cannot tell: stay on the safe side.
-        return Ok(true);
-    }
-    let count = rows
-        .first()
-        .and_then(|row| row.first().cloned().flatten())
-        .and_then(|v| v.parse::<i64>().ok())
-        .unwrap_or(1);
-    Ok(count > 0)
 }
 
 fn lookup<'a>(settings: &'a Settings, name: &str) -> Option<&'a str> {

@@ -1,0 +1,107 @@
+//! Between units, and between the messages of a unit that keeps its connection, a
+//! session holds no I/O buffer: it waits on readability and borrows a pooled buffer only
+//! for the instant of a read.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+
+use crate::bufpool::{Buf, BufPool};
+use crate::codec::CodecError;
+use crate::context::ShardCtx;
+
+/// What the pump reads and writes: an unpinned async byte stream (a plain socket, or a
+/// TLS stream over one).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Stream for T {}
+
+/// How a pump run ended.
+#[derive(Debug)]
+pub enum PumpEnd {
+    /// Both directions drained, no answer outstanding: the unit may be at a boundary.
+    Quiet,
+    /// The client sent Terminate (everything before it was forwarded).
+    ClientTerminated,
+    /// The client's connection closed or failed.
+    ClientGone,
+    /// The client sent something that is not valid protocol.
+    ClientProtocol(CodecError),
+    /// The server's connection closed or failed (after forwarding what it sent).
+    BackendGone,
+    /// The server sent something that is not valid protocol.
+    BackendProtocol(CodecError),
+    /// The shard is shutting down and this session just became idle.
+    Drain,
+}
+
+/// Waits until `stream` is readable and reads into a buffer borrowed from the shard's
+/// pool only for the instant of the read (given back when nothing is there), so a waiting
+/// session holds no buffer and a whole request arrives with one read.
+pub struct ReadPooled<'a, S> {
+    pub stream: &'a mut S,
+    pub pool: &'a BufPool,
+}
+
+impl<S: Stream> Future for ReadPooled<'_, S> {
+    type Output = Option<(Buf, usize)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut buf = self.pool.take();
+        match Pin::new(&mut *self.stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(None),
+            Poll::Ready(Ok(n)) => Poll::Ready(Some((buf, n))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// What woke an idle session.
+pub enum Wake {
+    Client(Buf, usize),
+    Backend(Buf, usize),
+    ClientGone,
+    BackendGone,
+    Drain,
+}
+
+/// Waits, holding no buffers, until the client or the connection the session keeps (if
+/// any) speaks or goes away, or the shard starts draining.
+pub async fn idle_wait<C: Stream, S: Stream>(
+    ctx: &ShardCtx,
+    client: &mut C,
+    server: Option<&mut S>,
+) -> Wake {
+    let from_client = async {
+        match (ReadPooled {
+            stream: client,
+            pool: &ctx.bufs,
+        })
+        .await
+        {
+            Some((buf, n)) => Wake::Client(buf, n),
+            None => Wake::ClientGone,
+        }
+    };
+    let from_server = async {
+        let Some(server) = server else {
+            return std::future::pending().await;
+        };
+        match (ReadPooled {
+            stream: server,
+            pool: &ctx.bufs,
+        })
+        .await
+        {
+            Some((buf, n)) => Wake::Backend(buf, n),
+            None => Wake::BackendGone,
+        }
+    };
+    let drain = async {
+        ctx.draining.wait().await;
+        Wake::Drain
+    };
+    futures_lite::future::or(from_client, futures_lite::future::or(from_server, drain)).await
+}

@@ -1,0 +1,304 @@
+//! The two directions of a session's traffic. Each borrows a pooled read buffer only
+//! while bytes flow, and forwards what no phase changes in place, from that buffer.
+//!
+//! Upstream, the bytes of the read buffer are, in order: sent `[start, fwd_end)` … to send
+//! in place `[fwd_end, next)` … consumed by copying (their translation sits in `out`)
+//! `[next, end)` … read, not yet decided. Whatever waits in `out` goes after the in-place
+//! range, so the order on the wire is the order of the client's messages.
+
+use crate::bufpool::{Buf, BufPool};
+use crate::codec::backend;
+use crate::codec::frame::{Scanner, TagSet};
+use crate::codec::tag::be;
+
+/// Server messages whose body decides something: errors, command tags, transaction
+/// status, parameter changes, notifications (whose sender pid may be rewritten).
+const DOWN_CAPTURE: TagSet = TagSet::new(&[
+    be::ERROR_RESPONSE,
+    be::COMMAND_COMPLETE,
+    be::READY_FOR_QUERY,
+    be::PARAMETER_STATUS,
+    be::PARAMETER_DESCRIPTION,
+    be::ROW_DESCRIPTION,
+    be::NOTIFICATION_RESPONSE,
+]);
+/// Server messages whose arrival completes an answer.
+const DOWN_NOTIFY: TagSet = TagSet::new(&[
+    be::PARSE_COMPLETE,
+    be::BIND_COMPLETE,
+    be::CLOSE_COMPLETE,
+    be::NO_DATA,
+    be::EMPTY_QUERY_RESPONSE,
+    be::PORTAL_SUSPENDED,
+    be::COPY_IN_RESPONSE,
+    be::COPY_OUT_RESPONSE,
+    be::COPY_BOTH_RESPONSE,
+]);
+
+/// Client → server.
+pub struct UpLane {
+    pub(super) inb: Option<Buf>,
+    pub(super) start: usize,
+    pub(super) fwd_end: usize,
+    pub(super) next: usize,
+    pub(super) end: usize,
+    /// Bytes still to come of a message forwarded unread as it streams through.
+    pub(super) stream_left: usize,
+    /// A message larger than the read buffer that a phase must read whole, being assembled.
+    pub(super) big: Vec<u8>,
+    pub(super) big_len: usize,
+    /// Where the message being assembled starts in the client's byte stream.
+    pub(super) big_at: u64,
+    /// Rewritten (or copied) bytes, sent after the in-place range.
+    pub(super) out: Vec<u8>,
+    pub(super) out_pos: usize,
+    pub(super) max_message_size: usize,
+    /// Where `next` is in the client's byte stream since login.
+    pub(super) position: u64,
+}
+
+impl UpLane {
+    pub fn new(max_message_size: usize) -> Self {
+        UpLane {
+            inb: None,
+            start: 0,
+            fwd_end: 0,
+            next: 0,
+            end: 0,
+            stream_left: 0,
+            big: Vec::new(),
+            big_len: 0,
+            big_at: 0,
+            out: Vec::new(),
+            out_pos: 0,
+            max_message_size,
+            position: 0,
+        }
+    }
+
+    /// Client bytes not yet decided on: what a unit's phases look at before it starts.
+    pub fn pending(&self) -> &[u8] {
+        match &self.inb {
+            Some(buf) => &buf[self.next..self.end],
+            None => &[],
+        }
+    }
+
+    /// Where the pending bytes start in the client's byte stream.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Drops the undecided bytes: a phase answered them itself.
+    pub fn discard_pending(&mut self) {
+        let len = self.end - self.next;
+        self.consume(len);
+        self.skip_copied();
+        self.deactivate();
+    }
+
+    /// Takes over bytes read while idle.
+    pub fn seed(&mut self, buf: Buf, n: usize) {
+        self.inb = Some(buf);
+        self.start = 0;
+        self.fwd_end = 0;
+        self.next = 0;
+        self.end = n;
+    }
+
+    pub fn activate(&mut self, pool: &BufPool) {
+        if self.inb.is_none() {
+            self.inb = Some(pool.take());
+            self.start = 0;
+            self.fwd_end = 0;
+            self.next = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Gives the read buffer back when nothing in it is pending.
+    pub fn deactivate(&mut self) {
+        if self.start == self.fwd_end && self.next == self.end {
+            self.inb = None;
+            self.start = 0;
+            self.fwd_end = 0;
+            self.next = 0;
+            self.end = 0;
+        }
+        if self.out_pos == self.out.len() && self.out.capacity() > 64 * 1024 {
+            self.out = Vec::new();
+            self.out_pos = 0;
+        }
+    }
+
+    /// Nothing received that is not yet sent, and no message half-received.
+    pub fn is_quiet(&self) -> bool {
+        self.start == self.fwd_end
+            && self.next == self.end
+            && self.big_len == 0
+            && self.stream_left == 0
+            && self.out_pos == self.out.len()
+    }
+
+    /// Decided bytes not yet written, in wire order: the in-place range, then `out`.
+    pub fn unsent(&self) -> [&[u8]; 2] {
+        let in_place = match &self.inb {
+            Some(buf) => &buf[self.start..self.fwd_end],
+            None => &[],
+        };
+        [in_place, &self.out[self.out_pos..]]
+    }
+
+    /// True when part of a message is still missing or undecided.
+    pub fn mid_message(&self) -> bool {
+        self.next != self.end || self.big_len != 0 || self.stream_left != 0
+    }
+
+    /// True when forwarded bytes can extend the in-place range (nothing copied waits
+    /// between it and the next message).
+    pub(super) fn in_place_ok(&self) -> bool {
+        self.fwd_end == self.next && self.out_pos == self.out.len()
+    }
+
+    /// Forwards `len` decided bytes at `next`: in place when the order allows, else copied.
+    pub(super) fn forward(&mut self, len: usize) {
+        if self.in_place_ok() {
+            self.fwd_end += len;
+        } else if let Some(buf) = &self.inb {
+            self.out.extend_from_slice(&buf[self.next..self.next + len]);
+        }
+        self.consume(len);
+    }
+
+    /// Moves past `len` decided bytes that are not sent in place.
+    pub(super) fn consume(&mut self, len: usize) {
+        self.next += len;
+        self.position += len as u64;
+    }
+
+    /// Once the in-place range is sent, bytes consumed by copying need no further look.
+    pub(super) fn skip_copied(&mut self) {
+        if self.start == self.fwd_end {
+            self.start = self.next;
+            self.fwd_end = self.next;
+        }
+    }
+}
+
+/// Server → client, forwarded in place: [start, end) scanned and ready to send (minus a
+/// held-back tail), [end, raw_end) read but not scanned yet.
+pub struct DownLane {
+    pub(super) buf: Option<Buf>,
+    pub(super) start: usize,
+    pub(super) end: usize,
+    pub(super) raw_end: usize,
+    pub(super) hold: usize,
+    pub(super) ready_pos: usize,
+    pub(super) scanner: Scanner,
+}
+
+impl DownLane {
+    pub fn new() -> Self {
+        DownLane {
+            buf: None,
+            start: 0,
+            end: 0,
+            raw_end: 0,
+            hold: 0,
+            ready_pos: 0,
+            scanner: Scanner::new(backend::TAGS, DOWN_CAPTURE, usize::MAX >> 1)
+                .with_notify(DOWN_NOTIFY),
+        }
+    }
+
+    pub fn seed(&mut self, buf: Buf, n: usize) {
+        self.buf = Some(buf);
+        self.start = 0;
+        self.end = 0;
+        self.raw_end = n;
+        self.hold = 0;
+    }
+
+    pub fn activate(&mut self, pool: &BufPool) {
+        if self.buf.is_none() {
+            self.buf = Some(pool.take());
+            self.start = 0;
+            self.end = 0;
+            self.raw_end = 0;
+            self.hold = 0;
+        }
+    }
+
+    pub fn deactivate(&mut self) {
+        if self.start == self.raw_end {
+            self.buf = None;
+            self.start = 0;
+            self.end = 0;
+            self.raw_end = 0;
+            self.hold = 0;
+        }
+    }
+
+    pub fn is_quiet(&self) -> bool {
+        self.start == self.raw_end && self.scanner.at_boundary()
+    }
+
+    pub fn at_boundary(&self) -> bool {
+        self.scanner.at_boundary() && self.end == self.raw_end
+    }
+
+    pub(super) fn capacity(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Makes room at the end of the buffer by moving unsent bytes to the front.
+    pub(super) fn compact(&mut self) {
+        if self.start == self.raw_end {
+            self.start = 0;
+            self.end = 0;
+            self.raw_end = 0;
+        } else if self.start > 0 && self.raw_end == self.capacity() {
+            let (start, raw_end) = (self.start, self.raw_end);
+            if let Some(b) = self.buf.as_mut() {
+                b.copy_within(start..raw_end, 0);
+            }
+            self.end -= start;
+            self.raw_end -= start;
+            self.start = 0;
+        }
+    }
+}
+
+impl Default for DownLane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a session keeps across units so that no unit allocates: its two lanes and its
+/// queue of owed answers.
+pub struct Lanes {
+    pub up: UpLane,
+    pub down: DownLane,
+    pub responses: super::responses::Responses,
+}
+
+impl Lanes {
+    pub fn new(max_message_size: usize) -> Self {
+        Lanes {
+            up: UpLane::new(max_message_size),
+            down: DownLane::new(),
+            responses: Default::default(),
+        }
+    }
+
+    pub fn activate(&mut self, pool: &BufPool) {
+        self.up.activate(pool);
+        self.down.activate(pool);
+    }
+
+    pub fn deactivate(&mut self) {
+        self.up.deactivate();
+        self.down.deactivate();
+    }
+}

@@ -1,0 +1,456 @@
+//! The engine: one driver that takes each unit of work of a session — a transaction, or
+//! a statement outside one — through the phases of [`phase::Phase`], for every pool mode.
+//!
+//! A session (per-session context [`session::Session`]) logs in, then repeats: wait for
+//! the client holding no buffers; start a unit ([`unit::Unit`]); choose its node; take a
+//! connection (or use the one the session keeps); bring it to the session; pump messages
+//! both ways until the unit reaches a boundary; then keep, release or discard the
+//! connection. The pool modes differ only in what the phases decide: session mode keeps
+//! its home connection from login to end (units may still run on read nodes with
+//! read/write splitting on); transaction and statement modes give the connection back at
+//! each boundary unless state ties the session to it.
+
+pub mod fencing;
+pub mod finish;
+pub mod idle;
+pub mod lanes;
+pub mod message;
+pub mod phase;
+pub mod pinning;
+pub mod prepared;
+pub mod pump;
+pub mod responses;
+pub mod retry;
+pub mod routing;
+pub mod session;
+pub mod settings;
+pub mod stats;
+pub mod unit;
+pub mod welcome;
+
+use std::rc::Rc;
+
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+
+use crate::backend::BackendConn;
+use crate::codec::backend as be;
+use crate::codec::tag::status;
+use crate::config::PoolMode;
+use crate::context::{ShardCtx, UserEntry};
+use crate::lease::Lease;
+use crate::pool::Pool;
+use crate::session::login::{send_fatal, Login};
+
+use idle::{idle_wait, PumpEnd, Wake};
+use lanes::Lanes;
+use message::MessageCx;
+use phase::{Lost, LostAt, Phase, Ready, Release, Start};
+use pump::Pump;
+use session::{Features, Held, Session};
+use unit::{LeaseNotes, Unit};
+
+/// The features every session runs, in the order each point calls them. A future
+/// feature (result cache, replay, limits, plugins) is one more element here.
+pub type Chain = (
+    fencing::Fencing,
+    routing::Routing,
+    settings::SessionSettings,
+    prepared::SharedStatements,
+    pinning::Pinning,
+    stats::Statistics,
+    retry::Retry,
+);
+
+pub const PHASES: Chain = (
+    fencing::Fencing,
+    routing::Routing,
+    settings::SessionSettings,
+    prepared::SharedStatements,
+    pinning::Pinning,
+    stats::Statistics,
+    retry::Retry,
+);
+
+/// Serves a logged-in client in `mode` until it leaves.
+pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login, mode: PoolMode) {
+    let features = Features::new(&ctx.config(), mode);
+    // Rarely taken paths (login completion, session end) live in their own allocations,
+    // so the state an idle client keeps stays small.
+    let session = Box::pin(welcome::login(ctx, &mut client, &login, features, &PHASES)).await;
+    drop(login);
+    if let Some(mut session) = session {
+        run(ctx, client, &mut session, &PHASES).await;
+    }
+}
+
+/// How a unit ended.
+enum UnitEnd {
+    /// At a boundary, with the phases' decision about the connection.
+    Boundary(Release),
+    /// The session is over.
+    Ended(PumpEnd),
+}
+
+/// The pool a unit uses when no phase chose one: the home pool, unless its node left
+/// service and the topology names another primary that may take work (a reload moved
+/// the node, or a failover); then that node's pool for the same database and user.
+fn home_pool(ctx: &ShardCtx, pool: &Rc<Pool>, user: &UserEntry) -> Rc<Pool> {
+    if !pool.is_retired() {
+        return pool.clone();
+    }
+    match ctx.primary() {
+        Some(node) if node.routable() && node.address != pool.key.node => {
+            ctx.pool(&node, &pool.key.database, user)
+        }
+        _ => pool.clone(),
+    }
+}
+
+async fn run<P: Phase>(ctx: &Rc<ShardCtx>, mut client: TcpStream, s: &mut Session, phases: &P) {
+    let mut lanes = Lanes::new(ctx.max_message_size());
+    let mut unit = Unit::default();
+    loop {
+        let wake = idle_wait(
+            ctx,
+            &mut client,
+            s.held.as_mut().map(|h| &mut h.lease.stream),
+        )
+        .await;
+        unit.reset();
+        let from_client = match wake {
+            Wake::Client(buf, n) => {
+                ctx.stats.bytes_from_clients.add(n as u64);
+                lanes.up.seed(buf, n);
+                true
+            }
+            Wake::Backend(buf, n) => {
+                lanes.down.seed(buf, n);
+                false
+            }
+            other => {
+                Box::pin(end_idle(ctx, client, s, other)).await;
+                return;
+            }
+        };
+        unit.position = lanes.up.position();
+        if from_client {
+            match phases.unit_start(s, &mut unit, lanes.up.pending()).await {
+                Start::Continue => {}
+                Start::Answer(bytes) => {
+                    lanes.up.discard_pending();
+                    if client.write_all(&bytes).await.is_err() {
+                        Box::pin(end_idle(ctx, client, s, Wake::ClientGone)).await;
+                        return;
+                    }
+                    continue;
+                }
+                Start::Refuse(code, message) => {
+                    lanes.up.discard_pending();
+                    let mut out = Vec::new();
+                    be::write_error(&mut out, "ERROR", code, &message);
+                    be::write_ready_for_query(&mut out, status::IDLE);
+                    if client.write_all(&out).await.is_err() {
+                        Box::pin(end_idle(ctx, client, s, Wake::ClientGone)).await;
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some((mut backend, on_held)) =
+            take_connection(ctx, &mut client, s, &mut unit, &lanes, from_client, phases).await
+        else {
+            return;
+        };
+        s.point_cancel(Some(&backend));
+        lanes.responses.start(backend.status);
+        unit.flow.hold_when_idle = unit.on_read_node;
+        let keep_home = on_held && s.features.keeps_home_connection();
+        let end = serve_unit(
+            ctx,
+            &mut client,
+            s,
+            &mut unit,
+            &mut lanes,
+            &mut backend,
+            keep_home,
+            phases,
+        )
+        .await;
+        // The unit is over: a database it needed to itself is open to others again.
+        unit.fence = None;
+        match end {
+            UnitEnd::Boundary(decision) => {
+                if phases.unit_done(s, &mut unit, &mut backend).await.is_err() {
+                    // The connection broke after the unit completed: the client has its
+                    // answers; a session that kept it has lost its home, though.
+                    backend.lost();
+                    if keep_home {
+                        send_fatal(
+                            &mut client,
+                            "08006",
+                            "server closed the connection unexpectedly",
+                        )
+                        .await;
+                        return;
+                    }
+                } else {
+                    match decision {
+                        Release::Keep => {
+                            s.held = Some(Held {
+                                lease: backend,
+                                notes: std::mem::take(&mut unit.notes),
+                            })
+                        }
+                        Release::Release => backend.release(),
+                        Release::Discard | Release::Lost => backend.discard(),
+                    }
+                }
+                s.point_cancel(s.held.as_ref().map(|h| &*h.lease as &BackendConn));
+            }
+            UnitEnd::Ended(end) => {
+                s.point_cancel(None);
+                let reset = s.reset_for(&unit.notes);
+                let held = s.held.take();
+                Box::pin(finish::finish(
+                    ctx, client, backend, end, &unit.flow, &lanes, reset,
+                ))
+                .await;
+                if let Some(held) = held {
+                    let reset = s.reset_for(&held.notes);
+                    Box::pin(finish::release_clean(ctx, held.lease, reset)).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// The connection the unit runs on — the one the session keeps, or a fresh one from the
+/// chosen pool brought to the session's state — and whether it is the kept one. `None`:
+/// the session is over (the client was told).
+async fn take_connection<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    client: &mut TcpStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &Lanes,
+    from_client: bool,
+    phases: &P,
+) -> Option<(Lease, bool)> {
+    // A unit the server started (it spoke first), or one tied to the kept connection,
+    // runs there; other units go where the phases say.
+    let chosen = if from_client && (s.held.is_none() || s.features.keeps_home_connection()) {
+        phases.choose_node(s, unit, lanes.up.pending())
+    } else {
+        None
+    };
+    let use_held = match (&s.held, &chosen) {
+        (Some(_), None) => true,
+        (Some(held), Some(pool)) => Rc::ptr_eq(held.lease.pool(), pool),
+        (None, _) => false,
+    };
+    if use_held {
+        let held = s.held.take()?;
+        unit.notes = held.notes;
+        return Some((held.lease, true));
+    }
+    let pool = match chosen {
+        Some(pool) => pool,
+        None => {
+            s.home = home_pool(ctx, &s.home, &s.user);
+            s.home.clone()
+        }
+    };
+    loop {
+        let mut backend = match pool.acquire().await {
+            Ok(b) => b,
+            Err(e) => {
+                welcome::report_acquire_error(&pool, client, e).await;
+                release_held(ctx, s).await;
+                return None;
+            }
+        };
+        unit.notes = LeaseNotes::default();
+        match phases.after_acquire(s, unit, &mut backend).await {
+            Ready::Go => {
+                unit.pool = Some(pool);
+                return Some((backend, false));
+            }
+            Ready::Refused(err) => {
+                let mut out = Vec::new();
+                err.encode(&mut out);
+                let _ = client.write_all(&out).await;
+                let _ = client.close().await;
+                finish::release_clean(ctx, backend, finish::Reset::Settings).await;
+                release_held(ctx, s).await;
+                return None;
+            }
+            Ready::Lost(e) => {
+                log::info!("pool {}: connection lost before use: {e}", pool.label);
+                backend.lost();
+                if phases.backend_lost(s, unit, LostAt::AfterAcquire) == Lost::Retry {
+                    continue;
+                }
+                send_fatal(client, "08006", "server connection lost").await;
+                release_held(ctx, s).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Gives back the connection the session keeps, clean, when the session ends elsewhere.
+async fn release_held(ctx: &ShardCtx, s: &mut Session) {
+    if let Some(held) = s.held.take() {
+        let reset = s.reset_for(&held.notes);
+        Box::pin(finish::release_clean(ctx, held.lease, reset)).await;
+    }
+}
+
+/// Runs one unit on `backend` until it reaches a boundary or the session ends.
+#[allow(clippy::too_many_arguments)]
+async fn serve_unit<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    client: &mut TcpStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &mut Lanes,
+    backend: &mut Lease,
+    keep_home: bool,
+    phases: &P,
+) -> UnitEnd {
+    let pid = s.pid();
+    loop {
+        lanes.activate(&ctx.bufs);
+        let end = {
+            let server_pid = backend.key.pid;
+            let BackendConn {
+                stream,
+                params,
+                status,
+                statements,
+                pending_close,
+                ..
+            } = &mut **backend;
+            Pump {
+                client: &mut *client,
+                server: stream,
+                params,
+                status,
+                up: &mut lanes.up,
+                down: &mut lanes.down,
+                cx: MessageCx {
+                    features: &s.features,
+                    registry: &ctx.statements,
+                    client: &mut s.statements,
+                    server: statements,
+                    pending_close,
+                    responses: &mut lanes.responses,
+                    notes: &mut unit.notes,
+                    sql: &mut unit.sql,
+                    offset: 0,
+                },
+                phases,
+                flow: &mut unit.flow,
+                stats: &ctx.stats,
+                draining: &ctx.draining,
+                backend_eof: false,
+                pids: (server_pid, pid),
+            }
+            .await
+        };
+        if ctx.statements.take_unannounced_change() {
+            crate::bus::broadcast_schema_change(ctx).await;
+        }
+        log::trace!(
+            "backend {}: pump ended {end:?}, status {}, unsynced {}, copy {}",
+            backend.id,
+            backend.status as char,
+            lanes.responses.unsynced,
+            unit.flow.copy_in
+        );
+        match end {
+            // The server said FATAL (the client has it) and closes next.
+            PumpEnd::Quiet if unit.flow.server_fatal => {
+                return UnitEnd::Ended(PumpEnd::BackendGone)
+            }
+            PumpEnd::Quiet => lanes.deactivate(),
+            other => return UnitEnd::Ended(other),
+        }
+        if backend.status == status::IDLE && !lanes.responses.unsynced && !unit.flow.copy_in {
+            let mut decision = phases.before_release(s, unit, backend).await;
+            if decision == Release::Lost {
+                return UnitEnd::Ended(PumpEnd::BackendGone);
+            }
+            if !backend.notifications.is_empty() {
+                let mut pending = std::mem::take(&mut backend.notifications);
+                be::rewrite_notification_pids(&mut pending, backend.key.pid, pid);
+                if client.write_all(&pending).await.is_err() {
+                    return UnitEnd::Ended(PumpEnd::ClientGone);
+                }
+            }
+            if keep_home && decision < Release::Keep {
+                decision = Release::Keep;
+            }
+            // A connection tied to the session in a pooled mode stays with it: the next
+            // unit comes back to it (through the idle wait, which watches it too).
+            return UnitEnd::Boundary(decision);
+        }
+        // Mid-unit (open transaction, COPY, unsynced messages): wait for either side,
+        // holding no buffers.
+        match idle_wait(ctx, client, Some(&mut backend.stream)).await {
+            Wake::Client(buf, n) => {
+                ctx.stats.bytes_from_clients.add(n as u64);
+                lanes.up.seed(buf, n);
+            }
+            Wake::Backend(buf, n) => {
+                log::trace!(
+                    "backend {}: spoke while its client was idle ({n} bytes)",
+                    backend.id
+                );
+                lanes.down.seed(buf, n);
+            }
+            Wake::ClientGone => return UnitEnd::Ended(PumpEnd::ClientGone),
+            Wake::BackendGone => return UnitEnd::Ended(PumpEnd::BackendGone),
+            Wake::Drain => return UnitEnd::Ended(PumpEnd::Drain),
+        }
+    }
+}
+
+/// Ends a session that is between units: the client left, the connection the session
+/// keeps broke, or the shard drains.
+async fn end_idle(ctx: &Rc<ShardCtx>, mut client: TcpStream, s: &mut Session, wake: Wake) {
+    s.point_cancel(None);
+    let held = s.held.take();
+    match (wake, held) {
+        (Wake::BackendGone, Some(held)) => {
+            held.lease.lost();
+            send_fatal(
+                &mut client,
+                "08006",
+                "server closed the connection unexpectedly",
+            )
+            .await;
+        }
+        (Wake::Drain, held) => {
+            send_fatal(
+                &mut client,
+                "57P01",
+                "terminating connection due to administrator command",
+            )
+            .await;
+            if let Some(held) = held {
+                let reset = s.reset_for(&held.notes);
+                finish::release_clean(ctx, held.lease, reset).await;
+            }
+        }
+        (_, Some(held)) => {
+            drop(client);
+            let reset = s.reset_for(&held.notes);
+            finish::release_clean(ctx, held.lease, reset).await;
+        }
+        (_, None) => {}
+    }
+}
