@@ -562,7 +562,14 @@ async fn session_mode_splits_reads_and_keeps_session_state_on_the_primary() {
     let home_pid = one(&client, "SELECT pg_backend_pid()::text").await;
     assert_eq!(one(&client, "SELECT pg_is_in_recovery()").await, "f");
     client.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(one(&client, "SELECT pg_is_in_recovery()").await, "t");
+    // (Reads wait for a standby to replay past the session's last unit on the primary.)
+    assert!(
+        common::wait_until_async(Duration::from_secs(30), || async {
+            one(&client, "SELECT pg_is_in_recovery()").await == "t"
+        })
+        .await,
+        "reads never reached a standby"
+    );
     // Extended protocol with named statements routes the same way.
     let row = client
         .query_one("SELECT pg_is_in_recovery()", &[])
@@ -574,14 +581,24 @@ async fn session_mode_splits_reads_and_keeps_session_state_on_the_primary() {
         .batch_execute("SET application_name = 'split-session'; SET statement_timeout = '41s'")
         .await
         .unwrap();
-    assert_eq!(
-        one(
-            &client,
-            "SELECT pg_is_in_recovery()::text || ' ' || current_setting('application_name') || ' ' || current_setting('statement_timeout')"
-        )
+    let settings = "SELECT pg_is_in_recovery()::text || ' ' || current_setting('application_name') || ' ' || current_setting('statement_timeout')";
+    let seen = std::cell::RefCell::new(Vec::new());
+    assert!(
+        common::wait_until_async(Duration::from_secs(30), || async {
+            let row = one(&client, settings).await;
+            let done = row.starts_with("true");
+            seen.borrow_mut().push(row);
+            done
+        })
         .await,
-        "true split-session 41s"
+        "the settings read never reached a standby"
     );
+    for row in seen.borrow().iter() {
+        assert!(
+            row.ends_with(" split-session 41s"),
+            "settings lost on a node: {row}"
+        );
+    }
     // Writes go to the primary, and the session reads them back at once.
     for i in 0..50 {
         let on = one(

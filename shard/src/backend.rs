@@ -182,7 +182,7 @@ pub struct BackendConn {
     /// Statement names to Close before this connection's next request (a skipped Close,
     /// or a plan gone stale).
     pub pending_close: Vec<Rc<str>>,
-    /// Session settings in effect on this connection (see `session::pooled::settings`).
+    /// Session settings in effect on this connection (see `engine::settings`).
     pub settings: Settings,
     /// NotificationResponse (and trailing NoticeResponse) messages, whole and raw, that
     /// arrived during the proxy's own exchanges: they belong to the client and are passed

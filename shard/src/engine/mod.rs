@@ -158,58 +158,24 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, mut client: TcpStream, s: &mut Sessio
                 }
             }
         }
-        let Some((mut backend, on_held)) =
-            take_connection(ctx, &mut client, s, &mut unit, &lanes, from_client, phases).await
-        else {
-            return;
-        };
-        s.point_cancel(Some(&backend));
-        lanes.responses.start(backend.status);
-        unit.flow.hold_when_idle = unit.on_read_node;
-        let keep_home = on_held && s.features.keeps_home_connection();
-        let end = serve_unit(
+        // Everything past the start lives in its own allocation for the unit's length:
+        // an idle session keeps only the small state above.
+        let cycle = Box::pin(unit_cycle(
             ctx,
             &mut client,
             s,
             &mut unit,
             &mut lanes,
-            &mut backend,
-            keep_home,
+            from_client,
             phases,
-        )
+        ))
         .await;
         // The unit is over: a database it needed to itself is open to others again.
         unit.fence = None;
-        match end {
-            UnitEnd::Boundary(decision) => {
-                if phases.unit_done(s, &mut unit, &mut backend).await.is_err() {
-                    // The connection broke after the unit completed: the client has its
-                    // answers; a session that kept it has lost its home, though.
-                    backend.lost();
-                    if keep_home {
-                        send_fatal(
-                            &mut client,
-                            "08006",
-                            "server closed the connection unexpectedly",
-                        )
-                        .await;
-                        return;
-                    }
-                } else {
-                    match decision {
-                        Release::Keep => {
-                            s.held = Some(Held {
-                                lease: backend,
-                                notes: std::mem::take(&mut unit.notes),
-                            })
-                        }
-                        Release::Release => backend.release(),
-                        Release::Discard | Release::Lost => backend.discard(),
-                    }
-                }
-                s.point_cancel(s.held.as_ref().map(|h| &*h.lease as &BackendConn));
-            }
-            UnitEnd::Ended(end) => {
+        match cycle {
+            Cycle::Next => {}
+            Cycle::Over => return,
+            Cycle::Finish(backend, end) => {
                 s.point_cancel(None);
                 let reset = s.reset_for(&unit.notes);
                 let held = s.held.take();
@@ -225,6 +191,66 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, mut client: TcpStream, s: &mut Sessio
             }
         }
     }
+}
+
+/// How a unit's cycle ended. (Returned once per unit: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Cycle {
+    /// At a boundary; the next unit may come.
+    Next,
+    /// The session is over and the client was told.
+    Over,
+    /// The session ends on this connection (see [`finish::finish`]).
+    Finish(Lease, PumpEnd),
+}
+
+/// One unit from choosing its node to keeping, releasing or discarding its connection.
+async fn unit_cycle<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    client: &mut TcpStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &mut Lanes,
+    from_client: bool,
+    phases: &P,
+) -> Cycle {
+    let Some((mut backend, on_held)) =
+        take_connection(ctx, client, s, unit, lanes, from_client, phases).await
+    else {
+        return Cycle::Over;
+    };
+    s.point_cancel(Some(&backend));
+    lanes.responses.start(backend.status);
+    unit.flow.hold_when_idle = unit.on_read_node;
+    let keep_home = on_held && s.features.keeps_home_connection();
+    let decision =
+        match serve_unit(ctx, client, s, unit, lanes, &mut backend, keep_home, phases).await {
+            UnitEnd::Boundary(decision) => decision,
+            UnitEnd::Ended(end) => return Cycle::Finish(backend, end),
+        };
+    if phases.unit_done(s, unit, &mut backend).await.is_err() {
+        // The connection broke after the unit completed: the client has its answers; a
+        // session that kept it has lost its home, though.
+        backend.lost();
+        s.point_cancel(s.held.as_ref().map(|h| &*h.lease as &BackendConn));
+        if keep_home {
+            send_fatal(client, "08006", "server closed the connection unexpectedly").await;
+            return Cycle::Over;
+        }
+        return Cycle::Next;
+    }
+    match decision {
+        Release::Keep => {
+            s.held = Some(Box::new(Held {
+                lease: backend,
+                notes: std::mem::take(&mut unit.notes),
+            }))
+        }
+        Release::Release => backend.release(),
+        Release::Discard | Release::Lost => backend.discard(),
+    }
+    s.point_cancel(s.held.as_ref().map(|h| &*h.lease as &BackendConn));
+    Cycle::Next
 }
 
 /// The connection the unit runs on — the one the session keeps, or a fresh one from the

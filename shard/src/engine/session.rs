@@ -68,7 +68,7 @@ pub struct Session {
     pub cancel: Registered,
     /// The primary's pool for the client's database and user.
     pub home: Rc<Pool>,
-    pub held: Option<Held>,
+    pub held: Option<Box<Held>>,
     /// Connection-bound state exists on the held connection (session mode with
     /// read/write splitting: it keeps the session's units on that connection).
     pub pinned: bool,

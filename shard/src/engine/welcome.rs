@@ -119,10 +119,10 @@ pub async fn login<P: Phase>(
     }
     if keeps {
         session.point_cancel(Some(&backend));
-        session.held = Some(Held {
+        session.held = Some(Box::new(Held {
             lease: backend,
             notes: Default::default(),
-        });
+        }));
     } else {
         backend.release();
     }
