@@ -251,7 +251,8 @@ async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &TcpListener) {
         ctx.active_clients.set(ctx.active_clients.get() + 1);
         let session_ctx = ctx.clone();
         glommio::spawn_local(async move {
-            crate::session::serve(session_ctx.clone(), stream).await;
+            let mut stream = stream;
+            crate::session::serve(&session_ctx, &mut stream).await;
             session_ctx
                 .active_clients
                 .set(session_ctx.active_clients.get() - 1);

@@ -26,7 +26,7 @@ use super::unit::Flow;
 /// or closes it.
 pub async fn finish(
     ctx: &ShardCtx,
-    mut client: TcpStream,
+    client: &mut TcpStream,
     mut backend: Lease,
     end: PumpEnd,
     flow: &Flow,
@@ -34,7 +34,7 @@ pub async fn finish(
     reset: Reset,
 ) {
     let cancel_running = matches!(end, PumpEnd::ClientGone | PumpEnd::ClientProtocol(_));
-    tell_client(ctx, backend.pool(), &mut client, &end, flow.server_fatal).await;
+    tell_client(ctx, backend.pool(), client, &end, flow.server_fatal).await;
     match end {
         PumpEnd::BackendGone => {
             backend.lost();
@@ -46,7 +46,7 @@ pub async fn finish(
         }
         _ => {}
     }
-    drop(client);
+    hang_up(client);
     // Half a message went to the server: it cannot be brought back to a boundary.
     if lanes.up.mid_message() {
         backend.discard();
@@ -66,6 +66,17 @@ pub async fn finish(
         in_flight: lanes.responses.pending_syncs(),
     };
     recover(ctx, backend, work, cancel_running, reset).await;
+}
+
+/// Ends the client's connection now (both directions), so it is not kept waiting while
+/// its server connection is brought back; the socket itself closes when the session's
+/// task ends.
+pub fn hang_up(client: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown(2) on a socket this session owns; no memory is involved.
+    unsafe {
+        libc::shutdown(client.as_raw_fd(), libc::SHUT_RDWR);
+    }
 }
 
 /// What the departed client left running on its connection.

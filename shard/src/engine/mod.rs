@@ -72,16 +72,22 @@ pub const PHASES: Chain = (
     retry::Retry,
 );
 
-/// Serves a logged-in client in `mode` until it leaves.
-pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login, mode: PoolMode) {
+/// Completes a logged-in client's welcome in `mode`: its session, or `None` when the
+/// client was told why there is none. (Kept apart from [`serve`] so the login's state
+/// is gone before the session settles into its idle wait.)
+pub async fn start(
+    ctx: &Rc<ShardCtx>,
+    client: &mut TcpStream,
+    login: &Login,
+    mode: PoolMode,
+) -> Option<Box<Session>> {
     let features = Features::new(&ctx.config(), mode);
-    // Rarely taken paths (login completion, session end) live in their own allocations,
-    // so the state an idle client keeps stays small.
-    let session = Box::pin(welcome::login(ctx, &mut client, &login, features, &PHASES)).await;
-    drop(login);
-    if let Some(mut session) = session {
-        run(ctx, client, &mut session, &PHASES).await;
-    }
+    welcome::login(ctx, client, login, features, &PHASES).await
+}
+
+/// Serves a welcomed session until it ends.
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut TcpStream, session: &mut Session) {
+    run(ctx, client, session, &PHASES).await
 }
 
 /// How a unit ended.
@@ -107,13 +113,15 @@ fn home_pool(ctx: &ShardCtx, pool: &Rc<Pool>, user: &UserEntry) -> Rc<Pool> {
     }
 }
 
-async fn run<P: Phase>(ctx: &Rc<ShardCtx>, mut client: TcpStream, s: &mut Session, phases: &P) {
-    let mut lanes = Lanes::new(ctx.max_message_size());
-    let mut unit = Unit::default();
+async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut TcpStream, s: &mut Session, phases: &P) {
+    // One allocation for the session's lanes and unit context: held by value in this
+    // future, the compiler's layout would pad them into a larger idle state.
+    let mut desk = Box::new((Lanes::new(ctx.max_message_size()), Unit::default()));
+    let (lanes, unit) = &mut *desk;
     loop {
         let wake = idle_wait(
             ctx,
-            &mut client,
+            &mut *client,
             s.held.as_mut().map(|h| &mut h.lease.stream),
         )
         .await;
@@ -134,38 +142,14 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, mut client: TcpStream, s: &mut Sessio
             }
         };
         unit.position = lanes.up.position();
-        if from_client {
-            match phases.unit_start(s, &mut unit, lanes.up.pending()).await {
-                Start::Continue => {}
-                Start::Answer(bytes) => {
-                    lanes.up.discard_pending();
-                    if client.write_all(&bytes).await.is_err() {
-                        Box::pin(end_idle(ctx, client, s, Wake::ClientGone)).await;
-                        return;
-                    }
-                    continue;
-                }
-                Start::Refuse(code, message) => {
-                    lanes.up.discard_pending();
-                    let mut out = Vec::new();
-                    be::write_error(&mut out, "ERROR", code, &message);
-                    be::write_ready_for_query(&mut out, status::IDLE);
-                    if client.write_all(&out).await.is_err() {
-                        Box::pin(end_idle(ctx, client, s, Wake::ClientGone)).await;
-                        return;
-                    }
-                    continue;
-                }
-            }
-        }
-        // Everything past the start lives in its own allocation for the unit's length:
-        // an idle session keeps only the small state above.
+        // Everything past the wait lives in its own allocation for the unit's length: an
+        // idle session keeps only the small state above.
         let cycle = Box::pin(unit_cycle(
             ctx,
-            &mut client,
+            &mut *client,
             s,
-            &mut unit,
-            &mut lanes,
+            unit,
+            lanes,
             from_client,
             phases,
         ))
@@ -175,36 +159,25 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, mut client: TcpStream, s: &mut Sessio
         match cycle {
             Cycle::Next => {}
             Cycle::Over => return,
-            Cycle::Finish(backend, end) => {
-                s.point_cancel(None);
-                let reset = s.reset_for(&unit.notes);
-                let held = s.held.take();
-                Box::pin(finish::finish(
-                    ctx, client, backend, end, &unit.flow, &lanes, reset,
-                ))
-                .await;
-                if let Some(held) = held {
-                    let reset = s.reset_for(&held.notes);
-                    Box::pin(finish::release_clean(ctx, held.lease, reset)).await;
-                }
+            Cycle::ClientGone => {
+                Box::pin(end_idle(ctx, client, s, Wake::ClientGone)).await;
                 return;
             }
         }
     }
 }
 
-/// How a unit's cycle ended. (Returned once per unit: its size does not matter.)
-#[allow(clippy::large_enum_variant)]
+/// How a unit's cycle ended.
 enum Cycle {
     /// At a boundary; the next unit may come.
     Next,
     /// The session is over and the client was told.
     Over,
-    /// The session ends on this connection (see [`finish::finish`]).
-    Finish(Lease, PumpEnd),
+    /// The client left before the unit needed a connection.
+    ClientGone,
 }
 
-/// One unit from choosing its node to keeping, releasing or discarding its connection.
+/// One unit from its start to keeping, releasing or discarding its connection.
 async fn unit_cycle<P: Phase>(
     ctx: &Rc<ShardCtx>,
     client: &mut TcpStream,
@@ -214,6 +187,25 @@ async fn unit_cycle<P: Phase>(
     from_client: bool,
     phases: &P,
 ) -> Cycle {
+    if from_client {
+        let answer = match phases.unit_start(s, unit, lanes.up.pending()).await {
+            Start::Continue => None,
+            Start::Answer(bytes) => Some(bytes),
+            Start::Refuse(code, message) => {
+                let mut out = Vec::new();
+                be::write_error(&mut out, "ERROR", code, &message);
+                be::write_ready_for_query(&mut out, status::IDLE);
+                Some(out)
+            }
+        };
+        if let Some(answer) = answer {
+            lanes.up.discard_pending();
+            if client.write_all(&answer).await.is_err() {
+                return Cycle::ClientGone;
+            }
+            return Cycle::Next;
+        }
+    }
     let Some((mut backend, on_held)) =
         take_connection(ctx, client, s, unit, lanes, from_client, phases).await
     else {
@@ -226,7 +218,10 @@ async fn unit_cycle<P: Phase>(
     let decision =
         match serve_unit(ctx, client, s, unit, lanes, &mut backend, keep_home, phases).await {
             UnitEnd::Boundary(decision) => decision,
-            UnitEnd::Ended(end) => return Cycle::Finish(backend, end),
+            UnitEnd::Ended(end) => {
+                end_on(ctx, client, s, unit, lanes, backend, end).await;
+                return Cycle::Over;
+            }
         };
     if phases.unit_done(s, unit, &mut backend).await.is_err() {
         // The connection broke after the unit completed: the client has its answers; a
@@ -251,6 +246,32 @@ async fn unit_cycle<P: Phase>(
     }
     s.point_cancel(s.held.as_ref().map(|h| &*h.lease as &BackendConn));
     Cycle::Next
+}
+
+/// Ends the session on the unit's connection (see [`finish::finish`]), then gives back
+/// the connection the session keeps, if that is another one.
+async fn end_on(
+    ctx: &ShardCtx,
+    client: &mut TcpStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &Lanes,
+    backend: Lease,
+    end: PumpEnd,
+) {
+    // A database the unit needed to itself is open to others again.
+    unit.fence = None;
+    s.point_cancel(None);
+    let reset = s.reset_for(&unit.notes);
+    let held = s.held.take();
+    Box::pin(finish::finish(
+        ctx, client, backend, end, &unit.flow, lanes, reset,
+    ))
+    .await;
+    if let Some(held) = held {
+        let reset = s.reset_for(&held.notes);
+        Box::pin(finish::release_clean(ctx, held.lease, reset)).await;
+    }
 }
 
 /// The connection the unit runs on — the one the session keeps, or a fresh one from the
@@ -300,10 +321,7 @@ async fn take_connection<P: Phase>(
         };
         unit.notes = LeaseNotes::default();
         match phases.after_acquire(s, unit, &mut backend).await {
-            Ready::Go => {
-                unit.pool = Some(pool);
-                return Some((backend, false));
-            }
+            Ready::Go => return Some((backend, false)),
             Ready::Refused(err) => {
                 let mut out = Vec::new();
                 err.encode(&mut out);
@@ -447,22 +465,17 @@ async fn serve_unit<P: Phase>(
 
 /// Ends a session that is between units: the client left, the connection the session
 /// keeps broke, or the shard drains.
-async fn end_idle(ctx: &Rc<ShardCtx>, mut client: TcpStream, s: &mut Session, wake: Wake) {
+async fn end_idle(ctx: &Rc<ShardCtx>, client: &mut TcpStream, s: &mut Session, wake: Wake) {
     s.point_cancel(None);
     let held = s.held.take();
     match (wake, held) {
         (Wake::BackendGone, Some(held)) => {
             held.lease.lost();
-            send_fatal(
-                &mut client,
-                "08006",
-                "server closed the connection unexpectedly",
-            )
-            .await;
+            send_fatal(client, "08006", "server closed the connection unexpectedly").await;
         }
         (Wake::Drain, held) => {
             send_fatal(
-                &mut client,
+                client,
                 "57P01",
                 "terminating connection due to administrator command",
             )
@@ -473,7 +486,7 @@ async fn end_idle(ctx: &Rc<ShardCtx>, mut client: TcpStream, s: &mut Session, wa
             }
         }
         (_, Some(held)) => {
-            drop(client);
+            finish::hang_up(client);
             let reset = s.reset_for(&held.notes);
             finish::release_clean(ctx, held.lease, reset).await;
         }

@@ -5,14 +5,11 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use crate::fence::FenceGuard;
-use crate::pool::Pool;
 use crate::sql::{Effects, RouteAnalysis};
 
 /// One unit of work.
 #[derive(Default)]
 pub struct Unit {
-    /// The pool the unit runs on (chosen by a phase, or the session's home pool).
-    pub pool: Option<Rc<Pool>>,
     /// The unit runs on a standby or replica: read no more client input once the server
     /// connection is idle outside a transaction, so the next unit is routed on its own.
     pub on_read_node: bool,
@@ -34,7 +31,6 @@ pub struct Unit {
 impl Unit {
     /// Starts the next unit, keeping the memory the last one grew.
     pub fn reset(&mut self) {
-        self.pool = None;
         self.on_read_node = false;
         self.remember_position = false;
         self.flow = Flow::default();

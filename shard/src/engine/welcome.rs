@@ -28,7 +28,7 @@ pub async fn login<P: Phase>(
     login: &Login,
     features: Features,
     phases: &P,
-) -> Option<Session> {
+) -> Option<Box<Session>> {
     let Some(node) = ctx.primary() else {
         send_fatal(client, "08006", "no primary node is available").await;
         return None;
@@ -91,7 +91,7 @@ pub async fn login<P: Phase>(
         }
     }
     drop(buf);
-    let mut session = Session {
+    let mut session = Box::new(Session {
         ctx: ctx.clone(),
         features,
         cancel,
@@ -104,7 +104,7 @@ pub async fn login<P: Phase>(
         user: login.user.clone(),
         pools: Default::default(),
         wrote_at: 0,
-    };
+    });
     match phases.login(&mut session, &mut backend).await {
         Ready::Go => {}
         Ready::Refused(_) | Ready::Lost(_) => {

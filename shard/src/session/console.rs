@@ -35,18 +35,18 @@ pub fn is_console(database: &str) -> bool {
 
 /// Serves one console session: checks the user may use the console, welcomes it with the
 /// proxy's own parameters, then answers statements until it leaves.
-pub async fn serve(ctx: &Rc<ShardCtx>, mut client: TcpStream, login: Login) {
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut TcpStream, login: Login) {
     let user = login.user.name.clone();
     if ctx.config().console_access(&user).is_none() {
         log::warn!("user {user} refused the admin console: not in admin_users or stats_users");
-        send_fatal(&mut client, "42501", &not_allowed(&user)).await;
+        send_fatal(client, "42501", &not_allowed(&user)).await;
         return;
     }
     let cancel = ctx
         .cancels
-        .register(crate::engine::welcome::client_info(&client, &login), None);
-    if welcome(&mut client, &login, &cancel).await.is_ok() {
-        run(ctx, &mut client, &user).await;
+        .register(crate::engine::welcome::client_info(client, &login), None);
+    if welcome(client, &login, &cancel).await.is_ok() {
+        run(ctx, client, &user).await;
     }
     ctx.cancels.unregister(&cancel);
 }

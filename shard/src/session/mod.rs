@@ -14,48 +14,54 @@ use crate::sync;
 use login::{send_fatal, LoginError};
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(ctx: Rc<ShardCtx>, mut client: TcpStream) {
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut TcpStream) {
     let _ = client.set_nodelay(true);
     let peer = client.peer_addr().ok();
     let who = PeerName(peer);
     let startup_timeout = Duration::from_millis(ctx.config().timeouts.startup_timeout_ms);
-    let login =
-        match sync::timeout(startup_timeout, Box::pin(login::login(&ctx, &mut client))).await {
-            None => {
-                log::info!("client {who}: startup timed out");
-                send_fatal(
-                    &mut client,
-                    "08006",
-                    "timed out waiting for startup and authentication",
-                )
-                .await;
-                return;
+    let login = match sync::timeout(startup_timeout, Box::pin(login::login(ctx, client))).await {
+        None => {
+            log::info!("client {who}: startup timed out");
+            send_fatal(
+                client,
+                "08006",
+                "timed out waiting for startup and authentication",
+            )
+            .await;
+            return;
+        }
+        Some(Err(LoginError::Gone)) => return,
+        Some(Err(LoginError::Fatal { code, message })) => {
+            if code == "08P01" {
+                ctx.stats.protocol_errors.inc();
             }
-            Some(Err(LoginError::Gone)) => return,
-            Some(Err(LoginError::Fatal { code, message })) => {
-                if code == "08P01" {
-                    ctx.stats.protocol_errors.inc();
-                }
-                log::warn!("client {who}: login refused ({code}): {message}");
-                send_fatal(&mut client, code, &message).await;
-                return;
-            }
-            Some(Ok(login)) => login,
-        };
+            log::warn!("client {who}: login refused ({code}): {message}");
+            send_fatal(client, code, &message).await;
+            return;
+        }
+        Some(Ok(login)) => login,
+    };
     log::debug!(
         "client {who}: logged in as {} to {}",
         login.user.name,
         login.database
     );
     if console::is_console(&login.database) {
-        Box::pin(console::serve(&ctx, client, login)).await;
+        Box::pin(console::serve(ctx, client, login)).await;
         log::debug!("client {who}: console session ended");
         return;
     }
     let mode = ctx
         .config()
         .pool_mode_for(&login.user.name, &login.database);
-    Box::pin(crate::engine::serve(&ctx, client, login, mode)).await;
+    // The login's state ends with the welcome; an idle session keeps only its own.
+    let session = Box::pin(crate::engine::start(ctx, client, &login, mode)).await;
+    drop(login);
+    let Some(mut session) = session else {
+        log::debug!("client {who}: not welcomed");
+        return;
+    };
+    crate::engine::serve(ctx, client, &mut session).await;
     log::debug!("client {who}: session ended");
 }
 
