@@ -105,6 +105,73 @@ async fn idle_backends_close_after_idle_timeout() {
     again.simple_query("SELECT 1").await.expect("query");
 }
 
+/// `total_connections_created` and `total_connections_closed` of /pools, for the one node.
+fn pool_totals(proxy: &common::Proxy) -> (u64, u64) {
+    let port = proxy.admin_port.expect("admin port");
+    let pools = common::http::get(port, "/pools").json();
+    let node = &pools[0];
+    let count = |key: &str| {
+        node[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("/pools has no {key}: {pools}"))
+    };
+    (
+        count("total_connections_created"),
+        count("total_connections_closed"),
+    )
+}
+
+/// The pool's history survives its connections: once every backend closed (here by
+/// idle_timeout, as after a server restart), the totals of /pools stay where they were
+/// and only count up afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_totals_only_count_up_after_every_backend_closed() {
+    if common::proxy_only(
+        "pool_totals_only_count_up_after_every_backend_closed",
+        "pools are the proxy's",
+    ) {
+        return;
+    }
+    let db = fresh_database("lc_pool_totals").await;
+    let proxy = target("workers = 1\n[pool_mode]\nidle_timeout_secs = 1\n");
+    let client = proxy
+        .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), &db)
+        .await
+        .expect("login");
+    client.simple_query("SELECT 1").await.expect("query");
+    drop(client);
+    assert!(
+        wait_for_backends(&db, 0).await,
+        "the idle backend was not closed after idle_timeout_secs = 1"
+    );
+    let after_close = pool_totals(&proxy);
+    assert!(
+        after_close.0 >= 1 && after_close.1 >= 1,
+        "the opened and closed backend is counted: {after_close:?}"
+    );
+    // Several maintenance rounds (one a second) pass with the pool empty.
+    let mut last = after_close;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = pool_totals(&proxy);
+        assert!(
+            now.0 >= last.0 && now.1 >= last.1,
+            "/pools totals went down from {last:?} to {now:?}"
+        );
+        last = now;
+    }
+    let again = proxy
+        .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), &db)
+        .await
+        .expect("login after the pool emptied");
+    again.simple_query("SELECT 1").await.expect("query");
+    let reopened = pool_totals(&proxy);
+    assert!(
+        reopened.0 > after_close.0,
+        "a new backend adds to the total: {after_close:?} then {reopened:?}"
+    );
+}
+
 async fn backend_pid(proxy: &common::Proxy, db: &str) -> i32 {
     let client = proxy
         .connect(SUPERUSER, Some(SUPERUSER_PASSWORD), db)

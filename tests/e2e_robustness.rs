@@ -265,3 +265,48 @@ async fn silent_client_is_dropped_after_startup_timeout() {
     target.assert_running();
     target.trust_client().await;
 }
+
+/// SSLRequest and GSSENCRequest may each be asked once. PostgreSQL reads a repeated one's
+/// code as a protocol version and refuses it at once; the proxy must not answer 'N' again
+/// and leave the client waiting for the startup deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_negotiation_request_is_refused_at_once() {
+    const SSL: i32 = 80877103;
+    const GSSENC: i32 = 80877104;
+    let target = Arc::new(target(""));
+    let port = target.port;
+    let cases = [
+        (vec![SSL, SSL], "1234.5679"),
+        (vec![GSSENC, GSSENC], "1234.5680"),
+        (vec![SSL, GSSENC, SSL], "1234.5679"),
+    ];
+    for (requests, version) in cases {
+        let ending = tokio::task::spawn_blocking(move || {
+            let mut conn = RawConn::connect(port);
+            let (last, first) = requests.split_last().expect("requests");
+            for &code in first {
+                assert_eq!(conn.negotiate(code), b'N', "first request answered 'N'");
+            }
+            let mut packet = 8i32.to_be_bytes().to_vec();
+            packet.extend_from_slice(&last.to_be_bytes());
+            conn.write_all(&packet).expect("send repeated request");
+            conn.read_ending(Duration::from_secs(5))
+        })
+        .await
+        .expect("negotiation task");
+        match ending {
+            Ending::Error(m) => {
+                let fields = m.fields();
+                assert_eq!(m.sqlstate(), "0A000", "{fields:?}");
+                assert_eq!(fields[&'S'], "FATAL");
+                assert_eq!(
+                    fields[&'M'],
+                    format!("unsupported frontend protocol {version}: server supports 3.0 to 3.0")
+                );
+            }
+            other => panic!("a repeated negotiation request got {other:?}"),
+        }
+    }
+    target.assert_running();
+    target.trust_client().await;
+}

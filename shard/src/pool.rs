@@ -314,10 +314,12 @@ impl Pool {
         !self.state.borrow().waiters.is_empty()
     }
 
-    /// No connections and nobody waiting: the pool can be forgotten.
-    pub fn is_unused(&self) -> bool {
+    /// No connections, nobody waiting, and none ever opened (a database or user the
+    /// server does not know): the pool can be forgotten without its history going
+    /// backwards. A pool that ever connected stays, so its counters only count up.
+    pub fn is_forgettable(&self) -> bool {
         let st = self.state.borrow();
-        st.total == 0 && st.waiters.is_empty()
+        st.total == 0 && st.waiters.is_empty() && st.created == 0
     }
 
     /// Takes an idle connection, opens a new one within the limit, or waits FIFO. While

@@ -288,13 +288,13 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>, inbox: Recei
         balance_budgets(&ctx);
         ticks += 1;
         if ticks.is_multiple_of(MAINTENANCE_EVERY) {
-            // Pools nobody uses (e.g. a client named a database that does not exist)
-            // are dropped so they cannot accumulate.
-            // A pool a session still holds stays, or a second pool for the same key
-            // could open connections beyond the limit.
+            // Pools that never connected (a client named a database that does not
+            // exist) are dropped so they cannot accumulate. A pool a session still holds
+            // stays, or a second pool for the same key could open connections beyond
+            // the limit.
             ctx.pools
                 .borrow_mut()
-                .retain(|_, pool| !(pool.is_unused() && Rc::strong_count(pool) == 1));
+                .retain(|_, pool| !(pool.is_forgettable() && Rc::strong_count(pool) == 1));
             ctx.bufs.trim();
             ctx.statements.prune();
             let pools: Vec<_> = ctx.pools.borrow().values().cloned().collect();

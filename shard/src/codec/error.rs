@@ -23,7 +23,7 @@ pub enum CodecError {
         problem: &'static str,
     },
     /// A startup packet asking for a protocol this proxy does not speak.
-    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0")]
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0")]
     UnsupportedProtocol { major: u16, minor: u16 },
 }
 
@@ -76,7 +76,7 @@ mod tests {
         );
         assert_eq!(
             CodecError::UnsupportedProtocol { major: 2, minor: 0 }.to_string(),
-            "unsupported frontend protocol 2.0: server supports 3.0"
+            "unsupported frontend protocol 2.0: server supports 3.0 to 3.0"
         );
     }
 

@@ -69,11 +69,21 @@ impl From<ReadError> for LoginError {
 /// Reads startup packets until a StartupMessage arrives, answering SSL/GSS requests
 /// with 'N' and routing cancel requests; then authenticates. `out` is scratch space.
 pub async fn login(ctx: &ShardCtx, stream: &mut TcpStream) -> Result<Login, LoginError> {
+    let (mut ssl_asked, mut gss_asked) = (false, false);
     loop {
         let packet = read_startup_packet(stream).await?;
         match startup::decode_startup(&packet)? {
             None => return Err(LoginError::fatal("08P01", "incomplete startup packet")),
-            Some((StartupPacket::SslRequest | StartupPacket::GssEncRequest, _)) => {
+            Some((request @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest), _)) => {
+                let asked = match request {
+                    StartupPacket::SslRequest => &mut ssl_asked,
+                    _ => &mut gss_asked,
+                };
+                if std::mem::replace(asked, true) {
+                    // Each may be asked once; PostgreSQL then reads the request code as a
+                    // protocol version and refuses it at once.
+                    return Err(repeated_request(&packet).into());
+                }
                 stream.write_all(b"N").await?;
             }
             Some((StartupPacket::Cancel { pid, secret }, _)) => {
@@ -87,6 +97,18 @@ pub async fn login(ctx: &ShardCtx, stream: &mut TcpStream) -> Result<Login, Logi
                 return Ok(login);
             }
         }
+    }
+}
+
+/// The error PostgreSQL gives a second SSLRequest or GSSENCRequest: its code read as a
+/// protocol version.
+fn repeated_request(packet: &[u8]) -> CodecError {
+    let code = packet
+        .get(4..8)
+        .map_or(0, |c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+    CodecError::UnsupportedProtocol {
+        major: (code >> 16) as u16,
+        minor: (code & 0xffff) as u16,
     }
 }
 
