@@ -281,6 +281,10 @@ async fn a_repeated_negotiation_request_is_refused_at_once() {
         (vec![SSL, GSSENC, SSL], "1234.5679"),
     ];
     for (requests, version) in cases {
+        if common::is_direct() && requests.contains(&GSSENC) {
+            // A server built with GSSAPI answers 'G' and expects a GSS handshake.
+            continue;
+        }
         let ending = tokio::task::spawn_blocking(move || {
             let mut conn = RawConn::connect(port);
             let (last, first) = requests.split_last().expect("requests");
