@@ -284,7 +284,7 @@ async fn an_aborted_transaction_keeps_its_backend_until_rollback() {
     assert_eq!(sqlstate(&err), "22012");
     let err = a.batch_execute("SELECT 1").await.expect_err("aborted");
     assert_eq!(sqlstate(&err), "25P02");
-    // Like PgBouncer's query_wait_timeout, the waiting client is told why and closed.
+    // The waiting client is told why (an ERROR: it held no backend, its session goes on).
     let err = b.batch_execute("SELECT 1").await.expect_err("pool busy");
     assert_eq!(sqlstate(&err), "53300");
     a.batch_execute("ROLLBACK").await.unwrap();

@@ -151,6 +151,22 @@ impl From<ReadError> for BackendError {
 }
 
 impl BackendError {
+    /// A failure that may pass by itself: the server is unreachable, restarting or
+    /// shutting down — not a refusal of this user, database or password.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackendError::Connect { .. }
+            | BackendError::ConnectTimeout(_)
+            | BackendError::LoginTimeout(_)
+            | BackendError::Io(_)
+            | BackendError::Closed => true,
+            // cannot_connect_now (starting up, shutting down, in recovery), admin
+            // shutdown, crash shutdown, too many connections.
+            BackendError::Server(e) => matches!(e.code(), "57P03" | "57P01" | "57P02" | "53300"),
+            BackendError::Protocol(_) | BackendError::Auth(_) => false,
+        }
+    }
+
     /// Writes the error a client should see for this failure.
     pub fn encode_for_client(&self, out: &mut Vec<u8>) {
         match self {

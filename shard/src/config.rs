@@ -320,6 +320,15 @@ pub struct LimitsConfig {
     pub max_client_connections: usize,
     /// Size of each pooled I/O buffer, in bytes.
     pub buffer_size: usize,
+    /// A client message up to this size is received whole before it is sent on: a
+    /// unit's first message is in the proxy before a server connection is leased for
+    /// it. A larger message streams to the server as it arrives (under
+    /// `timeouts.client_stall_timeout_ms`).
+    pub buffered_message_size: usize,
+    /// Bytes of partly received client messages one worker may hold at once (messages
+    /// larger than a read buffer being assembled); a client whose message would go
+    /// beyond it is refused with 53200.
+    pub message_memory: usize,
 }
 
 impl Default for LimitsConfig {
@@ -328,6 +337,8 @@ impl Default for LimitsConfig {
             max_message_size: 64 * 1024 * 1024,
             max_client_connections: 10_000,
             buffer_size: 16 * 1024,
+            buffered_message_size: 1024 * 1024,
+            message_memory: 128 * 1024 * 1024,
         }
     }
 }
@@ -348,6 +359,19 @@ pub struct TimeoutsConfig {
     pub shutdown_timeout_secs: u64,
     /// Longest wait to cancel and drain a backend whose client left mid-query.
     pub dirty_release_timeout_ms: u64,
+    /// Longest silence of a client in the middle of a message before it is cut off
+    /// (08006): a half-sent message must not hold memory or a server connection.
+    pub client_stall_timeout_ms: u64,
+    /// PgBouncer's `client_idle_timeout`: a client idle between transactions this long
+    /// is disconnected (57P05, PostgreSQL's idle-session timeout). 0 disables it.
+    pub client_idle_timeout_ms: u64,
+    /// PgBouncer's `idle_transaction_timeout`: a client idle inside a transaction this
+    /// long is disconnected (25P03) and its transaction rolled back. 0 disables it.
+    pub idle_transaction_timeout_ms: u64,
+    /// PgBouncer's `query_timeout`: a request the server has not finished answering
+    /// this long after the client sent it is cancelled and the client disconnected
+    /// (57014). 0 disables it.
+    pub query_timeout_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -358,6 +382,10 @@ impl Default for TimeoutsConfig {
             startup_timeout_ms: 60_000,
             shutdown_timeout_secs: 30,
             dirty_release_timeout_ms: 5000,
+            client_stall_timeout_ms: 15_000,
+            client_idle_timeout_ms: 0,
+            idle_transaction_timeout_ms: 0,
+            query_timeout_ms: 0,
         }
     }
 }

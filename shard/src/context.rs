@@ -69,6 +69,8 @@ pub struct ShardCtx {
     pub budgets: Arc<Budgets>,
     pub cancels: CancelRegistry,
     pub bufs: BufPool,
+    /// Partly received client messages held on the side (`limits.message_memory`).
+    pub message_memory: Rc<crate::engine::intake::MessageMemory>,
     /// Prepared statements shared by this shard's transaction-pooled clients.
     pub statements: Registry,
     pub stats: Arc<ShardStats>,
@@ -143,6 +145,10 @@ impl ShardCtx {
                 stats.clone(),
             ),
             bufs: BufPool::new(config.limits.buffer_size),
+            message_memory: crate::engine::intake::MessageMemory::new(
+                config.limits.message_memory,
+                stats.clone(),
+            ),
             statements: Registry::default(),
             draining: Latch::new(),
             peers: RefCell::new(None),
@@ -267,6 +273,7 @@ impl ShardCtx {
         *self.schema_routes.borrow_mut() = Rc::new(SchemaRoute::compile(&config.schema_routes));
         self.max_clients
             .set(share(config.limits.max_client_connections, self.workers, self.id).max(1));
+        self.message_memory.set_limit(config.limits.message_memory);
         *self.config.borrow_mut() = config;
         Ok(())
     }

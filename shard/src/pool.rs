@@ -12,12 +12,17 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::{BackendConn, BackendError, ConnectSpec};
 use crate::budget::Budget;
+use crate::codec::backend as be;
 use crate::config::TimeoutsConfig;
 use crate::control::{PoolReport, ServerReport};
 use crate::fence::Fences;
 use crate::lease::Lease;
 use crate::stats::ShardStats;
 use crate::sync::{self, Gate, Signal, Slot};
+
+/// First and longest pause between attempts to reach a server that was away.
+const RECONNECT_PAUSE_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_PAUSE_MAX: Duration = Duration::from_millis(1000);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -52,6 +57,20 @@ pub enum AcquireError {
 }
 
 impl AcquireError {
+    /// Writes the failure as an ERROR a client's session survives (the server's own
+    /// SQLSTATE and text when it refused the login).
+    pub fn encode_as_error(&self, out: &mut Vec<u8>) {
+        match self {
+            AcquireError::Connect(BackendError::Server(e)) => {
+                be::write_error(out, "ERROR", e.code(), e.message())
+            }
+            AcquireError::Connect(BackendError::Auth(_)) => {
+                be::write_error(out, "ERROR", "28000", &self.to_string())
+            }
+            other => be::write_error(out, "ERROR", other.sqlstate(), &other.to_string()),
+        }
+    }
+
     /// The SQLSTATE a client is told.
     pub fn sqlstate(&self) -> &'static str {
         match self {
@@ -325,9 +344,29 @@ impl Pool {
     /// Takes an idle connection, opens a new one within the limit, or waits FIFO. While
     /// the shard is paused it waits for RESUME; while the pool is retired it waits (up to
     /// the acquire timeout) for the node to come back.
+    ///
+    /// A server that cannot be reached or is restarting is tried again, with growing
+    /// pauses, until `acquire_timeout` has passed since the call: a client whose unit
+    /// arrives while the server is briefly away waits for it rather than failing.
     pub async fn acquire(self: &Rc<Self>) -> Result<Lease, AcquireError> {
-        let conn = self.acquire_conn().await?;
-        Ok(Lease::new(conn, self.clone()))
+        let started = Instant::now();
+        let mut pause = RECONNECT_PAUSE_MIN;
+        loop {
+            match self.acquire_conn().await {
+                Ok(conn) => return Ok(Lease::new(conn, self.clone())),
+                Err(AcquireError::Connect(e)) if e.is_transient() => {
+                    let limit = self.limits.borrow().acquire_timeout;
+                    let left = limit.saturating_sub(started.elapsed());
+                    if left < pause {
+                        return Err(AcquireError::Connect(e));
+                    }
+                    log::info!("pool {}: {e}; trying again in {pause:?}", self.label);
+                    glommio::timer::sleep(pause).await;
+                    pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn acquire_conn(self: &Rc<Self>) -> Result<BackendConn, AcquireError> {

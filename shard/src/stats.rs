@@ -54,6 +54,10 @@ pub struct ShardStats {
     pub query_duration: Histogram,
     /// Time a client waited for a server connection (0 when one was idle).
     pub pool_acquire: Histogram,
+    /// Sessions the proxy ended at a limit, by `engine::cut::Cut` (its index).
+    pub clients_cut: [Counter; 5],
+    /// Bytes of partly received client messages held right now (a gauge).
+    pub message_memory_bytes: Counter,
 }
 
 /// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).

@@ -80,6 +80,8 @@ mod defaults {
         assert_eq!(limits.max_message_size, 64 * 1024 * 1024);
         assert_eq!(limits.max_client_connections, 10_000);
         assert_eq!(limits.buffer_size, 16384);
+        assert_eq!(limits.buffered_message_size, 1024 * 1024);
+        assert_eq!(limits.message_memory, 128 * 1024 * 1024);
         let timeouts = TimeoutsConfig::default();
         assert_eq!(timeouts.connect_timeout_ms, 5000);
         assert_eq!(
@@ -89,6 +91,16 @@ mod defaults {
         assert_eq!(timeouts.server_login_timeout_ms, 60_000);
         assert_eq!(timeouts.shutdown_timeout_secs, 30);
         assert_eq!(timeouts.dirty_release_timeout_ms, 5000);
+        assert_eq!(timeouts.client_stall_timeout_ms, 15_000);
+        assert_eq!(
+            (
+                timeouts.client_idle_timeout_ms,
+                timeouts.idle_transaction_timeout_ms,
+                timeouts.query_timeout_ms
+            ),
+            (0, 0, 0),
+            "off by default, as in PgBouncer"
+        );
     }
 
     #[test]
@@ -164,11 +176,17 @@ mod loading {
             max_message_size = 2048
             max_client_connections = 9
             buffer_size = 8192
+            buffered_message_size = 4096
+            message_memory = 65536
             [timeouts]
             connect_timeout_ms = 1
             startup_timeout_ms = 2
             shutdown_timeout_secs = 3
             dirty_release_timeout_ms = 4
+            client_stall_timeout_ms = 5
+            client_idle_timeout_ms = 6
+            idle_transaction_timeout_ms = 7
+            query_timeout_ms = 8
         "#;
         let config = parse(text).expect("valid");
         assert_eq!(config.listen_address, "0.0.0.0:7432");
@@ -198,6 +216,12 @@ mod loading {
         assert_eq!(config.timeouts.startup_timeout_ms, 2);
         assert_eq!(config.timeouts.shutdown_timeout_secs, 3);
         assert_eq!(config.timeouts.dirty_release_timeout_ms, 4);
+        assert_eq!(config.limits.buffered_message_size, 4096);
+        assert_eq!(config.limits.message_memory, 65536);
+        assert_eq!(config.timeouts.client_stall_timeout_ms, 5);
+        assert_eq!(config.timeouts.client_idle_timeout_ms, 6);
+        assert_eq!(config.timeouts.idle_transaction_timeout_ms, 7);
+        assert_eq!(config.timeouts.query_timeout_ms, 8);
     }
 
     /// Cases go before BASE so top-level keys stay top-level; an array element a case
@@ -627,7 +651,15 @@ mod validation {
         config.limits.max_message_size = 1024;
         assert_eq!(config.validate(), Ok(()));
         config.limits.max_client_connections = 0;
-        rejects(config, "limits.max_client_connections");
+        rejects(config.clone(), "limits.max_client_connections");
+        config.limits.max_client_connections = 1;
+        config.limits.buffered_message_size = 1023;
+        rejects(config.clone(), "limits.buffered_message_size");
+        config.limits.buffered_message_size = 4096;
+        config.limits.message_memory = 4095;
+        rejects(config.clone(), "limits.message_memory");
+        config.limits.message_memory = 4096;
+        assert_eq!(config.validate(), Ok(()));
     }
 
     #[test]
@@ -643,6 +675,7 @@ mod validation {
             ("dirty_release_timeout_ms", |t| {
                 t.dirty_release_timeout_ms = 0
             }),
+            ("client_stall_timeout_ms", |t| t.client_stall_timeout_ms = 0),
         ] {
             let mut config = base();
             set(&mut config.timeouts);

@@ -309,6 +309,16 @@ fn limits(limits: &LimitsConfig) -> Check {
         limits.max_client_connections >= 1,
         "limits.max_client_connections",
         || "must be at least 1".into(),
+    )?;
+    ensure(
+        limits.buffered_message_size >= MIN_MESSAGE_SIZE,
+        "limits.buffered_message_size",
+        || format!("must be at least {MIN_MESSAGE_SIZE} bytes"),
+    )?;
+    ensure(
+        limits.message_memory >= limits.buffered_message_size.min(limits.max_message_size),
+        "limits.message_memory",
+        || "must hold at least one buffered message (limits.buffered_message_size)".into(),
     )
 }
 
@@ -326,5 +336,9 @@ fn timeouts(timeouts: &TimeoutsConfig) -> Check {
     positive(
         timeouts.dirty_release_timeout_ms,
         "timeouts.dirty_release_timeout_ms",
+    )?;
+    positive(
+        timeouts.client_stall_timeout_ms,
+        "timeouts.client_stall_timeout_ms",
     )
 }

@@ -17,6 +17,7 @@ use crate::pool::Pool;
 use crate::session::login::send_fatal;
 use crate::sync;
 
+use super::cut::{Cut, Limits};
 use super::idle::PumpEnd;
 use super::lanes::Lanes;
 use super::unit::Flow;
@@ -33,7 +34,10 @@ pub async fn finish(
     lanes: &Lanes,
     reset: Reset,
 ) {
-    let cancel_running = matches!(end, PumpEnd::ClientGone | PumpEnd::ClientProtocol(_));
+    let cancel_running = matches!(
+        end,
+        PumpEnd::ClientGone | PumpEnd::ClientProtocol(_) | PumpEnd::Cut(_)
+    );
     tell_client(ctx, backend.pool(), client, &end, flow.server_fatal).await;
     match end {
         PumpEnd::BackendGone => {
@@ -79,6 +83,16 @@ pub fn hang_up(client: &TcpStream) {
     }
 }
 
+/// Ends a session a limit cut short: FATAL with PostgreSQL's SQLSTATE for it, counted
+/// by reason.
+pub async fn tell_cut(ctx: &ShardCtx, client: &mut TcpStream, cut: Cut) {
+    ctx.stats.clients_cut[cut as usize].inc();
+    let limit = Limits::new(&ctx.config()).value_for(cut, ctx.message_memory.limit());
+    let message = cut.message(limit);
+    log::info!("client session ended ({}): {message}", cut.label());
+    send_fatal(client, cut.sqlstate(), &message).await;
+}
+
 /// What the departed client left running on its connection.
 #[derive(Default)]
 struct Unfinished {
@@ -122,6 +136,7 @@ pub async fn tell_client(
             )
             .await
         }
+        PumpEnd::Cut(cut) => tell_cut(ctx, client, *cut).await,
         PumpEnd::ClientTerminated => {
             let _ = client.close().await;
         }

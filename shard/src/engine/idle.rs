@@ -35,6 +35,8 @@ pub enum PumpEnd {
     BackendProtocol(CodecError),
     /// The shard is shutting down and this session just became idle.
     Drain,
+    /// A limit ended the session (the client is told why).
+    Cut(super::cut::Cut),
 }
 
 /// Waits until `stream` is readable and reads into a buffer borrowed from the shard's
@@ -65,14 +67,19 @@ pub enum Wake {
     ClientGone,
     BackendGone,
     Drain,
+    /// Nothing happened within the wait's limit.
+    TimedOut,
+    /// (No wait) client bytes the last unit left undecided are there already.
+    Pending,
 }
 
 /// Waits, holding no buffers, until the client or the connection the session keeps (if
-/// any) speaks or goes away, or the shard starts draining.
+/// any) speaks or goes away, the shard starts draining, or `limit` passes.
 pub async fn idle_wait<C: Stream, S: Stream>(
     ctx: &ShardCtx,
     client: &mut C,
     server: Option<&mut S>,
+    limit: Option<std::time::Duration>,
 ) -> Wake {
     let from_client = async {
         match (ReadPooled {
@@ -100,8 +107,25 @@ pub async fn idle_wait<C: Stream, S: Stream>(
         }
     };
     let drain = async {
-        ctx.draining.wait().await;
-        Wake::Drain
+        match limit {
+            Some(limit) => {
+                futures_lite::future::or(
+                    async {
+                        ctx.draining.wait().await;
+                        Wake::Drain
+                    },
+                    async {
+                        glommio::timer::sleep(limit).await;
+                        Wake::TimedOut
+                    },
+                )
+                .await
+            }
+            None => {
+                ctx.draining.wait().await;
+                Wake::Drain
+            }
+        }
     };
     futures_lite::future::or(from_client, futures_lite::future::or(from_server, drain)).await
 }

@@ -6,10 +6,14 @@
 //! `[next, end)` … read, not yet decided. Whatever waits in `out` goes after the in-place
 //! range, so the order on the wire is the order of the client's messages.
 
+use std::rc::Rc;
+
 use crate::bufpool::{Buf, BufPool};
 use crate::codec::backend;
-use crate::codec::frame::{Scanner, TagSet};
+use crate::codec::frame::{read_header, Scanner, TagSet};
 use crate::codec::tag::be;
+
+use super::intake::{MessageMemory, Reservation};
 
 /// Server messages whose body decides something: errors, command tags, transaction
 /// status, parameter changes, notifications (whose sender pid may be rewritten).
@@ -49,6 +53,8 @@ pub struct UpLane {
     pub(super) big_len: usize,
     /// Where the message being assembled starts in the client's byte stream.
     pub(super) big_at: u64,
+    /// The assembled message's share of the worker's message memory.
+    pub(super) big_memory: Option<Reservation>,
     /// Rewritten (or copied) bytes, sent after the in-place range.
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
@@ -69,6 +75,7 @@ impl UpLane {
             big: Vec::new(),
             big_len: 0,
             big_at: 0,
+            big_memory: None,
             out: Vec::new(),
             out_pos: 0,
             max_message_size,
@@ -84,6 +91,21 @@ impl UpLane {
         }
     }
 
+    /// The unit's first bytes, as its start phases see them: the first message when it
+    /// was assembled on the side, else the pending bytes.
+    pub fn request(&self) -> &[u8] {
+        if self.big_len > 0 {
+            &self.big
+        } else {
+            self.pending()
+        }
+    }
+
+    /// Undecided client bytes wait (the last unit ended before them).
+    pub fn has_pending(&self) -> bool {
+        self.next != self.end || self.big_len > 0
+    }
+
     /// Where the pending bytes start in the client's byte stream.
     pub fn position(&self) -> u64 {
         self.position
@@ -91,10 +113,99 @@ impl UpLane {
 
     /// Drops the undecided bytes: a phase answered them itself.
     pub fn discard_pending(&mut self) {
+        self.drop_big();
         let len = self.end - self.next;
         self.consume(len);
         self.skip_copied();
         self.deactivate();
+    }
+
+    /// The read buffer's size (0 without one).
+    pub fn capacity(&self) -> usize {
+        self.inb.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Moves what is not yet sent or decided to the front when the buffer is full.
+    pub(super) fn compact(&mut self) {
+        if self.start == self.fwd_end && self.next == self.end {
+            self.start = 0;
+            self.fwd_end = 0;
+            self.next = 0;
+            self.end = 0;
+        }
+        if self.end < self.capacity() {
+            return;
+        }
+        self.skip_copied();
+        let keep = self.start;
+        if keep == 0 {
+            return;
+        }
+        if let Some(buf) = self.inb.as_mut() {
+            buf.copy_within(keep..self.end, 0);
+        }
+        self.start -= keep;
+        self.fwd_end -= keep;
+        self.next -= keep;
+        self.end -= keep;
+    }
+
+    /// Free space after the received bytes, made by compacting if needed. (The lane
+    /// must be active.)
+    pub(super) fn room_for_more(&mut self) -> &mut [u8] {
+        self.compact();
+        let end = self.end;
+        match self.inb.as_mut() {
+            Some(buf) => &mut buf[end..],
+            None => &mut [],
+        }
+    }
+
+    /// `n` more bytes were read into [`UpLane::room_for_more`].
+    pub(super) fn received(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Starts assembling a `len`-byte message larger than the read buffer on the side,
+    /// from the pending bytes; false when the worker's message memory has no room.
+    pub(super) fn start_big(&mut self, len: usize, memory: &Rc<MessageMemory>) -> bool {
+        let Some(reservation) = memory.reserve(len) else {
+            return false;
+        };
+        let pending = self.end - self.next;
+        self.big.clear();
+        self.big.reserve(len);
+        if let Some(inb) = &self.inb {
+            self.big.extend_from_slice(&inb[self.next..self.end]);
+        }
+        self.big_len = len;
+        self.big_at = self.position;
+        self.big_memory = Some(reservation);
+        self.consume(pending);
+        self.skip_copied();
+        true
+    }
+
+    /// Moves pending bytes into the message being assembled, up to its length.
+    pub(super) fn gather_big(&mut self) {
+        let take = (self.big_len - self.big.len()).min(self.end - self.next);
+        if let Some(inb) = &self.inb {
+            self.big
+                .extend_from_slice(&inb[self.next..self.next + take]);
+        }
+        self.consume(take);
+        self.skip_copied();
+    }
+
+    /// Ends the message assembled on the side (used, or skipped), keeping a small
+    /// allocation for the next one.
+    pub(super) fn drop_big(&mut self) {
+        self.big_len = 0;
+        self.big_memory = None;
+        self.big.clear();
+        if self.big.capacity() > 64 * 1024 {
+            self.big = Vec::new();
+        }
     }
 
     /// Takes over bytes read while idle.
@@ -147,6 +258,24 @@ impl UpLane {
             None => &[],
         };
         [in_place, &self.out[self.out_pos..]]
+    }
+
+    /// True when the lane cannot go on until the client sends more of a message.
+    pub fn awaits_client_bytes(&self) -> bool {
+        if self.stream_left > 0 || self.big.len() < self.big_len {
+            return true;
+        }
+        if self.start != self.fwd_end || self.out_pos != self.out.len() {
+            // The server has not taken what the client sent yet: not the client's wait.
+            return false;
+        }
+        let pending = self.pending();
+        !pending.is_empty()
+            && match read_header(pending, usize::MAX >> 1) {
+                Ok(Some((_, len))) => len > pending.len(),
+                Ok(None) => true,
+                Err(_) => false,
+            }
     }
 
     /// True when part of a message is still missing or undecided.

@@ -10,9 +10,11 @@
 //! read/write splitting on); transaction and statement modes give the connection back at
 //! each boundary unless state ties the session to it.
 
+pub mod cut;
 pub mod fencing;
 pub mod finish;
 pub mod idle;
+pub mod intake;
 pub mod lanes;
 pub mod message;
 pub mod phase;
@@ -42,6 +44,7 @@ use crate::lease::Lease;
 use crate::pool::Pool;
 use crate::session::login::{send_fatal, Login};
 
+use cut::Cut;
 use idle::{idle_wait, PumpEnd, Wake};
 use lanes::Lanes;
 use message::MessageCx;
@@ -119,14 +122,21 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut TcpStream, s: &mut Sessi
     let mut desk = Box::new((Lanes::new(ctx.max_message_size()), Unit::default()));
     let (lanes, unit) = &mut *desk;
     loop {
-        let wake = idle_wait(
-            ctx,
-            &mut *client,
-            s.held.as_mut().map(|h| &mut h.lease.stream),
-        )
-        .await;
+        // Bytes the last unit left undecided (it was refused) start the next one.
+        let wake = if lanes.up.has_pending() {
+            Wake::Pending
+        } else {
+            idle_wait(
+                ctx,
+                &mut *client,
+                s.held.as_mut().map(|h| &mut h.lease.stream),
+                s.limits.idle_session,
+            )
+            .await
+        };
         unit.reset();
         let from_client = match wake {
+            Wake::Pending => true,
             Wake::Client(buf, n) => {
                 ctx.stats.bytes_from_clients.add(n as u64);
                 lanes.up.seed(buf, n);
@@ -188,29 +198,40 @@ async fn unit_cycle<P: Phase>(
     phases: &P,
 ) -> Cycle {
     if from_client {
-        let answer = match phases.unit_start(s, unit, lanes.up.pending()).await {
-            Start::Continue => None,
-            Start::Answer(bytes) => Some(bytes),
+        // The first message is in whole before anything is leased for it.
+        lanes.up.activate(&ctx.bufs);
+        if let Err(stop) = intake::whole_first_message(
+            client,
+            &mut lanes.up,
+            &ctx.message_memory,
+            &s.limits,
+            &ctx.stats,
+        )
+        .await
+        {
+            return stopped(ctx, client, s, stop).await;
+        }
+        match phases.unit_start(s, unit, lanes.up.request()).await {
+            Start::Continue => {}
+            Start::Answer(bytes) => {
+                lanes.up.discard_pending();
+                if client.write_all(&bytes).await.is_err() {
+                    return Cycle::ClientGone;
+                }
+                return Cycle::Next;
+            }
             Start::Refuse(code, message) => {
-                let mut out = Vec::new();
-                be::write_error(&mut out, "ERROR", code, &message);
-                be::write_ready_for_query(&mut out, status::IDLE);
-                Some(out)
+                let mut error = Vec::new();
+                be::write_error(&mut error, "ERROR", code, &message);
+                return refuse_unit(ctx, client, s, lanes, &error).await;
             }
-        };
-        if let Some(answer) = answer {
-            lanes.up.discard_pending();
-            if client.write_all(&answer).await.is_err() {
-                return Cycle::ClientGone;
-            }
-            return Cycle::Next;
         }
     }
-    let Some((mut backend, on_held)) =
-        take_connection(ctx, client, s, unit, lanes, from_client, phases).await
-    else {
-        return Cycle::Over;
-    };
+    let (mut backend, on_held) =
+        match take_connection(ctx, client, s, unit, lanes, from_client, phases).await {
+            Ok(taken) => taken,
+            Err(cycle) => return cycle,
+        };
     s.point_cancel(Some(&backend));
     lanes.responses.start(backend.status);
     unit.flow.hold_when_idle = unit.on_read_node;
@@ -248,6 +269,59 @@ async fn unit_cycle<P: Phase>(
     Cycle::Next
 }
 
+/// Answers a unit the proxy will not run with `error` (an ErrorResponse), skips the
+/// rest of the unit as PostgreSQL skips to Sync after an error, and says ReadyForQuery:
+/// the session goes on.
+async fn refuse_unit(
+    ctx: &Rc<ShardCtx>,
+    client: &mut TcpStream,
+    s: &mut Session,
+    lanes: &mut Lanes,
+    error: &[u8],
+) -> Cycle {
+    if client.write_all(error).await.is_err() {
+        return Cycle::ClientGone;
+    }
+    lanes.up.activate(&ctx.bufs);
+    match intake::skip_unit(client, &mut lanes.up, &s.limits, &ctx.stats).await {
+        Ok(true) => {}
+        Ok(false) => {
+            release_held(ctx, s).await;
+            return Cycle::Over;
+        }
+        Err(stop) => return stopped(ctx, client, s, stop).await,
+    }
+    lanes.up.deactivate();
+    let status = s.held.as_ref().map_or(status::IDLE, |h| h.lease.status);
+    let mut ready = Vec::with_capacity(6);
+    be::write_ready_for_query(&mut ready, status);
+    if client.write_all(&ready).await.is_err() {
+        return Cycle::ClientGone;
+    }
+    Cycle::Next
+}
+
+/// Ends a session whose unit stopped before it had a connection: the client left, broke
+/// the protocol, or hit a limit.
+async fn stopped(
+    ctx: &Rc<ShardCtx>,
+    client: &mut TcpStream,
+    s: &mut Session,
+    stop: intake::Stop,
+) -> Cycle {
+    match stop {
+        intake::Stop::Gone => return Cycle::ClientGone,
+        intake::Stop::Protocol(e) => {
+            ctx.stats.protocol_errors.inc();
+            log::info!("client protocol violation: {e}");
+            send_fatal(client, e.sqlstate(), &e.to_string()).await;
+        }
+        intake::Stop::Cut(cut) => finish::tell_cut(ctx, client, cut).await,
+    }
+    release_held(ctx, s).await;
+    Cycle::Over
+}
+
 /// Ends the session on the unit's connection (see [`finish::finish`]), then gives back
 /// the connection the session keeps, if that is another one.
 async fn end_on(
@@ -275,21 +349,21 @@ async fn end_on(
 }
 
 /// The connection the unit runs on — the one the session keeps, or a fresh one from the
-/// chosen pool brought to the session's state — and whether it is the kept one. `None`:
-/// the session is over (the client was told).
+/// chosen pool brought to the session's state — and whether it is the kept one. `Err`:
+/// how the cycle ends instead (the client was told).
 async fn take_connection<P: Phase>(
     ctx: &Rc<ShardCtx>,
     client: &mut TcpStream,
     s: &mut Session,
     unit: &mut Unit,
-    lanes: &Lanes,
+    lanes: &mut Lanes,
     from_client: bool,
     phases: &P,
-) -> Option<(Lease, bool)> {
+) -> Result<(Lease, bool), Cycle> {
     // A unit the server started (it spoke first), or one tied to the kept connection,
     // runs there; other units go where the phases say.
     let chosen = if from_client && (s.held.is_none() || s.features.keeps_home_connection()) {
-        phases.choose_node(s, unit, lanes.up.pending())
+        phases.choose_node(s, unit, lanes.up.request())
     } else {
         None
     };
@@ -299,9 +373,10 @@ async fn take_connection<P: Phase>(
         (None, _) => false,
     };
     if use_held {
-        let held = s.held.take()?;
-        unit.notes = held.notes;
-        return Some((held.lease, true));
+        if let Some(held) = s.held.take() {
+            unit.notes = held.notes;
+            return Ok((held.lease, true));
+        }
     }
     let pool = match chosen {
         Some(pool) => pool,
@@ -313,15 +388,24 @@ async fn take_connection<P: Phase>(
     loop {
         let mut backend = match pool.acquire().await {
             Ok(b) => b,
+            Err(e) if from_client => {
+                // The client holds no connection this unit needed: it loses nothing by
+                // being told and trying again later (as PostgreSQL would say of a
+                // statement that failed).
+                log::warn!("pool {}: {e}", pool.label);
+                let mut error = Vec::new();
+                e.encode_as_error(&mut error);
+                return Err(refuse_unit(ctx, client, s, lanes, &error).await);
+            }
             Err(e) => {
                 welcome::report_acquire_error(&pool, client, e).await;
                 release_held(ctx, s).await;
-                return None;
+                return Err(Cycle::Over);
             }
         };
         unit.notes = LeaseNotes::default();
         match phases.after_acquire(s, unit, &mut backend).await {
-            Ready::Go => return Some((backend, false)),
+            Ready::Go => return Ok((backend, false)),
             Ready::Refused(err) => {
                 let mut out = Vec::new();
                 err.encode(&mut out);
@@ -329,7 +413,7 @@ async fn take_connection<P: Phase>(
                 let _ = client.close().await;
                 finish::release_clean(ctx, backend, finish::Reset::Settings).await;
                 release_held(ctx, s).await;
-                return None;
+                return Err(Cycle::Over);
             }
             Ready::Lost(e) => {
                 log::info!("pool {}: connection lost before use: {e}", pool.label);
@@ -339,7 +423,7 @@ async fn take_connection<P: Phase>(
                 }
                 send_fatal(client, "08006", "server connection lost").await;
                 release_held(ctx, s).await;
-                return None;
+                return Err(Cycle::Over);
             }
         }
     }
@@ -402,6 +486,10 @@ async fn serve_unit<P: Phase>(
                 draining: &ctx.draining,
                 backend_eof: false,
                 pids: (server_pid, pid),
+                memory: &ctx.message_memory,
+                stall_after: s.limits.stall,
+                stall: None,
+                query_deadline: s.limits.query.map(glommio::timer::Timer::new),
             }
             .await
         };
@@ -443,8 +531,12 @@ async fn serve_unit<P: Phase>(
             return UnitEnd::Boundary(decision);
         }
         // Mid-unit (open transaction, COPY, unsynced messages): wait for either side,
-        // holding no buffers.
-        match idle_wait(ctx, client, Some(&mut backend.stream)).await {
+        // holding no buffers; idle in a transaction only as long as allowed.
+        let limit = match backend.status {
+            status::IDLE => None,
+            _ => s.limits.idle_transaction,
+        };
+        match idle_wait(ctx, client, Some(&mut backend.stream), limit).await {
             Wake::Client(buf, n) => {
                 ctx.stats.bytes_from_clients.add(n as u64);
                 lanes.up.seed(buf, n);
@@ -459,6 +551,8 @@ async fn serve_unit<P: Phase>(
             Wake::ClientGone => return UnitEnd::Ended(PumpEnd::ClientGone),
             Wake::BackendGone => return UnitEnd::Ended(PumpEnd::BackendGone),
             Wake::Drain => return UnitEnd::Ended(PumpEnd::Drain),
+            Wake::TimedOut => return UnitEnd::Ended(PumpEnd::Cut(Cut::IdleInTransaction)),
+            Wake::Pending => unreachable!("only the session's own wait reports pending bytes"),
         }
     }
 }
@@ -472,6 +566,13 @@ async fn end_idle(ctx: &Rc<ShardCtx>, client: &mut TcpStream, s: &mut Session, w
         (Wake::BackendGone, Some(held)) => {
             held.lease.lost();
             send_fatal(client, "08006", "server closed the connection unexpectedly").await;
+        }
+        (Wake::TimedOut, held) => {
+            finish::tell_cut(ctx, client, Cut::IdleSession).await;
+            if let Some(held) = held {
+                let reset = s.reset_for(&held.notes);
+                finish::release_clean(ctx, held.lease, reset).await;
+            }
         }
         (Wake::Drain, held) => {
             send_fatal(

@@ -10,7 +10,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use glommio::timer::Timer;
 
 use crate::backend::ServerParams;
 use crate::codec::frame::{read_header, Step, TagSet, HEADER_LEN};
@@ -19,7 +23,9 @@ use crate::codec::{backend, frontend, CodecError};
 use crate::stats::ShardStats;
 use crate::sync::Latch;
 
+use super::cut::Cut;
 use super::idle::{PumpEnd, Stream};
+use super::intake::MessageMemory;
 use super::lanes::{DownLane, UpLane};
 use super::message::MessageCx;
 use super::phase::{ClientAction, Phase, Wire};
@@ -58,6 +64,14 @@ pub struct Pump<'a, C, S, P> {
     /// (the server's real pid, the pid the client was given): a notification the
     /// client's own backend sent shows the client's pid, as it would without a pooler.
     pub pids: (i32, i32),
+    /// Where messages assembled on the side take their memory from.
+    pub memory: &'a Rc<MessageMemory>,
+    /// `timeouts.client_stall_timeout_ms`, and its timer while the client is silent in
+    /// the middle of a message.
+    pub stall_after: Duration,
+    pub stall: Option<Timer>,
+    /// `timeouts.query_timeout_ms` from the pump's start, when set.
+    pub query_deadline: Option<Timer>,
 }
 
 type Moved = Result<bool, PumpEnd>;
@@ -97,6 +111,9 @@ impl<C: Stream, S: Stream, P: Phase> Future for Pump<'_, C, S, P> {
                 });
             }
             if !progress {
+                if let Some(cut) = this.limit_reached(cx) {
+                    return Poll::Ready(PumpEnd::Cut(cut));
+                }
                 return Poll::Pending;
             }
         }
@@ -104,6 +121,26 @@ impl<C: Stream, S: Stream, P: Phase> Future for Pump<'_, C, S, P> {
 }
 
 impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
+    /// Called when the pump is about to wait: a cut when a limit ran out while it
+    /// waited (the timers are armed here, so their wake-ups come back to this check).
+    fn limit_reached(&mut self, cx: &mut Context<'_>) -> Option<Cut> {
+        if let Some(deadline) = self.query_deadline.as_mut() {
+            if Pin::new(deadline).poll(cx).is_ready() {
+                return Some(Cut::QueryTimeout);
+            }
+        }
+        if self.up.awaits_client_bytes() {
+            let stall_after = self.stall_after;
+            let timer = self.stall.get_or_insert_with(|| Timer::new(stall_after));
+            if Pin::new(timer).poll(cx).is_ready() {
+                return Some(Cut::Stalled);
+            }
+        } else {
+            self.stall = None;
+        }
+        None
+    }
+
     fn flush_down(&mut self, cx: &mut Context<'_>) -> Poll<Moved> {
         let lane = &mut *self.down;
         let Some(buf) = lane.buf.as_ref() else {
@@ -381,13 +418,9 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                     Ok(ClientAction::Rewritten) | Err(_) => {}
                 }
                 let lane = &mut *self.up;
-                lane.big_len = 0;
-                let mut msg = msg;
                 let tag = msg[0];
-                msg.clear();
-                if msg.capacity() <= 64 * 1024 {
-                    lane.big = msg;
-                }
+                lane.big = msg;
+                lane.drop_big();
                 if let Err(e) = result {
                     return Poll::Ready(Err(PumpEnd::ClientProtocol(e)));
                 }
@@ -426,12 +459,9 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
             if len > pending.len() {
                 if len > inb.len() {
                     // Larger than the read buffer: assemble it on the side.
-                    lane.big.clear();
-                    lane.big.reserve(len);
-                    lane.big.extend_from_slice(pending);
-                    lane.big_len = len;
-                    lane.big_at = lane.position;
-                    lane.consume(pending.len());
+                    if !lane.start_big(len, self.memory) {
+                        return Poll::Ready(Err(PumpEnd::Cut(Cut::MessageMemory)));
+                    }
                     moved = true;
                     continue;
                 }
@@ -477,38 +507,18 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         {
             return Poll::Ready(Ok(false));
         }
-        if lane.start == lane.fwd_end && lane.next == lane.end {
-            lane.start = 0;
-            lane.fwd_end = 0;
-            lane.next = 0;
-            lane.end = 0;
-        }
-        let Some(len) = lane.inb.as_ref().map(|b| b.len()) else {
+        // Keep what is not yet sent or decided; move it to the front when full.
+        let room = lane.room_for_more();
+        if room.is_empty() {
             return Poll::Ready(Ok(false));
-        };
-        if lane.end == len {
-            // Keep what is not yet sent or decided; move it to the front.
-            lane.skip_copied();
-            let keep = lane.start;
-            if keep == 0 {
-                return Poll::Ready(Ok(false));
-            }
-            if let Some(buf) = lane.inb.as_mut() {
-                buf.copy_within(keep..lane.end, 0);
-            }
-            lane.start -= keep;
-            lane.fwd_end -= keep;
-            lane.next -= keep;
-            lane.end -= keep;
         }
-        let Some(buf) = lane.inb.as_mut() else {
-            return Poll::Ready(Ok(false));
-        };
-        match Pin::new(&mut *self.client).poll_read(cx, &mut buf[lane.end..]) {
+        match Pin::new(&mut *self.client).poll_read(cx, room) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Err(PumpEnd::ClientGone)),
             Poll::Ready(Ok(n)) => {
-                lane.end += n;
+                lane.received(n);
                 self.stats.bytes_from_clients.add(n as u64);
+                // The client is not stalled.
+                self.stall = None;
                 Poll::Ready(Ok(true))
             }
             Poll::Pending => Poll::Pending,

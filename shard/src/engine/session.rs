@@ -65,6 +65,8 @@ pub struct Held {
 pub struct Session {
     pub ctx: Rc<ShardCtx>,
     pub features: Features,
+    /// Timeouts and message limits, as configured when the session began.
+    pub limits: super::cut::Limits,
     pub cancel: Registered,
     /// The primary's pool for the client's database and user.
     pub home: Rc<Pool>,

@@ -94,6 +94,7 @@ pub async fn login<P: Phase>(
     let mut session = Box::new(Session {
         ctx: ctx.clone(),
         features,
+        limits: super::cut::Limits::new(&ctx.config()),
         cancel,
         home,
         held: None,
