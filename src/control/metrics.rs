@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use helios_shard::control::{Detail, PoolReport};
+use helios_shard::engine::cut::Cut;
 use helios_shard::stats::{Histogram, ShardStats, BUCKET_BOUNDS_US};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -66,6 +67,7 @@ fn describe() {
         ("heliosdb_proxy_protocol_errors_total", "Clients disconnected for protocol violations"),
         ("heliosdb_proxy_auth_failures_total", "Failed client logins"),
         ("heliosdb_proxy_routing_decisions_total", "Units of work routed, by node and reason (read/write splitting)"),
+        ("heliosdb_proxy_clients_cut_total", "Client sessions the proxy ended at a limit, by reason (the timeouts, message_memory)"),
     ];
     for (name, help) in counters {
         describe_counter!(name, help);
@@ -78,6 +80,10 @@ fn describe() {
         (
             "heliosdb_proxy_uptime_seconds",
             "Seconds since the proxy started",
+        ),
+        (
+            "heliosdb_proxy_message_memory_bytes",
+            "Bytes of partly received client messages held now (limits.message_memory per worker)",
         ),
         (
             "heliosdb_proxy_paused",
@@ -184,6 +190,10 @@ fn sync(control: &Control) {
         counter!("heliosdb_proxy_cancels_forwarded_total").absolute(totals.cancels_forwarded);
         counter!("heliosdb_proxy_protocol_errors_total").absolute(totals.protocol_errors);
         counter!("heliosdb_proxy_auth_failures_total").absolute(totals.auth_failures);
+        for (cut, count) in Cut::ALL.iter().zip(totals.cut) {
+            counter!("heliosdb_proxy_clients_cut_total", "reason" => cut.label()).absolute(count);
+        }
+        gauge!("heliosdb_proxy_message_memory_bytes").set(totals.message_memory as f64);
         gauge!("heliosdb_proxy_uptime_seconds").set(control.uptime().as_secs_f64());
         gauge!("heliosdb_proxy_paused").set(f64::from(u8::from(control.paused())));
 
@@ -307,6 +317,9 @@ struct Totals {
     cancels_forwarded: u64,
     protocol_errors: u64,
     auth_failures: u64,
+    /// Sessions ended at a limit, by `Cut` index.
+    cut: [u64; 5],
+    message_memory: u64,
 }
 
 impl Totals {
@@ -331,6 +344,10 @@ impl Totals {
             t.cancels_forwarded += s.cancels_forwarded.get();
             t.protocol_errors += s.protocol_errors.get();
             t.auth_failures += s.auth_failures.get();
+            for (sum, counter) in t.cut.iter_mut().zip(&s.clients_cut) {
+                *sum += counter.get();
+            }
+            t.message_memory += s.message_memory_bytes.get();
         }
         t
     }
@@ -363,6 +380,12 @@ pub fn json(control: &Control) -> Value {
         "cancels_forwarded": t.cancels_forwarded,
         "protocol_errors": t.protocol_errors,
         "auth_failures": t.auth_failures,
+        "clients_cut": Cut::ALL
+            .iter()
+            .zip(t.cut)
+            .map(|(cut, n)| (cut.label().to_string(), json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
+        "message_memory_bytes": t.message_memory,
         "uptime_seconds": control.uptime().as_secs(),
         "routing_decisions": routing,
     })
