@@ -75,6 +75,26 @@ impl Drop for Slot {
     }
 }
 
+/// Worker threads run at a lower CPU priority (nice 10) than the I/O thread and the
+/// shards: rendering a report may take the CPU the data plane and the probes do not need.
+const WORKER_NICE: libc::c_int = 10;
+
+thread_local! {
+    static NICED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn lower_priority_once() {
+    if NICED.with(|n| n.replace(true)) {
+        return;
+    }
+    // SAFETY: gettid has no arguments; setpriority on this thread's id changes only this
+    // thread's nice value on Linux. Failure (e.g. a seccomp filter) leaves it as it was.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, WORKER_NICE);
+    }
+}
+
 /// On a worker thread.
 fn run(
     control: &Control,
@@ -83,6 +103,7 @@ fn run(
     queued: Instant,
     max_wait: Duration,
 ) -> Outcome {
+    lower_priority_once();
     let stats = &control.admin_http;
     if queued.elapsed() > max_wait {
         stats.requests_rejected_expired.inc();
