@@ -702,14 +702,19 @@ fn counter(port: u16, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no admin_api.{name} in /metrics"))
 }
 
-/// Threads of process `pid`, from /proc.
-fn threads(pid: u32) -> usize {
+/// A number field (`Threads:`, `VmRSS:`) of process `pid`'s /proc status.
+fn proc_status(pid: u32, field: &str) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("Threads: line")
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} line"))
+}
+
+/// Threads of process `pid`.
+fn threads(pid: u32) -> usize {
+    proc_status(pid, "Threads:")
 }
 
 /// Issue 15: 2,000 clients hammering the heavy endpoints plus 500 silent connections
@@ -726,6 +731,8 @@ async fn a_flood_of_heavy_requests_never_delays_the_liveness_probe() {
     // and the over-the-cap path are exercised.
     let proxy = Proxy::start(cluster(), "[admin_api]\nmax_connections = 1000\n");
     let port = admin(&proxy);
+    let pid = proxy.pid().expect("proxy pid");
+    let rss_before = proc_status(pid, "VmRSS:");
     let stop = Arc::new(AtomicBool::new(false));
     let prober = probe_loop(port, stop.clone());
 
@@ -787,6 +794,7 @@ async fn a_flood_of_heavy_requests_never_delays_the_liveness_probe() {
         .await
         .unwrap();
     drop(silent);
+    let rss_after = proc_status(pid, "VmRSS:");
 
     let failures: Vec<&String> = probes.iter().filter_map(|p| p.as_ref().err()).collect();
     let latencies: Vec<Duration> = probes
@@ -801,7 +809,8 @@ async fn a_flood_of_heavy_requests_never_delays_the_liveness_probe() {
     let slowest: Vec<Duration> = sorted.iter().rev().take(5).copied().collect();
     println!(
         "flood: responses by status {statuses:?}; {} probes of /health/live, median {median:?}, \
-         max {max:?}, slowest {slowest:?}; admin counters {}",
+         max {max:?}, slowest {slowest:?}; RSS {rss_before} kB before, {rss_after} kB after; \
+         admin counters {}",
         probes.len(),
         admin_counters(port)
     );
