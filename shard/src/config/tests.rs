@@ -879,7 +879,8 @@ mod admin_api {
 
     #[test]
     fn bad_values_name_their_key() {
-        let cases: [(&str, fn(&mut AdminApiConfig)); 9] = [
+        type Spoil = fn(&mut AdminApiConfig);
+        let cases: [(&str, Spoil); 9] = [
             ("admin_api.workers", |a| a.workers = 0),
             ("admin_api.workers", |a| a.workers = 65),
             ("admin_api.queue_depth", |a| a.queue_depth = 0),
