@@ -51,8 +51,8 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
         }
     };
     // The admin port is bound before the shards start, so a busy port fails cleanly.
-    let admin_server = match tiny_http::Server::http(&config.admin_address) {
-        Ok(server) => Arc::new(server),
+    let admin_listener = match control::http::bind(&config.admin_address) {
+        Ok(listener) => listener,
         Err(e) => {
             eprintln!(
                 "heliosdb-proxy: cannot listen on admin_address {}: {e}",
@@ -80,15 +80,11 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let spawned = (|| -> std::io::Result<()> {
-        // Two threads, so a slow report (it waits for every shard) never delays a probe.
-        for i in 0..2 {
-            let (c, server) = (control.clone(), admin_server.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("admin-{i}"))
-                    .spawn(move || control::admin::serve(c, server))?,
-            );
-        }
+        threads.push(control::http::spawn(
+            control.clone(),
+            admin_listener,
+            stop.clone(),
+        )?);
         threads.push(control::console::spawn(
             control.clone(),
             console_rx,
@@ -123,9 +119,6 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
     runtime.begin_shutdown();
     runtime.join();
     stop.store(true, Ordering::Release);
-    for _ in 0..2 {
-        admin_server.unblock();
-    }
     for t in threads {
         let _ = t.join();
     }

@@ -1,7 +1,10 @@
 //! The admin REST API through the running proxy: every endpoint's shape and status codes,
 //! the bearer token, disable/enable seen from pg_stat_activity, the drain procedure from
 //! the API reference run with curl and jq, reload (HTTP and SIGHUP), and the Prometheus
-//! page read by the Python `prometheus_client` parser while traffic moves the counters.
+//! page read by the Python `prometheus_client` parser while traffic moves the counters;
+//! and the server's own limits (issue 15): `/health/live` answering through a flood of
+//! heavy requests and silent connections, silent connections timed out without a thread
+//! each, queued requests of departed clients skipped, and HTTP framing edge cases.
 
 mod common;
 
@@ -633,4 +636,441 @@ async fn reload_moves_pooled_clients_to_a_changed_node() {
     drop(client);
     proxy.stop();
     other.stop();
+}
+
+/// One `GET /health/live` with a client-side bound on every step: its status and how
+/// long it took, or what went wrong.
+fn probe_live(port: u16, limit: Duration) -> Result<(u16, Duration), String> {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, limit).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(limit)).unwrap();
+    stream.set_write_timeout(Some(limit)).unwrap();
+    stream
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read after {:?}: {e}", started.elapsed()))?;
+    let took = started.elapsed();
+    if took > limit {
+        return Err(format!("answered only after {took:?}"));
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {text:?}"))?;
+    if !text.ends_with("{\"alive\":true}") {
+        return Err(format!("unexpected answer {text:?}"));
+    }
+    Ok((status, took))
+}
+
+/// Probes `/health/live` every 50 ms until `stop` is set; every result.
+fn probe_loop(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Result<(u16, Duration), String>>> {
+    std::thread::spawn(move || {
+        let mut results = Vec::new();
+        // Bounded: the flood ends long before this many probes.
+        for _ in 0..2400 {
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+            let started = std::time::Instant::now();
+            results.push(probe_live(port, Duration::from_secs(1)));
+            std::thread::sleep(Duration::from_millis(50).saturating_sub(started.elapsed()));
+        }
+        results
+    })
+}
+
+/// The admin server's own counters from `GET /metrics`.
+fn admin_counters(port: u16) -> Value {
+    get(port, "/metrics").json()["admin_api"].clone()
+}
+
+fn counter(port: u16, name: &str) -> u64 {
+    admin_counters(port)[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no admin_api.{name} in /metrics"))
+}
+
+/// A number field (`Threads:`, `VmRSS:`) of process `pid`'s /proc status.
+fn proc_status(pid: u32, field: &str) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} line"))
+}
+
+/// Threads of process `pid`.
+fn threads(pid: u32) -> usize {
+    proc_status(pid, "Threads:")
+}
+
+/// Issue 15: 2,000 clients hammering the heavy endpoints plus 500 silent connections
+/// must not delay `/health/live`; the excess is shed with 503 instead of queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_heavy_requests_never_delays_the_liveness_probe() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if proxy_only("admin flood", "the admin API is the proxy's") {
+        return;
+    }
+    // Room for the silent connections and part of the flood, so both the worker queue
+    // and the over-the-cap path are exercised.
+    let proxy = Proxy::start(cluster(), "[admin_api]\nmax_connections = 1000\n");
+    let port = admin(&proxy);
+    let pid = proxy.pid().expect("proxy pid");
+    let rss_before = proc_status(pid, "VmRSS:");
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = probe_loop(port, stop.clone());
+
+    let mut silent = Vec::with_capacity(500);
+    for _ in 0..500 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("silent connect"),
+        );
+    }
+    let flood_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut flood = Vec::with_capacity(2000);
+    for i in 0..2000 {
+        let path = if i % 2 == 0 {
+            "/metrics/prometheus"
+        } else {
+            "/pools"
+        };
+        flood.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            // Bounded: at most five requests per client, within the flood's time.
+            for _ in 0..5 {
+                if tokio::time::Instant::now() >= flood_until {
+                    break;
+                }
+                let exchange = async {
+                    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                    let head =
+                        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                    s.write_all(head.as_bytes()).await?;
+                    let mut raw = Vec::new();
+                    s.read_to_end(&mut raw).await?;
+                    Ok::<_, std::io::Error>(raw)
+                };
+                let status = match tokio::time::timeout(Duration::from_secs(30), exchange).await {
+                    Ok(Ok(raw)) => String::from_utf8_lossy(&raw)
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|s| s.parse::<u16>().ok())
+                        .unwrap_or(0),
+                    // Refused or reset under the flood: the client simply failed.
+                    _ => 0,
+                };
+                statuses.push(status);
+            }
+            statuses
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for task in flood {
+        let done = common::guarded(common::HANG_GUARD, "a flood client", task).await;
+        for status in done.expect("flood task") {
+            *statuses.entry(status).or_default() += 1;
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let probes = tokio::task::spawn_blocking(move || prober.join().expect("probe thread"))
+        .await
+        .unwrap();
+    drop(silent);
+    let rss_after = proc_status(pid, "VmRSS:");
+
+    let failures: Vec<&String> = probes.iter().filter_map(|p| p.as_ref().err()).collect();
+    let latencies: Vec<Duration> = probes
+        .iter()
+        .filter_map(|p| p.as_ref().ok())
+        .map(|p| p.1)
+        .collect();
+    let max = latencies.iter().max().copied().unwrap_or_default();
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
+    let slowest: Vec<Duration> = sorted.iter().rev().take(5).copied().collect();
+    println!(
+        "flood: responses by status {statuses:?}; {} probes of /health/live, median {median:?}, \
+         max {max:?}, slowest {slowest:?}; RSS {rss_before} kB before, {rss_after} kB after; \
+         admin counters {}",
+        probes.len(),
+        admin_counters(port)
+    );
+    assert!(probes.len() >= 20, "too few probes ran: {}", probes.len());
+    assert!(
+        failures.is_empty(),
+        "probes failed during the flood: {failures:?}"
+    );
+    assert!(
+        probes.iter().all(|p| matches!(p, Ok((200, _)))),
+        "a probe was not 200: {probes:?}"
+    );
+    assert!(
+        statuses.get(&200).is_some_and(|&n| n > 0),
+        "no heavy request was served: {statuses:?}"
+    );
+    assert!(
+        statuses.keys().all(|s| matches!(s, 200 | 503)),
+        "heavy requests got something other than 200 or 503: {statuses:?}"
+    );
+    let counters = admin_counters(port);
+    assert!(
+        counters["requests_rejected_queue_full"].as_u64() > Some(0),
+        "{counters}"
+    );
+    assert!(
+        counters["connections_refused"].as_u64() > Some(0),
+        "{counters}"
+    );
+    proxy.assert_running();
+}
+
+/// 1,000 connections that never send a byte cost no threads and are closed by the read
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_cost_no_threads_and_are_timed_out() {
+    use std::io::Read;
+    if proxy_only("admin silent", "the admin API is the proxy's") {
+        return;
+    }
+    let proxy = Proxy::start(
+        cluster(),
+        "[admin_api]\nread_timeout_ms = 2000\nmax_connections = 2000\n",
+    );
+    let port = admin(&proxy);
+    let pid = proxy.pid().expect("proxy pid");
+    assert_eq!(get(port, "/health/live").status, 200);
+    let before = threads(pid);
+    let opened = std::time::Instant::now();
+    let silent: Vec<std::net::TcpStream> = (0..1000)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || counter(
+            port,
+            "connections_open"
+        ) >= 1000),
+        "the proxy did not take the silent connections: {}",
+        admin_counters(port)
+    );
+    let during = threads(pid);
+    println!("threads: {before} before, {during} with 1,000 silent connections open");
+    assert!(
+        during <= before + 2,
+        "threads grew from {before} to {during} with 1,000 silent connections"
+    );
+    assert_eq!(
+        probe_live(port, Duration::from_secs(1)).map(|p| p.0),
+        Ok(200)
+    );
+    // Every one is closed by the proxy (end of stream, or a reset) within the read
+    // timeout and a margin.
+    for mut stream in silent {
+        let left = Duration::from_secs(15).saturating_sub(opened.elapsed());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a silent connection was not closed in time: {other:?}"),
+        }
+    }
+    let closed_after = opened.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(1500),
+        "closed too early: {closed_after:?}"
+    );
+    assert!(counter(port, "connections_timed_out") >= 1000);
+    assert!(wait_until(Duration::from_secs(5), || counter(
+        port,
+        "connections_open"
+    ) <= 1));
+    assert!(threads(pid) <= before + 2);
+    proxy.assert_running();
+}
+
+/// Requests whose clients left while they waited for a worker are dropped unrun, and
+/// show in the counters and on the Prometheus page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_of_clients_that_left_are_skipped() {
+    use std::io::Write;
+    if proxy_only("admin skip", "the admin API is the proxy's") {
+        return;
+    }
+    // One worker, so the requests queue behind each other.
+    let proxy = Proxy::start(cluster(), "[admin_api]\nworkers = 1\nqueue_depth = 200\n");
+    let port = admin(&proxy);
+    for _ in 0..100 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(b"GET /metrics/prometheus HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("send");
+        // Gone before its answer.
+        drop(s);
+    }
+    let mut last = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            last = admin_counters(port);
+            last["requests_skipped"].as_u64() >= Some(50)
+        }),
+        "queued requests of gone clients were not skipped: {last}"
+    );
+    println!("after 100 abandoned requests: {last}");
+    let page = get(port, "/metrics/prometheus").body;
+    let skipped = page
+        .lines()
+        .find_map(|l| l.strip_prefix("heliosdb_proxy_admin_requests_skipped_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("the skipped counter on the Prometheus page");
+    assert!(skipped >= 50.0, "{skipped}");
+    assert_eq!(get(port, "/health/live").status, 200);
+}
+
+/// What the server does with requests a plain client would not send: keep-alive,
+/// HEAD, HTTP/1.0, pipelining, malformed heads, chunked bodies and slow requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_server_frames_requests_and_refuses_bad_ones_as_json() {
+    use std::io::{Read, Write};
+    if proxy_only("admin http", "the admin API is the proxy's") {
+        return;
+    }
+    let proxy = Proxy::start(
+        cluster(),
+        "[admin_api]\nread_timeout_ms = 500\nidle_timeout_ms = 800\n",
+    );
+    let port = admin(&proxy);
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    // Reads one response with a Content-Length body from `s`.
+    fn response(s: &mut std::net::TcpStream) -> (String, String) {
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.read(&mut byte).expect("response head"),
+                1,
+                "closed mid-head: {raw:?}"
+            );
+            raw.push(byte[0]);
+        }
+        let head = String::from_utf8(raw).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Content-Length");
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).expect("body");
+        (head, String::from_utf8(body).unwrap())
+    }
+    fn closed(s: &mut std::net::TcpStream) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(s.read(&mut byte), Ok(0))
+    }
+
+    // Keep-alive: two requests, one of them pipelined with HEAD, on one connection.
+    let mut s = connect();
+    s.write_all(
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nHEAD /version HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    let (head, body) = response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("Connection: keep-alive"), "{head}");
+    assert_eq!(body, r#"{"status":"ok"}"#);
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8(raw).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.contains("Content-Length: 0\r\n"),
+        "HEAD announces the GET length: {head}"
+    );
+    // Nothing follows a HEAD response; the idle connection is closed after the timeout.
+    let idle = std::time::Instant::now();
+    assert!(closed(&mut s), "idle connection not closed");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        idle.elapsed()
+    );
+
+    // HTTP/1.0 closes after its response.
+    let mut s = connect();
+    s.write_all(b"GET /health/live HTTP/1.0\r\n\r\n").unwrap();
+    let (head, _) = response(&mut s);
+    assert!(head.contains("Connection: close"), "{head}");
+    assert!(closed(&mut s));
+
+    // Refusals are JSON with the right status, and close the connection.
+    for (request, status) in [
+        (&b"GARBAGE\x01 / HTTP/1.1\r\n\r\n"[..], 400),
+        (
+            b"POST /config/reload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            411,
+        ),
+        (
+            b"POST /config/reload HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            501,
+        ),
+        (
+            b"GET /nodes HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+            400,
+        ),
+    ] {
+        let mut s = connect();
+        s.write_all(request).unwrap();
+        let (head, body) = response(&mut s);
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(head.contains("Content-Type: application/json"), "{head}");
+        let json: Value = serde_json::from_str(&body).expect("JSON error");
+        assert!(json["error"].is_string(), "{body}");
+        assert!(closed(&mut s));
+    }
+
+    // A request that stops half-way is answered 408 at the read timeout.
+    let mut s = connect();
+    s.write_all(b"GET /nodes HTTP/1.1\r\nHo").unwrap();
+    let (head, body) = response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 408 "), "{head}");
+    assert!(body.contains("error"), "{body}");
+
+    // Expect: 100-continue gets its interim response before the body is sent.
+    let mut s = connect();
+    s.write_all(b"POST /config/reload HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"{}").unwrap();
+    let (head, _) = response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    proxy.assert_running();
 }

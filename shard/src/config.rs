@@ -58,6 +58,8 @@ pub struct Config {
     /// When set, every mutating admin API request needs `Authorization: Bearer <token>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// How the admin REST API on `admin_address` bounds its threads, connections and waits.
+    pub admin_api: AdminApiConfig,
     /// Users who may run every SQL admin console command (database `heliosproxy` or
     /// `pgbouncer`).
     pub admin_users: Vec<String>,
@@ -83,6 +85,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             schema_routes: Vec::new(),
             admin_token: None,
+            admin_api: AdminApiConfig::default(),
             admin_users: Vec::new(),
             stats_users: Vec::new(),
         }
@@ -461,6 +464,42 @@ pub struct SchemaRouteConfig {
     /// `table` or `schema.table`.
     pub tables: Vec<String>,
     pub target: String,
+}
+
+/// The admin REST API's own limits, so a flood of requests can neither grow the process
+/// without bound nor delay the liveness probe. Read at start-up only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminApiConfig {
+    /// Threads that run the requests that do real work (reports, metrics, reloads, node
+    /// actions); `/health*` never waits for them.
+    pub workers: usize,
+    /// Requests that may wait for a worker; one more is answered 503 at once.
+    pub queue_depth: usize,
+    /// Open connections served normally; past it a new connection is answered only if
+    /// it is a `/health*` probe.
+    pub max_connections: usize,
+    /// Time a client has to send a whole request (head and body), counted from the
+    /// connection's accept or from a later request's first byte; also bounds sending a
+    /// response.
+    pub read_timeout_ms: u64,
+    /// Time a kept-alive connection may sit between two requests.
+    pub idle_timeout_ms: u64,
+    /// A request that waited longer than this for a worker is answered 503 unrun.
+    pub queue_timeout_ms: u64,
+}
+
+impl Default for AdminApiConfig {
+    fn default() -> Self {
+        AdminApiConfig {
+            workers: 2,
+            queue_depth: 32,
+            max_connections: 256,
+            read_timeout_ms: 5000,
+            idle_timeout_ms: 30_000,
+            queue_timeout_ms: 5000,
+        }
+    }
 }
 
 /// How the control thread checks each node.

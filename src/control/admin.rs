@@ -1,20 +1,15 @@
-//! The admin REST API (tiny_http) on `admin_address`: health and readiness probes, node
-//! management, configuration, metrics, sessions and pools. Every error is a JSON
-//! `{"error": "..."}` with the matching status; mutating requests need the bearer token
-//! when `admin_token` is set.
+//! The admin REST API on `admin_address`: health and readiness probes, node management,
+//! configuration, metrics, sessions and pools. Every error is a JSON `{"error": "..."}`
+//! with the matching status; mutating requests need the bearer token when `admin_token`
+//! is set. The HTTP server that feeds it requests is [`super::http`].
 
-use std::io::Read;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use helios_shard::control::{Detail, PoolReport};
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server};
 
+use super::http::Request;
 use super::{Control, ControlError, NodeStatus};
-
-/// Request bodies larger than this are refused (the API takes no large input).
-const MAX_BODY: u64 = 64 * 1024;
 
 /// A handled request: status, JSON or text body.
 pub struct Reply {
@@ -29,7 +24,7 @@ pub enum Body {
 }
 
 impl Reply {
-    fn json(status: u16, value: Value) -> Reply {
+    pub fn json(status: u16, value: Value) -> Reply {
         Reply {
             status,
             body: Body::Json(value),
@@ -37,74 +32,53 @@ impl Reply {
         }
     }
 
-    fn error(status: u16, message: impl Into<String>) -> Reply {
+    pub fn error(status: u16, message: impl Into<String>) -> Reply {
         Reply::json(status, json!({ "error": message.into() }))
     }
 
-    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
         self.headers.push((name, value.into()));
         self
     }
 }
 
-/// The admin HTTP server thread; stops when `server.unblock()` is called.
-pub fn serve(control: Arc<Control>, server: Arc<Server>) {
-    loop {
-        let mut request = match server.recv() {
-            Ok(request) => request,
-            // `unblock()` at shutdown, or the listener failed.
-            Err(e) => {
-                log::debug!("admin API stopped: {e}");
-                break;
-            }
-        };
-        let reply = handle(&control, &mut request);
-        respond(request, reply);
-    }
-}
-
-fn respond(request: Request, reply: Reply) {
-    let (text, content_type) = match reply.body {
-        Body::Json(value) => (value.to_string(), "application/json"),
-        Body::Text(text) => (text, "text/plain; version=0.0.4; charset=utf-8"),
-    };
-    let mut response = Response::from_string(text).with_status_code(reply.status);
-    response.add_header(header("Content-Type", content_type));
-    for (name, value) in &reply.headers {
-        response.add_header(header(name, value));
-    }
-    if let Err(e) = request.respond(response) {
-        log::debug!("admin API: could not send a response: {e}");
-    }
-}
-
-fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("valid header")
-}
-
-/// Routes one request.
-pub fn handle(control: &Control, request: &mut Request) -> Reply {
-    let path = request.url().split('?').next().unwrap_or("").to_string();
-    let segments: Vec<String> = match path
-        .trim_end_matches('/')
+/// The decoded segments of `path`; `None` when a `%` escape is malformed.
+fn segments(path: &str) -> Option<Vec<String>> {
+    path.trim_end_matches('/')
         .split('/')
         .skip(1)
         .map(percent_decode)
-        .collect::<Option<Vec<_>>>()
-    {
-        Some(s) => s,
-        None => return Reply::error(400, "malformed percent-encoding in the path"),
+        .collect()
+}
+
+/// True for the probes (`/health`, `/health/live`, `/health/ready`): they read only
+/// in-memory state, so the server answers them on its I/O thread, never behind a queue.
+pub fn is_probe(path: &str) -> bool {
+    segments(path).is_some_and(|segments| {
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        matches!(
+            route(&segments),
+            Some(Route::Health | Route::Ready | Route::Live)
+        )
+    })
+}
+
+/// Routes one request.
+pub fn handle(control: &Control, request: &Request) -> Reply {
+    let path = request.path();
+    let Some(segments) = segments(path) else {
+        return Reply::error(400, "malformed percent-encoding in the path");
     };
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let method = request.method().clone();
     let route = match route(&segments) {
         Some(route) => route,
         None => return Reply::error(404, format!("no such endpoint: {path}")),
     };
     let allowed = if route.mutating() { "POST" } else { "GET" };
+    let method = request.method.as_str();
     let method_ok = match route.mutating() {
-        true => method == Method::Post,
-        false => method == Method::Get || method == Method::Head,
+        true => method == "POST",
+        false => method == "GET" || method == "HEAD",
     };
     if !method_ok {
         return Reply::error(405, format!("{path} accepts {allowed} only"))
@@ -114,7 +88,7 @@ pub fn handle(control: &Control, request: &mut Request) -> Reply {
         if let Err(reply) = authorize(control, request) {
             return reply;
         }
-        if let Err(reply) = read_body(request) {
+        if let Err(reply) = check_body(&request.body) {
             return reply;
         }
     }
@@ -258,11 +232,7 @@ fn authorize(control: &Control, request: &Request) -> Result<(), Reply> {
     let Some(token) = config.admin_token.as_deref() else {
         return Ok(());
     };
-    let given = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .map(|h| h.value.as_str().trim().to_string());
+    let given = request.header("Authorization");
     let Some(given) = given else {
         return Err(unauthorized(
             "this endpoint needs Authorization: Bearer <admin_token>",
@@ -291,34 +261,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// POST bodies are optional; one that is sent must be a JSON object and small.
-fn read_body(request: &mut Request) -> Result<(), Reply> {
-    if let Some(len) = request.body_length() {
-        if len as u64 > MAX_BODY {
-            return Err(Reply::error(
-                400,
-                format!("request body too large ({len} bytes; at most {MAX_BODY})"),
-            ));
-        }
-    }
-    let mut body = Vec::new();
-    let read = request
-        .as_reader()
-        .take(MAX_BODY + 1)
-        .read_to_end(&mut body);
-    if read.is_err() {
-        return Err(Reply::error(400, "could not read the request body"));
-    }
-    if body.len() as u64 > MAX_BODY {
-        return Err(Reply::error(
-            400,
-            format!("request body too large (at most {MAX_BODY} bytes)"),
-        ));
-    }
+/// POST bodies are optional; one that is sent must be a JSON object (its size was
+/// bounded by the server).
+fn check_body(body: &[u8]) -> Result<(), Reply> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
-    match serde_json::from_slice::<Value>(&body) {
+    match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(_)) => Ok(()),
         Ok(_) => Err(Reply::error(400, "the request body must be a JSON object")),
         Err(e) => Err(Reply::error(400, format!("malformed JSON body: {e}"))),
@@ -365,7 +314,7 @@ pub fn iso8601(t: SystemTime) -> String {
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

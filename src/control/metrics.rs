@@ -68,6 +68,12 @@ fn describe() {
         ("heliosdb_proxy_auth_failures_total", "Failed client logins"),
         ("heliosdb_proxy_routing_decisions_total", "Units of work routed, by node and reason (read/write splitting)"),
         ("heliosdb_proxy_clients_cut_total", "Client sessions the proxy ended at a limit, by reason (the timeouts, message_memory)"),
+        ("heliosdb_proxy_admin_connections_total", "Admin API connections accepted"),
+        ("heliosdb_proxy_admin_connections_refused_total", "Admin API connections past admin_api.max_connections that were not a /health probe"),
+        ("heliosdb_proxy_admin_connections_timed_out_total", "Admin API connections closed by the read or idle timeout"),
+        ("heliosdb_proxy_admin_requests_total", "Admin API responses sent"),
+        ("heliosdb_proxy_admin_requests_rejected_total", "Admin API requests answered 503 unrun, by reason: queue_full or expired (waited past admin_api.queue_timeout_ms)"),
+        ("heliosdb_proxy_admin_requests_skipped_total", "Queued admin API requests dropped unrun because the client had gone"),
     ];
     for (name, help) in counters {
         describe_counter!(name, help);
@@ -84,6 +90,10 @@ fn describe() {
         (
             "heliosdb_proxy_message_memory_bytes",
             "Bytes of partly received client messages held now (limits.message_memory per worker)",
+        ),
+        (
+            "heliosdb_proxy_admin_connections_open",
+            "Admin API connections open now (within admin_api.max_connections)",
         ),
         (
             "heliosdb_proxy_paused",
@@ -196,6 +206,7 @@ fn sync(control: &Control) {
         gauge!("heliosdb_proxy_message_memory_bytes").set(totals.message_memory as f64);
         gauge!("heliosdb_proxy_uptime_seconds").set(control.uptime().as_secs_f64());
         gauge!("heliosdb_proxy_paused").set(f64::from(u8::from(control.paused())));
+        admin_http(&control.admin_http);
 
         for ((node, reason), count) in routing_decisions(&snapshots) {
             counter!(
@@ -254,6 +265,22 @@ fn sync(control: &Control) {
         }
     });
     exporter.handle.run_upkeep();
+}
+
+/// The admin server's own counters.
+fn admin_http(stats: &super::http::Stats) {
+    counter!("heliosdb_proxy_admin_connections_total").absolute(stats.connections_accepted.get());
+    counter!("heliosdb_proxy_admin_connections_refused_total")
+        .absolute(stats.connections_refused.get());
+    counter!("heliosdb_proxy_admin_connections_timed_out_total")
+        .absolute(stats.connections_timed_out.get());
+    gauge!("heliosdb_proxy_admin_connections_open").set(stats.connections_open.get() as f64);
+    counter!("heliosdb_proxy_admin_requests_total").absolute(stats.requests_served.get());
+    counter!("heliosdb_proxy_admin_requests_rejected_total", "reason" => "queue_full")
+        .absolute(stats.requests_rejected_queue_full.get());
+    counter!("heliosdb_proxy_admin_requests_rejected_total", "reason" => "expired")
+        .absolute(stats.requests_rejected_expired.get());
+    counter!("heliosdb_proxy_admin_requests_skipped_total").absolute(stats.requests_skipped.get());
 }
 
 /// Feeds the samples a shard histogram gained since the last sync: each bucket's new
@@ -388,5 +415,20 @@ pub fn json(control: &Control) -> Value {
         "message_memory_bytes": t.message_memory,
         "uptime_seconds": control.uptime().as_secs(),
         "routing_decisions": routing,
+        "admin_api": admin_json(&control.admin_http),
+    })
+}
+
+/// The admin server's counters in `GET /metrics`.
+fn admin_json(stats: &super::http::Stats) -> Value {
+    json!({
+        "connections_accepted": stats.connections_accepted.get(),
+        "connections_refused": stats.connections_refused.get(),
+        "connections_timed_out": stats.connections_timed_out.get(),
+        "connections_open": stats.connections_open.get(),
+        "requests_served": stats.requests_served.get(),
+        "requests_rejected_queue_full": stats.requests_rejected_queue_full.get(),
+        "requests_rejected_expired": stats.requests_rejected_expired.get(),
+        "requests_skipped": stats.requests_skipped.get(),
     })
 }

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod console;
 pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod probe;
 
@@ -136,6 +137,8 @@ pub struct Control {
     /// position into how far behind in time it is.
     primary_positions: Mutex<std::collections::VecDeque<(Instant, u64)>>,
     pub metrics: metrics::Exporter,
+    /// The admin HTTP server's counters.
+    pub admin_http: http::Stats,
 }
 
 impl Control {
@@ -149,6 +152,7 @@ impl Control {
         let metrics = metrics::Exporter::new(links.len());
         Ok(Arc::new(Control {
             metrics,
+            admin_http: http::Stats::default(),
             links,
             state: Mutex::new(State {
                 config,
@@ -341,6 +345,11 @@ impl Control {
         if fresh.workers != old.workers {
             report.restart_required.push("workers".into());
             fresh.workers = old.workers;
+        }
+        if fresh.admin_api != old.admin_api {
+            // The admin server sized its pool and limits at start-up.
+            report.restart_required.push("admin_api".into());
+            fresh.admin_api = old.admin_api.clone();
         }
         report.changed = fresh != *old;
         let mut nodes: Vec<NodeStatus> = Vec::with_capacity(topology.nodes.len());

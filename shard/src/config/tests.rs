@@ -864,3 +864,74 @@ mod control_plane {
         );
     }
 }
+
+mod admin_api {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let api = AdminApiConfig::default();
+        assert_eq!(api.workers, 2);
+        assert_eq!(api.queue_depth, 32);
+        assert_eq!(api.max_connections, 256);
+        assert_eq!(api.read_timeout_ms, 5000);
+        assert_eq!(api.idle_timeout_ms, 30_000);
+        assert_eq!(api.queue_timeout_ms, 5000);
+        assert_eq!(base().admin_api, api);
+    }
+
+    #[test]
+    fn read_from_the_file_and_the_environment() {
+        let text = format!(
+            "{BASE}\n[admin_api]\nworkers = 4\nqueue_depth = 8\nmax_connections = 100\n\
+             read_timeout_ms = 750\nidle_timeout_ms = 2000\nqueue_timeout_ms = 900\n"
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(
+            config.admin_api,
+            AdminApiConfig {
+                workers: 4,
+                queue_depth: 8,
+                max_connections: 100,
+                read_timeout_ms: 750,
+                idle_timeout_ms: 2000,
+                queue_timeout_ms: 900,
+            }
+        );
+        let config =
+            Config::from_toml_str(BASE, env(&[("HELIOS_ADMIN_API__MAX_CONNECTIONS", "12")]))
+                .expect("valid");
+        assert_eq!(config.admin_api.max_connections, 12);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let error = parse(&format!("{BASE}\n[admin_api]\nthreads = 4\n")).expect_err("typo");
+        assert!(error.to_string().contains("threads"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        type Spoil = fn(&mut AdminApiConfig);
+        let cases: [(&str, Spoil); 9] = [
+            ("admin_api.workers", |a| a.workers = 0),
+            ("admin_api.workers", |a| a.workers = 65),
+            ("admin_api.queue_depth", |a| a.queue_depth = 0),
+            ("admin_api.queue_depth", |a| a.queue_depth = 4095),
+            ("admin_api.max_connections", |a| a.max_connections = 0),
+            ("admin_api.read_timeout_ms", |a| a.read_timeout_ms = 0),
+            ("admin_api.idle_timeout_ms", |a| a.idle_timeout_ms = 0),
+            ("admin_api.queue_timeout_ms", |a| a.queue_timeout_ms = 0),
+            ("admin_api.read_timeout_ms", |a| {
+                a.read_timeout_ms = 3_600_001
+            }),
+        ];
+        for (key, spoil) in cases {
+            let mut config = base();
+            spoil(&mut config.admin_api);
+            rejects(config, key);
+        }
+        let error = parse(&format!("{BASE}\n[admin_api]\nworkers = 0\n")).expect_err("zero");
+        assert!(error.to_string().contains("admin_api.workers"), "{error}");
+    }
+}

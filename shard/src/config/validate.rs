@@ -27,7 +27,8 @@ pub(super) fn config(config: &Config) -> Check {
     timeouts(&config.timeouts)?;
     health(&config.health)?;
     routing(config)?;
-    admin(config)
+    admin(config)?;
+    admin_api(&config.admin_api)
 }
 
 fn routing(config: &Config) -> Check {
@@ -122,6 +123,42 @@ fn admin(config: &Config) -> Check {
                 || format!("`{name}` is not a configured [[users]] name"),
             )?;
         }
+    }
+    Ok(())
+}
+
+/// glommio's blocking pool takes at most 4096 queued calls; the admin API stays below.
+const MAX_ADMIN_IN_FLIGHT: usize = 4096;
+/// Longest admin API timeout: an hour is already far past any probe or scrape.
+const MAX_ADMIN_TIMEOUT_MS: u64 = 3_600_000;
+
+fn admin_api(api: &super::AdminApiConfig) -> Check {
+    ensure((1..=64).contains(&api.workers), "admin_api.workers", || {
+        "must be between 1 and 64".into()
+    })?;
+    ensure(
+        (1..=MAX_ADMIN_IN_FLIGHT - api.workers).contains(&api.queue_depth),
+        "admin_api.queue_depth",
+        || {
+            format!(
+                "must be between 1 and {} (workers + queue_depth at most {MAX_ADMIN_IN_FLIGHT})",
+                MAX_ADMIN_IN_FLIGHT - api.workers
+            )
+        },
+    )?;
+    ensure(
+        (1..=1_000_000).contains(&api.max_connections),
+        "admin_api.max_connections",
+        || "must be between 1 and 1000000".into(),
+    )?;
+    for (value, key) in [
+        (api.read_timeout_ms, "admin_api.read_timeout_ms"),
+        (api.idle_timeout_ms, "admin_api.idle_timeout_ms"),
+        (api.queue_timeout_ms, "admin_api.queue_timeout_ms"),
+    ] {
+        ensure((1..=MAX_ADMIN_TIMEOUT_MS).contains(&value), key, || {
+            format!("must be between 1 and {MAX_ADMIN_TIMEOUT_MS} (one hour)")
+        })?;
     }
     Ok(())
 }

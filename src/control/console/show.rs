@@ -549,7 +549,7 @@ fn state(control: &Control) -> ConsoleResult {
 }
 
 /// Keys a running process cannot change (a reload keeps the old value).
-const RESTART_KEYS: [&str; 3] = ["listen_address", "admin_address", "workers"];
+const RESTART_KEYS: [&str; 4] = ["listen_address", "admin_address", "workers", "admin_api"];
 
 fn config(control: &Control) -> ConsoleResult {
     let mut current = serde_json::to_value(&*control.config()).unwrap_or(Value::Null);
