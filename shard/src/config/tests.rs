@@ -656,6 +656,7 @@ mod validation {
         config.limits.buffered_message_size = 1023;
         rejects(config.clone(), "limits.buffered_message_size");
         config.limits.buffered_message_size = 4096;
+        config.limits.max_message_size = 65536;
         config.limits.message_memory = 4095;
         rejects(config.clone(), "limits.message_memory");
         config.limits.message_memory = 4096;
