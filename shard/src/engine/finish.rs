@@ -38,7 +38,15 @@ pub async fn finish(
         end,
         PumpEnd::ClientGone | PumpEnd::ClientProtocol(_) | PumpEnd::Cut(_)
     );
-    tell_client(ctx, backend.pool(), client, &end, flow.server_fatal).await;
+    match end {
+        // A limit cut the unit short: the client is told only where its stream of
+        // server messages is whole (else the error would land inside a row).
+        PumpEnd::Cut(cut) if !lanes.down.client_at_boundary() => {
+            ctx.stats.clients_cut[cut as usize].inc();
+            log::info!("client session ended ({}) mid-message: closed", cut.label());
+        }
+        _ => tell_client(ctx, backend.pool(), client, &end, flow.server_fatal).await,
+    }
     match end {
         PumpEnd::BackendGone => {
             backend.lost();
@@ -90,7 +98,12 @@ pub async fn tell_cut(ctx: &ShardCtx, client: &mut TcpStream, cut: Cut) {
     let limit = Limits::new(&ctx.config()).value_for(cut, ctx.message_memory.limit());
     let message = cut.message(limit);
     log::info!("client session ended ({}): {message}", cut.label());
-    send_fatal(client, cut.sqlstate(), &message).await;
+    // A client that reads nothing cannot hold up what follows (cancel, reset).
+    let _ = crate::sync::timeout(
+        std::time::Duration::from_secs(1),
+        send_fatal(client, cut.sqlstate(), &message),
+    )
+    .await;
 }
 
 /// What the departed client left running on its connection.

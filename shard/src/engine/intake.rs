@@ -66,6 +66,21 @@ pub struct Reservation {
     bytes: usize,
 }
 
+impl Reservation {
+    /// Takes `bytes` more; false (and nothing taken) past the worker's limit.
+    pub fn grow(&mut self, bytes: usize) -> bool {
+        let m = &self.memory;
+        let used = m.used.get();
+        if used + bytes > m.limit.get() {
+            return false;
+        }
+        m.used.set(used + bytes);
+        m.stats.message_memory_bytes.add(bytes as u64);
+        self.bytes += bytes;
+        true
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         let m = &self.memory;
@@ -85,15 +100,21 @@ pub enum Stop {
     Cut(Cut),
 }
 
-/// Reads more client bytes after the pending ones, waiting at most the stall timeout.
+/// Reads more client bytes after the pending ones, waiting at most the stall timeout
+/// (`mid_message`) or as long as it takes (between messages).
 async fn read_more<C: Stream>(
     client: &mut C,
     up: &mut UpLane,
     limits: &Limits,
     stats: &ShardStats,
+    mid_message: bool,
 ) -> Result<(), Stop> {
     let room = up.room_for_more();
-    let read = crate::sync::timeout(limits.stall, client.read(room)).await;
+    let read = if mid_message {
+        crate::sync::timeout(limits.stall, client.read(room)).await
+    } else {
+        Some(client.read(room).await)
+    };
     match read {
         None => Err(Stop::Cut(Cut::Stalled)),
         Some(Ok(0)) | Some(Err(_)) => Err(Stop::Gone),
@@ -120,9 +141,11 @@ pub async fn whole_first_message<C: Stream>(
             if up.big.len() == up.big_len {
                 return Ok(());
             }
-            up.gather_big();
+            if !up.gather_big() {
+                return Err(Stop::Cut(Cut::MessageMemory));
+            }
             if up.big.len() < up.big_len {
-                read_more(client, up, limits, stats).await?;
+                read_more(client, up, limits, stats, true).await?;
             }
             continue;
         }
@@ -130,7 +153,7 @@ pub async fn whole_first_message<C: Stream>(
         let (tag, len) = match read_header(pending, up.max_message_size) {
             Ok(Some(header)) => header,
             Ok(None) => {
-                read_more(client, up, limits, stats).await?;
+                read_more(client, up, limits, stats, true).await?;
                 continue;
             }
             Err(e) => return Err(Stop::Protocol(e)),
@@ -138,11 +161,14 @@ pub async fn whole_first_message<C: Stream>(
         if !frontend::TAGS.contains(tag) {
             return Err(Stop::Protocol(CodecError::UnknownTag(tag)));
         }
-        if len <= pending.len() || len > limits.buffered_message_size {
+        // Messages a feature reads whole (SQL, statement names) are assembled here
+        // whatever their size, so no server connection waits while they arrive.
+        let read_whole = matches!(tag, fe::QUERY | fe::PARSE | fe::BIND | fe::FUNCTION_CALL);
+        if len <= pending.len() || (len > limits.buffered_message_size && !read_whole) {
             return Ok(());
         }
         if len <= up.capacity() {
-            read_more(client, up, limits, stats).await?;
+            read_more(client, up, limits, stats, true).await?;
         } else if !up.start_big(len, memory) {
             return Err(Stop::Cut(Cut::MessageMemory));
         }
@@ -157,20 +183,25 @@ pub async fn skip_unit<C: Stream>(
     limits: &Limits,
     stats: &ShardStats,
 ) -> Result<bool, Stop> {
+    // A unit that starts with a Query is that Query; any other runs to the next Sync
+    // (a Query inside it is skipped too, as PostgreSQL does).
+    let mut first = true;
     if up.big_len > 0 {
         let tag = up.big.first().copied();
         let rest = up.big_len - up.big.len();
         up.drop_big();
         skip_bytes(client, up, rest, limits, stats).await?;
-        if matches!(tag, Some(fe::QUERY | fe::SYNC)) {
-            return Ok(true);
+        match tag {
+            Some(fe::QUERY | fe::SYNC) => return Ok(true),
+            _ => first = false,
         }
     }
     loop {
         let (tag, len) = match read_header(up.pending(), up.max_message_size) {
             Ok(Some(header)) => header,
             Ok(None) => {
-                read_more(client, up, limits, stats).await?;
+                let mid_message = !up.pending().is_empty();
+                read_more(client, up, limits, stats, mid_message).await?;
                 continue;
             }
             Err(e) => return Err(Stop::Protocol(e)),
@@ -179,9 +210,10 @@ pub async fn skip_unit<C: Stream>(
             return Ok(false);
         }
         skip_bytes(client, up, len, limits, stats).await?;
-        if matches!(tag, fe::QUERY | fe::SYNC) {
+        if tag == fe::SYNC || (tag == fe::QUERY && first) {
             return Ok(true);
         }
+        first = false;
     }
 }
 
@@ -201,6 +233,6 @@ async fn skip_bytes<C: Stream>(
         if n == 0 {
             return Ok(());
         }
-        read_more(client, up, limits, stats).await?;
+        read_more(client, up, limits, stats, true).await?;
     }
 }

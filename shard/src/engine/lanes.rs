@@ -167,34 +167,39 @@ impl UpLane {
     }
 
     /// Starts assembling a `len`-byte message larger than the read buffer on the side,
-    /// from the pending bytes; false when the worker's message memory has no room.
+    /// from the pending bytes; false when the worker's message memory has no room for
+    /// them. (Memory is counted as bytes arrive, not as announced; the allocation
+    /// grows with them too.)
     pub(super) fn start_big(&mut self, len: usize, memory: &Rc<MessageMemory>) -> bool {
-        let Some(reservation) = memory.reserve(len) else {
+        let Some(reservation) = memory.reserve(0) else {
             return false;
         };
-        let pending = self.end - self.next;
         self.big.clear();
-        self.big.reserve(len);
-        if let Some(inb) = &self.inb {
-            self.big.extend_from_slice(&inb[self.next..self.end]);
-        }
         self.big_len = len;
         self.big_at = self.position;
         self.big_memory = Some(reservation);
-        self.consume(pending);
-        self.skip_copied();
-        true
+        self.gather_big()
     }
 
-    /// Moves pending bytes into the message being assembled, up to its length.
-    pub(super) fn gather_big(&mut self) {
+    /// Moves pending bytes into the message being assembled, up to its length; false
+    /// when the worker's message memory has no room for them.
+    pub(super) fn gather_big(&mut self) -> bool {
         let take = (self.big_len - self.big.len()).min(self.end - self.next);
+        if take == 0 {
+            return true;
+        }
+        if let Some(reservation) = self.big_memory.as_mut() {
+            if !reservation.grow(take) {
+                return false;
+            }
+        }
         if let Some(inb) = &self.inb {
             self.big
                 .extend_from_slice(&inb[self.next..self.next + take]);
         }
         self.consume(take);
         self.skip_copied();
+        true
     }
 
     /// Ends the message assembled on the side (used, or skipped), keeping a small
@@ -262,12 +267,12 @@ impl UpLane {
 
     /// True when the lane cannot go on until the client sends more of a message.
     pub fn awaits_client_bytes(&self) -> bool {
-        if self.stream_left > 0 || self.big.len() < self.big_len {
-            return true;
-        }
         if self.start != self.fwd_end || self.out_pos != self.out.len() {
             // The server has not taken what the client sent yet: not the client's wait.
             return false;
+        }
+        if self.stream_left > 0 || self.big.len() < self.big_len {
+            return true;
         }
         let pending = self.pending();
         !pending.is_empty()
@@ -374,6 +379,13 @@ impl DownLane {
 
     pub fn at_boundary(&self) -> bool {
         self.scanner.at_boundary() && self.end == self.raw_end
+    }
+
+    /// What the client received so far ends at a message boundary: a message of the
+    /// proxy's own may go in now without splitting one of the server's.
+    pub fn client_at_boundary(&self) -> bool {
+        let held = self.hold.min(self.end - self.start);
+        self.start == self.end - held && (held > 0 || self.scanner.at_boundary())
     }
 
     pub(super) fn capacity(&self) -> usize {

@@ -37,7 +37,7 @@ use glommio::net::TcpStream;
 
 use crate::backend::BackendConn;
 use crate::codec::backend as be;
-use crate::codec::tag::status;
+use crate::codec::tag::{fe, status};
 use crate::config::PoolMode;
 use crate::context::{ShardCtx, UserEntry};
 use crate::lease::Lease;
@@ -210,6 +210,11 @@ async fn unit_cycle<P: Phase>(
         .await
         {
             return stopped(ctx, client, s, stop).await;
+        }
+        if lanes.up.request().first() == Some(&fe::TERMINATE) {
+            // The client says goodbye between units: nothing to lease for that.
+            release_held(ctx, s).await;
+            return Cycle::Over;
         }
         match phases.unit_start(s, unit, lanes.up.request()).await {
             Start::Continue => {}
@@ -421,6 +426,11 @@ async fn take_connection<P: Phase>(
                 if phases.backend_lost(s, unit, LostAt::AfterAcquire) == Lost::Retry {
                     continue;
                 }
+                if from_client {
+                    let mut error = Vec::new();
+                    be::write_error(&mut error, "ERROR", "08006", "server connection lost");
+                    return Err(refuse_unit(ctx, client, s, lanes, &error).await);
+                }
                 send_fatal(client, "08006", "server connection lost").await;
                 release_held(ctx, s).await;
                 return Err(Cycle::Over);
@@ -431,6 +441,7 @@ async fn take_connection<P: Phase>(
 
 /// Gives back the connection the session keeps, clean, when the session ends elsewhere.
 async fn release_held(ctx: &ShardCtx, s: &mut Session) {
+    s.point_cancel(None);
     if let Some(held) = s.held.take() {
         let reset = s.reset_for(&held.notes);
         Box::pin(finish::release_clean(ctx, held.lease, reset)).await;
@@ -489,7 +500,9 @@ async fn serve_unit<P: Phase>(
                 memory: &ctx.message_memory,
                 stall_after: s.limits.stall,
                 stall: None,
-                query_deadline: s.limits.query.map(glommio::timer::Timer::new),
+                query_limit: s.limits.query,
+                query_deadline: None,
+                client_read_pending: false,
             }
             .await
         };
@@ -532,10 +545,11 @@ async fn serve_unit<P: Phase>(
         }
         // Mid-unit (open transaction, COPY, unsynced messages): wait for either side,
         // holding no buffers; idle in a transaction only as long as allowed.
-        let limit = match backend.status {
-            status::IDLE => None,
-            _ => s.limits.idle_transaction,
-        };
+        // (Counted from the ReadyForQuery, as PostgreSQL does: not while a Flush's
+        // answers or COPY data are awaited.)
+        let idle_in_transaction =
+            backend.status != status::IDLE && !lanes.responses.unsynced && !unit.flow.copy_in;
+        let limit = s.limits.idle_transaction.filter(|_| idle_in_transaction);
         match idle_wait(ctx, client, Some(&mut backend.stream), limit).await {
             Wake::Client(buf, n) => {
                 ctx.stats.bytes_from_clients.add(n as u64);

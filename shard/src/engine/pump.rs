@@ -70,8 +70,12 @@ pub struct Pump<'a, C, S, P> {
     /// the middle of a message.
     pub stall_after: Duration,
     pub stall: Option<Timer>,
-    /// `timeouts.query_timeout_ms` from the pump's start, when set.
-    pub query_deadline: Option<Timer>,
+    /// `timeouts.query_timeout_ms`, and its timer for the request now out (with the
+    /// ReadyForQuery count when it was armed).
+    pub query_limit: Option<Duration>,
+    pub query_deadline: Option<(Timer, u32)>,
+    /// The last read of the client's socket found nothing (with room to read).
+    pub client_read_pending: bool,
 }
 
 type Moved = Result<bool, PumpEnd>;
@@ -124,12 +128,27 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
     /// Called when the pump is about to wait: a cut when a limit ran out while it
     /// waited (the timers are armed here, so their wake-ups come back to this check).
     fn limit_reached(&mut self, cx: &mut Context<'_>) -> Option<Cut> {
-        if let Some(deadline) = self.query_deadline.as_mut() {
-            if Pin::new(deadline).poll(cx).is_ready() {
-                return Some(Cut::QueryTimeout);
+        if let Some(limit) = self.query_limit {
+            // Each request is timed from when it went out until a ReadyForQuery answers
+            // it; nothing is timed while the server owes nothing.
+            if self.flow.since.is_none() {
+                self.query_deadline = None;
+            } else {
+                let readies = self.flow.readies;
+                let fresh = !matches!(self.query_deadline, Some((_, at)) if at == readies);
+                if fresh {
+                    self.query_deadline = Some((Timer::new(limit), readies));
+                }
+                if let Some((timer, _)) = self.query_deadline.as_mut() {
+                    if Pin::new(timer).poll(cx).is_ready() {
+                        return Some(Cut::QueryTimeout);
+                    }
+                }
             }
         }
-        if self.up.awaits_client_bytes() {
+        // Only a wait on the client's own socket, with room to read and part of a
+        // message missing, is the client's stall (not the server's backpressure).
+        if self.client_read_pending && self.up.awaits_client_bytes() {
             let stall_after = self.stall_after;
             let timer = self.stall.get_or_insert_with(|| Timer::new(stall_after));
             if Pin::new(timer).poll(cx).is_ready() {
@@ -217,6 +236,7 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                 be::READY_FOR_QUERY => {
                     *backend_status = body.first().copied().unwrap_or(status::IDLE);
                     flow.copy_in = false;
+                    flow.readies = flow.readies.wrapping_add(1);
                 }
                 be::COPY_IN_RESPONSE => flow.copy_in = true,
                 be::COMMAND_COMPLETE => flow.copy_in = false,
@@ -391,12 +411,11 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                 continue;
             }
             if lane.big_len > 0 {
-                let want = lane.big_len - lane.big.len();
-                let take = want.min(lane.end - lane.next);
-                lane.big
-                    .extend_from_slice(&inb[lane.next..lane.next + take]);
-                lane.consume(take);
-                moved |= take > 0;
+                let had = lane.big.len();
+                if !lane.gather_big() {
+                    return Poll::Ready(Err(PumpEnd::Cut(Cut::MessageMemory)));
+                }
+                moved |= lane.big.len() > had;
                 if lane.big.len() < lane.big_len {
                     return Poll::Ready(Ok(moved));
                 }
@@ -425,6 +444,8 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                     return Poll::Ready(Err(PumpEnd::ClientProtocol(e)));
                 }
                 self.after_message(tag);
+                // (Assembled before the pump ran, it may have taken no byte just now.)
+                moved = true;
                 continue;
             }
             let pending = &inb[lane.next..lane.end];
@@ -500,6 +521,7 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
     }
 
     fn fill_up(&mut self, cx: &mut Context<'_>) -> Poll<Moved> {
+        self.client_read_pending = false;
         let lane = &mut *self.up;
         if self.flow.terminated
             || self.backend_eof
@@ -519,9 +541,13 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                 self.stats.bytes_from_clients.add(n as u64);
                 // The client is not stalled.
                 self.stall = None;
+                self.client_read_pending = false;
                 Poll::Ready(Ok(true))
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                self.client_read_pending = true;
+                Poll::Pending
+            }
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct Flow {
     /// The server sent a FATAL (or PANIC) ErrorResponse, which the client has; the
     /// connection closes next and the proxy adds no error of its own.
     pub server_fatal: bool,
+    /// ReadyForQuery messages seen: each ends a request (for `query_timeout`).
+    pub readies: u32,
 }
 
 /// The one analysis of one SQL text (a Query, or a Parse's statement) that every phase
