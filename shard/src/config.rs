@@ -51,6 +51,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
     pub health: HealthConfig,
+    pub tls: TlsConfig,
     pub load_balancer: LoadBalancerConfig,
     pub routing: RoutingConfig,
     /// Tables whose reads go to a given node or role.
@@ -81,6 +82,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             health: HealthConfig::default(),
+            tls: TlsConfig::default(),
             load_balancer: LoadBalancerConfig::default(),
             routing: RoutingConfig::default(),
             schema_routes: Vec::new(),
@@ -157,6 +159,10 @@ pub enum AuthMethod {
     #[default]
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
+    /// A TLS client certificate (verified against `tls.client_ca_file`) whose common
+    /// name is the user's name; no password.
+    #[serde(rename = "cert")]
+    Cert,
 }
 
 impl AuthMethod {
@@ -167,6 +173,7 @@ impl AuthMethod {
             AuthMethod::Password => "password",
             AuthMethod::Md5 => "md5",
             AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Cert => "cert",
         }
     }
 }
@@ -464,6 +471,42 @@ pub struct SchemaRouteConfig {
     /// `table` or `schema.table`.
     pub tables: Vec<String>,
     pub target: String,
+}
+
+/// How much TLS a side of the proxy offers or demands, with PgBouncer's meanings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum SslMode {
+    /// Plain TCP only: `SSLRequest` is answered `N`.
+    #[default]
+    #[serde(rename = "disable")]
+    Disable,
+    /// TLS when the client asks for it.
+    #[serde(rename = "allow")]
+    Allow,
+    /// The same as `allow` for clients.
+    #[serde(rename = "prefer")]
+    Prefer,
+    /// TLS only; a plain login is refused (28000, as PostgreSQL's `hostssl`).
+    #[serde(rename = "require")]
+    Require,
+    /// TLS with a client certificate that `client_ca_file` vouches for.
+    #[serde(rename = "verify-ca")]
+    VerifyCa,
+    /// The same as `verify-ca` for clients.
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+}
+
+/// TLS towards clients (certificates are re-read on reload).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub client_sslmode: SslMode,
+    /// The proxy's certificate chain (PEM) and private key shown to clients.
+    pub client_cert_file: Option<String>,
+    pub client_key_file: Option<String>,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub client_ca_file: Option<String>,
 }
 
 /// The admin REST API's own limits, so a flood of requests can neither grow the process

@@ -69,6 +69,8 @@ pub struct ShardCtx {
     pub budgets: Arc<Budgets>,
     pub cancels: CancelRegistry,
     pub bufs: BufPool,
+    /// Clients' TLS handshakes (`[tls]`; `None` when client_sslmode is disable).
+    pub tls: RefCell<Option<futures_rustls::TlsAcceptor>>,
     /// Partly received client messages held on the side (`limits.message_memory`).
     pub message_memory: Rc<crate::engine::intake::MessageMemory>,
     /// Prepared statements shared by this shard's transaction-pooled clients.
@@ -145,6 +147,10 @@ impl ShardCtx {
                 stats.clone(),
             ),
             bufs: BufPool::new(config.limits.buffer_size),
+            tls: RefCell::new(
+                crate::tls::client_acceptor(&config.tls)
+                    .map_err(|e| format!("{}: {}", e.key, e.message))?,
+            ),
             message_memory: crate::engine::intake::MessageMemory::new(
                 config.limits.message_memory,
                 stats.clone(),
@@ -257,6 +263,9 @@ impl ShardCtx {
     /// worker count only change with a restart (the control plane says so).
     pub fn apply_config(&self, config: Arc<Config>) -> Result<(), String> {
         let users = user_entries(&config)?;
+        // Certificates are read again: a renewed one takes effect for new clients.
+        let tls = crate::tls::client_acceptor(&config.tls)
+            .map_err(|e| format!("{}: {}", e.key, e.message))?;
         let limits = pool_limits(&config, self.workers, self.id);
         for pool in self.all_pools() {
             let password = users
@@ -274,6 +283,7 @@ impl ShardCtx {
         self.max_clients
             .set(share(config.limits.max_client_connections, self.workers, self.id).max(1));
         self.message_memory.set_limit(config.limits.message_memory);
+        *self.tls.borrow_mut() = tls;
         *self.config.borrow_mut() = config;
         Ok(())
     }

@@ -23,5 +23,7 @@ pub mod runtime;
 pub mod session;
 pub mod sql;
 pub mod stats;
+pub mod stream;
 pub mod sync;
+pub mod tls;
 pub mod topology;

@@ -4,7 +4,6 @@
 use std::io;
 
 use futures_lite::AsyncReadExt;
-use glommio::net::TcpStream;
 
 use crate::codec::{frame, CodecError};
 
@@ -39,7 +38,10 @@ impl MessageReader {
         self.start == self.buf.len()
     }
 
-    pub async fn next(&mut self, stream: &mut TcpStream) -> Result<(u8, Vec<u8>), ReadError> {
+    pub async fn next<S: futures_lite::AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+    ) -> Result<(u8, Vec<u8>), ReadError> {
         loop {
             if let Some((tag, body, total)) =
                 frame::split_message(&self.buf[self.start..], self.max)?

@@ -460,6 +460,54 @@ mod env_overrides {
 }
 
 mod validation {
+    use crate::config::SslMode;
+
+    #[test]
+    fn tls_needs_loadable_certificates_and_a_ca_to_verify_clients() {
+        let mut config = base();
+        config.tls.client_sslmode = SslMode::Require;
+        rejects(config.clone(), "tls.client_cert_file");
+        config.tls.client_cert_file = Some("/nonexistent/server.pem".into());
+        config.tls.client_key_file = Some("/nonexistent/server.key".into());
+        rejects(config.clone(), "tls.client_cert_file");
+        let dir = std::env::temp_dir().join(format!("helios-tls-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "not a certificate").expect("write");
+        config.tls.client_cert_file = Some(not_pem.display().to_string());
+        rejects(config.clone(), "tls.client_cert_file");
+        config.tls.client_sslmode = SslMode::VerifyCa;
+        config.tls.client_cert_file = None;
+        rejects(config.clone(), "tls.client_cert_file");
+        std::fs::remove_dir_all(&dir).ok();
+        // Disabled, nothing is read.
+        config.tls.client_sslmode = SslMode::Disable;
+        assert_eq!(config.validate(), Ok(()));
+        // cert logins need verified certificates.
+        config.auth.method = AuthMethod::Cert;
+        config.users.iter_mut().for_each(|u| u.auth_method = None);
+        rejects(config, "auth.method");
+    }
+
+    #[test]
+    fn sslmode_names_parse() {
+        for (name, mode) in [
+            ("disable", SslMode::Disable),
+            ("allow", SslMode::Allow),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+        ] {
+            let config = parse(&format!("[tls]\nclient_sslmode = \"{name}\"\nclient_cert_file = \"c\"\nclient_key_file = \"k\"\nclient_ca_file = \"a\"\n{BASE}"));
+            // The files do not exist: parsing worked when the error is about them.
+            match config {
+                Ok(c) => assert_eq!(c.tls.client_sslmode, mode),
+                Err(e) => assert!(e.key.starts_with("tls.client_"), "{name}: {e}"),
+            }
+        }
+        assert!(parse(&format!("[tls]\nclient_sslmode = \"sometimes\"\n{BASE}")).is_err());
+    }
     use super::*;
 
     #[test]

@@ -28,7 +28,48 @@ pub(super) fn config(config: &Config) -> Check {
     health(&config.health)?;
     routing(config)?;
     admin(config)?;
-    admin_api(&config.admin_api)
+    admin_api(&config.admin_api)?;
+    tls(&config.tls)?;
+    cert_logins(config)
+}
+
+/// Certificate logins need certificates that were checked against a CA.
+fn cert_logins(config: &Config) -> Check {
+    let method = config.auth.method;
+    let cert_users = config
+        .users
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| u.method(method) == AuthMethod::Cert);
+    for (index, user) in cert_users {
+        let key = if user.auth_method.is_some() {
+            format!("users[{index}].auth_method")
+        } else {
+            "auth.method".to_string()
+        };
+        ensure(config.tls.client_ca_file.is_some(), &key, || {
+            format!(
+                "user `{}` logs in with cert, which needs tls.client_ca_file (and client_sslmode other than disable) to verify client certificates",
+                user.name
+            )
+        })?;
+        ensure(
+            config.tls.client_sslmode != super::SslMode::Disable,
+            &key,
+            || {
+                format!("user `{}` logs in with cert, which needs tls.client_sslmode other than disable", user.name)
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The certificates and keys must load: a TLS setup that cannot start is refused with
+/// the key to fix, not found out at the first client.
+fn tls(tls: &super::TlsConfig) -> Check {
+    crate::tls::client_acceptor(tls)
+        .map(drop)
+        .map_err(|e| ConfigError::new(e.key, e.message))
 }
 
 fn routing(config: &Config) -> Check {
@@ -254,9 +295,11 @@ fn users(users: &[UserConfig], default_method: AuthMethod) -> Check {
 /// The password must parse and must be able to check the user's login method.
 fn user_password(user: &UserConfig, method: AuthMethod, key: &str) -> Check {
     let Some(password) = user.password.as_deref() else {
-        return ensure(method == AuthMethod::Trust, key, || {
-            format!("required: user `{}` logs in with {method}", user.name)
-        });
+        return ensure(
+            matches!(method, AuthMethod::Trust | AuthMethod::Cert),
+            key,
+            || format!("required: user `{}` logs in with {method}", user.name),
+        );
     };
     let secret = Secret::parse(password).map_err(|problem| ConfigError::new(key, problem))?;
     match (method, &secret) {

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::stream::ClientStream;
 use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
 
 use crate::backend::{BackendConn, Settings};
 use crate::cancel::send_cancel;
@@ -27,7 +27,7 @@ use super::unit::Flow;
 /// or closes it.
 pub async fn finish(
     ctx: &ShardCtx,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     mut backend: Lease,
     end: PumpEnd,
     flow: &Flow,
@@ -83,7 +83,7 @@ pub async fn finish(
 /// Ends the client's connection now (both directions), so it is not kept waiting while
 /// its server connection is brought back; the socket itself closes when the session's
 /// task ends.
-pub fn hang_up(client: &TcpStream) {
+pub fn hang_up(client: &ClientStream) {
     use std::os::fd::AsRawFd;
     // SAFETY: shutdown(2) on a socket this session owns; no memory is involved.
     unsafe {
@@ -93,7 +93,7 @@ pub fn hang_up(client: &TcpStream) {
 
 /// Ends a session a limit cut short: FATAL with PostgreSQL's SQLSTATE for it, counted
 /// by reason.
-pub async fn tell_cut(ctx: &ShardCtx, client: &mut TcpStream, cut: Cut) {
+pub async fn tell_cut(ctx: &ShardCtx, client: &mut ClientStream, cut: Cut) {
     ctx.stats.clients_cut[cut as usize].inc();
     let limit = Limits::new(&ctx.config()).value_for(cut, ctx.message_memory.limit());
     let message = cut.message(limit);
@@ -121,7 +121,7 @@ struct Unfinished {
 pub async fn tell_client(
     ctx: &ShardCtx,
     pool: &Pool,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     end: &PumpEnd,
     server_fatal: bool,
 ) {

@@ -32,8 +32,8 @@ pub mod welcome;
 
 use std::rc::Rc;
 
+use crate::stream::ClientStream;
 use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
 
 use crate::backend::BackendConn;
 use crate::codec::backend as be;
@@ -80,7 +80,7 @@ pub const PHASES: Chain = (
 /// is gone before the session settles into its idle wait.)
 pub async fn start(
     ctx: &Rc<ShardCtx>,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     login: &Login,
     mode: PoolMode,
 ) -> Option<Box<Session>> {
@@ -89,7 +89,7 @@ pub async fn start(
 }
 
 /// Serves a welcomed session until it ends.
-pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut TcpStream, session: &mut Session) {
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut ClientStream, session: &mut Session) {
     run(ctx, client, session, &PHASES).await
 }
 
@@ -116,7 +116,7 @@ fn home_pool(ctx: &ShardCtx, pool: &Rc<Pool>, user: &UserEntry) -> Rc<Pool> {
     }
 }
 
-async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut TcpStream, s: &mut Session, phases: &P) {
+async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut ClientStream, s: &mut Session, phases: &P) {
     // One allocation for the session's lanes and unit context: held by value in this
     // future, the compiler's layout would pad them into a larger idle state.
     let mut desk = Box::new((Lanes::new(ctx.max_message_size()), Unit::default()));
@@ -190,7 +190,7 @@ enum Cycle {
 /// One unit from its start to keeping, releasing or discarding its connection.
 async fn unit_cycle<P: Phase>(
     ctx: &Rc<ShardCtx>,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &mut Lanes,
@@ -220,7 +220,7 @@ async fn unit_cycle<P: Phase>(
             Start::Continue => {}
             Start::Answer(bytes) => {
                 lanes.up.discard_pending();
-                if client.write_all(&bytes).await.is_err() {
+                if client.send(&bytes).await.is_err() {
                     return Cycle::ClientGone;
                 }
                 return Cycle::Next;
@@ -279,12 +279,12 @@ async fn unit_cycle<P: Phase>(
 /// the session goes on.
 async fn refuse_unit(
     ctx: &Rc<ShardCtx>,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     s: &mut Session,
     lanes: &mut Lanes,
     error: &[u8],
 ) -> Cycle {
-    if client.write_all(error).await.is_err() {
+    if client.send(error).await.is_err() {
         return Cycle::ClientGone;
     }
     lanes.up.activate(&ctx.bufs);
@@ -300,7 +300,7 @@ async fn refuse_unit(
     let status = s.held.as_ref().map_or(status::IDLE, |h| h.lease.status);
     let mut ready = Vec::with_capacity(6);
     be::write_ready_for_query(&mut ready, status);
-    if client.write_all(&ready).await.is_err() {
+    if client.send(&ready).await.is_err() {
         return Cycle::ClientGone;
     }
     Cycle::Next
@@ -310,7 +310,7 @@ async fn refuse_unit(
 /// the protocol, or hit a limit.
 async fn stopped(
     ctx: &Rc<ShardCtx>,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     s: &mut Session,
     stop: intake::Stop,
 ) -> Cycle {
@@ -331,7 +331,7 @@ async fn stopped(
 /// the connection the session keeps, if that is another one.
 async fn end_on(
     ctx: &ShardCtx,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &Lanes,
@@ -358,7 +358,7 @@ async fn end_on(
 /// how the cycle ends instead (the client was told).
 async fn take_connection<P: Phase>(
     ctx: &Rc<ShardCtx>,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &mut Lanes,
@@ -414,7 +414,7 @@ async fn take_connection<P: Phase>(
             Ready::Refused(err) => {
                 let mut out = Vec::new();
                 err.encode(&mut out);
-                let _ = client.write_all(&out).await;
+                let _ = client.send(&out).await;
                 let _ = client.close().await;
                 finish::release_clean(ctx, backend, finish::Reset::Settings).await;
                 release_held(ctx, s).await;
@@ -452,7 +452,7 @@ async fn release_held(ctx: &ShardCtx, s: &mut Session) {
 #[allow(clippy::too_many_arguments)]
 async fn serve_unit<P: Phase>(
     ctx: &Rc<ShardCtx>,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &mut Lanes,
@@ -503,6 +503,7 @@ async fn serve_unit<P: Phase>(
                 query_limit: s.limits.query,
                 query_deadline: None,
                 client_read_pending: false,
+                client_unflushed: false,
             }
             .await
         };
@@ -532,7 +533,7 @@ async fn serve_unit<P: Phase>(
             if !backend.notifications.is_empty() {
                 let mut pending = std::mem::take(&mut backend.notifications);
                 be::rewrite_notification_pids(&mut pending, backend.key.pid, pid);
-                if client.write_all(&pending).await.is_err() {
+                if client.send(&pending).await.is_err() {
                     return UnitEnd::Ended(PumpEnd::ClientGone);
                 }
             }
@@ -573,7 +574,7 @@ async fn serve_unit<P: Phase>(
 
 /// Ends a session that is between units: the client left, the connection the session
 /// keeps broke, or the shard drains.
-async fn end_idle(ctx: &Rc<ShardCtx>, client: &mut TcpStream, s: &mut Session, wake: Wake) {
+async fn end_idle(ctx: &Rc<ShardCtx>, client: &mut ClientStream, s: &mut Session, wake: Wake) {
     s.point_cancel(None);
     let held = s.held.take();
     match (wake, held) {

@@ -76,6 +76,8 @@ pub struct Pump<'a, C, S, P> {
     pub query_deadline: Option<(Timer, u32)>,
     /// The last read of the client's socket found nothing (with room to read).
     pub client_read_pending: bool,
+    /// Bytes were written to the client since its last flush.
+    pub client_unflushed: bool,
 }
 
 type Moved = Result<bool, PumpEnd>;
@@ -107,7 +109,11 @@ impl<C: Stream, S: Stream, P: Phase> Future for Pump<'_, C, S, P> {
             if this.flow.terminated && this.up.is_quiet() {
                 return Poll::Ready(PumpEnd::ClientTerminated);
             }
-            if this.up.is_quiet() && this.down.is_quiet() && this.cx.responses.is_empty() {
+            if this.up.is_quiet()
+                && this.down.is_quiet()
+                && this.cx.responses.is_empty()
+                && !this.client_unflushed
+            {
                 return Poll::Ready(if this.draining.is_set() {
                     PumpEnd::Drain
                 } else {
@@ -173,6 +179,7 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                     lane.start += n;
                     self.stats.bytes_to_clients.add(n as u64);
                     lane.compact();
+                    self.client_unflushed = true;
                     Poll::Ready(Ok(true))
                 }
                 Poll::Pending => Poll::Pending,
@@ -188,12 +195,24 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                 Poll::Ready(Ok(n)) => {
                     lane.ready_pos += n;
                     self.stats.bytes_to_clients.add(n as u64);
+                    self.client_unflushed = true;
                     if lane.ready_pos == ready.len() {
                         ready.clear();
                         lane.ready_pos = 0;
                     }
                     Poll::Ready(Ok(true))
                 }
+                Poll::Pending => Poll::Pending,
+            };
+        }
+        // Everything is written: make sure it left (a TLS stream keeps records back).
+        if self.client_unflushed {
+            return match Pin::new(&mut *self.client).poll_flush(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.client_unflushed = false;
+                    Poll::Ready(Ok(true))
+                }
+                Poll::Ready(Err(_)) => Poll::Ready(Err(PumpEnd::ClientGone)),
                 Poll::Pending => Poll::Pending,
             };
         }

@@ -5,8 +5,8 @@
 
 use std::rc::Rc;
 
+use crate::stream::ClientStream;
 use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
 
 use crate::backend::{BackendConn, Settings};
 use crate::cancel::CancelHandle;
@@ -24,7 +24,7 @@ use super::settings;
 /// Logs the client in to its home pool, or tells it why not (and returns `None`).
 pub async fn login<P: Phase>(
     ctx: &Rc<ShardCtx>,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     login: &Login,
     features: Features,
     phases: &P,
@@ -73,7 +73,7 @@ pub async fn login<P: Phase>(
             Ok(Some(err)) => {
                 let mut out = Vec::new();
                 err.encode(&mut out);
-                let _ = client.write_all(&out).await;
+                let _ = client.send(&out).await;
                 let _ = client.close().await;
                 release_clean(ctx, backend, reset).await;
                 return None;
@@ -131,7 +131,7 @@ pub async fn login<P: Phase>(
 }
 
 /// Who the client is, for SHOW CLIENTS and KILL_CLIENT.
-pub(crate) fn client_info(client: &TcpStream, login: &Login) -> crate::cancel::ClientInfo {
+pub(crate) fn client_info(client: &ClientStream, login: &Login) -> crate::cancel::ClientInfo {
     use std::os::fd::AsRawFd;
     crate::cancel::ClientInfo {
         user: login.user.name.as_str().into(),
@@ -149,7 +149,7 @@ pub(crate) fn client_info(client: &TcpStream, login: &Login) -> crate::cancel::C
 
 /// Takes a connection for this client (see [`acquire_watching_client`]), or tells the
 /// client why there is none and closes it.
-async fn acquire_or_report(pool: &Rc<Pool>, client: &mut TcpStream) -> Option<Lease> {
+async fn acquire_or_report(pool: &Rc<Pool>, client: &mut ClientStream) -> Option<Lease> {
     match acquire_watching_client(pool, client).await? {
         Ok(backend) => Some(backend),
         Err(e) => {
@@ -161,14 +161,14 @@ async fn acquire_or_report(pool: &Rc<Pool>, client: &mut TcpStream) -> Option<Le
 
 /// FATAL 53300 naming the pool (or the connect error), then close: the client cannot be
 /// served.
-pub async fn report_acquire_error(pool: &Pool, client: &mut TcpStream, error: AcquireError) {
+pub async fn report_acquire_error(pool: &Pool, client: &mut ClientStream, error: AcquireError) {
     log::warn!("pool {}: {error}", pool.label);
     let mut out = Vec::new();
     match error {
         AcquireError::Connect(e) => e.encode_for_client(&mut out),
         other => be::write_error(&mut out, "FATAL", other.sqlstate(), &other.to_string()),
     }
-    let _ = client.write_all(&out).await;
+    let _ = client.send(&out).await;
     let _ = client.close().await;
 }
 
@@ -176,7 +176,7 @@ pub async fn report_acquire_error(pool: &Pool, client: &mut TcpStream, error: Ac
 /// the queue is then released).
 async fn acquire_watching_client(
     pool: &Rc<Pool>,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
 ) -> Option<Result<Lease, AcquireError>> {
     let acquire = async { Some(pool.acquire().await) };
     let watch = async {
@@ -192,7 +192,7 @@ async fn acquire_watching_client(
 
 /// AuthenticationOk, the server's parameters, the cancel key, ReadyForQuery.
 async fn welcome(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     backend: &BackendConn,
     cancel: &CancelHandle,
 ) -> std::io::Result<()> {
@@ -203,5 +203,5 @@ async fn welcome(
     }
     be::write_backend_key_data(&mut out, cancel.pid, cancel.secret);
     be::write_ready_for_query(&mut out, backend.status);
-    client.write_all(&out).await
+    client.send(&out).await
 }

@@ -7,9 +7,8 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::stream::ClientStream;
 use crossbeam_channel::TryRecvError;
-use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
 
 use super::login::{send_fatal, Login};
 use crate::cancel::CancelHandle;
@@ -35,7 +34,7 @@ pub fn is_console(database: &str) -> bool {
 
 /// Serves one console session: checks the user may use the console, welcomes it with the
 /// proxy's own parameters, then answers statements until it leaves.
-pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut TcpStream, login: Login) {
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut ClientStream, login: Login) {
     let user = login.user.name.clone();
     if ctx.config().console_access(&user).is_none() {
         log::warn!("user {user} refused the admin console: not in admin_users or stats_users");
@@ -58,7 +57,7 @@ fn not_allowed(user: &str) -> String {
 /// AuthenticationOk, the console's parameters, the proxy-issued key (so the session shows
 /// in SHOW CLIENTS and KILL_CLIENT can end it), ReadyForQuery.
 async fn welcome(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     login: &Login,
     cancel: &CancelHandle,
 ) -> std::io::Result<()> {
@@ -85,7 +84,7 @@ async fn welcome(
     }
     be::write_backend_key_data(&mut out, cancel.pid, cancel.secret);
     be::write_ready_for_query(&mut out, crate::codec::tag::status::IDLE);
-    client.write_all(&out).await
+    client.send(&out).await
 }
 
 /// What ended waiting for the client's next message.
@@ -96,7 +95,7 @@ enum Next {
     Drain,
 }
 
-async fn next(ctx: &ShardCtx, client: &mut TcpStream, reader: &mut MessageReader) -> Next {
+async fn next(ctx: &ShardCtx, client: &mut ClientStream, reader: &mut MessageReader) -> Next {
     let read = async {
         match reader.next(client).await {
             Ok((tag, body)) => Next::Message(tag, body),
@@ -113,7 +112,7 @@ async fn next(ctx: &ShardCtx, client: &mut TcpStream, reader: &mut MessageReader
 
 /// The statement loop. Extended-protocol messages are refused once and then skipped up
 /// to the Sync, as a server does after an error.
-async fn run(ctx: &Rc<ShardCtx>, client: &mut TcpStream, user: &str) {
+async fn run(ctx: &Rc<ShardCtx>, client: &mut ClientStream, user: &str) {
     let mut reader = MessageReader::new(ctx.max_message_size());
     let mut skipping = false;
     loop {
@@ -175,7 +174,7 @@ async fn run(ctx: &Rc<ShardCtx>, client: &mut TcpStream, user: &str) {
                 return;
             }
         }
-        if client.write_all(&out).await.is_err() {
+        if client.send(&out).await.is_err() {
             return;
         }
     }

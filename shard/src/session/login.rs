@@ -4,15 +4,15 @@
 use std::io;
 use std::rc::Rc;
 
+use crate::stream::ClientStream;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 
 use crate::auth::{md5, scram};
 use crate::cancel::CancelMsg;
 use crate::codec::backend as be;
 use crate::codec::startup::{self, StartupPacket, MAX_STARTUP_PACKET};
 use crate::codec::{frontend, CodecError};
-use crate::config::AuthMethod;
+use crate::config::{AuthMethod, SslMode};
 use crate::context::{ShardCtx, UserEntry};
 use crate::msgio::{MessageReader, ReadError};
 
@@ -66,10 +66,20 @@ impl From<ReadError> for LoginError {
     }
 }
 
-/// Reads startup packets until a StartupMessage arrives, answering SSL/GSS requests
-/// with 'N' and routing cancel requests; then authenticates. `out` is scratch space.
-pub async fn login(ctx: &ShardCtx, stream: &mut TcpStream) -> Result<Login, LoginError> {
+/// Reads startup packets until a StartupMessage arrives, answering SSL requests with
+/// 'S' and a TLS handshake when `[tls]` offers it (else 'N'), GSS requests with 'N', and
+/// routing cancel requests; then authenticates.
+pub async fn login(ctx: &ShardCtx, stream: &mut ClientStream) -> Result<Login, LoginError> {
     let (mut ssl_asked, mut gss_asked) = (false, false);
+    let acceptor = ctx.tls.borrow().clone();
+    if let Some(acceptor) = &acceptor {
+        // PostgreSQL 17's direct TLS: a handshake record instead of a startup packet.
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+            start_tls(stream, acceptor, true).await?;
+            ssl_asked = true;
+        }
+    }
     loop {
         let packet = read_startup_packet(stream).await?;
         match startup::decode_startup(&packet)? {
@@ -84,7 +94,13 @@ pub async fn login(ctx: &ShardCtx, stream: &mut TcpStream) -> Result<Login, Logi
                     // protocol version and refuses it at once.
                     return Err(repeated_request(&packet).into());
                 }
-                stream.write_all(b"N").await?;
+                match (&request, &acceptor) {
+                    (StartupPacket::SslRequest, Some(acceptor)) => {
+                        stream.send(b"S").await?;
+                        start_tls(stream, acceptor, false).await?;
+                    }
+                    _ => stream.send(b"N").await?,
+                }
             }
             Some((StartupPacket::Cancel { pid, secret }, _)) => {
                 crate::bus::route_cancel(ctx, CancelMsg { pid, secret }).await;
@@ -92,12 +108,49 @@ pub async fn login(ctx: &ShardCtx, stream: &mut TcpStream) -> Result<Login, Logi
             }
             Some((StartupPacket::Startup(msg), _)) => {
                 let login = parse_startup(ctx, &msg)?;
+                if !stream.is_tls() && ctx.config().tls.client_sslmode >= SslMode::Require {
+                    // As PostgreSQL with only `hostssl` lines for this client.
+                    let host = stream
+                        .peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
+                    return Err(LoginError::fatal(
+                        "28000",
+                        format!(
+                            "no pg_hba.conf entry for host \"{host}\", user \"{}\", database \"{}\", no encryption",
+                            login.user.name, login.database
+                        ),
+                    ));
+                }
                 negotiate_protocol(stream, msg.minor(), &login.unsupported_options).await?;
                 authenticate(ctx, stream, &login.user).await?;
                 return Ok(login);
             }
         }
     }
+}
+
+/// The first byte of a TLS handshake record (direct TLS sends it first).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Takes the connection to TLS. Direct TLS must have agreed on ALPN `postgresql`, as
+/// PostgreSQL 17 requires.
+async fn start_tls(
+    stream: &mut ClientStream,
+    acceptor: &futures_rustls::TlsAcceptor,
+    direct: bool,
+) -> Result<(), LoginError> {
+    if let Err(e) = stream.start_tls(acceptor).await {
+        log::info!("client TLS handshake failed: {e}");
+        return Err(LoginError::Gone);
+    }
+    if direct && stream.alpn() != Some(crate::tls::ALPN_POSTGRESQL) {
+        return Err(LoginError::fatal(
+            "08P01",
+            "received direct SSL connection request without ALPN protocol negotiation extension",
+        ));
+    }
+    Ok(())
 }
 
 /// The error PostgreSQL gives a second SSLRequest or GSSENCRequest: its code read as a
@@ -115,7 +168,7 @@ fn repeated_request(packet: &[u8]) -> CodecError {
 /// Tells a client that asked for a newer protocol minor or `_pq_` options that we speak
 /// 3.0 without them, as PostgreSQL does.
 async fn negotiate_protocol(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     minor: u16,
     options: &[String],
 ) -> io::Result<()> {
@@ -125,10 +178,10 @@ async fn negotiate_protocol(
     let options: Vec<&str> = options.iter().map(String::as_str).collect();
     let mut out = Vec::with_capacity(64);
     be::write_negotiate_protocol_version(&mut out, startup::PROTOCOL_3_0 as i32, &options);
-    stream.write_all(&out).await
+    stream.send(&out).await
 }
 
-async fn read_startup_packet(stream: &mut TcpStream) -> Result<Vec<u8>, LoginError> {
+async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, LoginError> {
     let mut len_bytes = [0u8; 4];
     read_exact_or_gone(stream, &mut len_bytes).await?;
     let len = u32::from_be_bytes(len_bytes) as usize;
@@ -144,7 +197,7 @@ async fn read_startup_packet(stream: &mut TcpStream) -> Result<Vec<u8>, LoginErr
     Ok(packet)
 }
 
-async fn read_exact_or_gone(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), LoginError> {
+async fn read_exact_or_gone(stream: &mut ClientStream, buf: &mut [u8]) -> Result<(), LoginError> {
     stream.read_exact(buf).await.map_err(|_| LoginError::Gone)
 }
 
@@ -241,7 +294,7 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, LoginError>
 
 async fn authenticate(
     ctx: &ShardCtx,
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     user: &UserEntry,
 ) -> Result<(), LoginError> {
     let failed = || {
@@ -255,9 +308,29 @@ async fn authenticate(
     let mut reader = MessageReader::new(MAX_STARTUP_PACKET);
     match user.method {
         AuthMethod::Trust => {}
+        AuthMethod::Cert => {
+            // As PostgreSQL's `cert` method: the verified certificate's CN is the user.
+            let Some(cert) = stream.peer_certificate() else {
+                ctx.stats.auth_failures.inc();
+                return Err(LoginError::fatal(
+                    "28000",
+                    "connection requires a valid client certificate",
+                ));
+            };
+            if crate::tls::common_name(cert).as_deref() != Some(user.name.as_str()) {
+                ctx.stats.auth_failures.inc();
+                return Err(LoginError::fatal(
+                    "28000",
+                    format!(
+                        "certificate authentication failed for user \"{}\"",
+                        user.name
+                    ),
+                ));
+            }
+        }
         AuthMethod::Password => {
             be::write_auth_cleartext(&mut out);
-            stream.write_all(&out).await?;
+            stream.send(&out).await?;
             let body = read_password_message(stream, &mut reader).await?;
             let password = frontend::decode_password(&body)?;
             if !cleartext_matches(user, password) {
@@ -267,7 +340,7 @@ async fn authenticate(
         AuthMethod::Md5 => {
             let salt: [u8; 4] = rand::random();
             be::write_auth_md5(&mut out, salt);
-            stream.write_all(&out).await?;
+            stream.send(&out).await?;
             let body = read_password_message(stream, &mut reader).await?;
             let response = frontend::decode_password(&body)?;
             let secret = user.secret.as_ref().ok_or_else(failed)?;
@@ -279,7 +352,7 @@ async fn authenticate(
             let verifier = user.scram.clone().ok_or_else(failed)?;
             let mut server = scram::ScramServer::new(verifier);
             be::write_auth_sasl(&mut out, &[scram::MECHANISM]);
-            stream.write_all(&out).await?;
+            stream.send(&out).await?;
             let body = read_password_message(stream, &mut reader).await?;
             let initial = frontend::decode_sasl_initial(&body)?;
             if initial.mechanism != scram::MECHANISM {
@@ -293,14 +366,14 @@ async fn authenticate(
                 .map_err(|e| scram_failure(e, &failed))?;
             out.clear();
             be::write_auth_sasl_continue(&mut out, &first);
-            stream.write_all(&out).await?;
+            stream.send(&out).await?;
             let body = read_password_message(stream, &mut reader).await?;
             let last = server
                 .client_final(&body)
                 .map_err(|e| scram_failure(e, &failed))?;
             out.clear();
             be::write_auth_sasl_final(&mut out, &last);
-            stream.write_all(&out).await?;
+            stream.send(&out).await?;
         }
     }
     Ok(())
@@ -321,7 +394,7 @@ fn cleartext_matches(user: &UserEntry, password: &[u8]) -> bool {
 
 /// Reads one authentication response ('p'); anything else is a protocol violation.
 async fn read_password_message(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     reader: &mut MessageReader,
 ) -> Result<Vec<u8>, LoginError> {
     let (tag, body) = reader.next(stream).await?;
@@ -338,10 +411,10 @@ async fn read_password_message(
 }
 
 /// Writes a FATAL ErrorResponse and closes; errors writing are ignored (the client may be gone).
-pub async fn send_fatal(stream: &mut TcpStream, code: &str, message: &str) {
+pub async fn send_fatal(stream: &mut ClientStream, code: &str, message: &str) {
     let mut out = Vec::with_capacity(64 + message.len());
     be::write_error(&mut out, "FATAL", code, message);
-    let _ = stream.write_all(&out).await;
+    let _ = stream.send(&out).await;
     let _ = stream.close().await;
 }
 

@@ -7,14 +7,14 @@ pub mod login;
 use std::rc::Rc;
 use std::time::Duration;
 
-use glommio::net::TcpStream;
+use crate::stream::ClientStream;
 
 use crate::context::ShardCtx;
 use crate::sync;
 use login::{send_fatal, LoginError};
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut TcpStream) {
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut ClientStream) {
     let _ = client.set_nodelay(true);
     let peer = client.peer_addr().ok();
     let who = PeerName(peer);

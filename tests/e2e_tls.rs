@@ -1,0 +1,382 @@
+//! TLS between clients and the proxy, with certificates this test makes (a CA, the
+//! proxy's certificate for localhost and 127.0.0.1, a client certificate whose CN is a
+//! user): psql and psycopg verify the proxy (`sslmode=verify-full`), `client_sslmode =
+//! require` refuses plain logins as PostgreSQL's `hostssl` does, `verify-ca` demands a
+//! client certificate, and `disable` answers an `SSLRequest` with `N`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::tools::{run_tool, tool_command, ToolOutput};
+use common::{proxy_only, Proxy, SUPERUSER, SUPERUSER_PASSWORD};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+
+/// The certificate files of one test, in a temp dir.
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    fn make(client_cn: &str) -> Certs {
+        let dir = tempfile::Builder::new()
+            .prefix("helios-tls-")
+            .tempdir()
+            .expect("temp dir");
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "HeliosProxy test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA cert");
+
+        let server_key = KeyPair::generate().expect("server key");
+        let mut server_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("server params");
+        server_params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let server = server_params
+            .signed_by(&server_key, &ca, &ca_key)
+            .expect("server cert");
+
+        let client_key = KeyPair::generate().expect("client key");
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, client_cn);
+        let client = client_params
+            .signed_by(&client_key, &ca, &ca_key)
+            .expect("client cert");
+
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write PEM");
+            // libpq refuses a key file others can read.
+            let mut perms = std::fs::metadata(&path).expect("meta").permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+            std::fs::set_permissions(&path, perms).expect("chmod");
+        };
+        write("ca.pem", ca.pem());
+        write("server.pem", server.pem());
+        write("server.key", server_key.serialize_pem());
+        write("client.pem", client.pem());
+        write("client.key", client_key.serialize_pem());
+        // A CA nobody signed the proxy's certificate with.
+        let other_key = KeyPair::generate().expect("other CA key");
+        let mut other = CertificateParams::new(Vec::<String>::new()).expect("params");
+        other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        other
+            .distinguished_name
+            .push(DnType::CommonName, "Other CA");
+        write(
+            "other-ca.pem",
+            other.self_signed(&other_key).expect("other").pem(),
+        );
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    /// `[tls]` for the proxy.
+    fn config(&self, mode: &str, with_ca: bool) -> String {
+        let mut text = format!(
+            "[tls]\nclient_sslmode = \"{mode}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+            self.file("server.pem"),
+            self.file("server.key")
+        );
+        if with_ca {
+            text.push_str(&format!("client_ca_file = \"{}\"\n", self.file("ca.pem")));
+        }
+        text
+    }
+}
+
+/// psql with a connection string (host name `localhost` for verification, address
+/// 127.0.0.1 to reach the proxy).
+fn psql(proxy: &Proxy, conninfo: &str, sql: &str) -> ToolOutput {
+    let mut cmd = tool_command("psql");
+    cmd.env("PGPASSWORD", SUPERUSER_PASSWORD).args([
+        "-X",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        &format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user={SUPERUSER} dbname={} {conninfo}",
+            proxy.port,
+            common::DATABASE
+        ),
+        "-c",
+        sql,
+    ]);
+    run_tool(cmd, None, Duration::from_secs(60))
+}
+
+#[test]
+fn psql_verifies_the_proxy_and_plain_logins_are_refused_under_require() {
+    if proxy_only("tls require", "the proxy's TLS") {
+        return;
+    }
+    let certs = Certs::make(SUPERUSER);
+    let proxy = Proxy::start(common::cluster(), &certs.config("require", false));
+    let full = format!("sslmode=verify-full sslrootcert={}", certs.file("ca.pem"));
+    let out = psql(&proxy, &full, "SELECT 40 + 2");
+    assert!(out.status.success() && out.stdout.trim() == "42", "{out}");
+    // The session really is encrypted, seen from psql.
+    let out = psql(&proxy, &full, "\\conninfo");
+    assert!(out.stdout.contains("SSL connection"), "{out}");
+    // A CA that did not sign the proxy's certificate: libpq refuses the proxy.
+    let wrong = format!(
+        "sslmode=verify-full sslrootcert={}",
+        certs.file("other-ca.pem")
+    );
+    let out = psql(&proxy, &wrong, "SELECT 1");
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("certificate verify failed"), "{out}");
+    // Plain TCP under client_sslmode = require: PostgreSQL's hostssl refusal.
+    let out = psql(&proxy, "sslmode=disable", "SELECT 1");
+    assert!(!out.status.success(), "{out}");
+    assert!(
+        out.stderr.contains("no pg_hba.conf entry") && out.stderr.contains("no encryption"),
+        "{out}"
+    );
+    // Transaction pooling works over TLS too (large results cross many TLS records).
+    let proxy = Proxy::start(
+        common::cluster(),
+        &format!(
+            "[pool_mode]\nmode = \"transaction\"\n{}",
+            certs.config("prefer", false)
+        ),
+    );
+    let out = psql(
+        &proxy,
+        &full,
+        "SELECT sum(length(repeat('x', 1000) || g::text)) FROM generate_series(1, 2000) g",
+    );
+    assert!(out.status.success(), "{out}");
+    let out = psql(
+        &proxy,
+        &full,
+        "SELECT string_agg(repeat('y', 100), '') FROM generate_series(1, 5000)",
+    );
+    assert!(
+        out.status.success() && out.stdout.trim().len() == 500_000,
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn verify_ca_demands_a_client_certificate() {
+    if proxy_only("tls verify-ca", "the proxy's TLS") {
+        return;
+    }
+    let certs = Certs::make(SUPERUSER);
+    let proxy = Proxy::start(common::cluster(), &certs.config("verify-ca", true));
+    let base = format!("sslmode=verify-full sslrootcert={}", certs.file("ca.pem"));
+    let with_cert = format!(
+        "{base} sslcert={} sslkey={}",
+        certs.file("client.pem"),
+        certs.file("client.key")
+    );
+    let out = psql(&proxy, &with_cert, "SELECT 'with a certificate'");
+    assert!(
+        out.status.success() && out.stdout.trim() == "with a certificate",
+        "{out}"
+    );
+    // No certificate: the handshake fails.
+    let out = psql(
+        &proxy,
+        &format!("{base} sslcert=/nonexistent sslkey=/nonexistent"),
+        "SELECT 1",
+    );
+    assert!(!out.status.success(), "{out}");
+}
+
+#[test]
+fn disable_answers_ssl_requests_with_n() {
+    if proxy_only("tls disable", "the proxy's TLS") {
+        return;
+    }
+    let proxy = Proxy::start(common::cluster(), "");
+    // sslmode=require against a server without TLS fails in libpq, as with PostgreSQL.
+    let out = psql(&proxy, "sslmode=require", "SELECT 1");
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("does not support SSL"), "{out}");
+    let out = psql(&proxy, "sslmode=prefer", "SELECT 7");
+    assert!(out.status.success() && out.stdout.trim() == "7", "{out}");
+}
+
+#[test]
+fn psycopg_verifies_the_proxy() {
+    if proxy_only("tls psycopg", "the proxy's TLS") {
+        return;
+    }
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/drivers/venv/bin/python");
+    assert!(
+        python.exists(),
+        "the Python venv ({}) is missing: run scripts/test.sh",
+        python.display()
+    );
+    let certs = Certs::make(SUPERUSER);
+    let proxy = Proxy::start(common::cluster(), &certs.config("require", false));
+    let script = format!(
+        "import psycopg\n\
+         with psycopg.connect(host='localhost', hostaddr='127.0.0.1', port={port}, user='{SUPERUSER}', \
+         password='{SUPERUSER_PASSWORD}', dbname='{db}', sslmode='verify-full', sslrootcert='{ca}') as c:\n\
+         \x20   assert c.pgconn.ssl_in_use\n\
+         \x20   print(c.execute('SELECT %s::int * 2', (21,)).fetchone()[0])\n",
+        port = proxy.port,
+        db = common::DATABASE,
+        ca = certs.file("ca.pem"),
+    );
+    let mut cmd = Command::new(python);
+    cmd.args(["-c", &script]);
+    let out = run_tool(cmd, None, Duration::from_secs(60));
+    assert!(out.status.success() && out.stdout.trim() == "42", "{out}");
+}
+
+/// `auth_method = "cert"`: the verified client certificate's CN is the user; no password.
+#[test]
+fn cert_login_maps_the_certificate_cn_to_the_user() {
+    if proxy_only("tls cert auth", "the proxy's users") {
+        return;
+    }
+    let run = |certs: &Certs, client_cert: bool| {
+        let users = format!(
+            "[[users]]\nname = \"certuser\"\nauth_method = \"cert\"\nserver_user = \"{SUPERUSER}\"\nserver_password = \"{SUPERUSER_PASSWORD}\"\n"
+        );
+        let proxy = Proxy::start(
+            common::cluster(),
+            &format!("{}{users}", certs.config("prefer", true)),
+        );
+        let mut conninfo = format!(
+            "sslmode=verify-full sslrootcert={} user=certuser",
+            certs.file("ca.pem")
+        );
+        if client_cert {
+            conninfo.push_str(&format!(
+                " sslcert={} sslkey={}",
+                certs.file("client.pem"),
+                certs.file("client.key")
+            ));
+        } else {
+            conninfo.push_str(" sslcert=/nonexistent sslkey=/nonexistent");
+        }
+        psql(&proxy, &conninfo, "SELECT current_user")
+    };
+    let own = Certs::make("certuser");
+    let out = run(&own, true);
+    assert!(
+        out.status.success() && out.stdout.trim() == SUPERUSER,
+        "{out}"
+    );
+    let out = run(&own, false);
+    assert!(
+        !out.status.success() && out.stderr.contains("requires a valid client certificate"),
+        "{out}"
+    );
+    let intruder = Certs::make("intruder");
+    let out = run(&intruder, true);
+    assert!(
+        !out.status.success()
+            && out
+                .stderr
+                .contains("certificate authentication failed for user \"certuser\""),
+        "{out}"
+    );
+}
+
+/// PostgreSQL 17's direct TLS (`sslnegotiation=direct`): the handshake comes first, with
+/// ALPN `postgresql`, and the startup packet follows inside TLS. Spoken here with rustls,
+/// as psql 15 cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_with_alpn_logs_in() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+
+    if proxy_only("direct tls", "the proxy's TLS") {
+        return;
+    }
+    let certs = Certs::make(SUPERUSER);
+    let proxy = Proxy::start(common::cluster(), &certs.config("require", false));
+    let connect = |alpn: Vec<Vec<u8>>| {
+        let ca = certs.path("ca.pem");
+        let port = proxy.port;
+        async move {
+            let mut roots = rustls::RootCertStore::empty();
+            let pem = std::fs::read(ca).expect("CA file");
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                roots.add(cert.expect("PEM")).expect("CA cert");
+            }
+            #[allow(deprecated)]
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = alpn;
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            connector.connect(name, tcp).await.expect("TLS handshake")
+        }
+    };
+    // Startup for the trusted user, then read up to ReadyForQuery (or an error).
+    async fn startup_reply<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        tls: &mut S,
+    ) -> Vec<u8> {
+        let mut params = Vec::new();
+        for (k, v) in [("user", common::TRUST_USER), ("database", common::DATABASE)] {
+            params.extend_from_slice(k.as_bytes());
+            params.push(0);
+            params.extend_from_slice(v.as_bytes());
+            params.push(0);
+        }
+        params.push(0);
+        let mut packet = ((params.len() + 8) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&196608i32.to_be_bytes());
+        packet.extend_from_slice(&params);
+        tls.write_all(&packet).await.expect("startup");
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !reply.windows(6).any(|w| w == b"Z\0\0\0\x05I") && !reply.starts_with(b"E") {
+            let n = tls.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        reply
+    }
+    let mut tls = connect(vec![b"postgresql".to_vec()]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+    let reply = startup_reply(&mut tls).await;
+    assert!(
+        reply.windows(6).any(|w| w == b"Z\0\0\0\x05I"),
+        "no ReadyForQuery over direct TLS: {:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    // Without ALPN, PostgreSQL 17 refuses a direct TLS connection.
+    let mut tls = connect(Vec::new()).await;
+    let reply = startup_reply(&mut tls).await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with(b"E") && text.contains("08P01") && text.contains("ALPN"),
+        "{text}"
+    );
+}
