@@ -380,3 +380,84 @@ async fn direct_tls_with_alpn_logs_in() {
         "{text}"
     );
 }
+
+/// A server with `ssl = on` that accepts only `hostssl` connections: reached with
+/// `server_sslmode = verify-full` (the shards and the health checker), refused with
+/// `disable`, and not trusted under a CA that did not sign its certificate.
+#[test]
+fn servers_that_demand_tls_are_reached_and_verified() {
+    if proxy_only("server tls", "the proxy's server side") {
+        return;
+    }
+    let certs = Certs::make(SUPERUSER);
+    let pg = common::PgCluster::start();
+    pg.require_ssl(
+        &std::fs::read_to_string(certs.path("server.pem")).expect("cert"),
+        &std::fs::read_to_string(certs.path("server.key")).expect("key"),
+    );
+    let server_tls = |mode: &str, ca: &str| {
+        format!(
+            "[health]\ncheck_interval_secs = 0.2\n[tls]\nserver_sslmode = \"{mode}\"\nserver_ca_file = \"{}\"\n",
+            certs.file(ca)
+        )
+    };
+    let proxy = Proxy::start(&pg, &server_tls("verify-full", "ca.pem"));
+    let out = common::psql(
+        &proxy,
+        SUPERUSER,
+        Some(SUPERUSER_PASSWORD),
+        &[
+            "-Atc",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ],
+        None,
+    );
+    assert!(out.status.success() && out.stdout.trim() == "t", "{out}");
+    // The health checker logs in over TLS too.
+    let admin = proxy.admin_port.expect("admin port");
+    let healthy = common::wait_until(Duration::from_secs(20), || {
+        let nodes = common::http::get(admin, "/nodes").json();
+        nodes[0]["healthy"] == true && nodes[0]["last_check"].is_string()
+    });
+    assert!(healthy, "{}", common::http::get(admin, "/nodes").json());
+
+    // Plain connections are refused by the server's hostssl-only rules.
+    let plain = Proxy::start(&pg, "[health]\nenabled = false\n");
+    let out = common::psql(
+        &plain,
+        SUPERUSER,
+        Some(SUPERUSER_PASSWORD),
+        &["-Atc", "SELECT 1"],
+        None,
+    );
+    assert!(
+        !out.status.success() && out.stderr.contains("no encryption"),
+        "{out}"
+    );
+
+    // A CA that did not sign the server's certificate: no connection.
+    let wrong = Proxy::start(&pg, &server_tls("verify-full", "other-ca.pem"));
+    let out = common::psql(
+        &wrong,
+        SUPERUSER,
+        Some(SUPERUSER_PASSWORD),
+        &["-Atc", "SELECT 1"],
+        None,
+    );
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("TLS with server"), "{out}");
+
+    // require encrypts without checking who the server is.
+    let require = Proxy::start(&pg, &server_tls("require", "other-ca.pem"));
+    let out = common::psql(
+        &require,
+        SUPERUSER,
+        Some(SUPERUSER_PASSWORD),
+        &[
+            "-Atc",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ],
+        None,
+    );
+    assert!(out.status.success() && out.stdout.trim() == "t", "{out}");
+}

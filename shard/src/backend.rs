@@ -22,6 +22,8 @@ use crate::codec::tag::be as server_tag;
 use crate::codec::{frontend, startup, CodecError};
 use crate::msgio::{MessageReader, ReadError};
 use crate::prepared::ServerStatements;
+use crate::stream::NetStream;
+use futures_rustls::rustls::pki_types::ServerName;
 
 /// What the proxy needs to open one backend connection.
 #[derive(Clone, Debug)]
@@ -37,6 +39,9 @@ pub struct ConnectSpec {
     pub max_message_size: usize,
     /// SCRAM salted passwords for this credential, shared by every connection of a pool.
     pub scram_cache: Rc<RefCell<scram::SaltedPasswordCache>>,
+    /// TLS towards this server (`tls.server_sslmode`), and the name its certificate is
+    /// checked against.
+    pub tls: Option<(crate::tls::ServerTls, ServerName<'static>)>,
 }
 
 /// The backend's real cancel key (never shown to clients).
@@ -132,6 +137,8 @@ pub enum BackendError {
     Protocol(String),
     #[error("server authentication failed: {0}")]
     Auth(String),
+    #[error("TLS with server {addr}: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
 }
 
 impl From<CodecError> for BackendError {
@@ -163,7 +170,7 @@ impl BackendError {
             // cannot_connect_now (starting up, shutting down, in recovery), admin
             // shutdown, crash shutdown, too many connections.
             BackendError::Server(e) => matches!(e.code(), "57P03" | "57P01" | "57P02" | "53300"),
-            BackendError::Protocol(_) | BackendError::Auth(_) => false,
+            BackendError::Protocol(_) | BackendError::Auth(_) | BackendError::Tls { .. } => false,
         }
     }
 
@@ -177,6 +184,38 @@ impl BackendError {
     }
 }
 
+/// Asks the server for TLS (an SSLRequest) and, when it agrees, runs the handshake; a
+/// server that declines is used in plain text unless `server_sslmode` requires TLS.
+async fn negotiate_tls(
+    stream: &mut NetStream,
+    tls: &crate::tls::ServerTls,
+    name: ServerName<'static>,
+    addr: SocketAddr,
+) -> Result<(), BackendError> {
+    let mut request = Vec::with_capacity(8);
+    startup::encode_ssl_request(&mut request);
+    stream.send(&request).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => stream
+            .connect_tls(&tls.connector, name)
+            .await
+            .map_err(|e| BackendError::Tls {
+                addr,
+                reason: e.to_string(),
+            }),
+        b'N' if tls.mode < crate::config::SslMode::Require => Ok(()),
+        b'N' => Err(BackendError::Tls {
+            addr,
+            reason: "the server does not support SSL, but tls.server_sslmode requires it".into(),
+        }),
+        other => Err(BackendError::Protocol(format!(
+            "unexpected answer {other:#04x} to SSLRequest"
+        ))),
+    }
+}
+
 /// Appends a message the server sent on its own, header included, for later delivery.
 fn keep_for_client(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
     crate::codec::frame::write_parts(out, tag, &[body]);
@@ -184,7 +223,7 @@ fn keep_for_client(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
 
 /// One authenticated backend connection.
 pub struct BackendConn {
-    pub stream: TcpStream,
+    pub stream: NetStream,
     pub id: u64,
     pub addr: SocketAddr,
     pub key: BackendKey,
@@ -229,6 +268,17 @@ impl BackendConn {
                 }
             })?;
         stream.set_nodelay(true).map_err(io::Error::from)?;
+        let mut stream = NetStream::from(stream);
+        if let Some((tls, name)) = &spec.tls {
+            let negotiated = crate::sync::timeout(
+                spec.login_timeout,
+                negotiate_tls(&mut stream, tls, name.clone(), spec.addr),
+            );
+            match negotiated.await {
+                Some(r) => r?,
+                None => return Err(BackendError::LoginTimeout(spec.addr)),
+            }
+        }
         let now = Instant::now();
         let mut conn = BackendConn {
             stream,
@@ -258,7 +308,7 @@ impl BackendConn {
             &mut out,
             &[("user", &spec.user), ("database", &spec.database)],
         );
-        self.stream.write_all(&out).await?;
+        self.stream.send(&out).await?;
         let mut reader = MessageReader::new(spec.max_message_size);
         let mut client = ClientAuth::new(&spec.user, spec.password.as_deref());
         loop {
@@ -268,7 +318,7 @@ impl BackendConn {
                     out.clear();
                     self.answer_auth(auth, spec, &mut client, &mut out)?;
                     if !out.is_empty() {
-                        self.stream.write_all(&out).await?;
+                        self.stream.send(&out).await?;
                     }
                 }
                 BackendMessage::ParameterStatus { name, value } => self.params.set(name, value),
@@ -323,7 +373,7 @@ impl BackendConn {
         syncs: u32,
         buf: &mut [u8],
     ) -> Result<Option<ServerError>, BackendError> {
-        self.stream.write_all(request).await?;
+        self.stream.send(request).await?;
         self.drain(syncs, buf).await
     }
 
@@ -347,7 +397,7 @@ impl BackendConn {
         syncs: u32,
         buf: &mut [u8],
     ) -> Result<(Rows, Option<ServerError>), BackendError> {
-        self.stream.write_all(request).await?;
+        self.stream.send(request).await?;
         self.read_replies(syncs, buf, true).await
     }
 
@@ -444,7 +494,7 @@ impl BackendConn {
     pub async fn terminate(mut self) {
         let mut out = Vec::with_capacity(5);
         frontend::encode_terminate(&mut out);
-        let _ = crate::sync::timeout(Duration::from_secs(1), self.stream.write_all(&out)).await;
+        let _ = crate::sync::timeout(Duration::from_secs(1), self.stream.send(&out)).await;
         let _ = self.stream.close().await;
     }
 }

@@ -507,6 +507,14 @@ pub struct TlsConfig {
     pub client_key_file: Option<String>,
     /// CA certificates (PEM) that client certificates must chain to.
     pub client_ca_file: Option<String>,
+    /// TLS towards the servers (and the health checker's connections).
+    pub server_sslmode: SslMode,
+    /// CA certificates (PEM) a server's certificate must chain to (verify-ca,
+    /// verify-full).
+    pub server_ca_file: Option<String>,
+    /// A client certificate (PEM) and key the proxy shows servers that ask for one.
+    pub server_cert_file: Option<String>,
+    pub server_key_file: Option<String>,
 }
 
 /// The admin REST API's own limits, so a flood of requests can neither grow the process

@@ -71,6 +71,8 @@ pub struct ShardCtx {
     pub bufs: BufPool,
     /// Clients' TLS handshakes (`[tls]`; `None` when client_sslmode is disable).
     pub tls: RefCell<Option<futures_rustls::TlsAcceptor>>,
+    /// TLS towards servers (`None` when server_sslmode is disable).
+    pub server_tls: RefCell<Option<crate::tls::ServerTls>>,
     /// Partly received client messages held on the side (`limits.message_memory`).
     pub message_memory: Rc<crate::engine::intake::MessageMemory>,
     /// Prepared statements shared by this shard's transaction-pooled clients.
@@ -151,6 +153,10 @@ impl ShardCtx {
                 crate::tls::client_acceptor(&config.tls)
                     .map_err(|e| format!("{}: {}", e.key, e.message))?,
             ),
+            server_tls: RefCell::new(
+                crate::tls::server_connector(&config.tls)
+                    .map_err(|e| format!("{}: {}", e.key, e.message))?,
+            ),
             message_memory: crate::engine::intake::MessageMemory::new(
                 config.limits.message_memory,
                 stats.clone(),
@@ -210,6 +216,7 @@ impl ShardCtx {
             login_timeout: Duration::from_millis(config.timeouts.server_login_timeout_ms),
             max_message_size: usize::MAX >> 1,
             scram_cache: Rc::default(),
+            tls: self.server_tls_for(&node.address),
         };
         let label = format!("{}/{}@{}", database, user.server_user, node.label);
         let pool = Pool::new(
@@ -266,6 +273,8 @@ impl ShardCtx {
         // Certificates are read again: a renewed one takes effect for new clients.
         let tls = crate::tls::client_acceptor(&config.tls)
             .map_err(|e| format!("{}: {}", e.key, e.message))?;
+        let server_tls = crate::tls::server_connector(&config.tls)
+            .map_err(|e| format!("{}: {}", e.key, e.message))?;
         let limits = pool_limits(&config, self.workers, self.id);
         for pool in self.all_pools() {
             let password = users
@@ -284,8 +293,24 @@ impl ShardCtx {
             .set(share(config.limits.max_client_connections, self.workers, self.id).max(1));
         self.message_memory.set_limit(config.limits.message_memory);
         *self.tls.borrow_mut() = tls;
+        *self.server_tls.borrow_mut() = server_tls;
+        for pool in self.all_pools() {
+            pool.set_tls(self.server_tls_for(&pool.key.node));
+        }
         *self.config.borrow_mut() = config;
         Ok(())
+    }
+
+    /// How to reach the server at `address` ("host:port") over TLS, if at all.
+    fn server_tls_for(
+        &self,
+        address: &str,
+    ) -> Option<(
+        crate::tls::ServerTls,
+        futures_rustls::rustls::pki_types::ServerName<'static>,
+    )> {
+        let tls = self.server_tls.borrow().clone()?;
+        Some((tls, crate::tls::server_name(address)?))
     }
 
     pub fn max_message_size(&self) -> usize {

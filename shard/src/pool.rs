@@ -241,6 +241,17 @@ impl Pool {
         }
     }
 
+    /// New TLS settings for connections opened from now on (a reload).
+    pub fn set_tls(
+        &self,
+        tls: Option<(
+            crate::tls::ServerTls,
+            futures_rustls::rustls::pki_types::ServerName<'static>,
+        )>,
+    ) {
+        self.spec.borrow_mut().tls = tls;
+    }
+
     /// New sizing and timing after a configuration reload. A smaller pool shrinks as
     /// connections come back.
     pub fn set_limits(

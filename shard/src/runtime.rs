@@ -251,7 +251,7 @@ async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &TcpListener) {
         ctx.active_clients.set(ctx.active_clients.get() + 1);
         let session_ctx = ctx.clone();
         glommio::spawn_local(async move {
-            let mut stream = crate::stream::ClientStream::from(stream);
+            let mut stream = crate::stream::NetStream::from(stream);
             crate::session::serve(&session_ctx, &mut stream).await;
             session_ctx
                 .active_clients

@@ -1,6 +1,7 @@
-//! A client's connection: plain TCP, or TLS over it once negotiated (an `SSLRequest`
-//! answered `S`, or PostgreSQL 17's direct TLS). One type for both, so the login, the
-//! console and the engine serve either without knowing which.
+//! A connection, to a client or to a server: plain TCP, or TLS over it once negotiated
+//! (an `SSLRequest` answered `S`, or PostgreSQL 17's direct TLS). One type for both, so
+//! the login, the console, the engine and the backend code serve either without knowing
+//! which.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,9 +12,9 @@ use std::task::{Context, Poll};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
-type Tls = futures_rustls::server::TlsStream<TcpStream>;
+type Tls = futures_rustls::TlsStream<TcpStream>;
 
-pub enum ClientStream {
+pub enum NetStream {
     Plain(TcpStream),
     /// Boxed: a TLS session's state is large and most clients are plain.
     Tls(Box<Tls>),
@@ -21,23 +22,23 @@ pub enum ClientStream {
     Upgrading,
 }
 
-impl ClientStream {
+impl NetStream {
     fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            ClientStream::Plain(tcp) => Some(tcp),
-            ClientStream::Tls(tls) => Some(tls.get_ref().0),
-            ClientStream::Upgrading => None,
+            NetStream::Plain(tcp) => Some(tcp),
+            NetStream::Tls(tls) => Some(tls.get_ref().0),
+            NetStream::Upgrading => None,
         }
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self, ClientStream::Tls(_))
+        matches!(self, NetStream::Tls(_))
     }
 
     /// The application protocol agreed in the TLS handshake, if any.
     pub fn alpn(&self) -> Option<&[u8]> {
         match self {
-            ClientStream::Tls(tls) => tls.get_ref().1.alpn_protocol(),
+            NetStream::Tls(tls) => tls.get_ref().1.alpn_protocol(),
             _ => None,
         }
     }
@@ -45,7 +46,7 @@ impl ClientStream {
     /// The client's certificate chain, leaf first, when it presented one over TLS.
     pub fn peer_certificate(&self) -> Option<&[u8]> {
         match self {
-            ClientStream::Tls(tls) => tls
+            NetStream::Tls(tls) => tls
                 .get_ref()
                 .1
                 .peer_certificates()
@@ -75,17 +76,42 @@ impl ClientStream {
         self.flush().await
     }
 
-    /// Runs a TLS handshake over the plain connection and continues over TLS.
+    /// Runs a TLS handshake as the server over the plain connection and continues over
+    /// TLS.
     pub async fn start_tls(&mut self, acceptor: &futures_rustls::TlsAcceptor) -> io::Result<()> {
-        let ClientStream::Plain(tcp) = std::mem::replace(self, ClientStream::Upgrading) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "TLS is already on",
-            ));
-        };
+        let tcp = self.take_plain()?;
         let tls = acceptor.accept(tcp).await?;
-        *self = ClientStream::Tls(Box::new(tls));
+        *self = NetStream::Tls(Box::new(tls.into()));
         Ok(())
+    }
+
+    /// Runs a TLS handshake as the client (towards `name`) and continues over TLS.
+    pub async fn connect_tls(
+        &mut self,
+        connector: &futures_rustls::TlsConnector,
+        name: futures_rustls::rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<()> {
+        let tcp = self.take_plain()?;
+        let tls = connector.connect(name, tcp).await?;
+        *self = NetStream::Tls(Box::new(tls.into()));
+        Ok(())
+    }
+
+    fn take_plain(&mut self) -> io::Result<TcpStream> {
+        match std::mem::replace(self, NetStream::Upgrading) {
+            NetStream::Plain(tcp) => Ok(tcp),
+            other => {
+                *self = other;
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "TLS is already on",
+                ))
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.tcp().ok_or_else(gone)?.local_addr()?)
     }
 }
 
@@ -93,58 +119,58 @@ fn gone() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "connection is being upgraded")
 }
 
-impl AsRawFd for ClientStream {
+impl AsRawFd for NetStream {
     fn as_raw_fd(&self) -> RawFd {
         self.tcp().map_or(-1, AsRawFd::as_raw_fd)
     }
 }
 
-impl From<TcpStream> for ClientStream {
+impl From<TcpStream> for NetStream {
     fn from(tcp: TcpStream) -> Self {
-        ClientStream::Plain(tcp)
+        NetStream::Plain(tcp)
     }
 }
 
-impl AsyncRead for ClientStream {
+impl AsyncRead for NetStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            ClientStream::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
-            ClientStream::Upgrading => Poll::Ready(Err(gone())),
+            NetStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            NetStream::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+            NetStream::Upgrading => Poll::Ready(Err(gone())),
         }
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl AsyncWrite for NetStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            ClientStream::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
-            ClientStream::Upgrading => Poll::Ready(Err(gone())),
+            NetStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            NetStream::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
+            NetStream::Upgrading => Poll::Ready(Err(gone())),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            ClientStream::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
-            ClientStream::Upgrading => Poll::Ready(Err(gone())),
+            NetStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            NetStream::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+            NetStream::Upgrading => Poll::Ready(Err(gone())),
         }
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(tcp) => Pin::new(tcp).poll_close(cx),
-            ClientStream::Tls(tls) => Pin::new(&mut **tls).poll_close(cx),
-            ClientStream::Upgrading => Poll::Ready(Ok(())),
+            NetStream::Plain(tcp) => Pin::new(tcp).poll_close(cx),
+            NetStream::Tls(tls) => Pin::new(&mut **tls).poll_close(cx),
+            NetStream::Upgrading => Poll::Ready(Ok(())),
         }
     }
 }

@@ -6,12 +6,25 @@ use std::fs::File;
 use std::io::BufReader;
 use std::sync::Arc;
 
+use futures_rustls::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use futures_rustls::rustls::client::WebPkiServerVerifier;
+use futures_rustls::rustls::crypto::{
+    verify_tls12_signature, verify_tls13_signature, CryptoProvider,
+};
 use futures_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use futures_rustls::rustls::pki_types::{ServerName, UnixTime};
 use futures_rustls::rustls::server::WebPkiClientVerifier;
-use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
-use futures_rustls::TlsAcceptor;
+use futures_rustls::rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use futures_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{SslMode, TlsConfig};
+
+pub use futures_rustls::rustls;
 
 /// The ALPN protocol name PostgreSQL registered.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -49,10 +62,7 @@ pub fn client_acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, TlsErr
     })?;
     let certs = read_certs(cert_path, "tls.client_cert_file")?;
     let key = read_key(key_path, "tls.client_key_file")?;
-    // ring, not aws-lc-rs: it builds without cmake. (rustls marks it deprecated only
-    // for lacking post-quantum key exchange.)
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = provider();
     let verifier = match (&config.client_ca_file, config.client_sslmode) {
         (Some(ca), mode) => {
             let mut roots = RootCertStore::empty();
@@ -113,4 +123,200 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)
+}
+
+/// ring, not aws-lc-rs: it builds without cmake. (rustls marks it deprecated only for
+/// lacking post-quantum key exchange.)
+fn provider() -> Arc<CryptoProvider> {
+    #[allow(deprecated)]
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// How the proxy speaks TLS to servers: the connector and how much it insists.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub connector: TlsConnector,
+    /// The same settings for blocking connections (the health checker).
+    pub config: Arc<ClientConfig>,
+    pub mode: SslMode,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// The connector for server connections, or `None` with `server_sslmode = disable`.
+pub fn server_connector(config: &TlsConfig) -> Result<Option<ServerTls>, TlsError> {
+    let mode = config.server_sslmode;
+    if mode == SslMode::Disable {
+        return Ok(None);
+    }
+    let provider = provider();
+    let verifier: Arc<dyn ServerCertVerifier> = if mode >= SslMode::VerifyCa {
+        let ca = config.server_ca_file.as_deref().ok_or_else(|| {
+            error(
+                "tls.server_ca_file",
+                "required with server_sslmode verify-ca or verify-full",
+            )
+        })?;
+        let mut roots = RootCertStore::empty();
+        for cert in read_certs(ca, "tls.server_ca_file")? {
+            roots
+                .add(cert)
+                .map_err(|e| error("tls.server_ca_file", format!("{ca}: {e}")))?;
+        }
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| error("tls.server_ca_file", format!("{ca}: {e}")))?;
+        if mode == SslMode::VerifyFull {
+            webpki
+        } else {
+            Arc::new(ChainOnly(webpki))
+        }
+    } else {
+        Arc::new(AnyCertificate(provider.clone()))
+    };
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error("tls.server_sslmode", e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let config = match (&config.server_cert_file, &config.server_key_file) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(
+                read_certs(cert, "tls.server_cert_file")?,
+                read_key(key, "tls.server_key_file")?,
+            )
+            .map_err(|e| error("tls.server_key_file", format!("{key}: {e}")))?,
+        (None, None) => builder.with_no_client_auth(),
+        (Some(_), None) => {
+            return Err(error(
+                "tls.server_key_file",
+                "required with server_cert_file",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(error(
+                "tls.server_cert_file",
+                "required with server_key_file",
+            ))
+        }
+    };
+    let config = Arc::new(config);
+    Ok(Some(ServerTls {
+        connector: TlsConnector::from(config.clone()),
+        config,
+        mode,
+    }))
+}
+
+/// The name a server's certificate is checked against (verify-full): the host part of
+/// a node's "host:port".
+pub fn server_name(address: &str) -> Option<ServerName<'static>> {
+    let host = match address.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+        None => address,
+    };
+    ServerName::try_from(host.to_string()).ok()
+}
+
+/// verify-ca: the chain must lead to the CA; the name in the certificate is not checked.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// require, prefer, allow: encryption without checking who the server is (libpq's
+/// meaning of these modes); the handshake's signatures are still checked.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

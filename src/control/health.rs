@@ -12,8 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use helios_shard::config::{HealthConfig, NodeRole};
+use helios_shard::config::{Config, HealthConfig, NodeRole};
 use helios_shard::control::parse_lsn;
+use helios_shard::tls::ServerTls;
 
 use super::probe::{Probe, ProbeError, Rows, Target};
 use super::{Control, Health};
@@ -134,18 +135,29 @@ fn reconcile(control: &Arc<Control>, checkers: &mut HashMap<String, Checker>) {
 /// Checks one node until it leaves the configuration or the supervisor says stop.
 fn check_loop(control: &Control, address: &str, stopped: &Receiver<()>) {
     let mut conn: Option<Probe> = None;
+    // TLS as the shards use it, rebuilt when the configuration changes.
+    let mut tls: Option<(Arc<Config>, Option<ServerTls>)> = None;
     loop {
         let started = Instant::now();
         let Some(node) = control.node(address) else {
             break;
         };
         let config = control.config();
+        if !matches!(&tls, Some((seen, _)) if Arc::ptr_eq(seen, &config)) {
+            let built = helios_shard::tls::server_connector(&config.tls).unwrap_or_else(|e| {
+                log::warn!("health checks of {address}: {}: {}", e.key, e.message);
+                None
+            });
+            tls = Some((config.clone(), built));
+        }
         let (user, password) = config.health_credentials();
         let target = Target {
             addr: node.addr,
             user: &user,
             password: password.as_deref(),
             database: &config.health.database,
+            tls: tls.as_ref().and_then(|(_, t)| t.as_ref()),
+            address,
         };
         let outcome = check(&mut conn, target, &config.health);
         record(control, address, &config.health, outcome);

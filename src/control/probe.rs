@@ -11,6 +11,8 @@ use helios_shard::auth::client::{ClientAuth, ClientAuthError};
 use helios_shard::auth::scram::SaltedPasswordCache;
 use helios_shard::codec::backend::{self as be, BackendMessage, Fields};
 use helios_shard::codec::{frame, frontend, startup};
+use helios_shard::config::SslMode;
+use helios_shard::tls::{rustls, ServerTls};
 
 /// Larger messages are refused: probes read a handful of short rows.
 const MAX_MESSAGE: usize = 1 << 20;
@@ -26,6 +28,50 @@ pub struct Target<'a> {
     pub user: &'a str,
     pub password: Option<&'a str>,
     pub database: &'a str,
+    /// TLS as the shards use it (`tls.server_sslmode`), and the node's "host:port" for
+    /// the name its certificate must carry.
+    pub tls: Option<&'a ServerTls>,
+    pub address: &'a str,
+}
+
+/// The probe's socket, plain or TLS.
+enum ProbeStream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl ProbeStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            ProbeStream::Plain(tcp) => tcp,
+            ProbeStream::Tls(tls) => &tls.sock,
+        }
+    }
+}
+
+impl Read for ProbeStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ProbeStream::Plain(tcp) => tcp.read(buf),
+            ProbeStream::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for ProbeStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ProbeStream::Plain(tcp) => tcp.write(buf),
+            ProbeStream::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            ProbeStream::Plain(tcp) => tcp.flush(),
+            ProbeStream::Tls(tls) => tls.flush(),
+        }
+    }
 }
 
 /// Why a probe failed; the text is what `/nodes` shows as `last_error`.
@@ -50,6 +96,8 @@ pub enum ProbeError {
     Auth(String),
     #[error("server sent an invalid message: {0}")]
     Protocol(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl ProbeError {
@@ -93,7 +141,7 @@ impl From<helios_shard::codec::CodecError> for ProbeError {
 
 /// One logged-in connection.
 pub struct Probe {
-    stream: TcpStream,
+    stream: ProbeStream,
     /// Received bytes not yet consumed, from `start`.
     buf: Vec<u8>,
     start: usize,
@@ -122,12 +170,72 @@ impl Probe {
             })?;
         stream.set_nodelay(true).map_err(ProbeError::Io)?;
         let mut probe = Probe {
-            stream,
+            stream: ProbeStream::Plain(stream),
             buf: Vec::with_capacity(1024),
             start: 0,
         };
+        if let Some(tls) = target.tls {
+            probe.start_tls(tls, target.address, deadline)?;
+        }
         probe.login(target, deadline)?;
         Ok(probe)
+    }
+
+    /// Asks for TLS as the shards do: on to TLS when the server agrees, plain when it
+    /// declines and `server_sslmode` allows that.
+    fn start_tls(
+        &mut self,
+        tls: &ServerTls,
+        address: &str,
+        deadline: Instant,
+    ) -> Result<(), ProbeError> {
+        let mut request = Vec::with_capacity(8);
+        startup::encode_ssl_request(&mut request);
+        self.send(&request, deadline)?;
+        let mut answer = [0u8; 1];
+        self.stream
+            .tcp()
+            .set_read_timeout(Some(left(deadline, "negotiating TLS")?))
+            .map_err(ProbeError::Io)?;
+        self.stream
+            .read_exact(&mut answer)
+            .map_err(|e| ProbeError::io(e, "negotiating TLS"))?;
+        match answer[0] {
+            b'S' => {
+                let name = helios_shard::tls::server_name(address).ok_or_else(|| {
+                    ProbeError::Tls(format!("{address} is not a valid server name"))
+                })?;
+                let conn = rustls::ClientConnection::new(tls.config.clone(), name)
+                    .map_err(|e| ProbeError::Tls(e.to_string()))?;
+                // A second handle on the socket stands in while the first moves into TLS.
+                let placeholder = self.stream.tcp().try_clone().map_err(ProbeError::Io)?;
+                let ProbeStream::Plain(tcp) =
+                    std::mem::replace(&mut self.stream, ProbeStream::Plain(placeholder))
+                else {
+                    return Err(ProbeError::Tls("TLS is already on".into()));
+                };
+                let mut stream = rustls::StreamOwned::new(conn, tcp);
+                while stream.conn.is_handshaking() {
+                    stream
+                        .sock
+                        .set_read_timeout(Some(left(deadline, "negotiating TLS")?))
+                        .map_err(ProbeError::Io)?;
+                    stream
+                        .conn
+                        .complete_io(&mut stream.sock)
+                        .map_err(|e| ProbeError::Tls(e.to_string()))?;
+                }
+                self.stream = ProbeStream::Tls(Box::new(stream));
+                Ok(())
+            }
+            b'N' if tls.mode < SslMode::Require => Ok(()),
+            b'N' => Err(ProbeError::Tls(
+                "the server does not support SSL, but tls.server_sslmode requires it".into(),
+            )),
+            other => Err(ProbeError::Protocol(format!(
+                "unexpected answer {other:#04x} to SSLRequest"
+            ))),
+        }
     }
 
     fn login(&mut self, target: Target<'_>, deadline: Instant) -> Result<(), ProbeError> {
@@ -221,10 +329,12 @@ impl Probe {
     fn send(&mut self, bytes: &[u8], deadline: Instant) -> Result<(), ProbeError> {
         let waiting = "sending to the server";
         self.stream
+            .tcp()
             .set_write_timeout(Some(left(deadline, waiting)?))
             .map_err(ProbeError::Io)?;
         self.stream
             .write_all(bytes)
+            .and_then(|()| self.stream.flush())
             .map_err(|e| ProbeError::io(e, waiting))
     }
 
@@ -245,6 +355,7 @@ impl Probe {
             self.buf.drain(..self.start);
             self.start = 0;
             self.stream
+                .tcp()
                 .set_read_timeout(Some(left(deadline, waiting)?))
                 .map_err(ProbeError::Io)?;
             let old = self.buf.len();
@@ -286,6 +397,8 @@ mod tests {
             user: "u",
             password: None,
             database: "d",
+            tls: None,
+            address: "127.0.0.1:1",
         }
     }
 

@@ -170,6 +170,34 @@ impl PgCluster {
             .unwrap_or_else(|e| panic!("PostgreSQL did not restart on port {}: {e}", self.port));
     }
 
+    /// Turns TLS on with this certificate and key and accepts only TLS connections over
+    /// TCP (`hostssl` lines), then restarts the server.
+    pub fn require_ssl(&self, cert_pem: &str, key_pem: &str) {
+        let data = self.data_dir();
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            fs::write(&path, pem).expect("write TLS file");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+            self.give_to_owner(&path);
+        }
+        let hba = format!(
+            "local all all trust\n\
+             local replication all trust\n\
+             hostssl all {MD5_USER} 127.0.0.1/32 md5\n\
+             hostssl all {TRUST_USER} 127.0.0.1/32 trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n"
+        );
+        fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        conf.write_all(b"\nssl = on\n")
+            .expect("append postgresql.conf");
+        self.stop_server();
+        self.restart_server();
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.root.join("data")
     }

@@ -67,9 +67,10 @@ fn cert_logins(config: &Config) -> Check {
 /// The certificates and keys must load: a TLS setup that cannot start is refused with
 /// the key to fix, not found out at the first client.
 fn tls(tls: &super::TlsConfig) -> Check {
-    crate::tls::client_acceptor(tls)
-        .map(drop)
-        .map_err(|e| ConfigError::new(e.key, e.message))
+    let refuse = |e: crate::tls::TlsError| ConfigError::new(e.key, e.message);
+    crate::tls::client_acceptor(tls).map_err(refuse)?;
+    crate::tls::server_connector(tls).map_err(refuse)?;
+    Ok(())
 }
 
 fn routing(config: &Config) -> Check {

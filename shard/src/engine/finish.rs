@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::stream::ClientStream;
+use crate::stream::NetStream;
 use futures_lite::AsyncWriteExt;
 
 use crate::backend::{BackendConn, Settings};
@@ -27,7 +27,7 @@ use super::unit::Flow;
 /// or closes it.
 pub async fn finish(
     ctx: &ShardCtx,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     mut backend: Lease,
     end: PumpEnd,
     flow: &Flow,
@@ -67,7 +67,7 @@ pub async fn finish(
     // Whole messages decided on but not yet written still count as sent (their answers
     // are queued): send them, and drain their answers below.
     for part in lanes.up.unsent() {
-        if !part.is_empty() && backend.stream.write_all(part).await.is_err() {
+        if !part.is_empty() && backend.stream.send(part).await.is_err() {
             backend.discard();
             return;
         }
@@ -83,7 +83,7 @@ pub async fn finish(
 /// Ends the client's connection now (both directions), so it is not kept waiting while
 /// its server connection is brought back; the socket itself closes when the session's
 /// task ends.
-pub fn hang_up(client: &ClientStream) {
+pub fn hang_up(client: &NetStream) {
     use std::os::fd::AsRawFd;
     // SAFETY: shutdown(2) on a socket this session owns; no memory is involved.
     unsafe {
@@ -93,7 +93,7 @@ pub fn hang_up(client: &ClientStream) {
 
 /// Ends a session a limit cut short: FATAL with PostgreSQL's SQLSTATE for it, counted
 /// by reason.
-pub async fn tell_cut(ctx: &ShardCtx, client: &mut ClientStream, cut: Cut) {
+pub async fn tell_cut(ctx: &ShardCtx, client: &mut NetStream, cut: Cut) {
     ctx.stats.clients_cut[cut as usize].inc();
     let limit = Limits::new(&ctx.config()).value_for(cut, ctx.message_memory.limit());
     let message = cut.message(limit);
@@ -121,7 +121,7 @@ struct Unfinished {
 pub async fn tell_client(
     ctx: &ShardCtx,
     pool: &Pool,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     end: &PumpEnd,
     server_fatal: bool,
 ) {
@@ -217,7 +217,7 @@ async fn clean(
         work.in_flight += 1;
         work.unsynced = false;
     }
-    if !req.is_empty() && backend.stream.write_all(&req).await.is_err() {
+    if !req.is_empty() && backend.stream.send(&req).await.is_err() {
         return false;
     }
     let mut buf = ctx.bufs.take();

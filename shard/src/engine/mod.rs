@@ -32,7 +32,7 @@ pub mod welcome;
 
 use std::rc::Rc;
 
-use crate::stream::ClientStream;
+use crate::stream::NetStream;
 use futures_lite::AsyncWriteExt;
 
 use crate::backend::BackendConn;
@@ -80,7 +80,7 @@ pub const PHASES: Chain = (
 /// is gone before the session settles into its idle wait.)
 pub async fn start(
     ctx: &Rc<ShardCtx>,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     login: &Login,
     mode: PoolMode,
 ) -> Option<Box<Session>> {
@@ -89,7 +89,7 @@ pub async fn start(
 }
 
 /// Serves a welcomed session until it ends.
-pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut ClientStream, session: &mut Session) {
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream, session: &mut Session) {
     run(ctx, client, session, &PHASES).await
 }
 
@@ -116,7 +116,7 @@ fn home_pool(ctx: &ShardCtx, pool: &Rc<Pool>, user: &UserEntry) -> Rc<Pool> {
     }
 }
 
-async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut ClientStream, s: &mut Session, phases: &P) {
+async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Session, phases: &P) {
     // One allocation for the session's lanes and unit context: held by value in this
     // future, the compiler's layout would pad them into a larger idle state.
     let mut desk = Box::new((Lanes::new(ctx.max_message_size()), Unit::default()));
@@ -190,7 +190,7 @@ enum Cycle {
 /// One unit from its start to keeping, releasing or discarding its connection.
 async fn unit_cycle<P: Phase>(
     ctx: &Rc<ShardCtx>,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &mut Lanes,
@@ -279,7 +279,7 @@ async fn unit_cycle<P: Phase>(
 /// the session goes on.
 async fn refuse_unit(
     ctx: &Rc<ShardCtx>,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     s: &mut Session,
     lanes: &mut Lanes,
     error: &[u8],
@@ -310,7 +310,7 @@ async fn refuse_unit(
 /// the protocol, or hit a limit.
 async fn stopped(
     ctx: &Rc<ShardCtx>,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     s: &mut Session,
     stop: intake::Stop,
 ) -> Cycle {
@@ -331,7 +331,7 @@ async fn stopped(
 /// the connection the session keeps, if that is another one.
 async fn end_on(
     ctx: &ShardCtx,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &Lanes,
@@ -358,7 +358,7 @@ async fn end_on(
 /// how the cycle ends instead (the client was told).
 async fn take_connection<P: Phase>(
     ctx: &Rc<ShardCtx>,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &mut Lanes,
@@ -452,7 +452,7 @@ async fn release_held(ctx: &ShardCtx, s: &mut Session) {
 #[allow(clippy::too_many_arguments)]
 async fn serve_unit<P: Phase>(
     ctx: &Rc<ShardCtx>,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &mut Lanes,
@@ -504,6 +504,7 @@ async fn serve_unit<P: Phase>(
                 query_deadline: None,
                 client_read_pending: false,
                 client_unflushed: false,
+                server_unflushed: false,
             }
             .await
         };
@@ -574,7 +575,7 @@ async fn serve_unit<P: Phase>(
 
 /// Ends a session that is between units: the client left, the connection the session
 /// keeps broke, or the shard drains.
-async fn end_idle(ctx: &Rc<ShardCtx>, client: &mut ClientStream, s: &mut Session, wake: Wake) {
+async fn end_idle(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Session, wake: Wake) {
     s.point_cancel(None);
     let held = s.held.take();
     match (wake, held) {

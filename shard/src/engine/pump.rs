@@ -76,8 +76,9 @@ pub struct Pump<'a, C, S, P> {
     pub query_deadline: Option<(Timer, u32)>,
     /// The last read of the client's socket found nothing (with room to read).
     pub client_read_pending: bool,
-    /// Bytes were written to the client since its last flush.
+    /// Bytes were written to the client (the server) since its last flush.
     pub client_unflushed: bool,
+    pub server_unflushed: bool,
 }
 
 type Moved = Result<bool, PumpEnd>;
@@ -113,6 +114,7 @@ impl<C: Stream, S: Stream, P: Phase> Future for Pump<'_, C, S, P> {
                 && this.down.is_quiet()
                 && this.cx.responses.is_empty()
                 && !this.client_unflushed
+                && !this.server_unflushed
             {
                 return Poll::Ready(if this.draining.is_set() {
                     PumpEnd::Drain
@@ -374,6 +376,21 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         let (bytes, in_place) = match lane.inb.as_ref() {
             Some(buf) if lane.start < lane.fwd_end => (&buf[lane.start..lane.fwd_end], true),
             _ if lane.out_pos < lane.out.len() => (&lane.out[lane.out_pos..], false),
+            _ if self.server_unflushed => {
+                // Everything is written: make sure it left (TLS keeps records back).
+                return match Pin::new(&mut *self.server).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.server_unflushed = false;
+                        Poll::Ready(Ok(true))
+                    }
+                    Poll::Ready(Err(_)) => {
+                        self.backend_eof = true;
+                        self.server_unflushed = false;
+                        Poll::Ready(Ok(true))
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
             _ => return Poll::Ready(Ok(false)),
         };
         match Pin::new(&mut *self.server).poll_write(cx, bytes) {
@@ -387,6 +404,7 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                 Poll::Ready(Ok(true))
             }
             Poll::Ready(Ok(n)) => {
+                self.server_unflushed = true;
                 if in_place {
                     lane.start += n;
                     lane.skip_copied();

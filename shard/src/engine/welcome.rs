@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 
-use crate::stream::ClientStream;
+use crate::stream::NetStream;
 use futures_lite::AsyncWriteExt;
 
 use crate::backend::{BackendConn, Settings};
@@ -24,7 +24,7 @@ use super::settings;
 /// Logs the client in to its home pool, or tells it why not (and returns `None`).
 pub async fn login<P: Phase>(
     ctx: &Rc<ShardCtx>,
-    client: &mut ClientStream,
+    client: &mut NetStream,
     login: &Login,
     features: Features,
     phases: &P,
@@ -131,7 +131,7 @@ pub async fn login<P: Phase>(
 }
 
 /// Who the client is, for SHOW CLIENTS and KILL_CLIENT.
-pub(crate) fn client_info(client: &ClientStream, login: &Login) -> crate::cancel::ClientInfo {
+pub(crate) fn client_info(client: &NetStream, login: &Login) -> crate::cancel::ClientInfo {
     use std::os::fd::AsRawFd;
     crate::cancel::ClientInfo {
         user: login.user.name.as_str().into(),
@@ -149,7 +149,7 @@ pub(crate) fn client_info(client: &ClientStream, login: &Login) -> crate::cancel
 
 /// Takes a connection for this client (see [`acquire_watching_client`]), or tells the
 /// client why there is none and closes it.
-async fn acquire_or_report(pool: &Rc<Pool>, client: &mut ClientStream) -> Option<Lease> {
+async fn acquire_or_report(pool: &Rc<Pool>, client: &mut NetStream) -> Option<Lease> {
     match acquire_watching_client(pool, client).await? {
         Ok(backend) => Some(backend),
         Err(e) => {
@@ -161,7 +161,7 @@ async fn acquire_or_report(pool: &Rc<Pool>, client: &mut ClientStream) -> Option
 
 /// FATAL 53300 naming the pool (or the connect error), then close: the client cannot be
 /// served.
-pub async fn report_acquire_error(pool: &Pool, client: &mut ClientStream, error: AcquireError) {
+pub async fn report_acquire_error(pool: &Pool, client: &mut NetStream, error: AcquireError) {
     log::warn!("pool {}: {error}", pool.label);
     let mut out = Vec::new();
     match error {
@@ -176,7 +176,7 @@ pub async fn report_acquire_error(pool: &Pool, client: &mut ClientStream, error:
 /// the queue is then released).
 async fn acquire_watching_client(
     pool: &Rc<Pool>,
-    client: &mut ClientStream,
+    client: &mut NetStream,
 ) -> Option<Result<Lease, AcquireError>> {
     let acquire = async { Some(pool.acquire().await) };
     let watch = async {
@@ -192,7 +192,7 @@ async fn acquire_watching_client(
 
 /// AuthenticationOk, the server's parameters, the cancel key, ReadyForQuery.
 async fn welcome(
-    client: &mut ClientStream,
+    client: &mut NetStream,
     backend: &BackendConn,
     cancel: &CancelHandle,
 ) -> std::io::Result<()> {

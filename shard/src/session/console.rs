@@ -7,7 +7,7 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::stream::ClientStream;
+use crate::stream::NetStream;
 use crossbeam_channel::TryRecvError;
 
 use super::login::{send_fatal, Login};
@@ -34,7 +34,7 @@ pub fn is_console(database: &str) -> bool {
 
 /// Serves one console session: checks the user may use the console, welcomes it with the
 /// proxy's own parameters, then answers statements until it leaves.
-pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut ClientStream, login: Login) {
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream, login: Login) {
     let user = login.user.name.clone();
     if ctx.config().console_access(&user).is_none() {
         log::warn!("user {user} refused the admin console: not in admin_users or stats_users");
@@ -57,7 +57,7 @@ fn not_allowed(user: &str) -> String {
 /// AuthenticationOk, the console's parameters, the proxy-issued key (so the session shows
 /// in SHOW CLIENTS and KILL_CLIENT can end it), ReadyForQuery.
 async fn welcome(
-    client: &mut ClientStream,
+    client: &mut NetStream,
     login: &Login,
     cancel: &CancelHandle,
 ) -> std::io::Result<()> {
@@ -95,7 +95,7 @@ enum Next {
     Drain,
 }
 
-async fn next(ctx: &ShardCtx, client: &mut ClientStream, reader: &mut MessageReader) -> Next {
+async fn next(ctx: &ShardCtx, client: &mut NetStream, reader: &mut MessageReader) -> Next {
     let read = async {
         match reader.next(client).await {
             Ok((tag, body)) => Next::Message(tag, body),
@@ -112,7 +112,7 @@ async fn next(ctx: &ShardCtx, client: &mut ClientStream, reader: &mut MessageRea
 
 /// The statement loop. Extended-protocol messages are refused once and then skipped up
 /// to the Sync, as a server does after an error.
-async fn run(ctx: &Rc<ShardCtx>, client: &mut ClientStream, user: &str) {
+async fn run(ctx: &Rc<ShardCtx>, client: &mut NetStream, user: &str) {
     let mut reader = MessageReader::new(ctx.max_message_size());
     let mut skipping = false;
     loop {

@@ -4,7 +4,7 @@
 use std::io;
 use std::rc::Rc;
 
-use crate::stream::ClientStream;
+use crate::stream::NetStream;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::{md5, scram};
@@ -69,7 +69,7 @@ impl From<ReadError> for LoginError {
 /// Reads startup packets until a StartupMessage arrives, answering SSL requests with
 /// 'S' and a TLS handshake when `[tls]` offers it (else 'N'), GSS requests with 'N', and
 /// routing cancel requests; then authenticates.
-pub async fn login(ctx: &ShardCtx, stream: &mut ClientStream) -> Result<Login, LoginError> {
+pub async fn login(ctx: &ShardCtx, stream: &mut NetStream) -> Result<Login, LoginError> {
     let (mut ssl_asked, mut gss_asked) = (false, false);
     let acceptor = ctx.tls.borrow().clone();
     if let Some(acceptor) = &acceptor {
@@ -136,7 +136,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Takes the connection to TLS. Direct TLS must have agreed on ALPN `postgresql`, as
 /// PostgreSQL 17 requires.
 async fn start_tls(
-    stream: &mut ClientStream,
+    stream: &mut NetStream,
     acceptor: &futures_rustls::TlsAcceptor,
     direct: bool,
 ) -> Result<(), LoginError> {
@@ -168,7 +168,7 @@ fn repeated_request(packet: &[u8]) -> CodecError {
 /// Tells a client that asked for a newer protocol minor or `_pq_` options that we speak
 /// 3.0 without them, as PostgreSQL does.
 async fn negotiate_protocol(
-    stream: &mut ClientStream,
+    stream: &mut NetStream,
     minor: u16,
     options: &[String],
 ) -> io::Result<()> {
@@ -181,7 +181,7 @@ async fn negotiate_protocol(
     stream.send(&out).await
 }
 
-async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, LoginError> {
+async fn read_startup_packet(stream: &mut NetStream) -> Result<Vec<u8>, LoginError> {
     let mut len_bytes = [0u8; 4];
     read_exact_or_gone(stream, &mut len_bytes).await?;
     let len = u32::from_be_bytes(len_bytes) as usize;
@@ -197,7 +197,7 @@ async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, Login
     Ok(packet)
 }
 
-async fn read_exact_or_gone(stream: &mut ClientStream, buf: &mut [u8]) -> Result<(), LoginError> {
+async fn read_exact_or_gone(stream: &mut NetStream, buf: &mut [u8]) -> Result<(), LoginError> {
     stream.read_exact(buf).await.map_err(|_| LoginError::Gone)
 }
 
@@ -294,7 +294,7 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, LoginError>
 
 async fn authenticate(
     ctx: &ShardCtx,
-    stream: &mut ClientStream,
+    stream: &mut NetStream,
     user: &UserEntry,
 ) -> Result<(), LoginError> {
     let failed = || {
@@ -394,7 +394,7 @@ fn cleartext_matches(user: &UserEntry, password: &[u8]) -> bool {
 
 /// Reads one authentication response ('p'); anything else is a protocol violation.
 async fn read_password_message(
-    stream: &mut ClientStream,
+    stream: &mut NetStream,
     reader: &mut MessageReader,
 ) -> Result<Vec<u8>, LoginError> {
     let (tag, body) = reader.next(stream).await?;
@@ -411,7 +411,7 @@ async fn read_password_message(
 }
 
 /// Writes a FATAL ErrorResponse and closes; errors writing are ignored (the client may be gone).
-pub async fn send_fatal(stream: &mut ClientStream, code: &str, message: &str) {
+pub async fn send_fatal(stream: &mut NetStream, code: &str, message: &str) {
     let mut out = Vec::with_capacity(64 + message.len());
     be::write_error(&mut out, "FATAL", code, message);
     let _ = stream.send(&out).await;

@@ -7,14 +7,14 @@ pub mod login;
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::stream::ClientStream;
+use crate::stream::NetStream;
 
 use crate::context::ShardCtx;
 use crate::sync;
 use login::{send_fatal, LoginError};
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut ClientStream) {
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) {
     let _ = client.set_nodelay(true);
     let peer = client.peer_addr().ok();
     let who = PeerName(peer);
