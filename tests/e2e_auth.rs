@@ -52,26 +52,63 @@ async fn wrong_password_is_28p01() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_user_is_refused() {
+async fn unknown_user_is_refused_like_a_wrong_password() {
     let target = target("");
     let err = target
         .connect("nosuchuser", Some("whatever"), DATABASE)
         .await
         .expect_err("unknown user accepted");
-    if target.is_direct() {
-        // PostgreSQL hides whether a role exists behind a failed SCRAM exchange.
-        assert_eq!(sqlstate(&err), "28P01", "{err:?}");
-    } else {
-        assert_eq!(sqlstate(&err), "28000", "{err:?}");
-        let message = err
-            .as_db_error()
-            .map(|e| e.message().to_string())
-            .unwrap_or_default();
-        assert!(
-            message.contains("role \"nosuchuser\" does not exist"),
-            "message: {message}"
-        );
+    // PostgreSQL hides whether a role exists behind a failed SCRAM exchange, and so does
+    // the proxy: same SQLSTATE, same words as a wrong password.
+    assert_eq!(sqlstate(&err), "28P01", "{err:?}");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert_eq!(
+        message, "password authentication failed for user \"nosuchuser\"",
+        "{err:?}"
+    );
+    // The password is asked for (SASL) before anything is refused, with the same salt
+    // on every attempt, as for a real user.
+    let port = target.port;
+    let salts = tokio::task::spawn_blocking(move || {
+        (0..2)
+            .map(|_| {
+                let mut conn = common::RawConn::connect(port);
+                assert_eq!(conn.first_auth_request("nosuchuser", DATABASE), 10, "SASL");
+                conn.scram_salt("nosuchuser")
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("raw SCRAM");
+    assert_eq!(salts[0], salts[1], "a stable salt for an unknown user");
+}
+
+/// Failed logins are counted by reason, and an address that keeps failing is answered
+/// more and more slowly (bounded), without locking a right password out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failures_are_counted_by_reason_and_damped() {
+    if common::proxy_only("auth damping", "the proxy's counters") {
+        return;
     }
+    let target = target("");
+    for _ in 0..6 {
+        let err = target
+            .connect(SUPERUSER, Some("wrong"), DATABASE)
+            .await
+            .expect_err("wrong password accepted");
+        assert_eq!(sqlstate(&err), "28P01");
+    }
+    let _ = target.connect("nosuchuser", Some("wrong"), DATABASE).await;
+    let metrics = common::http::get(target.admin_port.expect("admin"), "/metrics").json();
+    let by_reason = &metrics["auth_failures_by_reason"];
+    assert!(by_reason["wrong_password"].as_u64() >= Some(6), "{metrics}");
+    assert!(by_reason["unknown_user"].as_u64() >= Some(1), "{metrics}");
+    assert!(metrics["auth_delayed"].as_u64() >= Some(1), "{metrics}");
+    let client = target.client().await;
+    assert_eq!(current_user(&client).await, SUPERUSER);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,6 +41,40 @@ pub struct UserEntry {
     pub scram: Option<ScramVerifier>,
     pub server_user: String,
     pub server_password: Option<String>,
+    /// False for a name no `[[users]]` entry has: such a login goes through the same
+    /// exchange as a wrong password and fails the same way (no user enumeration).
+    pub known: bool,
+}
+
+impl UserEntry {
+    /// A stand-in for a user the proxy does not know, asked for a password by `method`
+    /// as a known one would be. Its SCRAM salt depends only on the name (and this
+    /// process), so repeated attempts see the same salt, as for a real user.
+    pub fn unknown(name: &str, method: AuthMethod) -> UserEntry {
+        use sha2::{Digest, Sha256};
+        static MOCK_KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let key = MOCK_KEY.get_or_init(rand::random);
+        let digest = Sha256::new()
+            .chain_update(key)
+            .chain_update(name.as_bytes())
+            .finalize();
+        let scram = (method == AuthMethod::ScramSha256).then(|| ScramVerifier {
+            iterations: SCRAM_ITERATIONS,
+            salt: digest[..16].to_vec(),
+            // Keys nobody can produce a proof for.
+            stored_key: rand::random(),
+            server_key: rand::random(),
+        });
+        UserEntry {
+            name: name.to_string(),
+            method,
+            secret: None,
+            scram,
+            server_user: name.to_string(),
+            server_password: None,
+            known: false,
+        }
+    }
 }
 
 pub struct ShardCtx {
@@ -69,6 +103,8 @@ pub struct ShardCtx {
     pub budgets: Arc<Budgets>,
     pub cancels: CancelRegistry,
     pub bufs: BufPool,
+    /// Recent failed logins by client address (damping).
+    pub login_failures: RefCell<crate::session::failures::Failures>,
     /// Clients' TLS handshakes (`[tls]`; `None` when client_sslmode is disable).
     pub tls: RefCell<Option<futures_rustls::TlsAcceptor>>,
     /// TLS towards servers (`None` when server_sslmode is disable).
@@ -149,6 +185,7 @@ impl ShardCtx {
                 stats.clone(),
             ),
             bufs: BufPool::new(config.limits.buffer_size),
+            login_failures: RefCell::default(),
             tls: RefCell::new(
                 crate::tls::client_acceptor(&config.tls)
                     .map_err(|e| format!("{}: {}", e.key, e.message))?,
@@ -347,6 +384,7 @@ fn user_entry(u: &crate::config::UserConfig, default: AuthMethod) -> Result<User
         scram,
         server_user: u.backend_user().to_string(),
         server_password: u.backend_password().map(str::to_string),
+        known: true,
     })
 }
 

@@ -54,6 +54,10 @@ pub struct ShardStats {
     pub query_duration: Histogram,
     /// Time a client waited for a server connection (0 when one was idle).
     pub pool_acquire: Histogram,
+    /// Failed logins by `session::failures::AuthFailure` (its index).
+    pub auth_failures_by_reason: [Counter; 5],
+    /// Failed logins answered late because their address kept failing.
+    pub auth_delayed: Counter,
     /// Sessions the proxy ended at a limit, by `engine::cut::Cut` (its index).
     pub clients_cut: [Counter; 5],
     /// Bytes of partly received client messages held right now (a gauge).

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use helios_shard::control::{Detail, PoolReport};
 use helios_shard::engine::cut::Cut;
+use helios_shard::session::failures::AuthFailure;
 use helios_shard::stats::{Histogram, ShardStats, BUCKET_BOUNDS_US};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -67,6 +68,8 @@ fn describe() {
         ("heliosdb_proxy_protocol_errors_total", "Clients disconnected for protocol violations"),
         ("heliosdb_proxy_auth_failures_total", "Failed client logins"),
         ("heliosdb_proxy_routing_decisions_total", "Units of work routed, by node and reason (read/write splitting)"),
+        ("heliosdb_proxy_auth_failures_by_reason_total", "Failed client logins by reason: wrong_password, unknown_user, no_certificate, certificate_mismatch, no_encryption"),
+        ("heliosdb_proxy_auth_delayed_total", "Failed logins answered late because their address kept failing"),
         ("heliosdb_proxy_clients_cut_total", "Client sessions the proxy ended at a limit, by reason (the timeouts, message_memory)"),
         ("heliosdb_proxy_admin_connections_total", "Admin API connections accepted"),
         ("heliosdb_proxy_admin_connections_refused_total", "Admin API connections past admin_api.max_connections that were not a /health probe"),
@@ -200,6 +203,11 @@ fn sync(control: &Control) {
         counter!("heliosdb_proxy_cancels_forwarded_total").absolute(totals.cancels_forwarded);
         counter!("heliosdb_proxy_protocol_errors_total").absolute(totals.protocol_errors);
         counter!("heliosdb_proxy_auth_failures_total").absolute(totals.auth_failures);
+        for (reason, count) in AuthFailure::ALL.iter().zip(totals.auth_by_reason) {
+            counter!("heliosdb_proxy_auth_failures_by_reason_total", "reason" => reason.label())
+                .absolute(count);
+        }
+        counter!("heliosdb_proxy_auth_delayed_total").absolute(totals.auth_delayed);
         for (cut, count) in Cut::ALL.iter().zip(totals.cut) {
             counter!("heliosdb_proxy_clients_cut_total", "reason" => cut.label()).absolute(count);
         }
@@ -346,6 +354,8 @@ struct Totals {
     auth_failures: u64,
     /// Sessions ended at a limit, by `Cut` index.
     cut: [u64; 5],
+    auth_by_reason: [u64; 5],
+    auth_delayed: u64,
     message_memory: u64,
 }
 
@@ -374,6 +384,10 @@ impl Totals {
             for (sum, counter) in t.cut.iter_mut().zip(&s.clients_cut) {
                 *sum += counter.get();
             }
+            for (sum, counter) in t.auth_by_reason.iter_mut().zip(&s.auth_failures_by_reason) {
+                *sum += counter.get();
+            }
+            t.auth_delayed += s.auth_delayed.get();
             t.message_memory += s.message_memory_bytes.get();
         }
         t
@@ -407,6 +421,12 @@ pub fn json(control: &Control) -> Value {
         "cancels_forwarded": t.cancels_forwarded,
         "protocol_errors": t.protocol_errors,
         "auth_failures": t.auth_failures,
+        "auth_failures_by_reason": AuthFailure::ALL
+            .iter()
+            .zip(t.auth_by_reason)
+            .map(|(reason, n)| (reason.label().to_string(), json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
+        "auth_delayed": t.auth_delayed,
         "clients_cut": Cut::ALL
             .iter()
             .zip(t.cut)

@@ -290,6 +290,24 @@ impl RawConn {
         }
     }
 
+    /// After [`RawConn::first_auth_request`] answered SASL: starts a SCRAM-SHA-256
+    /// exchange and returns the salt the server offers (`s=` of its first message).
+    pub fn scram_salt(&mut self, user: &str) -> String {
+        let first = format!("n,,n={user},r=rawclientnonce0123456789");
+        let mut body = b"SCRAM-SHA-256\0".to_vec();
+        body.extend_from_slice(&(first.len() as i32).to_be_bytes());
+        body.extend_from_slice(first.as_bytes());
+        self.send(b'p', &body).expect("send SASLInitialResponse");
+        let m = self.expect_message("SCRAM server-first");
+        assert_eq!(m.tag, b'R', "expected AuthenticationSASLContinue");
+        assert_eq!(m.i32_at(0), 11, "expected AuthenticationSASLContinue");
+        let text = String::from_utf8_lossy(&m.body[4..]).into_owned();
+        text.split(',')
+            .find_map(|part| part.strip_prefix("s="))
+            .unwrap_or_else(|| panic!("no salt in {text}"))
+            .to_string()
+    }
+
     /// One simple Query, read through ReadyForQuery.
     pub fn simple_query(&mut self, sql: &str) -> QueryResult {
         let mut body = sql.as_bytes().to_vec();

@@ -7,6 +7,7 @@ use std::rc::Rc;
 use crate::stream::NetStream;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
+use super::failures::AuthFailure;
 use crate::auth::{md5, scram};
 use crate::cancel::CancelMsg;
 use crate::codec::backend as be;
@@ -34,6 +35,13 @@ pub enum LoginError {
     Gone,
     #[error("{message}")]
     Fatal { code: &'static str, message: String },
+    /// The client could not prove who it is (counted, and damped per address).
+    #[error("{message}")]
+    AuthFailed {
+        code: &'static str,
+        message: String,
+        reason: AuthFailure,
+    },
 }
 
 impl LoginError {
@@ -114,16 +122,17 @@ pub async fn login(ctx: &ShardCtx, stream: &mut NetStream) -> Result<Login, Logi
                         .peer_addr()
                         .map(|a| a.ip().to_string())
                         .unwrap_or_default();
-                    return Err(LoginError::fatal(
-                        "28000",
-                        format!(
+                    return Err(LoginError::AuthFailed {
+                        code: "28000",
+                        reason: AuthFailure::NoEncryption,
+                        message: format!(
                             "no pg_hba.conf entry for host \"{host}\", user \"{}\", database \"{}\", no encryption",
                             login.user.name, login.database
                         ),
-                    ));
+                    });
                 }
                 negotiate_protocol(stream, msg.minor(), &login.unsupported_options).await?;
-                authenticate(ctx, stream, &login.user).await?;
+                authenticate(stream, &login.user).await?;
                 return Ok(login);
             }
         }
@@ -217,9 +226,11 @@ fn parse_startup(ctx: &ShardCtx, msg: &startup::StartupMessage<'_>) -> Result<Lo
             "replication connections are not supported by the proxy",
         ));
     }
-    let user = ctx.user(user_name).ok_or_else(|| {
-        LoginError::fatal("28000", format!("role \"{user_name}\" does not exist"))
-    })?;
+    // A name no [[users]] entry has is asked for a password all the same (and fails
+    // as a wrong one does), so logins cannot tell which users exist.
+    let user = ctx
+        .user(user_name)
+        .unwrap_or_else(|| Rc::new(UserEntry::unknown(user_name, ctx.config().auth.method)));
     let database = msg
         .get("database")
         .filter(|d| !d.is_empty())
@@ -292,17 +303,15 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, LoginError>
     Ok(out)
 }
 
-async fn authenticate(
-    ctx: &ShardCtx,
-    stream: &mut NetStream,
-    user: &UserEntry,
-) -> Result<(), LoginError> {
-    let failed = || {
-        ctx.stats.auth_failures.inc();
-        LoginError::fatal(
-            "28P01",
-            format!("password authentication failed for user \"{}\"", user.name),
-        )
+async fn authenticate(stream: &mut NetStream, user: &UserEntry) -> Result<(), LoginError> {
+    let failed = || LoginError::AuthFailed {
+        code: "28P01",
+        message: format!("password authentication failed for user \"{}\"", user.name),
+        reason: if user.known {
+            AuthFailure::WrongPassword
+        } else {
+            AuthFailure::UnknownUser
+        },
     };
     let mut out = Vec::with_capacity(256);
     let mut reader = MessageReader::new(MAX_STARTUP_PACKET);
@@ -311,21 +320,21 @@ async fn authenticate(
         AuthMethod::Cert => {
             // As PostgreSQL's `cert` method: the verified certificate's CN is the user.
             let Some(cert) = stream.peer_certificate() else {
-                ctx.stats.auth_failures.inc();
-                return Err(LoginError::fatal(
-                    "28000",
-                    "connection requires a valid client certificate",
-                ));
+                return Err(LoginError::AuthFailed {
+                    code: "28000",
+                    message: "connection requires a valid client certificate".into(),
+                    reason: AuthFailure::NoCertificate,
+                });
             };
             if crate::tls::common_name(cert).as_deref() != Some(user.name.as_str()) {
-                ctx.stats.auth_failures.inc();
-                return Err(LoginError::fatal(
-                    "28000",
-                    format!(
+                return Err(LoginError::AuthFailed {
+                    code: "28000",
+                    message: format!(
                         "certificate authentication failed for user \"{}\"",
                         user.name
                     ),
-                ));
+                    reason: AuthFailure::CertificateMismatch,
+                });
             }
         }
         AuthMethod::Password => {
@@ -375,6 +384,14 @@ async fn authenticate(
             be::write_auth_sasl_final(&mut out, &last);
             stream.send(&out).await?;
         }
+    }
+    if !user.known {
+        // Only reachable without a password (trust, cert): PostgreSQL says the same.
+        return Err(LoginError::AuthFailed {
+            code: "28000",
+            message: format!("role \"{}\" does not exist", user.name),
+            reason: AuthFailure::UnknownUser,
+        });
     }
     Ok(())
 }

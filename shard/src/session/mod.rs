@@ -2,6 +2,7 @@
 //! console or the engine (every pool mode) until the client leaves.
 
 pub mod console;
+pub mod failures;
 pub mod login;
 
 use std::rc::Rc;
@@ -31,6 +32,33 @@ pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) {
             return;
         }
         Some(Err(LoginError::Gone)) => return,
+        Some(Err(LoginError::AuthFailed {
+            code,
+            message,
+            reason,
+        })) => {
+            ctx.stats.auth_failures.inc();
+            ctx.stats.auth_failures_by_reason[reason as usize].inc();
+            let delay = match peer {
+                Some(addr) => ctx.login_failures.borrow_mut().record(addr.ip()),
+                None => std::time::Duration::ZERO,
+            };
+            if !delay.is_zero() {
+                ctx.stats.auth_delayed.inc();
+            }
+            log::warn!(
+                "client {who}: login refused ({code}, {}): {message}{}",
+                reason.label(),
+                if delay.is_zero() {
+                    String::new()
+                } else {
+                    format!(" (answered after {delay:?}: repeated failures from this address)")
+                }
+            );
+            glommio::timer::sleep(delay).await;
+            send_fatal(client, code, &message).await;
+            return;
+        }
         Some(Err(LoginError::Fatal { code, message })) => {
             if code == "08P01" {
                 ctx.stats.protocol_errors.inc();
