@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{
     raw::{RawConn, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE},
     sqlstate, target, DATABASE, MD5_PASSWORD, MD5_USER, SUPERUSER, SUPERUSER_PASSWORD, TRUST_USER,
@@ -331,4 +333,81 @@ server_password = "{MD5_PASSWORD}"
             .expect_err("wrong password accepted");
         assert_eq!(sqlstate(&err), "28P01", "{method}: {err:?}");
     }
+}
+
+/// `[auth] auth_hba_file`: the first matching line decides the method, `reject` and "no
+/// line" refuse with PostgreSQL's words, and the file is read again on reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hba_rules_decide_and_refuse_as_postgresql_and_reload() {
+    if common::proxy_only("auth_hba_file", "the proxy's rules") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("helios-hba-")
+        .tempdir()
+        .expect("temp dir");
+    let path = dir.path().join("pg_hba.conf");
+    let write = |text: &str| std::fs::write(&path, text).expect("write hba");
+    write(&format!(
+        "# the proxy's rules\n\
+         host all {MD5_USER} 127.0.0.1/32 reject\n\
+         host \"{DATABASE}\" {TRUST_USER} 10.0.0.0/8 trust\n\
+         host all {SUPERUSER},other 127.0.0.1 255.255.255.255 scram-sha-256\n"
+    ));
+    let target = target(&format!("[auth]\nauth_hba_file = \"{}\"\n", path.display()));
+    // scram-sha-256 by the third line.
+    let client = target.client().await;
+    assert_eq!(current_user(&client).await, SUPERUSER);
+    // reject.
+    let err = target
+        .connect(MD5_USER, Some(MD5_PASSWORD), DATABASE)
+        .await
+        .expect_err("rejected by the rules");
+    assert_eq!(sqlstate(&err), "28000", "{err:?}");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert_eq!(
+        message,
+        format!("pg_hba.conf rejects connection for host \"127.0.0.1\", user \"{MD5_USER}\", database \"{DATABASE}\", no encryption")
+    );
+    // No line for this address.
+    let err = target
+        .connect(TRUST_USER, None, DATABASE)
+        .await
+        .expect_err("no matching line");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert_eq!(
+        message,
+        format!("no pg_hba.conf entry for host \"127.0.0.1\", user \"{TRUST_USER}\", database \"{DATABASE}\", no encryption")
+    );
+    // A new file on reload: md5 for that user now.
+    write(&format!(
+        "host all {MD5_USER} 127.0.0.1/32 md5\nhost all all 127.0.0.1/32 scram-sha-256\n"
+    ));
+    let reload = common::http::post(target.admin_port.expect("admin"), "/config/reload");
+    assert_eq!(reload.status, 200, "{}", reload.json());
+    let reloaded = common::wait_until_async(Duration::from_secs(20), || async {
+        target
+            .connect(MD5_USER, Some(MD5_PASSWORD), DATABASE)
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(reloaded, "the reloaded rules were not applied");
+    // A file that does not parse is refused on reload, naming the key and the line.
+    write("host all all 127.0.0.1/32 peer\n");
+    let reload = common::http::post(target.admin_port.expect("admin"), "/config/reload");
+    let body = reload.json().to_string();
+    assert!(
+        reload.status >= 400 && body.contains("auth.auth_hba_file") && body.contains("line 1"),
+        "{} {body}",
+        reload.status
+    );
+    let client = target.client().await;
+    assert_eq!(current_user(&client).await, SUPERUSER, "the old rules stay");
 }

@@ -189,6 +189,9 @@ impl std::fmt::Display for AuthMethod {
 pub struct AuthConfig {
     /// How clients prove who they are, unless a user overrides it.
     pub method: AuthMethod,
+    /// Rules in `pg_hba.conf` syntax; when set, the first matching line decides each
+    /// login's method (or refuses it). Re-read on reload.
+    pub auth_hba_file: Option<String>,
 }
 
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

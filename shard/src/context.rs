@@ -58,7 +58,8 @@ impl UserEntry {
             .chain_update(key)
             .chain_update(name.as_bytes())
             .finalize();
-        let scram = (method == AuthMethod::ScramSha256).then(|| ScramVerifier {
+        // (Kept whatever the method: hba rules may ask for SCRAM.)
+        let scram = Some(ScramVerifier {
             iterations: SCRAM_ITERATIONS,
             salt: digest[..16].to_vec(),
             // Keys nobody can produce a proof for.
@@ -103,6 +104,8 @@ pub struct ShardCtx {
     pub budgets: Arc<Budgets>,
     pub cancels: CancelRegistry,
     pub bufs: BufPool,
+    /// `[auth] auth_hba_file`, parsed (re-read on reload).
+    pub hba: RefCell<Option<Rc<crate::auth::hba::Hba>>>,
     /// Recent failed logins by client address (damping).
     pub login_failures: RefCell<crate::session::failures::Failures>,
     /// Clients' TLS handshakes (`[tls]`; `None` when client_sslmode is disable).
@@ -186,6 +189,7 @@ impl ShardCtx {
             ),
             bufs: BufPool::new(config.limits.buffer_size),
             login_failures: RefCell::default(),
+            hba: RefCell::new(crate::auth::hba::load(&config.auth)?.map(Rc::new)),
             tls: RefCell::new(
                 crate::tls::client_acceptor(&config.tls)
                     .map_err(|e| format!("{}: {}", e.key, e.message))?,
@@ -312,6 +316,7 @@ impl ShardCtx {
             .map_err(|e| format!("{}: {}", e.key, e.message))?;
         let server_tls = crate::tls::server_connector(&config.tls)
             .map_err(|e| format!("{}: {}", e.key, e.message))?;
+        let hba = crate::auth::hba::load(&config.auth)?.map(Rc::new);
         let limits = pool_limits(&config, self.workers, self.id);
         for pool in self.all_pools() {
             let password = users
@@ -331,6 +336,7 @@ impl ShardCtx {
         self.message_memory.set_limit(config.limits.message_memory);
         *self.tls.borrow_mut() = tls;
         *self.server_tls.borrow_mut() = server_tls;
+        *self.hba.borrow_mut() = hba;
         for pool in self.all_pools() {
             pool.set_tls(self.server_tls_for(&pool.key.node));
         }

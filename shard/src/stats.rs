@@ -55,7 +55,7 @@ pub struct ShardStats {
     /// Time a client waited for a server connection (0 when one was idle).
     pub pool_acquire: Histogram,
     /// Failed logins by `session::failures::AuthFailure` (its index).
-    pub auth_failures_by_reason: [Counter; 5],
+    pub auth_failures_by_reason: [Counter; 7],
     /// Failed logins answered late because their address kept failing.
     pub auth_delayed: Counter,
     /// Sessions the proxy ended at a limit, by `engine::cut::Cut` (its index).

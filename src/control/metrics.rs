@@ -68,7 +68,7 @@ fn describe() {
         ("heliosdb_proxy_protocol_errors_total", "Clients disconnected for protocol violations"),
         ("heliosdb_proxy_auth_failures_total", "Failed client logins"),
         ("heliosdb_proxy_routing_decisions_total", "Units of work routed, by node and reason (read/write splitting)"),
-        ("heliosdb_proxy_auth_failures_by_reason_total", "Failed client logins by reason: wrong_password, unknown_user, no_certificate, certificate_mismatch, no_encryption"),
+        ("heliosdb_proxy_auth_failures_by_reason_total", "Failed client logins by reason: wrong_password, unknown_user, no_certificate, certificate_mismatch, no_encryption, no_hba_entry, hba_reject"),
         ("heliosdb_proxy_auth_delayed_total", "Failed logins answered late because their address kept failing"),
         ("heliosdb_proxy_clients_cut_total", "Client sessions the proxy ended at a limit, by reason (the timeouts, message_memory)"),
         ("heliosdb_proxy_admin_connections_total", "Admin API connections accepted"),
@@ -354,7 +354,7 @@ struct Totals {
     auth_failures: u64,
     /// Sessions ended at a limit, by `Cut` index.
     cut: [u64; 5],
-    auth_by_reason: [u64; 5],
+    auth_by_reason: [u64; 7],
     auth_delayed: u64,
     message_memory: u64,
 }

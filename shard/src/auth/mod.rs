@@ -2,6 +2,7 @@
 //! client (the proxy logs in to backends): cleartext, md5 and SCRAM-SHA-256.
 
 pub mod client;
+pub mod hba;
 pub mod md5;
 pub mod scram;
 pub mod secret;

@@ -30,7 +30,15 @@ pub(super) fn config(config: &Config) -> Check {
     admin(config)?;
     admin_api(&config.admin_api)?;
     tls(&config.tls)?;
-    cert_logins(config)
+    cert_logins(config)?;
+    hba(&config.auth)
+}
+
+/// The rules file must read and parse; the error names its line.
+fn hba(auth: &super::AuthConfig) -> Check {
+    crate::auth::hba::load(auth)
+        .map(drop)
+        .map_err(|problem| ConfigError::new("auth.auth_hba_file", problem))
 }
 
 /// Certificate logins need certificates that were checked against a CA.

@@ -17,15 +17,21 @@ pub enum AuthFailure {
     CertificateMismatch,
     /// A plain connection where `tls.client_sslmode` requires TLS.
     NoEncryption,
+    /// No line of `auth_hba_file` matches.
+    NoHbaEntry,
+    /// The matching line says `reject`.
+    HbaReject,
 }
 
 impl AuthFailure {
-    pub const ALL: [AuthFailure; 5] = [
+    pub const ALL: [AuthFailure; 7] = [
         AuthFailure::WrongPassword,
         AuthFailure::UnknownUser,
         AuthFailure::NoCertificate,
         AuthFailure::CertificateMismatch,
         AuthFailure::NoEncryption,
+        AuthFailure::NoHbaEntry,
+        AuthFailure::HbaReject,
     ];
 
     pub fn label(self) -> &'static str {
@@ -35,6 +41,8 @@ impl AuthFailure {
             AuthFailure::NoCertificate => "no_certificate",
             AuthFailure::CertificateMismatch => "certificate_mismatch",
             AuthFailure::NoEncryption => "no_encryption",
+            AuthFailure::NoHbaEntry => "no_hba_entry",
+            AuthFailure::HbaReject => "hba_reject",
         }
     }
 }

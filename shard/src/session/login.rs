@@ -8,6 +8,7 @@ use crate::stream::NetStream;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use super::failures::AuthFailure;
+use crate::auth::hba::Decision;
 use crate::auth::{md5, scram};
 use crate::cancel::CancelMsg;
 use crate::codec::backend as be;
@@ -131,8 +132,9 @@ pub async fn login(ctx: &ShardCtx, stream: &mut NetStream) -> Result<Login, Logi
                         ),
                     });
                 }
+                let method = hba_method(ctx, stream, &login)?;
                 negotiate_protocol(stream, msg.minor(), &login.unsupported_options).await?;
-                authenticate(stream, &login.user).await?;
+                authenticate(stream, &login.user, method).await?;
                 return Ok(login);
             }
         }
@@ -303,7 +305,52 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, LoginError>
     Ok(out)
 }
 
-async fn authenticate(stream: &mut NetStream, user: &UserEntry) -> Result<(), LoginError> {
+/// The login method: the user's, or what the first matching `auth_hba_file` line says
+/// (no line, or `reject`: refused in PostgreSQL's words).
+fn hba_method(ctx: &ShardCtx, stream: &NetStream, login: &Login) -> Result<AuthMethod, LoginError> {
+    let Some(hba) = ctx.hba.borrow().clone() else {
+        return Ok(login.user.method);
+    };
+    let tls = stream.is_tls();
+    let ip = stream
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let (user, database) = (&login.user.name, &login.database);
+    let encryption = if tls {
+        "SSL encryption"
+    } else {
+        "no encryption"
+    };
+    match hba.decide(tls, ip, user, database) {
+        Some(Decision::Method(method)) => Ok(method),
+        Some(Decision::Reject) => Err(LoginError::AuthFailed {
+            code: "28000",
+            message: format!(
+                "pg_hba.conf rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\", {encryption}"
+            ),
+            reason: AuthFailure::HbaReject,
+        }),
+        None => Err(LoginError::AuthFailed {
+            code: "28000",
+            message: format!(
+                "no pg_hba.conf entry for host \"{ip}\", user \"{user}\", database \"{database}\", {encryption}"
+            ),
+            reason: AuthFailure::NoHbaEntry,
+        }),
+    }
+}
+
+async fn authenticate(
+    stream: &mut NetStream,
+    user: &UserEntry,
+    method: AuthMethod,
+) -> Result<(), LoginError> {
+    // As PostgreSQL: md5 for a role whose only secret is a SCRAM verifier means SCRAM.
+    let method = match (method, &user.secret) {
+        (AuthMethod::Md5, Some(crate::auth::Secret::Scram(_))) => AuthMethod::ScramSha256,
+        _ => method,
+    };
     let failed = || LoginError::AuthFailed {
         code: "28P01",
         message: format!("password authentication failed for user \"{}\"", user.name),
@@ -315,7 +362,7 @@ async fn authenticate(stream: &mut NetStream, user: &UserEntry) -> Result<(), Lo
     };
     let mut out = Vec::with_capacity(256);
     let mut reader = MessageReader::new(MAX_STARTUP_PACKET);
-    match user.method {
+    match method {
         AuthMethod::Trust => {}
         AuthMethod::Cert => {
             // As PostgreSQL's `cert` method: the verified certificate's CN is the user.
