@@ -341,7 +341,8 @@ mod tests {
             ("host all +admins all trust", "group"),
             ("host all all 127.0.0.1/33 trust", "CIDR"),
             ("host all all db.example.com trust", "host names"),
-            ("host all all", "method"),
+            ("host all all", "missing address"),
+            ("host all all 127.0.0.1/32", "method"),
         ] {
             let error = Hba::parse(&format!("# first\n{text}\n")).expect_err(text);
             assert!(
