@@ -461,3 +461,34 @@ fn servers_that_demand_tls_are_reached_and_verified() {
     );
     assert!(out.status.success() && out.stdout.trim() == "t", "{out}");
 }
+
+#[test]
+fn node_postgres_verifies_the_proxy() {
+    if proxy_only("tls node-postgres", "the proxy's TLS") {
+        return;
+    }
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/node/node_modules");
+    assert!(
+        modules.join("pg").exists(),
+        "node-postgres is missing ({}): run scripts/test.sh",
+        modules.display()
+    );
+    let certs = Certs::make(SUPERUSER);
+    let proxy = Proxy::start(common::cluster(), &certs.config("require", false));
+    let script = format!(
+        "const fs = require('fs'); const {{ Client }} = require('pg');\n\
+         const c = new Client({{ host: '127.0.0.1', port: {port}, user: '{SUPERUSER}', \
+         password: '{SUPERUSER_PASSWORD}', database: '{db}', \
+         ssl: {{ ca: fs.readFileSync('{ca}'), rejectUnauthorized: true }} }});\n\
+         c.connect().then(() => c.query('SELECT $1::int * 2 AS v', [21]))\
+         .then(r => {{ console.log(r.rows[0].v); return c.end(); }})\
+         .catch(e => {{ console.error(e); process.exit(1); }});\n",
+        port = proxy.port,
+        db = common::DATABASE,
+        ca = certs.file("ca.pem"),
+    );
+    let mut cmd = Command::new("node");
+    cmd.env("NODE_PATH", &modules).args(["-e", &script]);
+    let out = run_tool(cmd, None, Duration::from_secs(60));
+    assert!(out.status.success() && out.stdout.trim() == "42", "{out}");
+}
