@@ -147,6 +147,55 @@ pub struct Probe {
     start: usize,
 }
 
+/// Asks for TLS as the shards do: on to TLS when the server agrees, plain when it
+/// declines and `server_sslmode` allows that.
+fn negotiate_tls(
+    mut tcp: TcpStream,
+    tls: &ServerTls,
+    address: &str,
+    deadline: Instant,
+) -> Result<ProbeStream, ProbeError> {
+    let waiting = "negotiating TLS";
+    let mut request = Vec::with_capacity(8);
+    startup::encode_ssl_request(&mut request);
+    tcp.set_write_timeout(Some(left(deadline, waiting)?))
+        .map_err(ProbeError::Io)?;
+    tcp.write_all(&request)
+        .map_err(|e| ProbeError::io(e, waiting))?;
+    tcp.set_read_timeout(Some(left(deadline, waiting)?))
+        .map_err(ProbeError::Io)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .map_err(|e| ProbeError::io(e, waiting))?;
+    match answer[0] {
+        b'S' => {
+            let name = helios_shard::tls::server_name(address)
+                .ok_or_else(|| ProbeError::Tls(format!("{address} is not a valid server name")))?;
+            let conn = rustls::ClientConnection::new(tls.config.clone(), name)
+                .map_err(|e| ProbeError::Tls(e.to_string()))?;
+            let mut stream = rustls::StreamOwned::new(conn, tcp);
+            while stream.conn.is_handshaking() {
+                stream
+                    .sock
+                    .set_read_timeout(Some(left(deadline, waiting)?))
+                    .map_err(ProbeError::Io)?;
+                stream
+                    .conn
+                    .complete_io(&mut stream.sock)
+                    .map_err(|e| ProbeError::Tls(e.to_string()))?;
+            }
+            Ok(ProbeStream::Tls(Box::new(stream)))
+        }
+        b'N' if tls.mode < SslMode::Require => Ok(ProbeStream::Plain(tcp)),
+        b'N' => Err(ProbeError::Tls(
+            "the server does not support SSL, but tls.server_sslmode requires it".into(),
+        )),
+        other => Err(ProbeError::Protocol(format!(
+            "unexpected answer {other:#04x} to SSLRequest"
+        ))),
+    }
+}
+
 /// Time left before `deadline`, or a timeout error naming what was being waited for.
 fn left(deadline: Instant, waiting: &'static str) -> Result<Duration, ProbeError> {
     deadline
@@ -169,73 +218,17 @@ impl Probe {
                 },
             })?;
         stream.set_nodelay(true).map_err(ProbeError::Io)?;
+        let stream = match target.tls {
+            Some(tls) => negotiate_tls(stream, tls, target.address, deadline)?,
+            None => ProbeStream::Plain(stream),
+        };
         let mut probe = Probe {
-            stream: ProbeStream::Plain(stream),
+            stream,
             buf: Vec::with_capacity(1024),
             start: 0,
         };
-        if let Some(tls) = target.tls {
-            probe.start_tls(tls, target.address, deadline)?;
-        }
         probe.login(target, deadline)?;
         Ok(probe)
-    }
-
-    /// Asks for TLS as the shards do: on to TLS when the server agrees, plain when it
-    /// declines and `server_sslmode` allows that.
-    fn start_tls(
-        &mut self,
-        tls: &ServerTls,
-        address: &str,
-        deadline: Instant,
-    ) -> Result<(), ProbeError> {
-        let mut request = Vec::with_capacity(8);
-        startup::encode_ssl_request(&mut request);
-        self.send(&request, deadline)?;
-        let mut answer = [0u8; 1];
-        self.stream
-            .tcp()
-            .set_read_timeout(Some(left(deadline, "negotiating TLS")?))
-            .map_err(ProbeError::Io)?;
-        self.stream
-            .read_exact(&mut answer)
-            .map_err(|e| ProbeError::io(e, "negotiating TLS"))?;
-        match answer[0] {
-            b'S' => {
-                let name = helios_shard::tls::server_name(address).ok_or_else(|| {
-                    ProbeError::Tls(format!("{address} is not a valid server name"))
-                })?;
-                let conn = rustls::ClientConnection::new(tls.config.clone(), name)
-                    .map_err(|e| ProbeError::Tls(e.to_string()))?;
-                // A second handle on the socket stands in while the first moves into TLS.
-                let placeholder = self.stream.tcp().try_clone().map_err(ProbeError::Io)?;
-                let ProbeStream::Plain(tcp) =
-                    std::mem::replace(&mut self.stream, ProbeStream::Plain(placeholder))
-                else {
-                    return Err(ProbeError::Tls("TLS is already on".into()));
-                };
-                let mut stream = rustls::StreamOwned::new(conn, tcp);
-                while stream.conn.is_handshaking() {
-                    stream
-                        .sock
-                        .set_read_timeout(Some(left(deadline, "negotiating TLS")?))
-                        .map_err(ProbeError::Io)?;
-                    stream
-                        .conn
-                        .complete_io(&mut stream.sock)
-                        .map_err(|e| ProbeError::Tls(e.to_string()))?;
-                }
-                self.stream = ProbeStream::Tls(Box::new(stream));
-                Ok(())
-            }
-            b'N' if tls.mode < SslMode::Require => Ok(()),
-            b'N' => Err(ProbeError::Tls(
-                "the server does not support SSL, but tls.server_sslmode requires it".into(),
-            )),
-            other => Err(ProbeError::Protocol(format!(
-                "unexpected answer {other:#04x} to SSLRequest"
-            ))),
-        }
     }
 
     fn login(&mut self, target: Target<'_>, deadline: Instant) -> Result<(), ProbeError> {
