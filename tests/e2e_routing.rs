@@ -156,6 +156,10 @@ fn checked(proxy: &Proxy) {
         "nodes not all checked:\n{}",
         get(port, "/nodes").body
     );
+    // The shards learn each check through their mailbox, after `/nodes` shows it; a
+    // `/pools` snapshot travels the same mailbox, so once it answers every shard routes
+    // by the topology seen above.
+    assert_eq!(get(port, "/pools").status, 200);
 }
 
 async fn setup_table(name: &str) {
