@@ -31,7 +31,10 @@ pub struct ConnectSpec {
     pub addr: SocketAddr,
     pub user: String,
     pub database: String,
-    pub password: Option<String>,
+    /// Configured (`users.server_password`), or learned from a client's login.
+    pub credential: Option<crate::auth::ServerCredential>,
+    /// Run-time parameters sent in the startup packet besides user and database.
+    pub startup_params: Vec<(&'static str, &'static str)>,
     /// The TCP connect.
     pub connect_timeout: Duration,
     /// Startup and authentication after the connect.
@@ -304,13 +307,12 @@ impl BackendConn {
 
     async fn startup(&mut self, spec: &ConnectSpec) -> Result<(), BackendError> {
         let mut out = Vec::with_capacity(128);
-        startup::encode_startup(
-            &mut out,
-            &[("user", &spec.user), ("database", &spec.database)],
-        );
+        let mut params = vec![("user", spec.user.as_str()), ("database", &spec.database)];
+        params.extend(spec.startup_params.iter().copied());
+        startup::encode_startup(&mut out, &params);
         self.stream.send(&out).await?;
         let mut reader = MessageReader::new(spec.max_message_size);
-        let mut client = ClientAuth::new(&spec.user, spec.password.as_deref());
+        let mut client = ClientAuth::new(&spec.user, spec.credential.as_ref());
         loop {
             let (tag, body) = reader.next(&mut self.stream).await?;
             match be::decode(tag, &body)? {
@@ -358,6 +360,10 @@ impl BackendConn {
             .map_err(|e| match e {
                 ClientAuthError::NoPassword => BackendError::Auth(format!(
                     "server {} asks for a password for user \"{}\" and none is configured (users.server_password)",
+                    spec.addr, spec.user
+                )),
+                ClientAuthError::Unfit { asked, held } => BackendError::Auth(format!(
+                    "server {} asks for {asked} for user \"{}\", which {held} cannot answer (users.server_password)",
                     spec.addr, spec.user
                 )),
                 ClientAuthError::OutOfOrder(what) => BackendError::Protocol(what.into()),

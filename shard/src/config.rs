@@ -184,7 +184,7 @@ impl std::fmt::Display for AuthMethod {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// How clients prove who they are, unless a user overrides it.
@@ -192,6 +192,67 @@ pub struct AuthConfig {
     /// Rules in `pg_hba.conf` syntax; when set, the first matching line decides each
     /// login's method (or refuses it). Re-read on reload.
     pub auth_hba_file: Option<String>,
+    /// The role the proxy looks passwords up with, for users not in `[[users]]`;
+    /// setting it turns `auth_query` on.
+    pub auth_user: Option<String>,
+    /// `auth_user`'s password on the servers (else its `[[users]]` entry's).
+    pub auth_password: Option<String>,
+    /// The lookup: takes the user name as `$1`, returns (name, password) and optionally
+    /// the password's expiry as epoch seconds. Default: [`DEFAULT_AUTH_QUERY`].
+    pub auth_query: Option<String>,
+    /// The database the lookup runs in; default: the one the client asked for.
+    pub auth_dbname: Option<String>,
+    /// How long a looked-up password is reused, in seconds (0: look up at every login).
+    pub auth_query_cache_secs: u64,
+}
+
+/// Reads `pg_authid` (so `auth_user` must be a superuser or hold the function below):
+/// every name qualified and every operator pinned to `pg_catalog`, so no object on a
+/// search path can stand in (CVE-2025-12819), and the expiry returned so `VALID UNTIL`
+/// is honoured at every login, cached or not (CVE-2025-2291).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname::pg_catalog.text, rolpassword, \
+     pg_catalog.date_part('epoch', rolvaliduntil) \
+     FROM pg_catalog.pg_authid \
+     WHERE rolname OPERATOR(pg_catalog.=) $1::pg_catalog.name AND rolcanlogin";
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            method: AuthMethod::default(),
+            auth_hba_file: None,
+            auth_user: None,
+            auth_password: None,
+            auth_query: None,
+            auth_dbname: None,
+            auth_query_cache_secs: 10,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The lookup in force, when `auth_user` turns it on.
+    pub fn query(&self) -> Option<&str> {
+        self.auth_user.as_ref()?;
+        Some(self.auth_query.as_deref().unwrap_or(DEFAULT_AUTH_QUERY))
+    }
+}
+
+/// Passwords stay out of logs.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("method", &self.method)
+            .field("auth_hba_file", &self.auth_hba_file)
+            .field("auth_user", &self.auth_user)
+            .field(
+                "auth_password",
+                &self.auth_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("auth_query", &self.auth_query)
+            .field("auth_dbname", &self.auth_dbname)
+            .field("auth_query_cache_secs", &self.auth_query_cache_secs)
+            .finish()
+    }
 }
 
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,7 +15,7 @@ use crossbeam_channel::Sender;
 use hashbrown::HashMap;
 
 use crate::auth::secret::ScramVerifier;
-use crate::auth::Secret;
+use crate::auth::{Secret, ServerCredential};
 use crate::backend::ConnectSpec;
 use crate::bufpool::BufPool;
 use crate::cancel::CancelRegistry;
@@ -24,6 +24,8 @@ use crate::control::ConsoleRequest;
 use crate::pool::{Pool, PoolKey, PoolLimits};
 use crate::prepared::Registry;
 use crate::router::{Router, SchemaRoute};
+use crate::session::auth_query::Found;
+use crate::session::failures::AuthFailure;
 use crate::sql::route::ReadOnlyFunctions;
 use crate::stats::ShardStats;
 use crate::sync::{Gate, Latch, Signal};
@@ -41,9 +43,10 @@ pub struct UserEntry {
     pub scram: Option<ScramVerifier>,
     pub server_user: String,
     pub server_password: Option<String>,
-    /// False for a name no `[[users]]` entry has: such a login goes through the same
-    /// exchange as a wrong password and fails the same way (no user enumeration).
-    pub known: bool,
+    /// Set for a stand-in: a name nobody knows, or a role `auth_query` found that cannot
+    /// log in with a password. Such a login goes through the same exchange as a wrong
+    /// password and fails the same way (no user enumeration); this says why, for the log.
+    pub refusal: Option<AuthFailure>,
 }
 
 impl UserEntry {
@@ -51,6 +54,10 @@ impl UserEntry {
     /// as a known one would be. Its SCRAM salt depends only on the name (and this
     /// process), so repeated attempts see the same salt, as for a real user.
     pub fn unknown(name: &str, method: AuthMethod) -> UserEntry {
+        Self::stand_in(name, method, AuthFailure::UnknownUser)
+    }
+
+    fn stand_in(name: &str, method: AuthMethod, refusal: AuthFailure) -> UserEntry {
         use sha2::{Digest, Sha256};
         static MOCK_KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
         let key = MOCK_KEY.get_or_init(rand::random);
@@ -73,7 +80,40 @@ impl UserEntry {
             scram,
             server_user: name.to_string(),
             server_password: None,
-            known: false,
+            refusal: Some(refusal),
+        }
+    }
+
+    /// A role `auth_query` found on the server, checked against the password it holds
+    /// there (an expired one, or none, is a stand-in that cannot succeed).
+    pub fn looked_up(name: &str, method: AuthMethod, found: &Found) -> UserEntry {
+        let secret = match found {
+            Found::NoRole => return Self::unknown(name, method),
+            _ if found.expired(std::time::SystemTime::now()) => {
+                return Self::stand_in(name, method, AuthFailure::PasswordExpired)
+            }
+            Found::Role {
+                secret: Some(secret),
+                ..
+            } => secret.clone(),
+            Found::Role { secret: None, .. } => {
+                return Self::stand_in(name, method, AuthFailure::NoPassword)
+            }
+        };
+        let scram = match &secret {
+            Secret::Scram(verifier) => Some(verifier.clone()),
+            Secret::Plain(password) => Some(ScramVerifier::from_password(password)),
+            // As PostgreSQL: SCRAM against an md5 hash is a doomed exchange.
+            Secret::Md5(_) => Self::unknown(name, method).scram,
+        };
+        UserEntry {
+            name: name.to_string(),
+            method,
+            secret: Some(secret),
+            scram,
+            server_user: name.to_string(),
+            server_password: None,
+            refusal: None,
         }
     }
 }
@@ -112,6 +152,11 @@ pub struct ShardCtx {
     pub tls: RefCell<Option<futures_rustls::TlsAcceptor>>,
     /// TLS towards servers (`None` when server_sslmode is disable).
     pub server_tls: RefCell<Option<crate::tls::ServerTls>>,
+    /// `auth_query`: looked-up passwords and the lookup connections.
+    pub auth_query: crate::session::auth_query::AuthQuery,
+    /// What clients' logins proved, by server user, for users with no configured
+    /// `server_password` (SCRAM pass-through): what their pools log in with.
+    learned: RefCell<HashMap<String, ServerCredential>>,
     /// Partly received client messages held on the side (`limits.message_memory`).
     pub message_memory: Rc<crate::engine::intake::MessageMemory>,
     /// Prepared statements shared by this shard's transaction-pooled clients.
@@ -198,6 +243,8 @@ impl ShardCtx {
                 crate::tls::server_connector(&config.tls)
                     .map_err(|e| format!("{}: {}", e.key, e.message))?,
             ),
+            auth_query: Default::default(),
+            learned: RefCell::default(),
             message_memory: crate::engine::intake::MessageMemory::new(
                 config.limits.message_memory,
                 stats.clone(),
@@ -252,7 +299,8 @@ impl ShardCtx {
             addr: node.addr,
             user: user.server_user.clone(),
             database: database.to_string(),
-            password: user.server_password.clone(),
+            credential: self.credential_for(user),
+            startup_params: Vec::new(),
             connect_timeout: Duration::from_millis(config.timeouts.connect_timeout_ms),
             login_timeout: Duration::from_millis(config.timeouts.server_login_timeout_ms),
             max_message_size: usize::MAX >> 1,
@@ -288,6 +336,34 @@ impl ShardCtx {
         pool
     }
 
+    /// What pools of `user` log in with: the configured password, else what a client
+    /// of that server user last proved at login.
+    fn credential_for(&self, user: &UserEntry) -> Option<ServerCredential> {
+        match &user.server_password {
+            Some(password) => Some(ServerCredential::Password(password.clone())),
+            None => self.learned.borrow().get(&user.server_user).cloned(),
+        }
+    }
+
+    /// Keeps what a client's login proved for its server user (when no password is
+    /// configured) and hands it to that user's pools, so their next connections log in
+    /// with it.
+    pub fn learn_credential(&self, user: &UserEntry, credential: ServerCredential) {
+        if user.server_password.is_some() {
+            return;
+        }
+        let mut learned = self.learned.borrow_mut();
+        if learned.get(&user.server_user) == Some(&credential) {
+            return;
+        }
+        for pool in self.all_pools() {
+            if *pool.key.user == *user.server_user {
+                pool.set_credential(Some(credential.clone()));
+            }
+        }
+        learned.insert(user.server_user.clone(), credential);
+    }
+
     pub fn all_pools(&self) -> Vec<Rc<Pool>> {
         self.pools.borrow().values().cloned().collect()
     }
@@ -319,12 +395,16 @@ impl ShardCtx {
         let hba = crate::auth::hba::load(&config.auth)?.map(Rc::new);
         let limits = pool_limits(&config, self.workers, self.id);
         for pool in self.all_pools() {
-            let password = users
+            let configured = users
                 .values()
                 .find(|u| *u.server_user == *pool.key.user)
                 .and_then(|u| u.server_password.clone());
-            pool.set_limits(limits.clone(), &config.timeouts, password);
+            let credential = configured
+                .map(ServerCredential::Password)
+                .or_else(|| self.learned.borrow().get(&*pool.key.user).cloned());
+            pool.set_limits(limits.clone(), &config.timeouts, credential);
         }
+        self.auth_query.reset();
         *self.users.borrow_mut() = users;
         *self.limits.borrow_mut() = limits;
         *self.read_only_functions.borrow_mut() = Rc::new(ReadOnlyFunctions::new(
@@ -345,7 +425,7 @@ impl ShardCtx {
     }
 
     /// How to reach the server at `address` ("host:port") over TLS, if at all.
-    fn server_tls_for(
+    pub(crate) fn server_tls_for(
         &self,
         address: &str,
     ) -> Option<(
@@ -390,7 +470,7 @@ fn user_entry(u: &crate::config::UserConfig, default: AuthMethod) -> Result<User
         scram,
         server_user: u.backend_user().to_string(),
         server_password: u.backend_password().map(str::to_string),
-        known: true,
+        refusal: None,
     })
 }
 

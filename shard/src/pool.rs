@@ -10,6 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::auth::ServerCredential;
 use crate::backend::{BackendConn, BackendError, ConnectSpec};
 use crate::budget::Budget;
 use crate::codec::backend as be;
@@ -252,23 +253,30 @@ impl Pool {
         self.spec.borrow_mut().tls = tls;
     }
 
+    /// What connections opened from now on log in with (a reload, or a client's login
+    /// proved a newer one).
+    pub fn set_credential(&self, credential: Option<ServerCredential>) {
+        let mut spec = self.spec.borrow_mut();
+        if spec.credential != credential {
+            spec.credential = credential;
+            spec.scram_cache = Rc::default();
+        }
+    }
+
     /// New sizing and timing after a configuration reload. A smaller pool shrinks as
     /// connections come back.
     pub fn set_limits(
         self: &Rc<Self>,
         limits: PoolLimits,
         timeouts: &TimeoutsConfig,
-        password: Option<String>,
+        credential: Option<ServerCredential>,
     ) {
         {
             let mut spec = self.spec.borrow_mut();
             spec.connect_timeout = Duration::from_millis(timeouts.connect_timeout_ms);
             spec.login_timeout = Duration::from_millis(timeouts.server_login_timeout_ms);
-            if spec.password != password {
-                spec.password = password;
-                spec.scram_cache = Rc::default();
-            }
         }
+        self.set_credential(credential);
         self.budget.set_max(limits.max_size);
         *self.limits.borrow_mut() = limits;
         // A smaller budget: idle connections beyond it close now, lent ones as they

@@ -55,9 +55,15 @@ pub struct ShardStats {
     /// Time a client waited for a server connection (0 when one was idle).
     pub pool_acquire: Histogram,
     /// Failed logins by `session::failures::AuthFailure` (its index).
-    pub auth_failures_by_reason: [Counter; 7],
+    pub auth_failures_by_reason: [Counter; crate::session::failures::AuthFailure::ALL.len()],
     /// Failed logins answered late because their address kept failing.
     pub auth_delayed: Counter,
+    /// `auth_query` answers taken from the cache.
+    pub auth_query_hits: Counter,
+    /// `auth_query` lookups run on a server.
+    pub auth_query_lookups: Counter,
+    /// `auth_query` lookups that got no answer (no node, login or query failed).
+    pub auth_query_errors: Counter,
     /// Sessions the proxy ended at a limit, by `engine::cut::Cut` (its index).
     pub clients_cut: [Counter; 5],
     /// Bytes of partly received client messages held right now (a gauge).

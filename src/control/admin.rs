@@ -385,7 +385,13 @@ fn config_json(control: &Control) -> Value {
     })
 }
 
-const SECRET_KEYS: [&str; 4] = ["password", "server_password", "admin_token", "token"];
+const SECRET_KEYS: [&str; 5] = [
+    "password",
+    "server_password",
+    "auth_password",
+    "admin_token",
+    "token",
+];
 
 pub(crate) fn redact(value: &mut Value) {
     match value {

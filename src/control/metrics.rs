@@ -68,8 +68,9 @@ fn describe() {
         ("heliosdb_proxy_protocol_errors_total", "Clients disconnected for protocol violations"),
         ("heliosdb_proxy_auth_failures_total", "Failed client logins"),
         ("heliosdb_proxy_routing_decisions_total", "Units of work routed, by node and reason (read/write splitting)"),
-        ("heliosdb_proxy_auth_failures_by_reason_total", "Failed client logins by reason: wrong_password, unknown_user, no_certificate, certificate_mismatch, no_encryption, no_hba_entry, hba_reject"),
+        ("heliosdb_proxy_auth_failures_by_reason_total", "Failed client logins by reason: wrong_password, unknown_user, no_certificate, certificate_mismatch, no_encryption, no_hba_entry, hba_reject, password_expired, no_password"),
         ("heliosdb_proxy_auth_delayed_total", "Failed logins answered late because their address kept failing"),
+        ("heliosdb_proxy_auth_query_total", "auth_query answers by result: cache_hit, lookup (run on a server), error (no answer)"),
         ("heliosdb_proxy_clients_cut_total", "Client sessions the proxy ended at a limit, by reason (the timeouts, message_memory)"),
         ("heliosdb_proxy_admin_connections_total", "Admin API connections accepted"),
         ("heliosdb_proxy_admin_connections_refused_total", "Admin API connections past admin_api.max_connections that were not a /health probe"),
@@ -208,6 +209,13 @@ fn sync(control: &Control) {
                 .absolute(count);
         }
         counter!("heliosdb_proxy_auth_delayed_total").absolute(totals.auth_delayed);
+        for (result, count) in [
+            ("cache_hit", totals.auth_query_hits),
+            ("lookup", totals.auth_query_lookups),
+            ("error", totals.auth_query_errors),
+        ] {
+            counter!("heliosdb_proxy_auth_query_total", "result" => result).absolute(count);
+        }
         for (cut, count) in Cut::ALL.iter().zip(totals.cut) {
             counter!("heliosdb_proxy_clients_cut_total", "reason" => cut.label()).absolute(count);
         }
@@ -354,8 +362,11 @@ struct Totals {
     auth_failures: u64,
     /// Sessions ended at a limit, by `Cut` index.
     cut: [u64; 5],
-    auth_by_reason: [u64; 7],
+    auth_by_reason: [u64; AuthFailure::ALL.len()],
     auth_delayed: u64,
+    auth_query_hits: u64,
+    auth_query_lookups: u64,
+    auth_query_errors: u64,
     message_memory: u64,
 }
 
@@ -388,6 +399,9 @@ impl Totals {
                 *sum += counter.get();
             }
             t.auth_delayed += s.auth_delayed.get();
+            t.auth_query_hits += s.auth_query_hits.get();
+            t.auth_query_lookups += s.auth_query_lookups.get();
+            t.auth_query_errors += s.auth_query_errors.get();
             t.message_memory += s.message_memory_bytes.get();
         }
         t
@@ -427,6 +441,11 @@ pub fn json(control: &Control) -> Value {
             .map(|(reason, n)| (reason.label().to_string(), json!(n)))
             .collect::<serde_json::Map<_, _>>(),
         "auth_delayed": t.auth_delayed,
+        "auth_query": {
+            "cache_hits": t.auth_query_hits,
+            "lookups": t.auth_query_lookups,
+            "errors": t.auth_query_errors,
+        },
         "clients_cut": Cut::ALL
             .iter()
             .zip(t.cut)

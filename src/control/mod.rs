@@ -410,6 +410,10 @@ impl Control {
                 )
             }
         );
+        drop(state);
+        // A snapshot travels each shard's mailbox behind the new configuration: once all
+        // have answered, a client that connects after the reload meets the new settings.
+        self.gather(Detail::default());
         Ok(report)
     }
 

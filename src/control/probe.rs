@@ -242,7 +242,10 @@ impl Probe {
             ],
         );
         self.send(&out, deadline)?;
-        let mut auth = ClientAuth::new(target.user, target.password);
+        let credential = target
+            .password
+            .map(|p| helios_shard::auth::ServerCredential::Password(p.to_string()));
+        let mut auth = ClientAuth::new(target.user, credential.as_ref());
         // Reconnects are rare (only after a failure): no salted password is kept.
         let mut cache = SaltedPasswordCache::default();
         loop {

@@ -14,6 +14,7 @@
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 pub mod cluster;
 pub mod http;
 pub mod proxy;

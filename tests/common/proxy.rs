@@ -138,12 +138,33 @@ impl Proxy {
         let (port, admin_port) = (free_port(), free_port());
         let mut config = base_config(cluster.port, port, admin_port);
         merge(&mut config, overrides);
+        let text = toml::to_string(&config).expect("serialise config");
+        Self::spawn(dir, &text, config, port, admin_port, rust_log)
+    }
+
+    /// The proxy with exactly the configuration `text(listen_port, admin_port)` returns
+    /// (no base configuration): for checking the example configurations as written.
+    pub fn start_exact(text: impl FnOnce(u16, u16) -> String) -> Proxy {
+        let dir = tempfile::Builder::new()
+            .prefix("helios-proxy-")
+            .tempdir()
+            .expect("temp dir for the proxy");
+        let (port, admin_port) = (free_port(), free_port());
+        let text = text(port, admin_port);
+        let config: toml::Table = toml::from_str(&text).expect("config is TOML");
+        Self::spawn(dir, &text, config, port, admin_port, None)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        text: &str,
+        config: toml::Table,
+        port: u16,
+        admin_port: u16,
+        rust_log: Option<&str>,
+    ) -> Proxy {
         let config_path = dir.path().join("heliosdb-proxy.toml");
-        fs::write(
-            &config_path,
-            toml::to_string(&config).expect("serialise config"),
-        )
-        .expect("write proxy config");
+        fs::write(&config_path, text).expect("write proxy config");
         let log_path = dir.path().join("proxy.log");
         let log = fs::File::create(&log_path).expect("create proxy log");
         let log_err = log.try_clone().expect("dup proxy log");

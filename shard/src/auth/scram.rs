@@ -41,6 +41,10 @@ pub enum ScramError {
     /// The server could not prove it knows the verifier: it is not the server we trust.
     #[error("server's SCRAM signature does not verify")]
     BadServerSignature,
+    /// Logging in with keys recovered from a client's proof, the server offered another
+    /// salt or iteration count: the role's password changed since that client logged in.
+    #[error("the server's SCRAM salt differs from the one the client logged in with (password changed?)")]
+    StaleKeys,
 }
 
 impl ScramError {
@@ -50,6 +54,7 @@ impl ScramError {
             ScramError::Malformed(_) | ScramError::Unsupported(_) => "08P01",
             ScramError::BadProof => "28P01",
             ScramError::BadServerSignature => "08006",
+            ScramError::StaleKeys => "28P01",
         }
     }
 }
@@ -66,6 +71,26 @@ pub struct ScramServer {
     verifier: ScramVerifier,
     server_nonce: String,
     state: ServerState,
+    /// Recovered from a proof that verified: what lets the proxy log in as the client.
+    client_key: Option<Key>,
+}
+
+/// What a SCRAM client needs to log in to a server holding one verifier, without the
+/// password: the ClientKey recovered from a client's proof (SCRAM pass-through), with the
+/// salt and iteration count it belongs to and the ServerKey that checks the server.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramKeys {
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+    pub client_key: Key,
+    pub server_key: Key,
+}
+
+/// Keys stay out of logs.
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ScramKeys(<redacted>, {} iterations)", self.iterations)
+    }
 }
 
 enum ServerState {
@@ -93,6 +118,7 @@ impl ScramServer {
             verifier,
             server_nonce,
             state: ServerState::AwaitingClientFirst,
+            client_key: None,
         }
     }
 
@@ -148,20 +174,30 @@ impl ScramServer {
             b",",
             last.without_proof,
         ];
-        if !self.proof_matches(&auth_message, &last.proof) {
+        let Some(client_key) = self.proven_client_key(&auth_message, &last.proof) else {
             return Err(ScramError::BadProof);
-        }
+        };
+        self.client_key = Some(client_key);
         let signature = keys::hmac(&self.verifier.server_key, &auth_message);
         Ok(format!("v={}", encode_base64(&signature)).into_bytes())
     }
 
     /// ClientKey = proof XOR HMAC(StoredKey, AuthMessage); valid iff H(ClientKey) = StoredKey.
-    fn proof_matches(&self, auth_message: &[&[u8]], proof: &Key) -> bool {
+    fn proven_client_key(&self, auth_message: &[&[u8]], proof: &Key) -> Option<Key> {
         let client_signature = keys::hmac(&self.verifier.stored_key, auth_message);
         let client_key = keys::xor(proof, &client_signature);
-        keys::sha256(&client_key)
-            .ct_eq(&self.verifier.stored_key)
-            .into()
+        bool::from(keys::sha256(&client_key).ct_eq(&self.verifier.stored_key)).then_some(client_key)
+    }
+
+    /// After a successful exchange: the keys to log in to a server that holds the same
+    /// verifier, as this client.
+    pub fn keys(&self) -> Option<ScramKeys> {
+        Some(ScramKeys {
+            salt: self.verifier.salt.clone(),
+            iterations: self.verifier.iterations,
+            client_key: self.client_key?,
+            server_key: self.verifier.server_key,
+        })
     }
 }
 
@@ -200,12 +236,18 @@ impl std::fmt::Debug for SaltedPasswordCache {
 
 /// The client side of one SCRAM exchange, used to log in to a backend.
 pub struct ScramClient {
-    /// Normalize(password), kept instead of the password itself.
-    password: Vec<u8>,
+    secret: ClientSecret,
     client_first_bare: String,
     nonce: String,
     /// ServerSignature we expect, known once the client-final-message is built.
     expected_server_signature: Option<Key>,
+}
+
+/// What a [`ScramClient`] proves itself with.
+enum ClientSecret {
+    /// Normalize(password), kept instead of the password itself.
+    Password(Vec<u8>),
+    Keys(ScramKeys),
 }
 
 impl ScramClient {
@@ -213,10 +255,21 @@ impl ScramClient {
         Self::with_nonce(password, "", random_nonce())
     }
 
+    /// A client that proves itself with keys recovered from another client's proof; the
+    /// server must offer the salt and iteration count they belong to.
+    pub fn with_keys(keys: ScramKeys) -> Self {
+        Self::with_secret(ClientSecret::Keys(keys), "", random_nonce())
+    }
+
     /// `user` is only for RFC test vectors: PostgreSQL clients send an empty name.
     fn with_nonce(password: &str, user: &str, nonce: String) -> Self {
+        let password = normalize_password(password.as_bytes()).into_owned();
+        Self::with_secret(ClientSecret::Password(password), user, nonce)
+    }
+
+    fn with_secret(secret: ClientSecret, user: &str, nonce: String) -> Self {
         ScramClient {
-            password: normalize_password(password.as_bytes()).into_owned(),
+            secret,
             client_first_bare: format!("n={user},r={nonce}"),
             nonce,
             expected_server_signature: None,
@@ -252,8 +305,18 @@ impl ScramClient {
                 "server nonce does not extend the client nonce",
             ));
         }
-        let salted = cache.get_or_derive(&self.password, &first.salt, first.iterations);
-        let client_key = keys::client_key(&salted);
+        let (client_key, server_key) = match &self.secret {
+            ClientSecret::Password(password) => {
+                let salted = cache.get_or_derive(password, &first.salt, first.iterations);
+                (keys::client_key(&salted), keys::server_key(&salted))
+            }
+            ClientSecret::Keys(known) => {
+                if known.salt != first.salt || known.iterations != first.iterations {
+                    return Err(ScramError::StaleKeys);
+                }
+                (known.client_key, known.server_key)
+            }
+        };
         let stored_key = keys::sha256(&client_key);
         let without_proof = [CHANNEL_BINDING_NONE.as_bytes(), b",r=", first.nonce].concat();
         let auth_message: [&[u8]; 5] = [
@@ -265,7 +328,6 @@ impl ScramClient {
         ];
         let client_signature = keys::hmac(&stored_key, &auth_message);
         let proof = keys::xor(&client_key, &client_signature);
-        let server_key = keys::server_key(&salted);
         self.expected_server_signature = Some(keys::hmac(&server_key, &auth_message));
         let proof = encode_base64(&proof);
         Ok([without_proof.as_slice(), b",p=", proof.as_bytes()].concat())
@@ -371,6 +433,37 @@ mod tests {
             assert_eq!(client.server_final(&server_final), Ok(()));
         }
         assert_eq!(cache.entries.len(), 1);
+    }
+
+    #[test]
+    fn keys_from_a_client_proof_log_in_to_the_same_verifier() {
+        let verifier = ScramVerifier::generate("s3cret", b"0123456789abcdef", 4096);
+        let mut client = ScramClient::new("s3cret");
+        let mut server = ScramServer::new(verifier.clone());
+        assert!(server.keys().is_none());
+        let server_first = server.client_first(&client.client_first()).unwrap();
+        let server_final = server
+            .client_final(&client.server_first(&server_first).unwrap())
+            .unwrap();
+        client.server_final(&server_final).unwrap();
+        let keys = server.keys().expect("a verified proof yields keys");
+        // A second exchange, the proxy now the client, with no password at hand.
+        let mut proxy = ScramClient::with_keys(keys.clone());
+        let mut backend = ScramServer::new(verifier);
+        let backend_first = backend.client_first(&proxy.client_first()).unwrap();
+        let backend_final = backend
+            .client_final(&proxy.server_first(&backend_first).unwrap())
+            .unwrap();
+        assert_eq!(proxy.server_final(&backend_final), Ok(()));
+        // After a password change the server's salt differs: the keys are stale.
+        let changed = ScramVerifier::generate("s3cret", b"another salt....", 4096);
+        let mut proxy = ScramClient::with_keys(keys);
+        let mut backend = ScramServer::new(changed);
+        let backend_first = backend.client_first(&proxy.client_first()).unwrap();
+        assert_eq!(
+            proxy.server_first(&backend_first),
+            Err(ScramError::StaleKeys)
+        );
     }
 
     #[test]

@@ -9,6 +9,47 @@ use super::{Config, ConfigError, NodeConfig, UserConfig};
 
 /// Parses TOML syntax only; key names and types are checked by [`deserialize`].
 pub(super) fn parse_document(text: &str) -> Result<Table, ConfigError> {
+    let mut document = parse_toml(text)?;
+    hoist_proxy_table(&mut document)?;
+    Ok(document)
+}
+
+/// Keys the product documentation's examples put in a `[proxy]` table; they are the same
+/// keys as at the top level.
+const PROXY_TABLE_KEYS: [&str; 4] = ["listen_address", "admin_address", "workers", "admin_token"];
+
+/// Accepts `[proxy] listen_address = …` (as the product docs write it) for the top-level
+/// key: a key set in both places, or one that does not belong there, is an error naming it.
+fn hoist_proxy_table(document: &mut Table) -> Result<(), ConfigError> {
+    let Some(proxy) = document.remove("proxy") else {
+        return Ok(());
+    };
+    let Value::Table(proxy) = proxy else {
+        return Err(ConfigError::new(
+            "proxy",
+            "must be a table of listen_address, admin_address, workers, admin_token",
+        ));
+    };
+    for (key, value) in proxy {
+        let name = format!("proxy.{key}");
+        if !PROXY_TABLE_KEYS.contains(&key.as_str()) {
+            return Err(ConfigError::new(
+                name,
+                "unknown key; [proxy] holds listen_address, admin_address, workers and admin_token",
+            ));
+        }
+        if document.contains_key(&key) {
+            return Err(ConfigError::new(
+                name,
+                format!("`{key}` is also set at the top level; keep one"),
+            ));
+        }
+        document.insert(key, value);
+    }
+    Ok(())
+}
+
+fn parse_toml(text: &str) -> Result<Table, ConfigError> {
     text.parse::<Table>().map_err(|error| {
         let position = error
             .span()

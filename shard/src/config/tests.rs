@@ -984,3 +984,97 @@ mod admin_api {
         assert!(error.to_string().contains("admin_api.workers"), "{error}");
     }
 }
+
+mod auth_query {
+    use super::*;
+
+    #[test]
+    fn off_by_default_and_on_with_auth_user() {
+        let config = base();
+        assert_eq!(config.auth.query(), None);
+        assert_eq!(config.auth.auth_query_cache_secs, 10);
+        let config = parse(&format!("{BASE}\n[auth]\nauth_user = \"pgbouncer\"\n")).unwrap();
+        assert_eq!(config.auth.query(), Some(DEFAULT_AUTH_QUERY));
+        let custom = "SELECT * FROM public.lookup($1)";
+        let config = parse(&format!(
+            "{BASE}\n[auth]\nauth_user = \"a\"\nauth_query = \"{custom}\"\nauth_dbname = \"postgres\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.auth.query(), Some(custom));
+    }
+
+    #[test]
+    fn the_default_query_leaves_nothing_to_a_search_path() {
+        // Every relation, function and operator is named with its schema.
+        for needle in [
+            "pg_catalog.pg_authid",
+            "pg_catalog.date_part",
+            "OPERATOR(pg_catalog.=)",
+            "rolvaliduntil",
+        ] {
+            assert!(DEFAULT_AUTH_QUERY.contains(needle), "{needle}");
+        }
+    }
+
+    #[test]
+    fn companions_need_auth_user_and_the_query_needs_its_parameter() {
+        let cases = [
+            ("auth_password = \"x\"", "auth.auth_password"),
+            ("auth_query = \"SELECT 1 WHERE $1 = ''\"", "auth.auth_query"),
+            ("auth_dbname = \"postgres\"", "auth.auth_dbname"),
+            ("auth_user = \"\"", "auth.auth_user"),
+            (
+                "auth_user = \"a\"\nauth_query = \"SELECT 1\"",
+                "auth.auth_query",
+            ),
+            ("auth_user = \"a\"\nauth_dbname = \"\"", "auth.auth_dbname"),
+        ];
+        for (lines, key) in cases {
+            let error = parse(&format!("{BASE}\n[auth]\n{lines}\n")).expect_err(lines);
+            assert_eq!(error.key, key, "{error}");
+        }
+    }
+
+    #[test]
+    fn the_password_stays_out_of_debug_output() {
+        let config = parse(&format!(
+            "{BASE}\n[auth]\nauth_user = \"a\"\nauth_password = \"hunter2\"\n"
+        ))
+        .unwrap();
+        assert!(!format!("{:?}", config.auth).contains("hunter2"));
+    }
+}
+
+mod proxy_table {
+    use super::*;
+
+    #[test]
+    fn the_product_docs_minimal_configuration_loads() {
+        let text = r#"
+[proxy]
+listen_address = "0.0.0.0:6432"
+admin_address = "0.0.0.0:9090"
+[[nodes]]
+host = "127.0.0.1"
+port = 5432
+role = "primary"
+[[nodes]]
+host = "127.0.0.2"
+port = 5432
+role = "standby"
+"#;
+        let config = parse(text).expect("loads");
+        assert_eq!(config.listen_address, "0.0.0.0:6432");
+        assert_eq!(config.admin_address, "0.0.0.0:9090");
+        assert_eq!(config.nodes.len(), 2);
+    }
+
+    #[test]
+    fn a_key_twice_or_out_of_place_is_named() {
+        let twice = "listen_address = \"127.0.0.1:1\"\n[proxy]\nlisten_address = \"127.0.0.1:2\"\n";
+        assert_eq!(parse(twice).unwrap_err().key, "proxy.listen_address");
+        let stray = "[proxy]\nmax_pool_size = 3\n";
+        assert_eq!(parse(stray).unwrap_err().key, "proxy.max_pool_size");
+        assert_eq!(parse("proxy = 3\n").unwrap_err().key, "proxy");
+    }
+}

@@ -31,7 +31,38 @@ pub(super) fn config(config: &Config) -> Check {
     admin_api(&config.admin_api)?;
     tls(&config.tls)?;
     cert_logins(config)?;
+    auth_query(&config.auth)?;
     hba(&config.auth)
+}
+
+/// `auth_query` and its companions need `auth_user`; the query takes the name as `$1`.
+fn auth_query(auth: &super::AuthConfig) -> Check {
+    let needs_user = [
+        ("auth.auth_password", auth.auth_password.is_some()),
+        ("auth.auth_query", auth.auth_query.is_some()),
+        ("auth.auth_dbname", auth.auth_dbname.is_some()),
+    ];
+    for (key, set) in needs_user {
+        ensure(!set || auth.auth_user.is_some(), key, || {
+            "takes effect only with auth.auth_user, which turns auth_query on".into()
+        })?;
+    }
+    if let Some(user) = &auth.auth_user {
+        ensure(!user.is_empty(), "auth.auth_user", || {
+            "must name a role (or be left out to turn auth_query off)".into()
+        })?;
+    }
+    if let Some(query) = &auth.auth_query {
+        ensure(query.contains("$1"), "auth.auth_query", || {
+            "must take the user name as $1 and return (name, password[, valid_until])".into()
+        })?;
+    }
+    if let Some(database) = &auth.auth_dbname {
+        ensure(!database.is_empty(), "auth.auth_dbname", || {
+            "must name a database (or be left out to use the client's)".into()
+        })?;
+    }
+    Ok(())
 }
 
 /// The rules file must read and parse; the error names its line.

@@ -11,7 +11,8 @@ use hashbrown::HashMap;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthFailure {
     WrongPassword,
-    /// A name no `[[users]]` entry has (told apart only here, never to the client).
+    /// A name no `[[users]]` entry (nor `auth_query`) knows (told apart only here, never
+    /// to the client).
     UnknownUser,
     NoCertificate,
     CertificateMismatch,
@@ -21,10 +22,14 @@ pub enum AuthFailure {
     NoHbaEntry,
     /// The matching line says `reject`.
     HbaReject,
+    /// `auth_query` found the role, its `VALID UNTIL` in the past.
+    PasswordExpired,
+    /// `auth_query` found the role without a password the proxy can check.
+    NoPassword,
 }
 
 impl AuthFailure {
-    pub const ALL: [AuthFailure; 7] = [
+    pub const ALL: [AuthFailure; 9] = [
         AuthFailure::WrongPassword,
         AuthFailure::UnknownUser,
         AuthFailure::NoCertificate,
@@ -32,6 +37,8 @@ impl AuthFailure {
         AuthFailure::NoEncryption,
         AuthFailure::NoHbaEntry,
         AuthFailure::HbaReject,
+        AuthFailure::PasswordExpired,
+        AuthFailure::NoPassword,
     ];
 
     pub fn label(self) -> &'static str {
@@ -43,6 +50,8 @@ impl AuthFailure {
             AuthFailure::NoEncryption => "no_encryption",
             AuthFailure::NoHbaEntry => "no_hba_entry",
             AuthFailure::HbaReject => "hba_reject",
+            AuthFailure::PasswordExpired => "password_expired",
+            AuthFailure::NoPassword => "no_password",
         }
     }
 }

@@ -9,7 +9,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use super::failures::AuthFailure;
 use crate::auth::hba::Decision;
-use crate::auth::{md5, scram};
+use crate::auth::{md5, scram, Secret, ServerCredential};
 use crate::cancel::CancelMsg;
 use crate::codec::backend as be;
 use crate::codec::startup::{self, StartupPacket, MAX_STARTUP_PACKET};
@@ -116,7 +116,7 @@ pub async fn login(ctx: &ShardCtx, stream: &mut NetStream) -> Result<Login, Logi
                 return Err(LoginError::Gone);
             }
             Some((StartupPacket::Startup(msg), _)) => {
-                let login = parse_startup(ctx, &msg)?;
+                let mut login = parse_startup(ctx, &msg)?;
                 if !stream.is_tls() && ctx.config().tls.client_sslmode >= SslMode::Require {
                     // As PostgreSQL with only `hostssl` lines for this client.
                     let host = stream
@@ -133,12 +133,55 @@ pub async fn login(ctx: &ShardCtx, stream: &mut NetStream) -> Result<Login, Logi
                     });
                 }
                 let method = hba_method(ctx, stream, &login)?;
+                let looked_up = look_up(ctx, &mut login, method).await?;
                 negotiate_protocol(stream, msg.minor(), &login.unsupported_options).await?;
-                authenticate(stream, &login.user, method).await?;
-                return Ok(login);
+                match authenticate(stream, &login.user, method).await {
+                    Ok(proof) => {
+                        if let Some(credential) = proof {
+                            ctx.learn_credential(&login.user, credential);
+                        }
+                        return Ok(login);
+                    }
+                    Err(e) => {
+                        if looked_up {
+                            // A password changed on the server is seen at the next try.
+                            ctx.auth_query
+                                .forget(ctx, &login.database, &login.user.name);
+                        }
+                        return Err(e);
+                    }
+                }
             }
         }
     }
+}
+
+/// A user no `[[users]]` entry names is looked up with `auth_query` when it is on (not
+/// for the admin console, whose users are configured). True when the user came from it.
+async fn look_up(
+    ctx: &ShardCtx,
+    login: &mut Login,
+    method: AuthMethod,
+) -> Result<bool, LoginError> {
+    if login.user.refusal.is_none() || super::console::is_console(&login.database) {
+        return Ok(false);
+    }
+    let name = login.user.name.clone();
+    let Some(found) = ctx.auth_query.lookup(ctx, &login.database, &name).await else {
+        return Ok(false);
+    };
+    let found = found.map_err(|e| {
+        log::warn!(
+            "auth_query for user \"{name}\" in database \"{}\" failed: {e}",
+            login.database
+        );
+        LoginError::fatal(
+            "08006",
+            format!("could not check the password of user \"{name}\": the server did not answer the lookup"),
+        )
+    })?;
+    login.user = Rc::new(UserEntry::looked_up(&name, method, &found));
+    Ok(true)
 }
 
 /// The first byte of a TLS handshake record (direct TLS sends it first).
@@ -341,11 +384,13 @@ fn hba_method(ctx: &ShardCtx, stream: &NetStream, login: &Login) -> Result<AuthM
     }
 }
 
+/// Runs the login exchange; on success, returns what the client proved that can log the
+/// proxy in to servers as that user (SCRAM keys, the md5 hash, a clear-text password).
 async fn authenticate(
     stream: &mut NetStream,
     user: &UserEntry,
     method: AuthMethod,
-) -> Result<(), LoginError> {
+) -> Result<Option<ServerCredential>, LoginError> {
     // As PostgreSQL: md5 for a role whose only secret is a SCRAM verifier means SCRAM.
     let method = match (method, &user.secret) {
         (AuthMethod::Md5, Some(crate::auth::Secret::Scram(_))) => AuthMethod::ScramSha256,
@@ -354,12 +399,9 @@ async fn authenticate(
     let failed = || LoginError::AuthFailed {
         code: "28P01",
         message: format!("password authentication failed for user \"{}\"", user.name),
-        reason: if user.known {
-            AuthFailure::WrongPassword
-        } else {
-            AuthFailure::UnknownUser
-        },
+        reason: user.refusal.unwrap_or(AuthFailure::WrongPassword),
     };
+    let mut proof = None;
     let mut out = Vec::with_capacity(256);
     let mut reader = MessageReader::new(MAX_STARTUP_PACKET);
     match method {
@@ -392,6 +434,9 @@ async fn authenticate(
             if !cleartext_matches(user, password) {
                 return Err(failed());
             }
+            proof = std::str::from_utf8(password)
+                .ok()
+                .map(|p| ServerCredential::Password(p.to_string()));
         }
         AuthMethod::Md5 => {
             let salt: [u8; 4] = rand::random();
@@ -403,6 +448,11 @@ async fn authenticate(
             if !md5::verify(secret, &user.name, salt, response) {
                 return Err(failed());
             }
+            proof = match secret {
+                Secret::Md5(hash) => Some(ServerCredential::Md5Hash(hash.clone())),
+                Secret::Plain(password) => Some(ServerCredential::Password(password.clone())),
+                Secret::Scram(_) => None,
+            };
         }
         AuthMethod::ScramSha256 => {
             let verifier = user.scram.clone().ok_or_else(failed)?;
@@ -430,9 +480,16 @@ async fn authenticate(
             out.clear();
             be::write_auth_sasl_final(&mut out, &last);
             stream.send(&out).await?;
+            // Keys of a verifier the proxy made itself (from a plain password) are no
+            // use on a server; the password is.
+            proof = match &user.secret {
+                Some(Secret::Scram(_)) => server.keys().map(ServerCredential::Scram),
+                Some(Secret::Plain(password)) => Some(ServerCredential::Password(password.clone())),
+                _ => None,
+            };
         }
     }
-    if !user.known {
+    if user.refusal == Some(AuthFailure::UnknownUser) {
         // Only reachable without a password (trust, cert): PostgreSQL says the same.
         return Err(LoginError::AuthFailed {
             code: "28000",
@@ -440,7 +497,7 @@ async fn authenticate(
             reason: AuthFailure::UnknownUser,
         });
     }
-    Ok(())
+    Ok(proof)
 }
 
 fn scram_failure(e: scram::ScramError, failed: &dyn Fn() -> LoginError) -> LoginError {

@@ -1,6 +1,7 @@
 //! One client connection on one shard: startup and authentication, then the admin
 //! console or the engine (every pool mode) until the client leaves.
 
+pub mod auth_query;
 pub mod console;
 pub mod failures;
 pub mod login;
