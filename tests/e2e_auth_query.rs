@@ -28,6 +28,8 @@ const NOLOGIN_ROLE: &str = "aq_nologin";
 const LOOKUP_ROLE: &str = "aq_lookup";
 const LOOKUP_PASSWORD: &str = "lookup-Pa55";
 const EVIL_DB: &str = "aq_evil";
+/// Only the burst test logs in here, so its lookup connections can be counted.
+const BURST_DB: &str = "aq_burst";
 
 /// The README's function for a least-privilege `auth_user`, verbatim in spirit: a
 /// SECURITY DEFINER with its own pinned search_path, returning no row for no role.
@@ -61,7 +63,8 @@ fn roles() {
                  CREATE ROLE {FUTURE_ROLE} LOGIN PASSWORD 'future-Pa55' VALID UNTIL '2999-01-01';\n\
                  CREATE ROLE {NOLOGIN_ROLE} NOLOGIN PASSWORD 'nologin-Pa55';\n\
                  CREATE ROLE {LOOKUP_ROLE} LOGIN PASSWORD '{LOOKUP_PASSWORD}';\n\
-                 CREATE DATABASE {EVIL_DB};\n"
+                 CREATE DATABASE {EVIL_DB};\n\
+                 CREATE DATABASE {BURST_DB};\n"
             ),
         );
         c.psql_admin(
@@ -303,6 +306,36 @@ async fn expiry_and_password_changes_reach_cached_lookups() {
     assert_eq!(reload.status, 200, "{}", reload.body);
     let err = refused(&proxy, "aq_change", "new-Pa55", DATABASE).await;
     assert_eq!(sqlstate(&err), "28P01", "{err:?}");
+    proxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_logins_shares_a_few_lookup_connections() {
+    if proxy_only("auth_query burst", "auth_query is the proxy's") {
+        return;
+    }
+    roles();
+    // No cache: every login looks up; 60 at once still use at most 4 per worker.
+    let proxy = Proxy::start(
+        cluster(),
+        &seed("transaction", "auth_query_cache_secs = 0\n"),
+    );
+    let logins = (0..60).map(|_| proxy.connect(SCRAM_ROLE, Some(SCRAM_PASSWORD), BURST_DB));
+    for result in futures_util::future::join_all(logins).await {
+        let client = result.unwrap_or_else(|e| panic!("{e:?}\n{}", proxy.log()));
+        drop(client);
+    }
+    let lookup_connections = cluster()
+        .admin_i64(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'heliosdb-proxy auth_query' AND datname = 'aq_burst'",
+        )
+        .await;
+    assert!(
+        (1..=8).contains(&lookup_connections),
+        "{lookup_connections} lookup connections"
+    );
+    assert_eq!(metrics(&proxy)["auth_query"]["errors"], 0);
     proxy.stop();
 }
 

@@ -65,14 +65,25 @@ pub enum LookupError {
     ValidUntil(String),
 }
 
-/// Idle lookup connections kept per shard; more are opened under a burst and closed.
-const MAX_IDLE: usize = 4;
+/// Lookups a shard runs at once, so also its most lookup connections: a burst of logins
+/// queues here rather than opening a server connection each.
+const MAX_CONNECTIONS: usize = 4;
 
 /// A shard's lookups: the cache and the idle connections of `auth_user`.
-#[derive(Default)]
 pub struct AuthQuery {
     cache: RefCell<HashMap<(String, String), (Found, Instant)>>,
     idle: RefCell<Vec<Idle>>,
+    running: glommio::sync::Semaphore,
+}
+
+impl Default for AuthQuery {
+    fn default() -> Self {
+        AuthQuery {
+            cache: RefCell::default(),
+            idle: RefCell::default(),
+            running: glommio::sync::Semaphore::new(MAX_CONNECTIONS as u64),
+        }
+    }
 }
 
 struct Idle {
@@ -99,11 +110,17 @@ impl AuthQuery {
         let database = auth.auth_dbname.as_deref().unwrap_or(database);
         let key = (database.to_string(), user.to_string());
         let ttl = Duration::from_secs(auth.auth_query_cache_secs);
-        if let Some((found, at)) = self.cache.borrow().get(&key) {
-            if at.elapsed() < ttl {
-                ctx.stats.auth_query_hits.inc();
-                return Some(Ok(found.clone()));
-            }
+        if let Some(found) = self.cached(&key, ttl) {
+            ctx.stats.auth_query_hits.inc();
+            return Some(Ok(found));
+        }
+        let Ok(_permit) = self.running.acquire_permit(1).await else {
+            return Some(Err(LookupError::NoNode));
+        };
+        // Logins of the same user that queued behind this one find its answer.
+        if let Some(found) = self.cached(&key, ttl) {
+            ctx.stats.auth_query_hits.inc();
+            return Some(Ok(found));
         }
         let result = self.fetch(ctx, database, query, user).await;
         match &result {
@@ -133,6 +150,12 @@ impl AuthQuery {
     pub fn reset(&self) {
         self.cache.borrow_mut().clear();
         self.idle.borrow_mut().clear();
+    }
+
+    fn cached(&self, key: &(String, String), ttl: Duration) -> Option<Found> {
+        let cache = self.cache.borrow();
+        let (found, at) = cache.get(key)?;
+        (at.elapsed() < ttl).then(|| found.clone())
     }
 
     fn remember(&self, key: (String, String), found: Found, ttl: Duration) {
@@ -196,7 +219,7 @@ impl AuthQuery {
 
     fn keep_idle(&self, addr: SocketAddr, database: &str, conn: BackendConn) {
         let mut idle = self.idle.borrow_mut();
-        if idle.len() < MAX_IDLE {
+        if idle.len() < MAX_CONNECTIONS {
             idle.push(Idle {
                 addr,
                 database: database.to_string(),
