@@ -62,7 +62,10 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
         }
     };
     let (console_tx, console_rx) = crossbeam_channel::unbounded();
-    let runtime = match Runtime::start(config.clone(), Some(console_tx)) {
+    // Shards report nodes they saw fail; the health checker probes them at once.
+    let (suspects_tx, suspects_rx) = crossbeam_channel::unbounded();
+    let runtime = match Runtime::start(config.clone(), Some(console_tx), Some(suspects_tx.clone()))
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("heliosdb-proxy: {e}");
@@ -77,6 +80,7 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    control.set_wake(suspects_tx);
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let spawned = (|| -> std::io::Result<()> {
@@ -94,7 +98,11 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
             control.clone(),
             stop.clone(),
         )?);
-        threads.push(control::health::spawn(control.clone(), stop.clone())?);
+        threads.push(control::health::spawn(
+            control.clone(),
+            stop.clone(),
+            suspects_rx,
+        )?);
         Ok(())
     })();
     if let Err(e) = spawned {

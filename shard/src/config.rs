@@ -51,6 +51,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
     pub health: HealthConfig,
+    /// Where the primary's identity comes from.
+    pub topology: TopologyConfig,
+    /// What happens when the primary is lost: promotion, the switchover buffer.
+    pub failover: FailoverConfig,
     pub tls: TlsConfig,
     pub load_balancer: LoadBalancerConfig,
     pub routing: RoutingConfig,
@@ -82,6 +86,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             health: HealthConfig::default(),
+            topology: TopologyConfig::default(),
+            failover: FailoverConfig::default(),
             tls: TlsConfig::default(),
             load_balancer: LoadBalancerConfig::default(),
             routing: RoutingConfig::default(),
@@ -617,6 +623,84 @@ impl Default for AdminApiConfig {
     }
 }
 
+/// Who says which node is the primary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopologyProviderKind {
+    /// Whichever enabled node reports `pg_is_in_recovery() = false`.
+    #[default]
+    Postgres,
+    /// Only the admin API (`POST /primary`) names it.
+    Manual,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopologyConfig {
+    pub provider: TopologyProviderKind,
+}
+
+/// Losing the primary: who promotes a standby, and how long work for the primary waits.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Promote the best standby with `pg_promote()` (else wait for an external manager).
+    pub auto_promote: bool,
+    /// How long a unit that needs the primary waits in the switchover buffer.
+    pub write_timeout_secs: f64,
+    /// Units waiting in the switchover buffer at most (whole process).
+    pub buffer_max: usize,
+    /// Check interval of a node suspected down (and of standbys while there is no
+    /// confirmed primary).
+    pub fast_probe_ms: u64,
+    /// Never promote a standby further behind the last primary position seen.
+    pub max_lag_bytes: u64,
+    /// How long `pg_promote()` may take.
+    pub promote_timeout_secs: u64,
+    /// Role for promote and fence; default: the `[health]` credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            auto_promote: true,
+            write_timeout_secs: 15.0,
+            buffer_max: 10_000,
+            fast_probe_ms: 100,
+            max_lag_bytes: 16 * 1024 * 1024,
+            promote_timeout_secs: 30,
+            user: None,
+            password: None,
+        }
+    }
+}
+
+impl FailoverConfig {
+    pub fn write_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.write_timeout_secs)
+    }
+}
+
+/// The password stays out of logs.
+impl std::fmt::Debug for FailoverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailoverConfig")
+            .field("auto_promote", &self.auto_promote)
+            .field("write_timeout_secs", &self.write_timeout_secs)
+            .field("buffer_max", &self.buffer_max)
+            .field("fast_probe_ms", &self.fast_probe_ms)
+            .field("max_lag_bytes", &self.max_lag_bytes)
+            .field("promote_timeout_secs", &self.promote_timeout_secs)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// How the control thread checks each node.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -731,7 +815,34 @@ impl Config {
                     .clone()
                     .or_else(|| u.backend_password().map(str::to_string)),
             ),
-            None => ("postgres".into(), self.health.password.clone()),
+            // A seed configuration: auth_query's role is the one the proxy has.
+            None => match &self.auth.auth_user {
+                Some(user) => (
+                    user.clone(),
+                    self.health
+                        .password
+                        .clone()
+                        .or_else(|| self.auth.auth_password.clone()),
+                ),
+                None => ("postgres".into(), self.health.password.clone()),
+            },
+        }
+    }
+
+    /// Role and password for the operations the proxy runs itself during a failover
+    /// (promote, fence): `[failover] user`/`password`, else the health checks' own.
+    pub fn failover_credentials(&self) -> (String, Option<String>) {
+        match &self.failover.user {
+            Some(user) => {
+                let password = self.failover.password.clone().or_else(|| {
+                    self.users
+                        .iter()
+                        .find(|u| u.backend_user() == user)
+                        .and_then(|u| u.backend_password().map(str::to_string))
+                });
+                (user.clone(), password)
+            }
+            None => self.health_credentials(),
         }
     }
 

@@ -126,6 +126,12 @@ pub struct ShardCtx {
     pub users: RefCell<HashMap<String, Rc<UserEntry>>>,
     pub nodes: RefCell<Vec<LocalNode>>,
     pub topology_version: Cell<u64>,
+    /// Whether the primary is confirmed, named but not yet seen writable, or lost.
+    pub primary_state: Cell<crate::topology::PrimaryState>,
+    /// Units waiting in the switchover buffer on this shard.
+    pub buffered: Cell<usize>,
+    /// Where pools report a node they suspect is down (the health checker).
+    pub suspects: Option<crossbeam_channel::Sender<String>>,
     /// Raised whenever the topology changes (a node came back, or another took over).
     pub topology_changed: Signal,
     /// Closed while PAUSEd: no server connections are handed out.
@@ -216,6 +222,9 @@ impl ShardCtx {
             users: RefCell::new(users),
             nodes: RefCell::new(nodes),
             topology_version: Cell::new(0),
+            primary_state: Cell::new(crate::topology::PrimaryState::Confirmed),
+            buffered: Cell::new(0),
+            suspects: None,
             topology_changed: Signal::default(),
             gate: Rc::default(),
             router: Router::new(rand::random()),
@@ -277,6 +286,24 @@ impl ShardCtx {
         primary_of(&self.nodes.borrow()).cloned()
     }
 
+    fn node_fenced(&self, address: &str) -> bool {
+        self.nodes
+            .borrow()
+            .iter()
+            .any(|n| n.fenced && &*n.address == address)
+    }
+
+    /// No primary may take work and none is confirmed: a failover is under way, and
+    /// units that need the primary wait in the switchover buffer.
+    pub fn awaiting_primary(&self) -> bool {
+        self.primary_state.get() != crate::topology::PrimaryState::Confirmed
+            && !self
+                .nodes
+                .borrow()
+                .iter()
+                .any(|n| n.role == crate::config::NodeRole::Primary && n.routable())
+    }
+
     fn node_routable(&self, address: &str) -> bool {
         self.nodes
             .borrow()
@@ -327,6 +354,7 @@ impl ShardCtx {
                     self.limits.borrow().max_size,
                 ),
                 shard: self.id,
+                suspects: self.suspects.clone(),
             },
         );
         if !node.routable() {
@@ -376,9 +404,14 @@ impl ShardCtx {
             return;
         }
         self.topology_version.set(topology.version);
+        self.primary_state.set(topology.primary_state);
         *self.nodes.borrow_mut() = topology.nodes.iter().map(|n| n.local()).collect();
         for pool in self.all_pools() {
-            pool.set_retired(!self.node_routable(&pool.key.node));
+            if self.node_fenced(&pool.key.node) {
+                pool.sever();
+            } else {
+                pool.set_retired(!self.node_routable(&pool.key.node));
+            }
         }
         self.topology_changed.notify();
     }

@@ -5,6 +5,7 @@
 //! twice.
 
 use std::ops::{Deref, DerefMut};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use crate::backend::BackendConn;
@@ -18,10 +19,18 @@ pub struct Lease {
 
 impl Lease {
     pub(crate) fn new(conn: BackendConn, pool: Rc<Pool>) -> Lease {
+        pool.lent(conn.stream.as_raw_fd());
         Lease {
             conn: Some(conn),
             pool,
         }
+    }
+
+    /// Takes the connection out, no longer cuttable by a fence.
+    fn take(&mut self) -> Option<BackendConn> {
+        let conn = self.conn.take()?;
+        self.pool.returned(conn.stream.as_raw_fd());
+        Some(conn)
     }
 
     /// The pool the connection goes back to.
@@ -31,14 +40,14 @@ impl Lease {
 
     /// Gives a clean connection (status I, nothing in flight, reset done) back for reuse.
     pub fn release(mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.take() {
             self.pool.release(conn);
         }
     }
 
     /// Closes a connection that must not be reused (state unknown or tied to the client).
     pub fn discard(mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.take() {
             self.pool.discard(conn);
         }
     }
@@ -68,7 +77,7 @@ impl DerefMut for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.take() {
             drop(conn);
             self.pool.forget();
         }

@@ -88,6 +88,8 @@ impl AcquireError {
 enum Grant {
     Conn(BackendConn),
     Slot,
+    /// The node was fenced: stop waiting here.
+    Gone,
 }
 
 pub struct Pool {
@@ -104,16 +106,26 @@ pub struct Pool {
     fences: Rc<Fences>,
     /// The node takes no new work: nothing is opened, connections close as they return.
     retired: Cell<bool>,
+    /// Retired because the node was fenced: nobody waits here at all.
+    severed: Cell<bool>,
     /// Raised when a retired pool's node may take work again.
     reinstated: Signal,
     /// The right to open connections, shared with this key's pools on other shards.
     budget: Arc<Budget>,
     shard: usize,
+    suspects: Option<crossbeam_channel::Sender<String>>,
+    /// When this pool last reported its node (reports are at most one per interval).
+    last_suspected: Cell<Option<Instant>>,
 }
+
+/// A pool reports its node at most this often.
+const SUSPECT_EVERY: Duration = Duration::from_millis(50);
 
 #[derive(Default)]
 struct PoolState {
     idle: Vec<BackendConn>,
+    /// Sockets of the connections lent out, so a fence can cut them mid-use.
+    lent: Vec<std::os::fd::RawFd>,
     /// Connections that exist or are being opened: idle + leased + connecting.
     total: usize,
     waiters: VecDeque<(Rc<Slot<Grant>>, Instant)>,
@@ -134,6 +146,9 @@ pub struct ShardShared {
     pub budget: Arc<Budget>,
     /// Which shard the pool is on (its slot in the budget).
     pub shard: usize,
+    /// Where a failed connect or a connection lost mid-use is reported, so the health
+    /// checker looks at the node at once (fast detection).
+    pub suspects: Option<crossbeam_channel::Sender<String>>,
 }
 
 impl Pool {
@@ -151,6 +166,7 @@ impl Pool {
             fences,
             budget,
             shard,
+            suspects,
         } = shared;
         Rc::new(Pool {
             key,
@@ -163,10 +179,64 @@ impl Pool {
             gate,
             fences,
             retired: Cell::new(false),
+            severed: Cell::new(false),
             reinstated: Signal::default(),
             budget,
             shard,
+            suspects,
+            last_suspected: Cell::new(None),
         })
+    }
+
+    /// Tells the health checker this pool's node may be down: a connect failed, or a
+    /// connection broke mid-use.
+    pub fn suspect(&self) {
+        let Some(suspects) = &self.suspects else {
+            return;
+        };
+        let now = Instant::now();
+        if self
+            .last_suspected
+            .get()
+            .is_some_and(|at| now.duration_since(at) < SUSPECT_EVERY)
+        {
+            return;
+        }
+        self.last_suspected.set(Some(now));
+        let _ = suspects.send(self.key.node.to_string());
+    }
+
+    /// A lease begins: its socket may have to be cut by a fence.
+    pub(crate) fn lent(&self, fd: std::os::fd::RawFd) {
+        self.state.borrow_mut().lent.push(fd);
+    }
+
+    /// A lease ends (before its socket closes).
+    pub(crate) fn returned(&self, fd: std::os::fd::RawFd) {
+        let mut st = self.state.borrow_mut();
+        if let Some(i) = st.lent.iter().position(|f| *f == fd) {
+            st.lent.swap_remove(i);
+        }
+    }
+
+    /// The node is fenced: idle connections close and lent ones are cut now, so nothing
+    /// more reaches a server that may no longer be the primary. Their holders see the
+    /// connection end and tell their clients.
+    pub fn sever(self: &Rc<Self>) {
+        self.set_retired(true);
+        self.severed.set(true);
+        self.close_idle();
+        // Clients waiting here go elsewhere (the switchover buffer, the new primary).
+        while let Some(waiter) = self.pop_waiter() {
+            let _ = waiter.put(Grant::Gone);
+        }
+        for fd in self.state.borrow().lent.iter() {
+            // SAFETY: shutdown(2) on a socket a lease of this pool still owns (leases
+            // remove their fd before the socket closes); no memory is involved.
+            unsafe {
+                libc::shutdown(*fd, libc::SHUT_RDWR);
+            }
+        }
     }
 
     /// This pool's figures for the admin API, metrics and the SQL console.
@@ -231,6 +301,9 @@ impl Pool {
     /// connections close now, lent ones when they come back, and nothing new is opened.
     /// Or puts it back, letting waiting clients open connections again.
     pub fn set_retired(self: &Rc<Self>, retired: bool) {
+        if !retired {
+            self.severed.set(false);
+        }
         if self.retired.replace(retired) == retired {
             return;
         }
@@ -373,7 +446,7 @@ impl Pool {
         loop {
             match self.acquire_conn().await {
                 Ok(conn) => return Ok(Lease::new(conn, self.clone())),
-                Err(AcquireError::Connect(e)) if e.is_transient() => {
+                Err(AcquireError::Connect(e)) if e.is_transient() && !self.retired.get() => {
                     let limit = self.limits.borrow().acquire_timeout;
                     let left = limit.saturating_sub(started.elapsed());
                     if left < pause {
@@ -404,6 +477,12 @@ impl Pool {
                     max: self.budget.max(),
                 });
             }
+        }
+        if self.severed.get() {
+            return Err(AcquireError::Unavailable {
+                pool: self.label.clone(),
+                waited_ms: 0,
+            });
         }
         if !self.retired.get() {
             if let Some(conn) = self.take_idle() {
@@ -443,6 +522,10 @@ impl Pool {
         match grant {
             Some(Grant::Conn(conn)) => Ok(conn),
             Some(Grant::Slot) => self.open_reserved().await,
+            Some(Grant::Gone) => Err(AcquireError::Unavailable {
+                pool: self.label.clone(),
+                waited_ms: waited.as_millis(),
+            }),
             None => {
                 self.abandon_wait(&slot);
                 self.stats.pool_timeouts.inc();
@@ -479,7 +562,7 @@ impl Pool {
             match waiter.put(Grant::Conn(pending.take().expect("conn present"))) {
                 Ok(()) => return,
                 Err(Grant::Conn(c)) => pending = Some(c),
-                Err(Grant::Slot) => unreachable!("a connection was offered"),
+                Err(Grant::Slot | Grant::Gone) => unreachable!("a connection was offered"),
             }
         }
         if let Some(conn) = pending {
@@ -594,6 +677,9 @@ impl Pool {
                 Ok(conn)
             }
             Err(e) => {
+                if e.is_transient() {
+                    self.suspect();
+                }
                 self.stats.backend_connect_errors.inc();
                 self.release_slot_only();
                 Err(e.into())
@@ -627,6 +713,7 @@ impl Pool {
         match slot.abandon() {
             Some(Grant::Conn(conn)) => self.release(conn),
             Some(Grant::Slot) => self.release_slot_only(),
+            Some(Grant::Gone) => {}
             None => {}
         }
     }

@@ -56,6 +56,7 @@ impl Runtime {
     pub fn start(
         config: Arc<Config>,
         console: Option<Sender<ConsoleRequest>>,
+        suspects: Option<Sender<String>>,
     ) -> Result<Runtime, StartError> {
         let workers = config.effective_workers();
         if workers > MAX_SHARDS {
@@ -98,6 +99,7 @@ impl Runtime {
             let mesh = mesh.clone();
             let shutdown = shutdown.clone();
             let console = console.clone();
+            let suspects = suspects.clone();
             let shard = ShardStart {
                 id,
                 budgets: budgets.clone(),
@@ -108,6 +110,7 @@ impl Runtime {
                 shutdown,
                 inbox,
                 console,
+                suspects,
             };
             let handle = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
@@ -187,6 +190,7 @@ struct ShardStart {
     shutdown: Arc<AtomicBool>,
     inbox: Receiver<ControlMsg>,
     console: Option<Sender<ConsoleRequest>>,
+    suspects: Option<Sender<String>>,
 }
 
 async fn shard_main(start: ShardStart) {
@@ -200,10 +204,12 @@ async fn shard_main(start: ShardStart) {
         shutdown,
         inbox,
         console,
+        suspects,
     } = start;
     let ctx = match ShardCtx::new(id, config, stats, budgets) {
         Ok(mut ctx) => {
             ctx.console = console;
+            ctx.suspects = suspects;
             Rc::new(ctx)
         }
         Err(e) => {

@@ -68,6 +68,16 @@ pub struct ShardStats {
     pub clients_cut: [Counter; 5],
     /// Bytes of partly received client messages held right now (a gauge).
     pub message_memory_bytes: Counter,
+    /// Units waiting in the switchover buffer right now (a gauge).
+    pub buffered_units: Counter,
+    /// Units that found the switchover buffer full (`failover.buffer_max`).
+    pub buffer_overflows: Counter,
+    /// Units that waited `failover.write_timeout_secs` for a primary in vain.
+    pub buffer_timeouts: Counter,
+    /// Units whose server connection was lost mid-way while the session went on.
+    pub units_lost: Counter,
+    /// Units that started over on another connection after theirs was dead on arrival.
+    pub units_started_over: Counter,
 }
 
 /// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).

@@ -33,6 +33,9 @@ pub struct Node<S = String> {
     pub lag_ms: Option<f64>,
     /// Standbys and replicas: WAL position replayed, when known (read-your-writes).
     pub replay_lsn: Option<u64>,
+    /// Declared down while primary, or a former primary that came back writable: no
+    /// work at all, and every connection to it is cut at once.
+    pub fenced: bool,
 }
 
 /// A node as a shard holds it.
@@ -41,7 +44,7 @@ pub type LocalNode = Node<Rc<str>>;
 impl<S> Node<S> {
     /// May this node be given new work?
     pub fn routable(&self) -> bool {
-        self.enabled && self.healthy && !self.draining
+        self.enabled && self.healthy && !self.draining && !self.fenced
     }
 }
 
@@ -68,6 +71,7 @@ impl Node {
             latency_ms: 0.0,
             lag_ms: None,
             replay_lsn: None,
+            fenced: false,
         })
     }
 
@@ -86,6 +90,29 @@ impl Node {
             latency_ms: self.latency_ms,
             lag_ms: self.lag_ms,
             replay_lsn: self.replay_lsn,
+            fenced: self.fenced,
+        }
+    }
+}
+
+/// How sure the proxy is of the primary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrimaryState {
+    /// Named (by the configuration, a promotion or the admin API), not yet seen writable.
+    #[default]
+    Pending,
+    /// Seen writable by a check.
+    Confirmed,
+    /// None: it was lost and no other is known yet (a failover is under way).
+    None,
+}
+
+impl PrimaryState {
+    pub fn label(self) -> &'static str {
+        match self {
+            PrimaryState::Pending => "pending",
+            PrimaryState::Confirmed => "confirmed",
+            PrimaryState::None => "none",
         }
     }
 }
@@ -95,6 +122,7 @@ impl Node {
 pub struct Topology {
     pub version: u64,
     pub nodes: Vec<Node>,
+    pub primary_state: PrimaryState,
 }
 
 impl Topology {
@@ -106,7 +134,12 @@ impl Topology {
             .iter()
             .map(Node::configured)
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Topology { version: 0, nodes })
+        // Trusted as configured until a check says otherwise.
+        Ok(Topology {
+            version: 0,
+            nodes,
+            primary_state: PrimaryState::Confirmed,
+        })
     }
 }
 

@@ -92,7 +92,24 @@ pub fn handle(control: &Control, request: &Request) -> Reply {
             return reply;
         }
     }
-    dispatch(control, route)
+    dispatch(control, route, &request.body)
+}
+
+/// A string field of a JSON body (absent or null: `None`); an error names the field.
+fn body_field(body: &[u8], field: &str) -> Result<Option<String>, Reply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| Reply::error(400, format!("malformed JSON body: {e}")))?;
+    match value.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(_) => Err(Reply::error(
+            400,
+            format!("\"{field}\" must be a node address (\"host:port\")"),
+        )),
+    }
 }
 
 /// The endpoints.
@@ -110,6 +127,11 @@ enum Route<'a> {
     Sessions,
     Pools,
     Version,
+    Topology,
+    /// `POST /failover`: promote a standby now.
+    Failover,
+    /// `POST /primary`: name the primary (manual provider).
+    Primary,
 }
 
 #[derive(Clone, Copy)]
@@ -121,7 +143,10 @@ enum NodeAction {
 
 impl Route<'_> {
     fn mutating(&self) -> bool {
-        matches!(self, Route::NodeAction(..) | Route::Reload)
+        matches!(
+            self,
+            Route::NodeAction(..) | Route::Reload | Route::Failover | Route::Primary
+        )
     }
 }
 
@@ -142,12 +167,42 @@ fn route<'a>(segments: &[&'a str]) -> Option<Route<'a>> {
         ["sessions"] => Route::Sessions,
         ["pools"] => Route::Pools,
         ["version"] => Route::Version,
+        ["topology"] => Route::Topology,
+        ["failover"] => Route::Failover,
+        ["primary"] => Route::Primary,
         _ => return None,
     })
 }
 
-fn dispatch(control: &Control, route: Route<'_>) -> Reply {
+fn dispatch(control: &Control, route: Route<'_>, body: &[u8]) -> Reply {
     match route {
+        Route::Topology => Reply::json(200, control.topology_json()),
+        Route::Failover => {
+            let target = match body_field(body, "target") {
+                Ok(target) => target,
+                Err(reply) => return reply,
+            };
+            match control.failover(target.as_deref()) {
+                Ok(topology) => Reply::json(200, topology),
+                Err(e) => control_error(e),
+            }
+        }
+        Route::Primary => {
+            let address = match body_field(body, "address") {
+                Ok(Some(address)) => address,
+                Ok(None) => {
+                    return Reply::error(
+                        400,
+                        "the body must name the primary: {\"address\": \"host:port\"}",
+                    )
+                }
+                Err(reply) => return reply,
+            };
+            match control.set_primary(&address) {
+                Ok(topology) => Reply::json(200, topology),
+                Err(e) => control_error(e),
+            }
+        }
         Route::Health => Reply::json(200, json!({ "status": "ok" })),
         Route::Live => Reply::json(200, json!({ "alive": true })),
         Route::Ready => {
@@ -223,6 +278,8 @@ fn control_error(e: ControlError) -> Reply {
     match e {
         ControlError::NodeNotFound => Reply::error(404, e.to_string()),
         ControlError::InvalidConfig(_) => Reply::error(400, e.to_string()),
+        ControlError::Conflict(_) => Reply::error(409, e.to_string()),
+        ControlError::Failed(_) => Reply::error(500, e.to_string()),
     }
 }
 
@@ -353,6 +410,9 @@ fn node_json(node: &NodeStatus) -> Value {
         "replication_lag_bytes": h.replication_lag_bytes,
         "replication_lag_seconds": h.replication_lag_seconds,
         "in_recovery": h.in_recovery,
+        "configured_role": role_name(node.configured_role),
+        "fenced": node.fenced,
+        "writable": super::failover::writable(node),
     })
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use helios_shard::config::{Config, HealthConfig, NodeRole};
 use helios_shard::control::parse_lsn;
 use helios_shard::tls::ServerTls;
@@ -25,23 +25,41 @@ const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 /// Role and WAL position in one round trip. On a primary: its current WAL position; on a
 /// standby: replay and receive positions, and seconds since the last replayed
 /// transaction (0 when everything received is replayed).
+///
+/// The last column names replication peers: on a standby, the name it streams under
+/// (the `application_name` of its `primary_conninfo`, else `cluster_name`, else
+/// `walreceiver`, as PostgreSQL picks it); on the primary, the names of the standbys it
+/// calls synchronous (`sync` or `quorum`), comma-separated.
 const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
      CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() END, \
      CASE WHEN NOT pg_is_in_recovery() THEN NULL \
           WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-          ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) END";
+          ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) END, \
+     CASE WHEN pg_is_in_recovery() THEN \
+          COALESCE((SELECT substring(conninfo from 'application_name=([^ ]+)') \
+                    FROM pg_stat_wal_receiver), \
+                   NULLIF(current_setting('cluster_name'), ''), 'walreceiver') \
+     ELSE (SELECT string_agg(application_name, ',') FROM pg_stat_replication \
+           WHERE sync_state IN ('sync', 'quorum')) END";
 
-/// Starts the supervisor; it stops (and joins every checker) once `stop` is set.
-pub fn spawn(control: Arc<Control>, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
+/// Starts the supervisor; it stops (and joins every checker) once `stop` is set. Nodes
+/// named on `suspects` (by the shards, or the admin API) are checked at once.
+pub fn spawn(
+    control: Arc<Control>,
+    stop: Arc<AtomicBool>,
+    suspects: Receiver<String>,
+) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("health".into())
-        .spawn(move || supervise(&control, &stop))
+        .spawn(move || supervise(&control, &stop, &suspects))
 }
 
 /// A running checker; dropping `stop` wakes it and tells it to end.
 struct Checker {
     stop: Sender<()>,
+    /// Asks for a check now.
+    wake: Sender<()>,
     thread: JoinHandle<()>,
 }
 
@@ -52,7 +70,7 @@ impl Checker {
     }
 }
 
-fn supervise(control: &Arc<Control>, stop: &AtomicBool) {
+fn supervise(control: &Arc<Control>, stop: &AtomicBool, suspects: &Receiver<String>) {
     let mut checkers: HashMap<String, Checker> = HashMap::new();
     let mut seen = None;
     while !stop.load(Ordering::Acquire) {
@@ -61,7 +79,12 @@ fn supervise(control: &Arc<Control>, stop: &AtomicBool) {
             seen = Some(epoch);
             reconcile(control, &mut checkers);
         }
-        std::thread::sleep(SUPERVISE_EVERY);
+        if let Ok(address) = suspects.recv_timeout(SUPERVISE_EVERY) {
+            control.suspect(&address);
+            if let Some(checker) = checkers.get(&address) {
+                let _ = checker.wake.try_send(());
+            }
+        }
     }
     // Wake every checker first so they wind down together.
     let ending: Vec<Checker> = checkers.into_values().collect();
@@ -118,14 +141,15 @@ fn reconcile(control: &Arc<Control>, checkers: &mut HashMap<String, Checker>) {
             continue;
         }
         let (stop, stopped) = crossbeam_channel::bounded(0);
+        let (wake, woken) = crossbeam_channel::bounded(1);
         let c = control.clone();
         let name = format!("health-{address}");
         match std::thread::Builder::new().name(name).spawn({
             let address = address.clone();
-            move || check_loop(&c, &address, &stopped)
+            move || check_loop(&c, &address, &stopped, &woken)
         }) {
             Ok(thread) => {
-                checkers.insert(address, Checker { stop, thread });
+                checkers.insert(address, Checker { stop, wake, thread });
             }
             Err(e) => log::error!("cannot start the health checker for node {address}: {e}"),
         }
@@ -133,7 +157,7 @@ fn reconcile(control: &Arc<Control>, checkers: &mut HashMap<String, Checker>) {
 }
 
 /// Checks one node until it leaves the configuration or the supervisor says stop.
-fn check_loop(control: &Control, address: &str, stopped: &Receiver<()>) {
+fn check_loop(control: &Arc<Control>, address: &str, stopped: &Receiver<()>, woken: &Receiver<()>) {
     let mut conn: Option<Probe> = None;
     // TLS as the shards use it, rebuilt when the configuration changes.
     let mut tls: Option<(Arc<Config>, Option<ServerTls>)> = None;
@@ -161,6 +185,7 @@ fn check_loop(control: &Control, address: &str, stopped: &Receiver<()>) {
         };
         let outcome = check(&mut conn, target, &config.health);
         record(control, address, &config.health, outcome);
+        control.follow_primary();
         // Standbys and replicas report lag and replay position for routing, so they are
         // checked at least every `routing.lag_check_interval_secs`.
         let mut every = config.health.interval();
@@ -169,10 +194,13 @@ fn check_loop(control: &Control, address: &str, stopped: &Receiver<()>) {
                 config.routing.lag_check_interval_secs,
             ));
         }
+        // Fast while the node is suspect or a failover is under way.
+        let every = control.check_every(address, every);
         let next = started + every;
-        match stopped.recv_timeout(next.saturating_duration_since(Instant::now())) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => break,
+        crossbeam_channel::select! {
+            recv(stopped) -> _ => break,
+            recv(woken) -> _ => {}
+            default(next.saturating_duration_since(Instant::now())) => {}
         }
     }
     if let Some(probe) = conn {
@@ -189,6 +217,8 @@ pub struct Observation {
     pub wal_lsn: Option<u64>,
     pub receive_lsn: Option<u64>,
     pub lag_seconds: Option<f64>,
+    /// See [`ROLE_QUERY`]'s last column.
+    pub replication_names: Vec<String>,
 }
 
 /// One check within `health.timeout_ms`, reusing the kept connection. A kept connection
@@ -252,6 +282,15 @@ fn parse_role(rows: &Rows, latency_ms: f64) -> Result<Observation, ProbeError> {
         wal_lsn: lsn(1)?,
         receive_lsn: lsn(2)?,
         lag_seconds: column(3).and_then(|s| s.parse::<f64>().ok()),
+        replication_names: column(4)
+            .map(|names| {
+                names
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -331,6 +370,11 @@ fn record(
     {
         control.primary_position(checked_at, *lsn);
     }
+    if let Ok(seen) = &outcome {
+        if !seen.in_recovery && control.is_primary(address) {
+            control.note_sync_standbys(seen.replication_names.clone());
+        }
+    }
     let mut was_healthy = true;
     let updated = control.update_node(address, |n| {
         was_healthy = n.health.healthy;
@@ -340,6 +384,11 @@ fn record(
                 record_success(h, config, now, seen.latency_ms);
                 h.in_recovery = Some(seen.in_recovery);
                 h.wal_lsn = seen.wal_lsn;
+                // A standby cut off from its primary no longer shows its stream: the
+                // name it had is kept (a failover ranks by it).
+                if !(seen.in_recovery && seen.replication_names.is_empty()) {
+                    h.replication_names = seen.replication_names.clone();
+                }
                 let standby = n.node.role != NodeRole::Primary && seen.in_recovery;
                 h.replication_lag_bytes = standby
                     .then(|| lag_bytes(primary_lsn, seen.wal_lsn, seen.receive_lsn))
@@ -453,6 +502,7 @@ mod tests {
                 wal_lsn: Some(0x300_0148),
                 receive_lsn: None,
                 lag_seconds: None,
+                replication_names: Vec::new(),
             }
         );
         let standby = parse_role(

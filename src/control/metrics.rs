@@ -57,7 +57,10 @@ fn describe() {
         ("heliosdb_proxy_statements_total", "Statements completed, by the server's command tag: read (SELECT, SHOW, FETCH, MOVE) or write (everything else)"),
         ("heliosdb_proxy_bytes_received_total", "Bytes received from clients"),
         ("heliosdb_proxy_bytes_sent_total", "Bytes sent to clients"),
-        ("heliosdb_proxy_failovers_total", "Failover events"),
+        ("heliosdb_proxy_failovers_total", "Failovers completed (a new primary published)"),
+        ("heliosdb_proxy_buffer_timeouts_total", "Units that left the switchover buffer without a primary, by reason: timeout (failover.write_timeout_secs) or full (failover.buffer_max)"),
+        ("heliosdb_proxy_units_started_over_total", "Units whose fresh server connection was dead on arrival (a FATAL before any answer): they ran again on another one, unseen by the client"),
+        ("heliosdb_proxy_units_lost_total", "Units whose server connection was lost mid-way (the client got 08006 or 08007 and its session went on)"),
         ("heliosdb_proxy_server_connections_created_total", "Server connections opened"),
         ("heliosdb_proxy_server_connections_closed_total", "Server connections closed"),
         ("heliosdb_proxy_server_connect_errors_total", "Failed attempts to open a server connection"),
@@ -120,6 +123,22 @@ fn describe() {
             "1 when the node passes its health checks",
         ),
         (
+            "heliosdb_proxy_primary",
+            "1 for the node tracked as primary, 0 for the others",
+        ),
+        (
+            "heliosdb_proxy_node_fenced",
+            "1 while the node is fenced (declared down as primary, or a former primary still writable)",
+        ),
+        (
+            "heliosdb_proxy_writable_nodes",
+            "Nodes reporting themselves writable (more than 1: two primaries)",
+        ),
+        (
+            "heliosdb_proxy_buffered_units",
+            "Units waiting in the switchover buffer for a primary",
+        ),
+        (
             "heliosdb_proxy_node_enabled",
             "1 when the node is enabled and not draining",
         ),
@@ -147,6 +166,11 @@ fn describe() {
         "heliosdb_proxy_query_duration_seconds",
         metrics::Unit::Seconds,
         "From a client's request to the ReadyForQuery that answers it"
+    );
+    describe_histogram!(
+        "heliosdb_proxy_failover_duration_seconds",
+        metrics::Unit::Seconds,
+        "From a primary declared lost to the new one published"
     );
     describe_histogram!(
         "heliosdb_proxy_pool_acquire_duration_seconds",
@@ -194,7 +218,24 @@ fn sync(control: &Control) {
         counter!("heliosdb_proxy_statements_total", "type" => "write").absolute(totals.writes);
         counter!("heliosdb_proxy_bytes_received_total").absolute(totals.bytes_in);
         counter!("heliosdb_proxy_bytes_sent_total").absolute(totals.bytes_out);
-        counter!("heliosdb_proxy_failovers_total").absolute(totals.failovers);
+        let (failovers, primary, _) = control.failover_figures();
+        counter!("heliosdb_proxy_failovers_total").absolute(failovers);
+        for duration in control.take_failover_durations() {
+            histogram!("heliosdb_proxy_failover_duration_seconds").record(duration.as_secs_f64());
+        }
+        counter!("heliosdb_proxy_buffer_timeouts_total", "reason" => "timeout")
+            .absolute(totals.buffer_timeouts);
+        counter!("heliosdb_proxy_buffer_timeouts_total", "reason" => "full")
+            .absolute(totals.buffer_overflows);
+        counter!("heliosdb_proxy_units_lost_total").absolute(totals.units_lost);
+        counter!("heliosdb_proxy_units_started_over_total").absolute(totals.units_started_over);
+        gauge!("heliosdb_proxy_buffered_units").set(totals.buffered as f64);
+        gauge!("heliosdb_proxy_writable_nodes").set(
+            nodes
+                .iter()
+                .filter(|n| super::failover::writable(n))
+                .count() as f64,
+        );
         counter!("heliosdb_proxy_server_connections_created_total").absolute(totals.created);
         counter!("heliosdb_proxy_server_connections_closed_total").absolute(totals.backend_closed);
         counter!("heliosdb_proxy_server_connect_errors_total").absolute(totals.connect_errors);
@@ -251,6 +292,11 @@ fn sync(control: &Control) {
             let h = &node.health;
             gauge!("heliosdb_proxy_node_healthy", "node" => label.clone())
                 .set(f64::from(u8::from(h.healthy)));
+            gauge!("heliosdb_proxy_primary", "node" => label.clone()).set(f64::from(u8::from(
+                primary.as_deref() == Some(node.address.as_str()),
+            )));
+            gauge!("heliosdb_proxy_node_fenced", "node" => label.clone())
+                .set(f64::from(u8::from(node.fenced)));
             gauge!("heliosdb_proxy_node_enabled", "node" => label.clone())
                 .set(f64::from(u8::from(node.enabled && !node.draining)));
             gauge!("heliosdb_proxy_node_latency_seconds", "node" => label.clone())
@@ -350,7 +396,11 @@ struct Totals {
     writes: u64,
     bytes_in: u64,
     bytes_out: u64,
-    failovers: u64,
+    buffered: u64,
+    buffer_timeouts: u64,
+    buffer_overflows: u64,
+    units_lost: u64,
+    units_started_over: u64,
     created: u64,
     backend_closed: u64,
     connect_errors: u64,
@@ -403,6 +453,11 @@ impl Totals {
             t.auth_query_lookups += s.auth_query_lookups.get();
             t.auth_query_errors += s.auth_query_errors.get();
             t.message_memory += s.message_memory_bytes.get();
+            t.buffered += s.buffered_units.get();
+            t.buffer_timeouts += s.buffer_timeouts.get();
+            t.buffer_overflows += s.buffer_overflows.get();
+            t.units_lost += s.units_lost.get();
+            t.units_started_over += s.units_started_over.get();
         }
         t
     }
@@ -425,7 +480,12 @@ pub fn json(control: &Control) -> Value {
         "statements_write": t.writes,
         "bytes_received": t.bytes_in,
         "bytes_sent": t.bytes_out,
-        "failovers": t.failovers,
+        "failovers": control.failover_figures().0,
+        "buffered_units": t.buffered,
+        "buffer_timeouts": t.buffer_timeouts,
+        "buffer_overflows": t.buffer_overflows,
+        "units_lost": t.units_lost,
+        "units_started_over": t.units_started_over,
         "server_connections_created": t.created,
         "server_connections_closed": t.backend_closed,
         "server_connect_errors": t.connect_errors,

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod console;
+pub mod failover;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -49,6 +50,9 @@ pub struct Health {
     pub in_recovery: Option<bool>,
     /// The primary's current WAL position, or the standby's replay position.
     pub wal_lsn: Option<u64>,
+    /// A standby: the name it streams under (what `synchronous_standby_names` matches).
+    /// The primary: the names of the standbys it reports as synchronous.
+    pub replication_names: Vec<String>,
 }
 
 /// One configured node as the control plane tracks it: the [`Node`] the shards are sent,
@@ -57,6 +61,8 @@ pub struct Health {
 pub struct NodeStatus {
     pub node: Node,
     pub health: Health,
+    /// The role in the configuration; `node.role` is the tracked one.
+    pub configured_role: helios_shard::config::NodeRole,
 }
 
 impl NodeStatus {
@@ -67,6 +73,7 @@ impl NodeStatus {
                 healthy: true,
                 ..Health::default()
             },
+            configured_role: node.role,
         }
     }
 
@@ -104,6 +111,7 @@ struct State {
     nodes: Vec<NodeStatus>,
     version: u64,
     paused: bool,
+    tracker: failover::Tracker,
 }
 
 /// Why a control request could not be done.
@@ -113,6 +121,12 @@ pub enum ControlError {
     NodeNotFound,
     #[error("{0}")]
     InvalidConfig(String),
+    /// The request does not fit the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// A failover or switchover was tried and did not succeed (500).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// What a reload changed.
@@ -139,6 +153,10 @@ pub struct Control {
     pub metrics: metrics::Exporter,
     /// The admin HTTP server's counters.
     pub admin_http: http::Stats,
+    /// When a shard last reported each node as suspect (fast detection).
+    suspected: Mutex<std::collections::HashMap<String, Instant>>,
+    /// Wakes a node's checker (the suspects channel the health supervisor reads).
+    wake_tx: Mutex<Option<crossbeam_channel::Sender<String>>>,
 }
 
 impl Control {
@@ -148,7 +166,12 @@ impl Control {
         loader: Option<ConfigLoader>,
     ) -> Result<Arc<Control>, String> {
         let topology = Topology::configured(&config)?;
-        let nodes = topology.nodes.iter().map(NodeStatus::configured).collect();
+        let nodes: Vec<NodeStatus> = topology.nodes.iter().map(NodeStatus::configured).collect();
+        let mut tracker = failover::Tracker::new(&nodes);
+        if !config.health.enabled {
+            // Nothing will check it: the configuration's word stands.
+            tracker.state = helios_shard::topology::PrimaryState::Confirmed;
+        }
         let metrics = metrics::Exporter::new(links.len());
         Ok(Arc::new(Control {
             metrics,
@@ -159,12 +182,15 @@ impl Control {
                 nodes,
                 version: 0,
                 paused: false,
+                tracker,
             }),
             loader,
             started: SystemTime::now(),
             started_at: Instant::now(),
             health_epoch: Default::default(),
             primary_positions: Mutex::default(),
+            suspected: Mutex::default(),
+            wake_tx: Mutex::default(),
         }))
     }
 
@@ -211,6 +237,7 @@ impl Control {
         let topology = Arc::new(Topology {
             version: state.version,
             nodes: state.nodes.iter().map(|n| n.node.clone()).collect(),
+            primary_state: state.tracker.state,
         });
         self.health_epoch
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);

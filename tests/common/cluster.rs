@@ -121,6 +121,12 @@ impl PgCluster {
     /// A streaming standby of this server (`pg_basebackup -R` over the trusted socket),
     /// started on its own free port and socket directory; stopped and removed on drop.
     pub fn start_standby(&self) -> PgCluster {
+        self.start_standby_named(None)
+    }
+
+    /// [`Self::start_standby`] streaming under `name` (its `cluster_name`, which is what
+    /// `synchronous_standby_names` matches).
+    pub fn start_standby_named(&self, name: Option<&str>) -> PgCluster {
         let root = tempfile::Builder::new()
             .prefix("helios-pg-standby-")
             .tempdir()
@@ -155,8 +161,41 @@ impl PgCluster {
             standby.socket_dir.display()
         )
         .expect("append the standby's postgresql.conf");
+        if let Some(name) = name {
+            writeln!(conf, "cluster_name = '{name}'").expect("append cluster_name");
+        }
         standby.launch_on_free_port();
         standby
+    }
+
+    /// `kill -9` of the postmaster alone: its backends live on until they notice, and the
+    /// files stay for [`Self::restart_after_crash`].
+    pub fn kill_postmaster(&self) {
+        let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(child) = child {
+            stop_process(child, libc::SIGKILL, STOP_TIMEOUT);
+        }
+    }
+
+    /// Starts the server again on its port after a crash (crash recovery: it comes back
+    /// writable), trying again while orphaned backends still hold its shared memory.
+    pub fn restart_after_crash(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.launch(self.port) {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("PostgreSQL did not restart on port {}: {e}", self.port)
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    }
+
+    /// Promotes this standby (`pg_promote()`, waiting until it is done).
+    pub fn promote(&self) {
+        let out = self.psql_admin("postgres", "SELECT pg_promote(true, 60);\n");
+        assert_eq!(out.trim(), "t", "pg_promote did not finish");
     }
 
     /// Stops the server (fast shutdown) but keeps its files, for [`Self::restart_server`].
@@ -398,6 +437,16 @@ impl PgCluster {
     /// One bigint computed directly on PostgreSQL (database `postgres`).
     pub async fn admin_i64(&self, sql: &str) -> i64 {
         let client = self.admin("postgres").await;
+        client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("admin query {sql:?}: {e}"))
+            .get(0)
+    }
+
+    /// One bigint computed directly on PostgreSQL in database `db`.
+    pub async fn admin_i64_in(&self, db: &str, sql: &str) -> i64 {
+        let client = self.admin(db).await;
         client
             .query_one(sql, &[])
             .await

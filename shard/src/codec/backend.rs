@@ -583,6 +583,20 @@ pub fn is_fatal_error(body: &[u8]) -> bool {
     severity == b"FATAL" || severity == b"PANIC"
 }
 
+/// A FATAL that says the server itself is going away — its postmaster died while the
+/// backend waited for input (57P01 from `secure_read`), or another process crashed
+/// (57P02) — rather than anything about the client's session or statement.
+pub fn is_server_gone_error(body: &[u8]) -> bool {
+    let Ok(BackendMessage::ErrorResponse(fields)) = decode(b'E', body) else {
+        return false;
+    };
+    match fields.get(b'C').unwrap_or(b"") {
+        b"57P02" => true,
+        b"57P01" => fields.get(b'R') == Some(b"secure_read"),
+        _ => false,
+    }
+}
+
 /// Where the sender pid sits in a NotificationResponse body, if the body is one whose
 /// sender is `pid`: the proxy shows a client its own made-up pid there (see
 /// [`rewrite_notification_pids`]).

@@ -32,7 +32,41 @@ pub(super) fn config(config: &Config) -> Check {
     tls(&config.tls)?;
     cert_logins(config)?;
     auth_query(&config.auth)?;
+    failover(&config.failover)?;
     hba(&config.auth)
+}
+
+fn failover(f: &super::FailoverConfig) -> Check {
+    ensure(
+        f.write_timeout_secs.is_finite()
+            && f.write_timeout_secs > 0.0
+            && f.write_timeout_secs <= 3600.0,
+        "failover.write_timeout_secs",
+        || "must be more than 0 and at most 3600".into(),
+    )?;
+    ensure(f.buffer_max > 0, "failover.buffer_max", || {
+        "must be at least 1".into()
+    })?;
+    ensure(
+        (10..=60_000).contains(&f.fast_probe_ms),
+        "failover.fast_probe_ms",
+        || "must be between 10 and 60000".into(),
+    )?;
+    ensure(
+        f.promote_timeout_secs > 0,
+        "failover.promote_timeout_secs",
+        || "must be at least 1".into(),
+    )?;
+    if let Some(user) = &f.user {
+        ensure(!user.is_empty(), "failover.user", || {
+            "must name a role (or be left out to use the health checks' role)".into()
+        })?;
+    }
+    ensure(
+        f.password.is_none() || f.user.is_some(),
+        "failover.password",
+        || "takes effect only with failover.user".into(),
+    )
 }
 
 /// `auth_query` and its companions need `auth_user`; the query takes the name as `$1`.

@@ -61,6 +61,10 @@ pub struct UpLane {
     pub(super) max_message_size: usize,
     /// Where `next` is in the client's byte stream since login.
     pub(super) position: u64,
+    /// Where the unit began (offset in the buffer, position in the stream), kept until
+    /// the server first answers: a connection found dead on arrival lets the unit start
+    /// over on another one from here. Dropped rather than let it fill the buffer.
+    anchor: Option<(usize, u64)>,
 }
 
 impl UpLane {
@@ -80,7 +84,42 @@ impl UpLane {
             out_pos: 0,
             max_message_size,
             position: 0,
+            anchor: None,
         }
+    }
+
+    /// Marks the pending bytes as the unit's start (see `anchor`); only when they are in
+    /// the read buffer (not a message assembled on the side).
+    pub fn set_anchor(&mut self) {
+        self.anchor = (self.inb.is_some() && self.big_len == 0 && self.stream_left == 0)
+            .then_some((self.next, self.position));
+    }
+
+    pub fn anchored(&self) -> bool {
+        self.anchor.is_some()
+    }
+
+    /// The server answered: the unit can no longer start over.
+    pub fn clear_anchor(&mut self) {
+        self.anchor = None;
+    }
+
+    /// Goes back to the unit's start, as if none of its bytes had been decided: the
+    /// phases see them again for another connection. False when that is not possible.
+    pub fn rewind(&mut self) -> bool {
+        let Some((at, position)) = self.anchor.take() else {
+            return false;
+        };
+        if self.stream_left != 0 || self.big_len != 0 || self.inb.is_none() {
+            return false;
+        }
+        self.start = at;
+        self.fwd_end = at;
+        self.next = at;
+        self.position = position;
+        self.out.clear();
+        self.out_pos = 0;
+        true
     }
 
     /// Client bytes not yet decided on: what a unit's phases look at before it starts.
@@ -127,7 +166,11 @@ impl UpLane {
 
     /// Moves what is not yet sent or decided to the front when the buffer is full.
     pub(super) fn compact(&mut self) {
-        if self.start == self.fwd_end && self.next == self.end {
+        if self.end >= self.capacity() && self.anchor.is_some_and(|(at, _)| at == 0) {
+            // Keeping the unit's start would leave no room to read: give that up.
+            self.anchor = None;
+        }
+        if self.anchor.is_none() && self.start == self.fwd_end && self.next == self.end {
             self.start = 0;
             self.fwd_end = 0;
             self.next = 0;
@@ -137,7 +180,7 @@ impl UpLane {
             return;
         }
         self.skip_copied();
-        let keep = self.start;
+        let keep = self.anchor.map_or(self.start, |(at, _)| at.min(self.start));
         if keep == 0 {
             return;
         }
@@ -148,6 +191,9 @@ impl UpLane {
         self.fwd_end -= keep;
         self.next -= keep;
         self.end -= keep;
+        if let Some((at, _)) = self.anchor.as_mut() {
+            *at -= keep;
+        }
     }
 
     /// Free space after the received bytes, made by compacting if needed. (The lane
@@ -220,6 +266,7 @@ impl UpLane {
         self.fwd_end = 0;
         self.next = 0;
         self.end = n;
+        self.anchor = None;
     }
 
     pub fn activate(&mut self, pool: &BufPool) {
@@ -229,12 +276,14 @@ impl UpLane {
             self.fwd_end = 0;
             self.next = 0;
             self.end = 0;
+            self.anchor = None;
         }
     }
 
-    /// Gives the read buffer back when nothing in it is pending.
+    /// Gives the read buffer back when nothing in it is pending (nor kept for a start
+    /// over).
     pub fn deactivate(&mut self) {
-        if self.start == self.fwd_end && self.next == self.end {
+        if self.anchor.is_none() && self.start == self.fwd_end && self.next == self.end {
             self.inb = None;
             self.start = 0;
             self.fwd_end = 0;
@@ -361,6 +410,15 @@ impl DownLane {
             self.raw_end = 0;
             self.hold = 0;
         }
+    }
+
+    /// Forgets what a lost connection sent (nothing of it reached the client).
+    pub fn reset(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        self.raw_end = 0;
+        self.hold = 0;
+        self.scanner.reset();
     }
 
     pub fn deactivate(&mut self) {

@@ -11,6 +11,7 @@
 //! each boundary unless state ties the session to it.
 
 pub mod cut;
+pub mod failover;
 pub mod fencing;
 pub mod finish;
 pub mod idle;
@@ -232,23 +233,57 @@ async fn unit_cycle<P: Phase>(
             }
         }
     }
-    let (mut backend, on_held) =
-        match take_connection(ctx, client, s, unit, lanes, from_client, phases).await {
-            Ok(taken) => taken,
-            Err(cycle) => return cycle,
-        };
-    s.point_cancel(Some(&backend));
-    lanes.responses.start(backend.status);
-    unit.flow.hold_when_idle = unit.on_read_node;
-    let keep_home = on_held && s.features.keeps_home_connection();
-    let decision =
-        match serve_unit(ctx, client, s, unit, lanes, &mut backend, keep_home, phases).await {
-            UnitEnd::Boundary(decision) => decision,
+    let mut starts = 0;
+    let (mut backend, keep_home, decision) = loop {
+        let (mut backend, on_held) =
+            match take_connection(ctx, client, s, unit, lanes, from_client, phases).await {
+                Ok(taken) => taken,
+                Err(cycle) => return cycle,
+            };
+        s.point_cancel(Some(&backend));
+        lanes.responses.start(backend.status);
+        unit.flow.hold_when_idle = unit.on_read_node;
+        if from_client && !on_held && starts < MAX_STARTS_OVER {
+            lanes.up.set_anchor();
+        }
+        unit.flow.may_start_over = lanes.up.anchored();
+        unit.flow.heard_back = false;
+        unit.flow.dead_on_arrival = false;
+        unit.flow.server_gone = false;
+        unit.flow.completed_any = false;
+        unit.flow.soften_server_gone = failover::session_detached(s);
+        let keep_home = on_held && s.features.keeps_home_connection();
+        let end = serve_unit(ctx, client, s, unit, lanes, &mut backend, keep_home, phases).await;
+        if matches!(end, UnitEnd::Ended(PumpEnd::BackendGone))
+            && unit.flow.dead_on_arrival
+            && lanes.up.rewind()
+        {
+            starts += 1;
+            start_over(ctx, s, lanes, backend);
+            continue;
+        }
+        lanes.up.clear_anchor();
+        match end {
+            UnitEnd::Boundary(decision) => break (backend, keep_home, decision),
+            UnitEnd::Ended(PumpEnd::BackendGone) if failover::survivable(s, unit, lanes) => {
+                return Box::pin(lost_mid_unit(ctx, client, s, unit, lanes, backend, phases)).await;
+            }
             UnitEnd::Ended(end) => {
+                log::debug!(
+                    "client {}: unit ended with {end:?} (heard back {}, could start over {}, server fatal {}, at boundary {}, mid-message {}, pinned {})",
+                    s.pid(),
+                    unit.flow.heard_back,
+                    unit.flow.may_start_over,
+                    unit.flow.server_fatal,
+                    lanes.down.client_at_boundary(),
+                    lanes.up.mid_message(),
+                    s.pinned
+                );
                 end_on(ctx, client, s, unit, lanes, backend, end).await;
                 return Cycle::Over;
             }
-        };
+        }
+    };
     if phases.unit_done(s, unit, &mut backend).await.is_err() {
         // The connection broke after the unit completed: the client has its answers; a
         // session that kept it has lost its home, though.
@@ -271,6 +306,87 @@ async fn unit_cycle<P: Phase>(
         Release::Discard | Release::Lost => backend.discard(),
     }
     s.point_cancel(s.held.as_ref().map(|h| &*h.lease as &BackendConn));
+    Cycle::Next
+}
+
+/// Times one unit may start over on another connection after finding its connection
+/// dead on arrival.
+const MAX_STARTS_OVER: u32 = 3;
+
+/// The unit's connection answered its first request with a FATAL (it died before reading
+/// it): nothing ran and nothing reached the client. Its bookkeeping is undone and the
+/// unit goes back to choosing a connection.
+fn start_over(ctx: &ShardCtx, s: &mut Session, lanes: &mut Lanes, mut backend: Lease) {
+    backend.pool().suspect();
+    log::info!(
+        "client {}: server connection of pool {} was dead on arrival; the unit starts over",
+        s.pid(),
+        backend.pool().label
+    );
+    let mut outcome = responses::Outcome::default();
+    {
+        let conn = &mut *backend;
+        lanes.responses.abandon(&mut conn.statements, &mut outcome);
+    }
+    s.statements.settle(&mut outcome);
+    lanes.down.reset();
+    s.point_cancel(None);
+    backend.lost();
+    ctx.stats.units_started_over.inc();
+}
+
+/// The unit's connection was lost mid-way (its server died, or was fenced) and nothing of
+/// the session lived there: the client gets `08006` (or `08007` when what was in flight
+/// may have committed) and a ReadyForQuery for each request left unanswered, and the
+/// session goes on; its next unit runs wherever the topology then says.
+async fn lost_mid_unit<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    client: &mut NetStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &mut Lanes,
+    mut backend: Lease,
+    phases: &P,
+) -> Cycle {
+    backend.pool().suspect();
+    // Where a transaction journal replays the unit on a new primary (`Lost::Retry`);
+    // without one the unit fails.
+    let _ = phases.backend_lost(s, unit, LostAt::InUnit);
+    let error = failover::lost_error(unit, backend.status);
+    let owed = failover::readies_owed(lanes);
+    let mut outcome = responses::Outcome::default();
+    {
+        let conn = &mut *backend;
+        lanes.responses.abandon(&mut conn.statements, &mut outcome);
+    }
+    s.statements.settle(&mut outcome);
+    log::warn!(
+        "client {}: server connection of pool {} lost mid-unit; the client is told {}",
+        s.pid(),
+        backend.pool().label,
+        if error.windows(5).any(|w| w == b"08007") {
+            "08007"
+        } else {
+            "08006"
+        }
+    );
+    s.point_cancel(None);
+    backend.lost();
+    ctx.stats.units_lost.inc();
+    let Some(readies) = owed else {
+        // The client is still sending the unit: skip it to its Sync, as PostgreSQL
+        // skips after an error.
+        return refuse_unit(ctx, client, s, lanes, &error).await;
+    };
+    lanes.deactivate();
+    let mut out = Vec::with_capacity((error.len() + 6) * readies as usize);
+    for _ in 0..readies {
+        out.extend_from_slice(&error);
+        be::write_ready_for_query(&mut out, status::IDLE);
+    }
+    if client.send(&out).await.is_err() {
+        return Cycle::ClientGone;
+    }
     Cycle::Next
 }
 
@@ -383,16 +499,78 @@ async fn take_connection<P: Phase>(
             return Ok((held.lease, true));
         }
     }
-    let pool = match chosen {
-        Some(pool) => pool,
-        None => {
-            s.home = home_pool(ctx, &s.home, &s.user);
-            s.home.clone()
+    let mut chosen = chosen;
+    'pick: loop {
+        let pool = match chosen.take() {
+            Some(pool) => pool,
+            None => {
+                s.home = home_pool(ctx, &s.home, &s.user);
+                s.home.clone()
+            }
+        };
+        if from_client && pool.is_retired() && ctx.awaiting_primary() {
+            // A failover is under way: wait in the switchover buffer, then go where the
+            // new topology says.
+            if let Err(why) = failover::wait_for_primary(ctx).await {
+                log::warn!("client {}: {why:?} waiting for a primary", s.pid());
+                return Err(refuse_unit(ctx, client, s, lanes, &why.error(ctx)).await);
+            }
+            chosen = rechoose(s, unit, lanes, phases);
+            continue 'pick;
         }
-    };
+        let taken = acquire_for_unit(ctx, client, s, unit, lanes, from_client, phases, &pool).await;
+        match taken {
+            Err(Acquired::Repick) => {
+                chosen = rechoose(s, unit, lanes, phases);
+                continue 'pick;
+            }
+            Err(Acquired::Ended(cycle)) => return Err(cycle),
+            Ok(backend) => return Ok((backend, false)),
+        }
+    }
+}
+
+/// The pool chosen again for a unit whose first choice left service.
+fn rechoose<P: Phase>(
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &Lanes,
+    phases: &P,
+) -> Option<Rc<Pool>> {
+    unit.sql.clear();
+    if s.held.is_none() || s.features.keeps_home_connection() {
+        phases.choose_node(s, unit, lanes.up.request())
+    } else {
+        None
+    }
+}
+
+/// Why [`acquire_for_unit`] has no connection.
+enum Acquired {
+    /// The pool's node left service while the unit waited: choose again.
+    Repick,
+    /// How the cycle ends instead (the client was told).
+    Ended(Cycle),
+}
+
+/// A connection from `pool`, brought to the session's state by the phases.
+#[allow(clippy::too_many_arguments)]
+async fn acquire_for_unit<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    client: &mut NetStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &mut Lanes,
+    from_client: bool,
+    phases: &P,
+    pool: &Rc<Pool>,
+) -> Result<Lease, Acquired> {
     loop {
         let mut backend = match pool.acquire().await {
             Ok(b) => b,
+            Err(_) if from_client && pool.is_retired() && ctx.awaiting_primary() => {
+                return Err(Acquired::Repick)
+            }
             Err(e) if from_client => {
                 // The client holds no connection this unit needed: it loses nothing by
                 // being told and trying again later (as PostgreSQL would say of a
@@ -400,17 +578,19 @@ async fn take_connection<P: Phase>(
                 log::warn!("pool {}: {e}", pool.label);
                 let mut error = Vec::new();
                 e.encode_as_error(&mut error);
-                return Err(refuse_unit(ctx, client, s, lanes, &error).await);
+                return Err(Acquired::Ended(
+                    refuse_unit(ctx, client, s, lanes, &error).await,
+                ));
             }
             Err(e) => {
-                welcome::report_acquire_error(&pool, client, e).await;
+                welcome::report_acquire_error(pool, client, e).await;
                 release_held(ctx, s).await;
-                return Err(Cycle::Over);
+                return Err(Acquired::Ended(Cycle::Over));
             }
         };
         unit.notes = LeaseNotes::default();
         match phases.after_acquire(s, unit, &mut backend).await {
-            Ready::Go => return Ok((backend, false)),
+            Ready::Go => return Ok(backend),
             Ready::Refused(err) => {
                 let mut out = Vec::new();
                 err.encode(&mut out);
@@ -418,10 +598,11 @@ async fn take_connection<P: Phase>(
                 let _ = client.close().await;
                 finish::release_clean(ctx, backend, finish::Reset::Settings).await;
                 release_held(ctx, s).await;
-                return Err(Cycle::Over);
+                return Err(Acquired::Ended(Cycle::Over));
             }
             Ready::Lost(e) => {
                 log::info!("pool {}: connection lost before use: {e}", pool.label);
+                pool.suspect();
                 backend.lost();
                 if phases.backend_lost(s, unit, LostAt::AfterAcquire) == Lost::Retry {
                     continue;
@@ -429,11 +610,13 @@ async fn take_connection<P: Phase>(
                 if from_client {
                     let mut error = Vec::new();
                     be::write_error(&mut error, "ERROR", "08006", "server connection lost");
-                    return Err(refuse_unit(ctx, client, s, lanes, &error).await);
+                    return Err(Acquired::Ended(
+                        refuse_unit(ctx, client, s, lanes, &error).await,
+                    ));
                 }
                 send_fatal(client, "08006", "server connection lost").await;
                 release_held(ctx, s).await;
-                return Err(Cycle::Over);
+                return Err(Acquired::Ended(Cycle::Over));
             }
         }
     }

@@ -506,6 +506,8 @@ impl MessageCx<'_> {
     /// Tells the settings and pinning phases what the SQL does to session state; a
     /// statement that drops every prepared statement drops the client's names.
     fn note(&mut self, effects: &Effects, sql: &[u8]) {
+        // Should the connection be lost from here on, the outcome may be unknown.
+        self.notes.commit_sent |= effects.may_commit;
         super::settings::note(self.notes, effects, sql);
         super::pinning::note(self.notes, effects);
         if effects.drops_prepared {

@@ -245,6 +245,34 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         let (server_pid, client_pid) = self.pids;
         let chunk = &buf[base..lane.raw_end];
         let scanned = lane.scanner.scan(chunk, |tag, body, end| {
+            if !flow.heard_back {
+                flow.heard_back = true;
+                if flow.may_start_over && tag == be::ERROR_RESPONSE && backend::is_fatal_error(body)
+                {
+                    // Nothing of the request was run: the unit starts over elsewhere.
+                    flow.dead_on_arrival = true;
+                    dropped = Some(HEADER_LEN + body.len());
+                    return Step::Stop;
+                }
+            }
+            if flow.soften_server_gone
+                && tag == be::ERROR_RESPONSE
+                && backend::is_server_gone_error(body)
+            {
+                // The server is going away; the session is not tied to it: the client
+                // hears of the lost unit from the engine instead, and carries on.
+                log::info!(
+                    "server going away mid-unit: {}",
+                    String::from_utf8_lossy(body).replace('\0', " ")
+                );
+                flow.server_gone = true;
+                dropped = Some(HEADER_LEN + body.len());
+                return Step::Stop;
+            }
+            match tag {
+                be::COMMAND_COMPLETE | be::READY_FOR_QUERY => flow.completed_any = true,
+                _ => {}
+            }
             match tag {
                 be::NOTIFICATION_RESPONSE
                     if server_pid != client_pid && backend::notification_from(body, server_pid) =>
@@ -298,6 +326,9 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
             Ok(n) => n,
             Err(e) => return Poll::Ready(Err(PumpEnd::BackendProtocol(e))),
         };
+        if self.flow.heard_back {
+            self.up.clear_anchor();
+        }
         if let Some(at) = own_notification.filter(|&at| at >= lane.start) {
             buf[at..at + 4].copy_from_slice(&client_pid.to_be_bytes());
         }

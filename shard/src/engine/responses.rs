@@ -371,6 +371,19 @@ impl Responses {
     }
 
     /// A message the server rejected or skipped: undo what sending it assumed.
+    /// The connection was lost: nothing queued will be answered. Client names whose
+    /// Parse was in flight are forgotten, as PostgreSQL never created them.
+    pub fn abandon(&mut self, server: &mut ServerStatements, out: &mut Outcome) {
+        while let Some(expect) = self.queue.pop_front() {
+            Self::unprepare(expect, server, out);
+        }
+        self.ready.clear();
+        self.unsynced = false;
+        self.skipping = false;
+        self.awaiting_check = false;
+        self.awaiting_parse = false;
+    }
+
     fn unprepare(expect: Expect, server: &mut ServerStatements, out: &mut Outcome) {
         match expect {
             Expect::Parse { prepares, client } => {

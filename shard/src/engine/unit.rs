@@ -53,6 +53,9 @@ pub struct LeaseNotes {
     pub client_spoke: bool,
     /// This server connection holds the client's current unnamed statement.
     pub unnamed_here: bool,
+    /// A COMMIT (or END, PREPARE TRANSACTION) went to the server in this lease: if the
+    /// connection is lost before its answer, whether it committed is unknown.
+    pub commit_sent: bool,
 }
 
 /// Protocol state the release decision needs.
@@ -71,6 +74,20 @@ pub struct Flow {
     pub server_fatal: bool,
     /// ReadyForQuery messages seen: each ends a request (for `query_timeout`).
     pub readies: u32,
+    /// The unit may start over on another connection if this one turns out dead on
+    /// arrival (a fresh connection; the client's bytes are kept until the first answer).
+    pub may_start_over: bool,
+    /// The server has sent something since the unit's request went out.
+    pub heard_back: bool,
+    /// Its first word was a FATAL (it died before reading the request, as a backend does
+    /// when its postmaster is gone): the FATAL was dropped and the unit starts over.
+    pub dead_on_arrival: bool,
+    /// A FATAL saying the server is going away is not forwarded (the session is not
+    /// tied to this connection); `server_gone` records that one came.
+    pub soften_server_gone: bool,
+    pub server_gone: bool,
+    /// A statement of the unit completed (CommandComplete or ReadyForQuery seen).
+    pub completed_any: bool,
 }
 
 /// The one analysis of one SQL text (a Query, or a Parse's statement) that every phase

@@ -62,6 +62,8 @@ pub struct Effects {
     pub opens_transaction: bool,
     /// Changes the schema (CREATE, ALTER, DROP): shared plans may no longer fit.
     pub changes_schema: bool,
+    /// Ends a transaction in a way that may commit (COMMIT, END, PREPARE TRANSACTION).
+    pub may_commit: bool,
 }
 
 impl Effects {
@@ -211,7 +213,11 @@ pub fn classify(sql: &[u8]) -> Effects {
                     Keyword::Create | Keyword::Alter | Keyword::Drop => {
                         effects.changes_schema = true
                     }
-                    Keyword::Commit | Keyword::End | Keyword::Abort => in_transaction = false,
+                    Keyword::Commit | Keyword::End => {
+                        in_transaction = false;
+                        effects.may_commit = true;
+                    }
+                    Keyword::Abort => in_transaction = false,
                     _ => {}
                 }
             }
@@ -229,7 +235,10 @@ pub fn classify(sql: &[u8]) -> Effects {
                         effects.drops_prepared = true;
                     }
                     (Keyword::Deallocate, Keyword::All) => effects.drops_prepared = true,
-                    (Keyword::Prepare, Keyword::Transaction) => in_transaction = false,
+                    (Keyword::Prepare, Keyword::Transaction) => {
+                        in_transaction = false;
+                        effects.may_commit = true;
+                    }
                     (Keyword::Prepare, _) => effects.pins.insert(Pins::SQL_PREPARE),
                     (Keyword::Rollback, Keyword::To) => {}
                     (Keyword::Rollback, _) => in_transaction = false,
@@ -384,6 +393,30 @@ mod tests {
         ] {
             assert!(fx(sql).is_plain(), "{sql}: {:?}", fx(sql));
             assert!(!fx(sql).opens_transaction, "{sql}");
+        }
+    }
+
+    #[test]
+    fn commits_are_seen_in_any_statement() {
+        for sql in [
+            "COMMIT",
+            "end;",
+            "INSERT INTO t VALUES (1); COMMIT",
+            "/* x */ Commit work",
+            "COMMIT PREPARED 'x'",
+            "PREPARE TRANSACTION 'x'",
+        ] {
+            assert!(fx(sql).may_commit, "{sql}");
+        }
+        for sql in [
+            "INSERT INTO t VALUES ('COMMIT')",
+            "SELECT 1",
+            "ROLLBACK",
+            "PREPARE p AS SELECT 1",
+            "SELECT commit FROM t",
+            "BEGIN",
+        ] {
+            assert!(!fx(sql).may_commit, "{sql}");
         }
     }
 

@@ -138,7 +138,7 @@ fn run(
 fn reload_error(e: ControlError) -> ConsoleError {
     let code = match e {
         ControlError::InvalidConfig(_) => "F0000",
-        ControlError::NodeNotFound => "XX000",
+        ControlError::NodeNotFound | ControlError::Conflict(_) | ControlError::Failed(_) => "XX000",
     };
     ConsoleError {
         code,

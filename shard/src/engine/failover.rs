@@ -1,0 +1,146 @@
+//! Failover on the data path. While no primary may take work and none is confirmed (a
+//! failover is under way), units that need the primary wait here — the switchover buffer
+//! — until the new one is published, bounded by `failover.buffer_max` and
+//! `failover.write_timeout_secs`. And a unit whose server connection is lost mid-way
+//! (the primary died, or was fenced) ends with an error the client can act on, while
+//! its connection to the proxy stays usable for the next unit.
+
+use std::time::Instant;
+
+use crate::codec::backend as be;
+use crate::codec::tag::status;
+use crate::context::{share, ShardCtx};
+
+use super::lanes::Lanes;
+use super::session::Session;
+use super::unit::Unit;
+
+/// Why a unit that needs the primary was not kept waiting for one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unbuffered {
+    /// `failover.buffer_max` units already wait.
+    Full,
+    /// No primary came within `failover.write_timeout_secs`.
+    TimedOut,
+}
+
+impl Unbuffered {
+    /// The ErrorResponse the client gets (SQLSTATE 08006, saying a failover is under way).
+    pub fn error(self, ctx: &ShardCtx) -> Vec<u8> {
+        let config = ctx.config();
+        let message = match self {
+            Unbuffered::Full => format!(
+                "failover in progress: no primary, and {} requests already wait for one (failover.buffer_max)",
+                config.failover.buffer_max
+            ),
+            Unbuffered::TimedOut => format!(
+                "failover in progress: no primary within {} s (failover.write_timeout_secs)",
+                config.failover.write_timeout_secs
+            ),
+        };
+        let mut out = Vec::with_capacity(64 + message.len());
+        be::write_error(&mut out, "ERROR", "08006", &message);
+        out
+    }
+}
+
+/// Counts a unit in the buffer for as long as it waits.
+struct InBuffer<'a>(&'a ShardCtx);
+
+impl<'a> InBuffer<'a> {
+    fn enter(ctx: &'a ShardCtx) -> Self {
+        ctx.buffered.set(ctx.buffered.get() + 1);
+        ctx.stats.buffered_units.inc();
+        InBuffer(ctx)
+    }
+}
+
+impl Drop for InBuffer<'_> {
+    fn drop(&mut self) {
+        self.0.buffered.set(self.0.buffered.get() - 1);
+        self.0.stats.buffered_units.sub(1);
+    }
+}
+
+/// Waits in the switchover buffer until a primary may take work again. Waiters are
+/// woken together by the topology that names it and go on in their pools' order.
+pub async fn wait_for_primary(ctx: &ShardCtx) -> Result<(), Unbuffered> {
+    let config = ctx.config();
+    let room = share(config.failover.buffer_max, ctx.workers, ctx.id).max(1);
+    if ctx.buffered.get() >= room {
+        ctx.stats.buffer_overflows.inc();
+        return Err(Unbuffered::Full);
+    }
+    let _in = InBuffer::enter(ctx);
+    let deadline = Instant::now() + config.failover.write_timeout();
+    while ctx.awaiting_primary() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            ctx.stats.buffer_timeouts.inc();
+            return Err(Unbuffered::TimedOut);
+        }
+        crate::sync::timeout(left, ctx.topology_changed.wait()).await;
+    }
+    Ok(())
+}
+
+/// Nothing of the session lives on its unit's connection: a pooled mode, no pinned
+/// state, no other connection kept.
+pub fn session_detached(s: &Session) -> bool {
+    !s.features.keeps_home_connection() && !s.pinned && s.held.is_none()
+}
+
+/// Can the session go on after its unit's connection was lost mid-way? Only when it is
+/// detached from the connection, the client's stream of server messages is whole (an
+/// error can follow), and nothing of the client's is half-sent or waiting.
+pub fn survivable(s: &Session, unit: &Unit, lanes: &Lanes) -> bool {
+    session_detached(s)
+        && !unit.flow.server_fatal
+        && !unit.flow.copy_in
+        && lanes.down.client_at_boundary()
+        && !lanes.up.mid_message()
+        && lanes.up.unsent().iter().all(|part| part.is_empty())
+}
+
+/// The error for a unit whose connection was lost with `last_status` the transaction
+/// status of its last ReadyForQuery: `08007` when what was in flight may have committed
+/// (an autocommit statement, or a COMMIT inside a transaction), else `08006`.
+pub fn lost_error(unit: &Unit, last_status: u8) -> Vec<u8> {
+    // A server that said it was going away while waiting for input had finished with
+    // what it was sent; without a statement completed, nothing was committed.
+    let settled = unit.flow.server_gone && !unit.flow.completed_any;
+    let unknown = !unit.on_read_node
+        && !settled
+        && match last_status {
+            status::IDLE => true,
+            status::IN_TRANSACTION => unit.notes.commit_sent,
+            _ => false,
+        };
+    let mut out = Vec::with_capacity(160);
+    if unknown {
+        be::write_error(
+            &mut out,
+            "ERROR",
+            "08007",
+            "connection to the server lost while a commit was in flight: whether it committed is unknown",
+        );
+    } else {
+        be::write_error(
+            &mut out,
+            "ERROR",
+            "08006",
+            "connection to the server lost: the transaction did not complete",
+        );
+    }
+    out
+}
+
+/// What the client is owed for a lost unit after its error: one ReadyForQuery per
+/// request the server will never answer (`None`: the client has not finished the unit;
+/// its messages are skipped to the Sync first).
+pub fn readies_owed(lanes: &Lanes) -> Option<u32> {
+    if lanes.responses.unsynced {
+        return None;
+    }
+    Some(lanes.responses.pending_syncs().max(1))
+}

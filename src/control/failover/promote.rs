@@ -1,0 +1,152 @@
+//! Promoting a standby: measure every candidate afresh (the old primary is gone, so its
+//! WAL can no longer grow), rank them — a synchronous standby first, then the one that
+//! received the most WAL, then `priority` — skip any further behind the last primary
+//! position seen than `failover.max_lag_bytes`, run `pg_promote()` on the best, and
+//! confirm it left recovery. The operations log in with `[failover] user` (default: the
+//! health checks' role), which needs `pg_promote` (a superuser, or a role granted
+//! EXECUTE on `pg_catalog.pg_promote`).
+
+use std::time::{Duration, Instant};
+
+use helios_shard::config::Config;
+use helios_shard::control::parse_lsn;
+
+use super::super::probe::{Probe, ProbeError, Target};
+use super::super::NodeStatus;
+
+/// A standby that may be promoted, as measured just now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub address: String,
+    /// Reported as synchronous by the primary's last check.
+    pub sync: bool,
+    /// The WAL it has received (and will replay before it is promoted).
+    pub received: u64,
+    pub priority: Option<u32>,
+}
+
+/// Candidates in the order they are tried.
+pub fn rank(mut candidates: Vec<Candidate>) -> Vec<Candidate> {
+    candidates.sort_by(|a, b| {
+        b.sync
+            .cmp(&a.sync)
+            .then(b.received.cmp(&a.received))
+            .then(
+                a.priority
+                    .unwrap_or(u32::MAX)
+                    .cmp(&b.priority.unwrap_or(u32::MAX)),
+            )
+            .then(a.address.cmp(&b.address))
+    });
+    candidates
+}
+
+/// Logs in to `node` for one of the failover's own operations.
+fn connect(config: &Config, node: &NodeStatus) -> Result<Probe, ProbeError> {
+    let (user, password) = config.failover_credentials();
+    let tls = helios_shard::tls::server_connector(&config.tls)
+        .ok()
+        .flatten();
+    let target = Target {
+        addr: node.addr,
+        user: &user,
+        password: password.as_deref(),
+        database: &config.health.database,
+        tls: tls.as_ref(),
+        address: &node.address,
+    };
+    let deadline = Instant::now() + Duration::from_millis(config.health.timeout_ms);
+    Probe::connect(target, deadline)
+}
+
+fn deadline(config: &Config) -> Instant {
+    Instant::now() + Duration::from_millis(config.health.timeout_ms)
+}
+
+/// Measures a standby now: the WAL it received (else replayed). `None` when it cannot be
+/// reached or is no longer a standby.
+pub fn measure(config: &Config, node: &NodeStatus, sync: bool) -> Result<Candidate, String> {
+    let mut probe = connect(config, node).map_err(|e| e.to_string())?;
+    let rows = probe
+        .query(
+            "SELECT pg_is_in_recovery(), \
+             COALESCE(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())",
+            deadline(config),
+        )
+        .map_err(|e| e.to_string())?;
+    probe.terminate();
+    let row = rows.first().ok_or("no row")?;
+    if row.first().and_then(|v| v.as_deref()) != Some("t") {
+        return Err("not in recovery".into());
+    }
+    let received = row
+        .get(1)
+        .and_then(|v| v.as_deref())
+        .and_then(parse_lsn)
+        .unwrap_or(0);
+    Ok(Candidate {
+        address: node.address.clone(),
+        sync,
+        received,
+        priority: node.priority,
+    })
+}
+
+/// Runs `pg_promote()` on `node` and waits until it has left recovery.
+pub fn promote(config: &Config, node: &NodeStatus) -> Result<(), String> {
+    let mut probe = connect(config, node).map_err(|e| e.to_string())?;
+    let wait = config.failover.promote_timeout_secs;
+    let until = Instant::now() + Duration::from_secs(wait) + Duration::from_secs(1);
+    let rows = probe
+        .query(
+            &format!("SELECT pg_catalog.pg_promote(true, {wait})"),
+            until,
+        )
+        .map_err(|e| e.to_string())?;
+    if rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|v| v.as_deref())
+        != Some("t")
+    {
+        return Err(format!("pg_promote() did not finish within {wait} s"));
+    }
+    let rows = probe
+        .query("SELECT pg_is_in_recovery()", deadline(config))
+        .map_err(|e| e.to_string())?;
+    probe.terminate();
+    match rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|v| v.as_deref())
+    {
+        Some("f") => Ok(()),
+        other => Err(format!("still in recovery after pg_promote() ({other:?})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(address: &str, sync: bool, received: u64, priority: Option<u32>) -> Candidate {
+        Candidate {
+            address: address.into(),
+            sync,
+            received,
+            priority,
+        }
+    }
+
+    #[test]
+    fn synchronous_first_then_most_wal_then_priority() {
+        let ranked = rank(vec![
+            candidate("a:1", false, 900, Some(1)),
+            candidate("b:1", true, 800, None),
+            candidate("c:1", false, 900, Some(0)),
+            candidate("d:1", false, 950, None),
+        ]);
+        let order: Vec<&str> = ranked.iter().map(|c| c.address.as_str()).collect();
+        assert_eq!(order, ["b:1", "d:1", "c:1", "a:1"]);
+    }
+}
