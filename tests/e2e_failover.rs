@@ -448,6 +448,23 @@ async fn the_buffer_bounds_end_waits_with_08006_and_the_proxy_stays_healthy() {
     let metrics = get(admin, "/metrics").json();
     assert_eq!(metrics["buffer_overflows"], 3, "{metrics}");
     assert_eq!(metrics["buffer_timeouts"], 2, "{metrics}");
+    // A login meanwhile waits for a primary like a statement, then is told the same.
+    let err = proxy
+        .connect(
+            common::SUPERUSER,
+            Some(common::SUPERUSER_PASSWORD),
+            DATABASE,
+        )
+        .await
+        .expect_err("no primary: the login must fail");
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("failover in progress"),
+        "{err:?}"
+    );
     // The proxy stays up and answers probes; each client connection is still usable.
     assert_eq!(get(admin, "/health/live").status, 200);
     proxy.assert_running();
@@ -468,5 +485,80 @@ async fn the_buffer_bounds_end_waits_with_08006_and_the_proxy_stays_healthy() {
     }
     let reload = request(admin, "GET", "/topology", &[], b"");
     assert_eq!(reload.status, 200);
+    proxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_switchover_under_load_loses_nothing_and_shows_no_error() {
+    if proxy_only("switchover", "switchover is the proxy's") {
+        return;
+    }
+    let c = Cluster::start();
+    let proxy = c.proxy("");
+    let admin = proxy.admin_port.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || confirmed_primary(&proxy)
+            == Some(Cluster::address(&c.primary))),
+        "primary not confirmed: {}",
+        topology(&proxy)
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tasks, seen) = writers(&proxy, stop.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let target = Cluster::address(&c.sync);
+    let body = format!("{{\"target\": \"{target}\"}}");
+    let started = Instant::now();
+    let reply = tokio::task::spawn_blocking(move || {
+        request(admin, "POST", "/switchover", &[], body.as_bytes())
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(reply.status, 200, "{}\n{}", reply.body, proxy.log());
+    assert_eq!(reply.json()["primary"], target.as_str(), "{}", reply.body);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(
+        seen.errors.is_empty(),
+        "autocommit clients saw errors: {:?}\n{}",
+        seen.errors,
+        proxy.log()
+    );
+    let on_new_primary = rows_on(&c.sync).await;
+    let lost = seen
+        .acked
+        .iter()
+        .filter(|(c, n, _, _)| !on_new_primary.contains(&(*c, *n)))
+        .count();
+    assert_eq!(lost, 0, "acknowledged writes lost in the switchover");
+    let t = topology(&proxy);
+    let last = &t["last_failover"];
+    assert_eq!(last["trigger"], "switchover", "{t}");
+    assert_eq!(last["outcome"], "completed", "{t}");
+    // The old primary refuses writes and gets none; it is fenced until rebuilt.
+    let old = Cluster::address(&c.primary);
+    let nodes = get(admin, "/nodes").json();
+    let old_node = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["address"] == old.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(old_node["fenced"], true, "{nodes}");
+    assert_eq!(t["split_brain"], false, "{t}");
+    let read_only = c
+        .primary
+        .psql_admin("postgres", "SHOW default_transaction_read_only;\n");
+    assert_eq!(read_only.trim(), "on");
+    println!(
+        "switchover took {took:?} under load: {} writes acknowledged, 0 errors, 0 lost; {}",
+        seen.acked.len(),
+        last
+    );
     proxy.stop();
 }

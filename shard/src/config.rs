@@ -655,8 +655,11 @@ pub struct FailoverConfig {
     pub fast_probe_ms: u64,
     /// Never promote a standby further behind the last primary position seen.
     pub max_lag_bytes: u64,
-    /// How long `pg_promote()` may take.
+    /// How long `pg_promote()` may take, and a switchover's target to catch up.
     pub promote_timeout_secs: u64,
+    /// A planned switchover lets transactions on the old primary finish this long before
+    /// it ends the rest.
+    pub switchover_drain_secs: f64,
     /// Role for promote and fence; default: the `[health]` credentials.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -673,6 +676,7 @@ impl Default for FailoverConfig {
             fast_probe_ms: 100,
             max_lag_bytes: 16 * 1024 * 1024,
             promote_timeout_secs: 30,
+            switchover_drain_secs: 10.0,
             user: None,
             password: None,
         }
@@ -695,6 +699,7 @@ impl std::fmt::Debug for FailoverConfig {
             .field("fast_probe_ms", &self.fast_probe_ms)
             .field("max_lag_bytes", &self.max_lag_bytes)
             .field("promote_timeout_secs", &self.promote_timeout_secs)
+            .field("switchover_drain_secs", &self.switchover_drain_secs)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .finish()

@@ -130,6 +130,8 @@ enum Route<'a> {
     Topology,
     /// `POST /failover`: promote a standby now.
     Failover,
+    /// `POST /switchover`: move the primary role without losing a write.
+    Switchover,
     /// `POST /primary`: name the primary (manual provider).
     Primary,
 }
@@ -145,7 +147,11 @@ impl Route<'_> {
     fn mutating(&self) -> bool {
         matches!(
             self,
-            Route::NodeAction(..) | Route::Reload | Route::Failover | Route::Primary
+            Route::NodeAction(..)
+                | Route::Reload
+                | Route::Failover
+                | Route::Switchover
+                | Route::Primary
         )
     }
 }
@@ -169,6 +175,7 @@ fn route<'a>(segments: &[&'a str]) -> Option<Route<'a>> {
         ["version"] => Route::Version,
         ["topology"] => Route::Topology,
         ["failover"] => Route::Failover,
+        ["switchover"] => Route::Switchover,
         ["primary"] => Route::Primary,
         _ => return None,
     })
@@ -183,6 +190,16 @@ fn dispatch(control: &Control, route: Route<'_>, body: &[u8]) -> Reply {
                 Err(reply) => return reply,
             };
             match control.failover(target.as_deref()) {
+                Ok(topology) => Reply::json(200, topology),
+                Err(e) => control_error(e),
+            }
+        }
+        Route::Switchover => {
+            let target = match body_field(body, "target") {
+                Ok(target) => target,
+                Err(reply) => return reply,
+            };
+            match control.switchover(target.as_deref()) {
                 Ok(topology) => Reply::json(200, topology),
                 Err(e) => control_error(e),
             }

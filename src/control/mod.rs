@@ -63,6 +63,9 @@ pub struct NodeStatus {
     pub health: Health,
     /// The role in the configuration; `node.role` is the tracked one.
     pub configured_role: helios_shard::config::NodeRole,
+    /// Made read-only and fenced by a planned switchover (so not a second primary,
+    /// though it is not in recovery), until it is seen as a standby.
+    pub switched_out: bool,
 }
 
 impl NodeStatus {
@@ -74,6 +77,7 @@ impl NodeStatus {
                 ..Health::default()
             },
             configured_role: node.role,
+            switched_out: false,
         }
     }
 

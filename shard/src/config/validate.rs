@@ -57,6 +57,13 @@ fn failover(f: &super::FailoverConfig) -> Check {
         "failover.promote_timeout_secs",
         || "must be at least 1".into(),
     )?;
+    ensure(
+        f.switchover_drain_secs.is_finite()
+            && f.switchover_drain_secs >= 0.0
+            && f.switchover_drain_secs <= 3600.0,
+        "failover.switchover_drain_secs",
+        || "must be between 0 and 3600".into(),
+    )?;
     if let Some(user) = &f.user {
         ensure(!user.is_empty(), "failover.user", || {
             "must name a role (or be left out to use the health checks' role)".into()

@@ -27,8 +27,15 @@ pub enum Unbuffered {
 impl Unbuffered {
     /// The ErrorResponse the client gets (SQLSTATE 08006, saying a failover is under way).
     pub fn error(self, ctx: &ShardCtx) -> Vec<u8> {
+        let message = self.message(ctx);
+        let mut out = Vec::with_capacity(64 + message.len());
+        be::write_error(&mut out, "ERROR", "08006", &message);
+        out
+    }
+
+    pub fn message(self, ctx: &ShardCtx) -> String {
         let config = ctx.config();
-        let message = match self {
+        match self {
             Unbuffered::Full => format!(
                 "failover in progress: no primary, and {} requests already wait for one (failover.buffer_max)",
                 config.failover.buffer_max
@@ -37,10 +44,7 @@ impl Unbuffered {
                 "failover in progress: no primary within {} s (failover.write_timeout_secs)",
                 config.failover.write_timeout_secs
             ),
-        };
-        let mut out = Vec::with_capacity(64 + message.len());
-        be::write_error(&mut out, "ERROR", "08006", &message);
-        out
+        }
     }
 }
 

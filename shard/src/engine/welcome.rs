@@ -29,9 +29,22 @@ pub async fn login<P: Phase>(
     features: Features,
     phases: &P,
 ) -> Option<Box<Session>> {
-    let Some(node) = ctx.primary() else {
-        send_fatal(client, "08006", "no primary node is available").await;
-        return None;
+    let node = loop {
+        if ctx.awaiting_primary() {
+            // A failover is under way: the login waits for the new primary like a unit.
+            if let Err(why) = super::failover::wait_for_primary(ctx).await {
+                send_fatal(client, "08006", &why.message(ctx)).await;
+                return None;
+            }
+            continue;
+        }
+        match ctx.primary() {
+            Some(node) => break node,
+            None => {
+                send_fatal(client, "08006", "no primary node is available").await;
+                return None;
+            }
+        }
     };
     let home = ctx.pool(&node, &login.database, &login.user);
     let keeps = features.keeps_home_connection();

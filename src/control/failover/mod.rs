@@ -14,6 +14,7 @@
 
 mod ops;
 pub mod promote;
+mod switchover;
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -97,6 +98,8 @@ pub struct Tracker {
     pub durations: Vec<Duration>,
     /// A promotion thread is running.
     pub promoting: bool,
+    /// A planned switchover is under way: the tracker leaves the nodes to it.
+    pub switching: bool,
     /// More than one node reports itself writable.
     pub split_brain: bool,
     /// Names of the standbys the primary last reported as synchronous.
@@ -120,6 +123,7 @@ impl Tracker {
             completed: 0,
             durations: Vec::new(),
             promoting: false,
+            switching: false,
             split_brain: false,
             sync_standbys: Vec::new(),
             lost_primary: None,
@@ -188,6 +192,9 @@ enum PrimaryNews {
 pub fn follow(tracker: &mut Tracker, nodes: &mut [NodeStatus], config: &Config) -> Follow {
     let provider = config.topology.provider;
     let mut out = Follow::default();
+    if tracker.switching {
+        return out;
+    }
     if let Some(address) = tracker.primary.clone() {
         let news = match nodes.iter().find(|n| n.address == address) {
             None => PrimaryNews::Gone,
@@ -289,13 +296,14 @@ pub fn follow(tracker: &mut Tracker, nodes: &mut [NodeStatus], config: &Config) 
         {
             log::info!("node {} is a standby now: no longer fenced", node.address);
             node.fenced = false;
+            node.switched_out = false;
             out.changed = true;
         }
     }
     out.changed |= set_roles(nodes, tracker.primary.as_deref());
     let writers: Vec<&str> = nodes
         .iter()
-        .filter(|n| writable(n))
+        .filter(|n| writable(n) && !n.switched_out)
         .map(|n| n.address.as_str())
         .collect();
     let split = writers.len() > 1;

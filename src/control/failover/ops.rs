@@ -154,7 +154,7 @@ impl Control {
     }
 
     /// Adds a step to the failover under way.
-    fn step(&self, name: &'static str, detail: String) {
+    pub(super) fn step(&self, name: &'static str, detail: String) {
         if let Some(record) = self.state().tracker.current.as_mut() {
             record.step(name, detail);
         }

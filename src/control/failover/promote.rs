@@ -59,6 +59,20 @@ fn connect(config: &Config, node: &NodeStatus) -> Result<Probe, ProbeError> {
     Probe::connect(target, deadline)
 }
 
+/// Runs one statement on `node` as the failover role; the first column of the first row.
+pub fn run(config: &Config, node: &NodeStatus, sql: &str) -> Result<Option<String>, String> {
+    let mut probe = connect(config, node).map_err(|e| e.to_string())?;
+    let rows = probe
+        .query(sql, deadline(config))
+        .map_err(|e| e.to_string())?;
+    probe.terminate();
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|row| row.into_iter().next())
+        .flatten())
+}
+
 fn deadline(config: &Config) -> Instant {
     Instant::now() + Duration::from_millis(config.health.timeout_ms)
 }
