@@ -380,6 +380,7 @@ mod tests {
             latency_ms: 1.0,
             lag_ms: Some(0.0),
             replay_lsn: Some(100),
+            fenced: false,
         }
     }
 

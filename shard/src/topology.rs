@@ -170,6 +170,7 @@ mod tests {
             latency_ms: 0.0,
             lag_ms: None,
             replay_lsn: None,
+            fenced: false,
         }
     }
 
