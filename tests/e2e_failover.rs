@@ -337,6 +337,25 @@ async fn kill9_of_the_primary_promotes_the_sync_standby_and_fences_the_old_one()
         get(proxy.admin_port.unwrap(), "/nodes").body
     );
     assert_eq!(topology(&proxy)["split_brain"], true);
+    // A reload (the file still calls the old node the primary) changes none of that.
+    let reload = request(
+        proxy.admin_port.unwrap(),
+        "POST",
+        "/config/reload",
+        &[],
+        b"",
+    );
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    let t = topology(&proxy);
+    assert_eq!(t["primary"], Cluster::address(&c.sync).as_str(), "{t}");
+    assert!(
+        t["fenced"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == old.as_str()),
+        "{t}"
+    );
     let before: i64 = c
         .primary
         .admin_i64_in(DATABASE, "SELECT count(*) FROM acked")

@@ -392,6 +392,10 @@ impl Control {
                     // file only when the file changed it.
                     status.health = current.health.clone();
                     status.draining = current.draining;
+                    // What failovers decided outlives a reload: a fenced former primary
+                    // stays fenced, and the tracked primary keeps its role.
+                    status.node.fenced = current.node.fenced;
+                    status.switched_out = current.switched_out;
                     status.refresh();
                     let was_configured = old
                         .nodes
@@ -413,6 +417,7 @@ impl Control {
                 report.nodes_removed.push(gone.address.clone());
             }
         }
+        failover::set_roles(&mut nodes, state.tracker.primary.as_deref());
         let fresh = Arc::new(fresh);
         state.config = fresh.clone();
         state.nodes = nodes;
