@@ -142,16 +142,20 @@ fn psycopg_verifies_the_proxy() {
         python.display()
     );
     let certs = Certs::make(SUPERUSER);
-    let proxy = Proxy::start(common::cluster(), &certs.config("require", false));
+    // verify-ca: the proxy demands the client certificate psycopg presents.
+    let proxy = Proxy::start(common::cluster(), &certs.config("verify-ca", true));
     let script = format!(
         "import psycopg\n\
          with psycopg.connect(host='localhost', hostaddr='127.0.0.1', port={port}, user='{SUPERUSER}', \
-         password='{SUPERUSER_PASSWORD}', dbname='{db}', sslmode='verify-full', sslrootcert='{ca}') as c:\n\
+         password='{SUPERUSER_PASSWORD}', dbname='{db}', sslmode='verify-full', sslrootcert='{ca}', \
+         sslcert='{cert}', sslkey='{key}') as c:\n\
          \x20   assert c.pgconn.ssl_in_use\n\
          \x20   print(c.execute('SELECT %s::int * 2', (21,)).fetchone()[0])\n",
         port = proxy.port,
         db = common::DATABASE,
         ca = certs.file("ca.pem"),
+        cert = certs.file("client.pem"),
+        key = certs.file("client.key"),
     );
     let mut cmd = Command::new(python);
     cmd.args(["-c", &script]);
@@ -386,18 +390,22 @@ fn node_postgres_verifies_the_proxy() {
         modules.display()
     );
     let certs = Certs::make(SUPERUSER);
-    let proxy = Proxy::start(common::cluster(), &certs.config("require", false));
+    // verify-ca: the proxy demands the client certificate node-postgres presents.
+    let proxy = Proxy::start(common::cluster(), &certs.config("verify-ca", true));
     let script = format!(
         "const fs = require('fs'); const {{ Client }} = require('pg');\n\
          const c = new Client({{ host: '127.0.0.1', port: {port}, user: '{SUPERUSER}', \
          password: '{SUPERUSER_PASSWORD}', database: '{db}', \
-         ssl: {{ ca: fs.readFileSync('{ca}'), rejectUnauthorized: true }} }});\n\
+         ssl: {{ ca: fs.readFileSync('{ca}'), cert: fs.readFileSync('{cert}'), \
+         key: fs.readFileSync('{key}'), rejectUnauthorized: true }} }});\n\
          c.connect().then(() => c.query('SELECT $1::int * 2 AS v', [21]))\
          .then(r => {{ console.log(r.rows[0].v); return c.end(); }})\
          .catch(e => {{ console.error(e); process.exit(1); }});\n",
         port = proxy.port,
         db = common::DATABASE,
         ca = certs.file("ca.pem"),
+        cert = certs.file("client.pem"),
+        key = certs.file("client.key"),
     );
     let mut cmd = Command::new("node");
     cmd.env("NODE_PATH", &modules).args(["-e", &script]);
