@@ -500,6 +500,7 @@ async fn take_connection<P: Phase>(
         }
     }
     let mut chosen = chosen;
+    let mut repicks = 0;
     'pick: loop {
         let pool = match chosen.take() {
             Some(pool) => pool,
@@ -518,7 +519,18 @@ async fn take_connection<P: Phase>(
             chosen = rechoose(s, unit, lanes, phases);
             continue 'pick;
         }
-        let taken = acquire_for_unit(ctx, client, s, unit, lanes, from_client, phases, &pool).await;
+        let taken = acquire_for_unit(
+            ctx,
+            client,
+            s,
+            unit,
+            lanes,
+            from_client,
+            phases,
+            &pool,
+            &mut repicks,
+        )
+        .await;
         match taken {
             Err(Acquired::Repick) => {
                 chosen = rechoose(s, unit, lanes, phases);
@@ -529,6 +541,15 @@ async fn take_connection<P: Phase>(
         }
     }
 }
+
+/// Another node than `pool`'s now takes the primary's work (a failover went by).
+fn primary_moved(ctx: &ShardCtx, pool: &Pool) -> bool {
+    ctx.primary()
+        .is_some_and(|n| n.routable() && n.address != pool.key.node)
+}
+
+/// Times a unit chooses its pool again because the one it waited on left service.
+const MAX_REPICKS: u32 = 2;
 
 /// The pool chosen again for a unit whose first choice left service.
 fn rechoose<P: Phase>(
@@ -564,12 +585,21 @@ async fn acquire_for_unit<P: Phase>(
     from_client: bool,
     phases: &P,
     pool: &Rc<Pool>,
+    repicks: &mut u32,
 ) -> Result<Lease, Acquired> {
     loop {
         let mut backend = match pool.acquire().await {
             Ok(b) => b,
-            Err(_) if from_client && pool.is_retired() && ctx.awaiting_primary() => {
-                return Err(Acquired::Repick)
+            // The node left service while the unit waited (fenced, or replaced): choose
+            // again — the buffer, or the node that took its place.
+            Err(_)
+                if from_client
+                    && pool.is_retired()
+                    && (ctx.awaiting_primary() || primary_moved(ctx, pool))
+                    && *repicks < MAX_REPICKS =>
+            {
+                *repicks += 1;
+                return Err(Acquired::Repick);
             }
             Err(e) if from_client => {
                 // The client holds no connection this unit needed: it loses nothing by

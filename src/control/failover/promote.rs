@@ -106,36 +106,41 @@ pub fn measure(config: &Config, node: &NodeStatus, sync: bool) -> Result<Candida
     })
 }
 
+/// How often a promotion is looked at until the standby has left recovery
+/// (`pg_promote(true)` itself only looks every 100 ms).
+const PROMOTION_POLL: Duration = Duration::from_millis(5);
+
 /// Runs `pg_promote()` on `node` and waits until it has left recovery.
 pub fn promote(config: &Config, node: &NodeStatus) -> Result<(), String> {
     let mut probe = connect(config, node).map_err(|e| e.to_string())?;
     let wait = config.failover.promote_timeout_secs;
-    let until = Instant::now() + Duration::from_secs(wait) + Duration::from_secs(1);
+    let until = Instant::now() + Duration::from_secs(wait);
+    let first = |rows: &super::super::probe::Rows| {
+        rows.first()
+            .and_then(|r| r.first())
+            .and_then(|v| v.as_deref())
+            .map(str::to_string)
+    };
     let rows = probe
-        .query(
-            &format!("SELECT pg_catalog.pg_promote(true, {wait})"),
-            until,
-        )
+        .query("SELECT pg_catalog.pg_promote(false)", deadline(config))
         .map_err(|e| e.to_string())?;
-    if rows
-        .first()
-        .and_then(|r| r.first())
-        .and_then(|v| v.as_deref())
-        != Some("t")
-    {
-        return Err(format!("pg_promote() did not finish within {wait} s"));
+    if first(&rows).as_deref() != Some("t") {
+        return Err("pg_promote() refused to start the promotion".into());
     }
-    let rows = probe
-        .query("SELECT pg_is_in_recovery()", deadline(config))
-        .map_err(|e| e.to_string())?;
-    probe.terminate();
-    match rows
-        .first()
-        .and_then(|r| r.first())
-        .and_then(|v| v.as_deref())
-    {
-        Some("f") => Ok(()),
-        other => Err(format!("still in recovery after pg_promote() ({other:?})")),
+    loop {
+        let rows = probe
+            .query("SELECT pg_catalog.pg_is_in_recovery()", deadline(config))
+            .map_err(|e| e.to_string())?;
+        if first(&rows).as_deref() == Some("f") {
+            probe.terminate();
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            return Err(format!(
+                "still in recovery {wait} s after pg_promote() (failover.promote_timeout_secs)"
+            ));
+        }
+        std::thread::sleep(PROMOTION_POLL);
     }
 }
 
