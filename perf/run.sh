@@ -4,7 +4,7 @@
 #
 #   ./perf/run.sh [--quick|--full] [--only WORKLOAD] [--list]
 #
-# Quick mode (default) takes under 3 minutes, full mode under 20. Results: a table on the
+# Quick mode (default) takes about 3 minutes, full mode under 20. Results: a table on the
 # terminal, target/perf/report.md and target/perf/report.json. See perf/README.md.
 # Extra flags (--scale N, --duration SECS, --reps N) are passed to helios-perf.
 set -euo pipefail

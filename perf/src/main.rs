@@ -6,12 +6,15 @@
 //! (terminal table, `report.md`, `report.json`) with medians, spread and ratios.
 //!
 //! When the read-mostly workload is selected it also starts a streaming standby and a
-//! second proxy in front of both nodes (`standby.rs`).
+//! second proxy in front of both nodes (`standby.rs`). The failover workload runs last,
+//! on a primary/standby pair and proxy of its own per run (`failover.rs`).
 //!
 //! Every process it starts runs in its own process group and is stopped by PID at the end,
 //! on failure, and on SIGINT/SIGTERM. See `perf/README.md`.
 
+mod failover;
 mod standby;
+mod wire;
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -121,7 +124,8 @@ fn parse_opts() -> Opts {
             "--idle" => idle_clients = Some(num(args.next()) as usize),
             "--list" => {
                 for m in [Mode::Quick, Mode::Full] {
-                    let names: Vec<String> = workloads(m).into_iter().map(|w| w.name).collect();
+                    let mut names: Vec<String> = workloads(m).into_iter().map(|w| w.name).collect();
+                    names.push(failover::NAME.into());
                     println!(
                         "{}: {}",
                         if m == Mode::Quick { "quick" } else { "full" },
@@ -513,6 +517,7 @@ fn capture(prog: &str, args: &[&str]) -> String {
 
 // --- PostgreSQL tools -------------------------------------------------------------------
 
+#[derive(Clone)]
 struct PgTools {
     bin: PathBuf,
 }
@@ -746,6 +751,10 @@ struct Report {
     /// Memory of each pooler per logged-in idle client (not measured for direct
     /// PostgreSQL, which forks a backend per connection).
     idle_clients: Vec<IdleResult>,
+    /// Kill of the primary → first write acknowledged by the promoted standby, per proxy
+    /// setting (a pair of servers of its own per run, no PgBouncer or direct
+    /// counterpart).
+    failover: Vec<failover::FailoverResult>,
 }
 
 #[derive(Serialize)]
@@ -890,15 +899,26 @@ fn stat(runs: &[Run], f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
 
 // --- setup ------------------------------------------------------------------------------
 
-fn setup_postgres(
+/// A PostgreSQL server the harness initdb'd and started.
+struct PgNode {
+    port: u16,
+    data: PathBuf,
+    /// What it appended to postgresql.conf (port and socket directory included).
+    settings: Vec<(&'static str, String)>,
+}
+
+/// initdb's `wanted/data` (or a /tmp stand-in, see [`service_dir`]) with the harness's
+/// settings on a free port, starts it as service `name` and waits until it accepts
+/// connections.
+fn start_postgres(
     pg: &PgTools,
-    out: &Path,
+    wanted: &Path,
+    name: &str,
     run_as: Option<RunAs>,
     services: &mut Services,
-    scale: u32,
-) -> Res<(u16, serde_json::Value)> {
-    let logs = out.join("logs");
-    let dir = service_dir(&out.join("pg"), run_as, "pg")?;
+    logs: &Path,
+) -> Res<PgNode> {
+    let dir = service_dir(wanted, run_as, name)?;
     let data = dir.join("data");
     let port = free_port()?;
     log(format!("initdb {}", data.display()));
@@ -913,7 +933,11 @@ fn setup_postgres(
         "--no-sync",
         "--no-instructions",
     ]);
-    let f = run_logged(&mut c, &logs.join("initdb"), Duration::from_secs(120))?;
+    let f = run_logged(
+        &mut c,
+        &logs.join(format!("{name}-initdb")),
+        Duration::from_secs(120),
+    )?;
     if !f.status.success() {
         return Err(format!("initdb failed: {}", f.stderr.trim()));
     }
@@ -928,7 +952,7 @@ fn setup_postgres(
         ("full_page_writes", "off".into()),
         ("max_wal_size", "'4GB'".into()),
         ("checkpoint_timeout", "'30min'".into()),
-        // The defaults, named because the read-mostly workload's standby streams from here.
+        // The defaults, named because the standbys stream from here.
         ("wal_level", "replica".into()),
         ("max_wal_senders", "10".into()),
     ];
@@ -951,12 +975,32 @@ fn setup_postgres(
     c.current_dir(&dir).arg("-D").arg(&data);
     start_service(
         services,
-        "postgres",
+        name,
         &mut c,
         &dir.join("postgres.log"),
         libc::SIGINT,
     )?;
-    wait_ready(pg, "postgres", port, "postgres", services, &logs)?;
+    wait_ready(pg, name, port, "postgres", services, logs)?;
+    Ok(PgNode {
+        port,
+        data,
+        settings,
+    })
+}
+
+fn setup_postgres(
+    pg: &PgTools,
+    out: &Path,
+    run_as: Option<RunAs>,
+    services: &mut Services,
+    scale: u32,
+) -> Res<(u16, serde_json::Value)> {
+    let logs = out.join("logs");
+    let PgNode {
+        port,
+        data,
+        settings,
+    } = start_postgres(pg, &out.join("pg"), "postgres", run_as, services, &logs)?;
     psql(
         pg,
         port,
@@ -1100,6 +1144,8 @@ struct ProxySpec<'a> {
     nodes: &'a [(&'a str, u16, &'a str)],
     /// Adds `[load_balancer]` with the read/write split and round-robin reads.
     split: bool,
+    /// More TOML sections, verbatim (the failover workload's `[health]`/`[failover]`).
+    extra: &'a str,
 }
 
 /// The `[load_balancer]` section of the two-node proxy.
@@ -1126,6 +1172,10 @@ fn setup_proxy(
     }
     if spec.split {
         nodes.push_str(LOAD_BALANCER);
+        nodes.push('\n');
+    }
+    if !spec.extra.is_empty() {
+        nodes.push_str(spec.extra);
         nodes.push('\n');
     }
     let config = format!(
@@ -1247,49 +1297,6 @@ fn rss_kib(pid: libc::pid_t) -> Option<u64> {
         })
 }
 
-/// Opens a connection and logs in (trust): StartupMessage, then reads until
-/// ReadyForQuery.
-fn login(port: u16) -> Res<std::net::TcpStream> {
-    use std::io::Read;
-    let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    sock.set_read_timeout(Some(Duration::from_secs(15)))
-        .map_err(|e| e.to_string())?;
-    let mut body = Vec::new();
-    body.extend_from_slice(&196608u32.to_be_bytes());
-    for kv in ["user", DB_USER, "database", DB_NAME] {
-        body.extend_from_slice(kv.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    msg.extend_from_slice(&body);
-    sock.write_all(&msg).map_err(|e| e.to_string())?;
-    loop {
-        let mut head = [0u8; 5];
-        sock.read_exact(&mut head)
-            .map_err(|e| format!("login: {e}"))?;
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut rest = vec![0u8; len.saturating_sub(4)];
-        sock.read_exact(&mut rest)
-            .map_err(|e| format!("login: {e}"))?;
-        match head[0] {
-            b'Z' => return Ok(sock),
-            b'E' => {
-                let text: String = String::from_utf8_lossy(&rest)
-                    .split('\0')
-                    .filter(|f| f.starts_with('M'))
-                    .map(|f| f[1..].to_string())
-                    .collect();
-                return Err(format!("login refused: {text}"));
-            }
-            b'R' if rest.get(..4) != Some(&[0, 0, 0, 0]) => {
-                return Err("the server asks for a password (expected trust)".into())
-            }
-            _ => {}
-        }
-    }
-}
-
 /// RSS of a pooler before and after `n` logged-in idle clients.
 fn measure_idle(env: &Env, t: Target, n: usize) -> IdleResult {
     let pid = env.pids[t as usize];
@@ -1301,7 +1308,7 @@ fn measure_idle(env: &Env, t: Target, n: usize) -> IdleResult {
             error = Some("interrupted".into());
             break;
         }
-        match login(env.port(t)) {
+        match wire::login(env.port(t)) {
             Ok(s) => held.push(s),
             Err(e) => {
                 error = Some(format!("after {} clients: {e}", held.len()));
@@ -1472,6 +1479,8 @@ fn terminal_table(r: &Report) -> String {
             }
         }
     }
+    let f = failover::section(&r.failover, false);
+    s.push_str(if s.is_empty() { f.trim_start() } else { &f });
     s
 }
 
@@ -1487,6 +1496,11 @@ balance rather than added capacity.";
 /// The two-node proxy's routing decisions (`routing_decisions` of its `/metrics`): where
 /// its units of work went, and why, over the whole run (warm-up included).
 fn routing_decisions(admin_port: u16) -> Res<serde_json::Value> {
+    Ok(admin_get(admin_port, "/metrics")?["routing_decisions"].clone())
+}
+
+/// `GET path` on a proxy's admin API, as JSON.
+fn admin_get(admin_port: u16, path: &str) -> Res<serde_json::Value> {
     use std::io::{Read, Write as _};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", admin_port))
         .map_err(|e| format!("admin API: {e}"))?;
@@ -1494,7 +1508,10 @@ fn routing_decisions(admin_port: u16) -> Res<serde_json::Value> {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .map_err(|e| format!("admin API: {e}"))?;
     let mut raw = String::new();
     stream
@@ -1504,9 +1521,7 @@ fn routing_decisions(admin_port: u16) -> Res<serde_json::Value> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)
         .ok_or("admin API: no body")?;
-    let metrics: serde_json::Value =
-        serde_json::from_str(body).map_err(|e| format!("admin API: {e}"))?;
-    Ok(metrics["routing_decisions"].clone())
+    serde_json::from_str(body).map_err(|e| format!("admin API {path}: {e}"))
 }
 
 /// "perf-pg-standby read_query 61% (…), perf-pg write_query 9% (…), …", largest first.
@@ -1725,24 +1740,30 @@ fn markdown(r: &Report) -> String {
         m["kernel"].as_str().unwrap_or(""),
         m["host"].as_str().unwrap_or("")
     );
-    let _ = writeln!(
-        s,
-        "PostgreSQL {}: {}  ",
-        r.postgres["version"].as_str().unwrap_or(""),
-        json_kv(&r.postgres["settings"])
-    );
-    let _ = writeln!(
-        s,
-        "PgBouncer {}: {}  ",
-        r.pgbouncer["version"].as_str().unwrap_or(""),
-        json_kv(&r.pgbouncer["settings"])
-    );
-    let _ = writeln!(
-        s,
-        "HeliosProxy {}: {}  ",
-        r.proxy["commit"].as_str().unwrap_or(""),
-        json_kv(&r.proxy["settings"])
-    );
+    if !r.postgres.is_null() {
+        let _ = writeln!(
+            s,
+            "PostgreSQL {}: {}  ",
+            r.postgres["version"].as_str().unwrap_or(""),
+            json_kv(&r.postgres["settings"])
+        );
+    }
+    if !r.pgbouncer.is_null() {
+        let _ = writeln!(
+            s,
+            "PgBouncer {}: {}  ",
+            r.pgbouncer["version"].as_str().unwrap_or(""),
+            json_kv(&r.pgbouncer["settings"])
+        );
+    }
+    if !r.proxy.is_null() {
+        let _ = writeln!(
+            s,
+            "HeliosProxy {}: {}  ",
+            r.proxy["commit"].as_str().unwrap_or(""),
+            json_kv(&r.proxy["settings"])
+        );
+    }
     if !r.standby.is_null() {
         let _ = writeln!(
             s,
@@ -1756,16 +1777,18 @@ fn markdown(r: &Report) -> String {
             json_kv(&r.proxy_2node["settings"])
         );
     }
-    let _ = writeln!(s, "pgbench: {}\n", json_kv(&r.pgbench));
-    let _ = writeln!(
-        s,
-        "TPS: median of the counted runs, with min–max when there are several.\n"
-    );
-    let _ = writeln!(
-        s,
-        "| workload | direct | pgbouncer | proxy | proxy/direct | proxy/pgbouncer |"
-    );
-    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    if !r.workloads.is_empty() {
+        let _ = writeln!(s, "pgbench: {}\n", json_kv(&r.pgbench));
+        let _ = writeln!(
+            s,
+            "TPS: median of the counted runs, with min–max when there are several.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| workload | direct | pgbouncer | proxy | proxy/direct | proxy/pgbouncer |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    }
     let md_cell = |c: &Cell| -> String {
         match c.status.as_str() {
             "ok" if c.runs.iter().filter(|r| r.ok).count() > 1 => {
@@ -1794,6 +1817,7 @@ fn markdown(r: &Report) -> String {
     }
     s.push_str(&two_node_notes(r, "\n", "\n"));
     s.push_str(&extra_tables(r, true));
+    s.push_str(&failover::section(&r.failover, true));
     let _ = writeln!(s, "\nWorkloads:\n");
     for w in &r.workloads {
         let _ = writeln!(
@@ -1806,6 +1830,9 @@ fn markdown(r: &Report) -> String {
                 let _ = writeln!(s, "  - {}: {n}", c.target.name());
             }
         }
+    }
+    if !r.failover.is_empty() {
+        let _ = writeln!(s, "- `{}`: {}", failover::NAME, failover::DESCRIPTION);
     }
     s
 }
@@ -1820,8 +1847,14 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
         None
     };
     let out = &opts.out;
-    for node in ["pg", "pg-standby"] {
-        let Ok(pid) = fs::read_to_string(out.join(node).join("data/postmaster.pid")) else {
+    let mut node_dirs = vec![out.join("pg"), out.join("pg-standby")];
+    if let Ok(rd) = fs::read_dir(out.join(failover::NAME)) {
+        for e in rd.flatten() {
+            node_dirs.extend([e.path().join("pg"), e.path().join("pg-standby")]);
+        }
+    }
+    for node in node_dirs {
+        let Ok(pid) = fs::read_to_string(node.join("data/postmaster.pid")) else {
             continue;
         };
         if let Some(pid) = pid
@@ -1842,14 +1875,15 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
         fs::create_dir_all(out.join(d)).map_err(|e| format!("{}: {e}", out.join(d).display()))?;
     }
     let mut selected = workloads(opts.mode);
-    let mut idle = true;
+    let (mut idle, mut failover) = (true, true);
     if let Some(only) = &opts.only {
         let all = std::mem::take(&mut selected);
-        idle = false;
+        (idle, failover) = (false, false);
         // A comma-separated list; an exact name picks that workload alone, anything else
         // is a prefix.
         for pick in only.split(',').filter(|p| !p.is_empty()) {
-            let exact = all.iter().any(|w| w.name == pick) || pick == IDLE_NAME;
+            let exact =
+                all.iter().any(|w| w.name == pick) || pick == IDLE_NAME || pick == failover::NAME;
             let matches = |name: &str| {
                 if exact {
                     name == pick
@@ -1865,32 +1899,76 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
             }
             let picks_idle = matches(IDLE_NAME);
             idle |= picks_idle;
-            if selected.len() == before && !picks_idle && !all.iter().any(|w| matches(&w.name)) {
+            let picks_failover = matches(failover::NAME);
+            failover |= picks_failover;
+            if selected.len() == before
+                && !picks_idle
+                && !picks_failover
+                && !all.iter().any(|w| matches(&w.name))
+            {
                 return Err(format!("no workload named {pick} (--list shows them)"));
             }
         }
     }
 
-    let (pg_port, pg_info) = setup_postgres(&pg, out, run_as, services, opts.scale)?;
+    if !selected.is_empty() || idle {
+        run_shared(opts, &pg, run_as, services, report, &selected, idle)?;
+        // The failover runs start servers of their own: stop these first.
+        *services = Services::default();
+    }
+    if failover {
+        let ctx = failover::Ctx {
+            pg: &pg,
+            run_as,
+            proxy_bin: &opts.proxy_bin,
+            dir: out.join(failover::NAME),
+        };
+        let runs = failover::runs_per_setting(opts.mode);
+        failover::run(&ctx, runs, &mut report.failover)?;
+    }
+    report.complete = true;
+    Ok(())
+}
+
+/// The pgbench workloads and the idle-clients figure: one PostgreSQL (and, for the
+/// read-mostly workload, its standby), PgBouncer and the proxies, shared by every run.
+fn run_shared(
+    opts: &Opts,
+    pg: &PgTools,
+    run_as: Option<RunAs>,
+    services: &mut Services,
+    report: &mut Report,
+    selected: &[Workload],
+    idle: bool,
+) -> Res<()> {
+    let out = &opts.out;
+    let (pg_port, pg_info) = setup_postgres(pg, out, run_as, services, opts.scale)?;
     report.postgres = pg_info;
     let two_node = selected.iter().any(|w| w.kind == Kind::ReadMostly);
     let standby_port = if two_node {
+        let spec = standby::StandbySpec {
+            dir: out.join("pg-standby"),
+            name: "postgres-standby",
+            cluster_name: None,
+            logs: out.join("logs"),
+        };
         let (port, info) =
-            standby::setup_standby(&pg, out, run_as, services, pg_port, &report.postgres)?;
+            standby::setup_standby(pg, run_as, services, pg_port, &report.postgres, &spec)?;
         report.standby = info;
         Some(port)
     } else {
         None
     };
-    let (pgb_port, pgb_prepared, pgb_info) = setup_pgbouncer(&pg, out, run_as, services, pg_port)?;
+    let (pgb_port, pgb_prepared, pgb_info) = setup_pgbouncer(pg, out, run_as, services, pg_port)?;
     let pgb_pid = services.0.last().map(|s| pid_of(&s.child));
     report.pgbouncer = pgb_info;
     let one_node = ProxySpec {
         label: "proxy",
         nodes: &[("perf-pg", pg_port, "primary")],
         split: false,
+        extra: "",
     };
-    let (proxy_port, proxy_info) = setup_proxy(&pg, out, &opts.proxy_bin, services, &one_node)?;
+    let (proxy_port, proxy_info) = setup_proxy(pg, out, &opts.proxy_bin, services, &one_node)?;
     report.proxy = proxy_info;
     let proxy_pid = services.0.last().map(|s| pid_of(&s.child));
     let proxy_2node_port = match standby_port {
@@ -1902,15 +1980,16 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
                     ("perf-pg-standby", sb_port, "standby"),
                 ],
                 split: true,
+                extra: "",
             };
-            let (port, info) = setup_proxy(&pg, out, &opts.proxy_bin, services, &two)?;
+            let (port, info) = setup_proxy(pg, out, &opts.proxy_bin, services, &two)?;
             report.proxy_2node = info;
             Some(port)
         }
         None => None,
     };
     let env = Env {
-        pg,
+        pg: pg.clone(),
         ports: [pg_port, pgb_port, proxy_port],
         pids: [None, pgb_pid, proxy_pid],
         pgbouncer_prepared: pgb_prepared,
@@ -1951,7 +2030,7 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
     }
 
     let runs_dir = out.join("runs");
-    for w in &selected {
+    for w in selected {
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(), Vec::new(), Vec::new()];
         for rep in 0..opts.reps {
             for t in TARGETS {
@@ -2023,7 +2102,6 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
             report.idle_clients.push(r);
         }
     }
-    report.complete = true;
     Ok(())
 }
 
@@ -2075,6 +2153,7 @@ fn main() {
         }),
         workloads: Vec::new(),
         idle_clients: Vec::new(),
+        failover: Vec::new(),
     };
     let result = {
         let mut services = Services::default();
@@ -2084,7 +2163,7 @@ fn main() {
         remove_temp_dirs();
         r
     };
-    if !report.workloads.is_empty() || result.is_ok() {
+    if !report.workloads.is_empty() || !report.failover.is_empty() || result.is_ok() {
         if let Err(e) = write_reports(&opts.out, &report) {
             eprintln!("helios-perf: cannot write the report: {e}");
         }

@@ -1,13 +1,14 @@
-//! The streaming standby of the perf PostgreSQL, for the read-mostly workload on two nodes.
+//! Streaming standbys of a perf PostgreSQL: for the read-mostly workload on two nodes, and
+//! the synchronous standby each failover run promotes.
 //!
-//! Started only when that workload is selected: a `pg_basebackup -R` copy of the primary
-//! (taken after `pgbench -i`), on its own free port, waited for until it has replayed
-//! everything the primary had written, so reads routed to it see the pgbench tables.
+//! A `pg_basebackup -R` copy of the primary (taken after the tables exist), on its own
+//! free port, waited for until it has replayed everything the primary had written, so
+//! reads routed to it see the tables.
 
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -28,18 +29,30 @@ const STANDBY_SETTINGS: [(&str, &str); 2] = [
     ("hot_standby_feedback", "on"),
 ];
 
+/// Which standby to make.
+pub(crate) struct StandbySpec<'a> {
+    /// Where its data directory goes (`<dir>/data`, or a /tmp stand-in).
+    pub dir: PathBuf,
+    /// Its service name, also the label of a /tmp stand-in directory.
+    pub name: &'a str,
+    /// `cluster_name`, which is also the `application_name` the primary's
+    /// `synchronous_standby_names` refers to.
+    pub cluster_name: Option<&'a str>,
+    pub logs: PathBuf,
+}
+
 /// Creates, starts and catches up the standby; returns its port and report entry, whose
 /// settings are the primary's (`primary`, its report entry) with the standby's own added.
 pub(crate) fn setup_standby(
     pg: &PgTools,
-    out: &Path,
     run_as: Option<RunAs>,
     services: &mut Services,
     primary_port: u16,
     primary: &serde_json::Value,
+    spec: &StandbySpec,
 ) -> Res<(u16, serde_json::Value)> {
-    let logs = out.join("logs");
-    let dir = service_dir(&out.join("pg-standby"), run_as, "pg-standby")?;
+    let logs = &spec.logs;
+    let dir = service_dir(&spec.dir, run_as, spec.name)?;
     let data = dir.join("data");
     let port = free_port()?;
     log(format!("pg_basebackup -R into {}", data.display()));
@@ -51,7 +64,7 @@ pub(crate) fn setup_standby(
         .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
     let f = run_logged(
         &mut c,
-        &logs.join("pg-basebackup"),
+        &logs.join(format!("{}-basebackup", spec.name)),
         Duration::from_secs(600),
     )?;
     if !f.status.success() {
@@ -63,6 +76,9 @@ pub(crate) fn setup_standby(
     for (k, v) in STANDBY_SETTINGS {
         let _ = writeln!(conf, "{k} = {v}");
     }
+    if let Some(n) = spec.cluster_name {
+        let _ = writeln!(conf, "cluster_name = '{n}'");
+    }
     fs::OpenOptions::new()
         .append(true)
         .open(data.join("postgresql.conf"))
@@ -72,25 +88,25 @@ pub(crate) fn setup_standby(
     c.current_dir(&dir).arg("-D").arg(&data);
     start_service(
         services,
-        "postgres-standby",
+        spec.name,
         &mut c,
         &dir.join("postgres.log"),
         libc::SIGINT,
     )?;
-    wait_ready(pg, "postgres-standby", port, "postgres", services, &logs)?;
+    wait_ready(pg, spec.name, port, "postgres", services, logs)?;
     let in_recovery = psql(
         pg,
         port,
         "postgres",
         "SELECT pg_is_in_recovery()",
-        &logs.join("standby-recovery"),
+        &logs.join(format!("{}-recovery", spec.name)),
     )?;
     if in_recovery != "t" {
         return Err(format!(
             "the standby on port {port} is not in recovery (pg_is_in_recovery = {in_recovery})"
         ));
     }
-    let lsn = wait_replayed(pg, services, primary_port, port, &logs)?;
+    let lsn = wait_replayed(pg, services, primary_port, port, logs)?;
     log(format!("standby on port {port} replayed up to {lsn}"));
     let mut s = serde_json::Map::new();
     s.insert("version".into(), primary["version"].clone());
@@ -105,6 +121,9 @@ pub(crate) fn setup_standby(
     );
     for (k, v) in STANDBY_SETTINGS {
         set.insert(k.into(), v.into());
+    }
+    if let Some(n) = spec.cluster_name {
+        set.insert("cluster_name".into(), n.into());
     }
     s.insert("settings".into(), set.into());
     Ok((port, s.into()))

@@ -131,10 +131,10 @@ fn harness_writes_a_well_formed_report_and_stops_everything() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-/// The read-mostly workload (the two-node one) is listed in both modes; it starts a
-/// standby, so the harness test above leaves it out.
+/// The read-mostly workload (the two-node one) and the failover workload are listed in
+/// both modes; they start standbys, so the harness test above leaves them out.
 #[test]
-fn list_has_the_read_mostly_workload_in_both_modes() {
+fn list_has_the_read_mostly_and_failover_workloads_in_both_modes() {
     let output = Command::new(env!("CARGO_BIN_EXE_helios-perf"))
         .arg("--list")
         .output()
@@ -146,9 +146,8 @@ fn list_has_the_read_mostly_workload_in_both_modes() {
             .lines()
             .find(|l| l.starts_with(&format!("{mode}:")))
             .unwrap_or_else(|| panic!("no {mode} line: {stdout}"));
-        assert!(
-            line.split_whitespace().any(|n| n == "read-mostly-c64"),
-            "{line}"
-        );
+        for name in ["read-mostly-c64", "failover"] {
+            assert!(line.split_whitespace().any(|n| n == name), "{line}");
+        }
     }
 }
