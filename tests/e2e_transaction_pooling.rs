@@ -687,3 +687,71 @@ fn malformed_messages_in_pooled_mode_get_08p01_and_hurt_nobody_else() {
     }
     proxy.assert_running();
 }
+
+/// A pooled-mode login like one already welcomed needs no server connection: it gets the
+/// same parameters (its own startup values included), and those values are in force at
+/// its first statement. A login whose parameters the server refuses is refused every
+/// time, never remembered.
+#[test]
+fn repeated_logins_are_welcomed_without_a_server_connection() {
+    if skip("backend-less logins") {
+        return;
+    }
+    let target = target(&tx_config("transaction", 1, ""));
+    let admin = target.admin_port.unwrap();
+    let params = [
+        ("application_name", "welcome-test"),
+        ("DateStyle", "ISO, DMY"),
+        ("options", "-c search_path=welcome_path,public"),
+    ];
+    let first = {
+        let mut raw = RawConn::connect(target.port);
+        let startup = raw.startup_trust_with(TRUST_USER, DATABASE, &params);
+        assert!(startup.error.is_none(), "{:?}", startup.error);
+        startup
+    };
+    let before = common::http::get(admin, "/metrics").json()["logins_without_server"]
+        .as_u64()
+        .unwrap();
+    // The only server connection is held by another client: a login that needed it
+    // would wait; this one does not.
+    let mut holder = RawConn::connect(target.port);
+    holder.startup_trust(TRUST_USER, DATABASE);
+    holder.simple_query("BEGIN; SELECT 1");
+    let mut raw = RawConn::connect(target.port);
+    raw.set_read_timeout(Duration::from_secs(2));
+    let again = raw.startup_trust_with(TRUST_USER, DATABASE, &params);
+    assert!(again.error.is_none(), "{:?}", again.error);
+    assert_eq!(
+        again.params, first.params,
+        "the same welcome as the first login"
+    );
+    assert_eq!(again.params["application_name"], "welcome-test");
+    assert_eq!(again.params["DateStyle"], "ISO, DMY");
+    let after = common::http::get(admin, "/metrics").json()["logins_without_server"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(after, before + 1);
+    holder.simple_query("COMMIT");
+    // Its startup values are in force at its first statement.
+    raw.set_read_timeout(Duration::from_secs(10));
+    let row = raw.simple_query(
+        "SELECT current_setting('search_path') || '|' || current_setting('DateStyle') \
+         || '|' || current_setting('application_name')",
+    );
+    assert_eq!(
+        row.rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .as_deref(),
+        Some("welcome_path,public|ISO, DMY|welcome-test"),
+        "{row:?}"
+    );
+    // A value the server refuses: refused at the first login and at the next.
+    for _ in 0..2 {
+        let mut raw = RawConn::connect(target.port);
+        let refused = raw.startup_trust_with(TRUST_USER, DATABASE, &[("DateStyle", "not-a-style")]);
+        let error = refused.error.expect("an invalid DateStyle is refused");
+        assert_eq!(error.sqlstate(), "22023", "{:?}", error.fields());
+    }
+}

@@ -116,7 +116,28 @@ pub struct Pool {
     suspects: Option<crossbeam_channel::Sender<String>>,
     /// When this pool last reported its node (reports are at most one per interval).
     last_suspected: Cell<Option<Instant>>,
+    /// What a login with given startup parameters was welcomed with, so the next such
+    /// login in a pooled mode needs no server connection.
+    welcomes: RefCell<Vec<(StartupParams, Rc<Welcome>)>>,
 }
+
+/// A login's startup parameters, as sent (the key of a remembered welcome).
+type StartupParams = Vec<(String, String)>;
+
+/// The welcome a pooled-mode login got: the server's parameters as the client saw them,
+/// and the session's settings and startup parameters. Reused for the same startup
+/// parameters for [`WELCOME_FOR`].
+pub struct Welcome {
+    pub params: crate::backend::ServerParams,
+    pub settings: crate::backend::Settings,
+    pub startup: Vec<(String, String)>,
+    at: Instant,
+}
+
+/// Different startup parameter sets remembered per pool; past it, the oldest goes.
+const WELCOMES_KEPT: usize = 16;
+/// How long a remembered welcome is used (server defaults may change meanwhile).
+const WELCOME_FOR: Duration = Duration::from_secs(60);
 
 /// A pool reports its node at most this often.
 const SUSPECT_EVERY: Duration = Duration::from_millis(50);
@@ -185,7 +206,41 @@ impl Pool {
             shard,
             suspects,
             last_suspected: Cell::new(None),
+            welcomes: RefCell::default(),
         })
+    }
+
+    /// The welcome remembered for a login with `startup` parameters, if recent.
+    pub fn welcome_for(&self, startup: &[(String, String)]) -> Option<Rc<Welcome>> {
+        self.welcomes
+            .borrow()
+            .iter()
+            .find(|(key, w)| key.as_slice() == startup && w.at.elapsed() < WELCOME_FOR)
+            .map(|(_, w)| w.clone())
+    }
+
+    /// Remembers how a login with `startup` parameters was welcomed.
+    pub fn remember_welcome(
+        &self,
+        startup: &[(String, String)],
+        params: crate::backend::ServerParams,
+        settings: crate::backend::Settings,
+        session_startup: Vec<(String, String)>,
+    ) {
+        let mut welcomes = self.welcomes.borrow_mut();
+        welcomes.retain(|(key, w)| key.as_slice() != startup && w.at.elapsed() < WELCOME_FOR);
+        if welcomes.len() >= WELCOMES_KEPT {
+            welcomes.remove(0);
+        }
+        welcomes.push((
+            startup.to_vec(),
+            Rc::new(Welcome {
+                params,
+                settings,
+                startup: session_startup,
+                at: Instant::now(),
+            }),
+        ));
     }
 
     /// Tells the health checker this pool's node may be down: a connect failed, or a

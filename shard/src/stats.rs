@@ -78,6 +78,8 @@ pub struct ShardStats {
     pub units_lost: Counter,
     /// Units that started over on another connection after theirs was dead on arrival.
     pub units_started_over: Counter,
+    /// Pooled-mode logins welcomed without a server connection.
+    pub logins_without_server: Counter,
 }
 
 /// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).

@@ -60,6 +60,7 @@ fn describe() {
         ("heliosdb_proxy_failovers_total", "Failovers completed (a new primary published)"),
         ("heliosdb_proxy_buffer_timeouts_total", "Units that left the switchover buffer without a primary, by reason: timeout (failover.write_timeout_secs) or full (failover.buffer_max)"),
         ("heliosdb_proxy_units_started_over_total", "Units whose fresh server connection was dead on arrival (a FATAL before any answer): they ran again on another one, unseen by the client"),
+        ("heliosdb_proxy_logins_without_server_total", "Pooled-mode logins welcomed from a remembered welcome, without a server connection"),
         ("heliosdb_proxy_units_lost_total", "Units whose server connection was lost mid-way (the client got 08006 or 08007 and its session went on)"),
         ("heliosdb_proxy_server_connections_created_total", "Server connections opened"),
         ("heliosdb_proxy_server_connections_closed_total", "Server connections closed"),
@@ -228,6 +229,8 @@ fn sync(control: &Control) {
         counter!("heliosdb_proxy_buffer_timeouts_total", "reason" => "full")
             .absolute(totals.buffer_overflows);
         counter!("heliosdb_proxy_units_lost_total").absolute(totals.units_lost);
+        counter!("heliosdb_proxy_logins_without_server_total")
+            .absolute(totals.logins_without_server);
         counter!("heliosdb_proxy_units_started_over_total").absolute(totals.units_started_over);
         gauge!("heliosdb_proxy_buffered_units").set(totals.buffered as f64);
         gauge!("heliosdb_proxy_writable_nodes").set(
@@ -401,6 +404,7 @@ struct Totals {
     buffer_overflows: u64,
     units_lost: u64,
     units_started_over: u64,
+    logins_without_server: u64,
     created: u64,
     backend_closed: u64,
     connect_errors: u64,
@@ -458,6 +462,7 @@ impl Totals {
             t.buffer_overflows += s.buffer_overflows.get();
             t.units_lost += s.units_lost.get();
             t.units_started_over += s.units_started_over.get();
+            t.logins_without_server += s.logins_without_server.get();
         }
         t
     }
@@ -486,6 +491,7 @@ pub fn json(control: &Control) -> Value {
         "buffer_overflows": t.buffer_overflows,
         "units_lost": t.units_lost,
         "units_started_over": t.units_started_over,
+        "logins_without_server": t.logins_without_server,
         "server_connections_created": t.created,
         "server_connections_closed": t.backend_closed,
         "server_connect_errors": t.connect_errors,

@@ -8,9 +8,10 @@ use std::rc::Rc;
 use crate::stream::NetStream;
 use futures_lite::AsyncWriteExt;
 
-use crate::backend::{BackendConn, Settings};
+use crate::backend::Settings;
 use crate::cancel::CancelHandle;
 use crate::codec::backend as be;
+use crate::codec::tag::status;
 use crate::context::ShardCtx;
 use crate::lease::Lease;
 use crate::pool::{AcquireError, Pool};
@@ -52,6 +53,32 @@ pub async fn login<P: Phase>(
     // and be listed meanwhile); a session-mode client gets its backend's real one.
     let early = (!keeps)
         .then(|| Registered::new(ctx, ctx.cancels.register(client_info(client, login), None)));
+    if let (Some(cancel), true) = (early.as_ref(), features.follow_settings) {
+        if let Some(known) = home.welcome_for(&login.params) {
+            // A pooled-mode login like one already welcomed: no server connection. Its
+            // settings (startup parameters included) go on with its first unit.
+            ctx.stats.logins_without_server.inc();
+            welcome(client, &known.params, status::IDLE, cancel)
+                .await
+                .ok()?;
+            let cancel = early.expect("registered above");
+            return Some(Box::new(Session {
+                ctx: ctx.clone(),
+                features,
+                limits: super::cut::Limits::new(&ctx.config()),
+                cancel,
+                home,
+                held: None,
+                pinned: false,
+                statements: Default::default(),
+                settings: known.settings.clone(),
+                startup: known.startup.clone(),
+                user: login.user.clone(),
+                pools: Default::default(),
+                wrote_at: 0,
+            }));
+        }
+    }
     let mut backend = acquire_or_report(&home, client).await?;
     let mut buf = ctx.bufs.take();
     if features.follow_settings && !settings::same(&backend.settings, &Settings::default()) {
@@ -127,9 +154,20 @@ pub async fn login<P: Phase>(
             return None;
         }
     }
-    if welcome(client, &backend, &session.cancel).await.is_err() {
+    if welcome(client, &backend.params, backend.status, &session.cancel)
+        .await
+        .is_err()
+    {
         release_clean(ctx, backend, reset).await;
         return None;
+    }
+    if !keeps && session.features.follow_settings {
+        session.home.remember_welcome(
+            &login.params,
+            backend.params.clone(),
+            session.settings.clone(),
+            session.startup.clone(),
+        );
     }
     if keeps {
         session.point_cancel(Some(&backend));
@@ -206,15 +244,16 @@ async fn acquire_watching_client(
 /// AuthenticationOk, the server's parameters, the cancel key, ReadyForQuery.
 async fn welcome(
     client: &mut NetStream,
-    backend: &BackendConn,
+    params: &crate::backend::ServerParams,
+    status: u8,
     cancel: &CancelHandle,
 ) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(512);
     be::write_auth_ok(&mut out);
-    for (name, value) in backend.params.iter() {
+    for (name, value) in params.iter() {
         be::write_parameter_status(&mut out, name.as_bytes(), value.as_bytes());
     }
     be::write_backend_key_data(&mut out, cancel.pid, cancel.secret);
-    be::write_ready_for_query(&mut out, backend.status);
+    be::write_ready_for_query(&mut out, status);
     client.send(&out).await
 }
