@@ -500,6 +500,14 @@ impl Pool {
         let mut pause = RECONNECT_PAUSE_MIN;
         loop {
             match self.acquire_conn().await {
+                Ok(conn) if self.severed.get() => {
+                    // Handed over, or opened, just as the node was fenced: never used.
+                    self.discard(conn);
+                    return Err(AcquireError::Unavailable {
+                        pool: self.label.clone(),
+                        waited_ms: started.elapsed().as_millis(),
+                    });
+                }
                 Ok(conn) => return Ok(Lease::new(conn, self.clone())),
                 Err(AcquireError::Connect(e)) if e.is_transient() && !self.retired.get() => {
                     let limit = self.limits.borrow().acquire_timeout;

@@ -37,9 +37,9 @@ const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
           WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
           ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) END, \
      CASE WHEN pg_is_in_recovery() THEN \
-          COALESCE((SELECT substring(conninfo from 'application_name=([^ ]+)') \
-                    FROM pg_stat_wal_receiver), \
-                   NULLIF(current_setting('cluster_name'), ''), 'walreceiver') \
+          (SELECT COALESCE(substring(conninfo from 'application_name=([^ ]+)'), \
+                           NULLIF(current_setting('cluster_name'), ''), 'walreceiver') \
+           FROM pg_stat_wal_receiver) \
      ELSE (SELECT string_agg(application_name, ',') FROM pg_stat_replication \
            WHERE sync_state IN ('sync', 'quorum')) END";
 

@@ -597,6 +597,19 @@ pub fn is_server_gone_error(body: &[u8]) -> bool {
     }
 }
 
+/// A FATAL a backend sends when it dies while waiting for input — its postmaster gone
+/// (57P01 from `secure_read`), another process crashed (57P02), or its idle-session
+/// timeout (57P05): as the first answer to a request, proof the request was never run.
+pub fn is_idle_death(body: &[u8]) -> bool {
+    if is_server_gone_error(body) {
+        return true;
+    }
+    let Ok(BackendMessage::ErrorResponse(fields)) = decode(b'E', body) else {
+        return false;
+    };
+    fields.get(b'C') == Some(b"57P05")
+}
+
 /// Where the sender pid sits in a NotificationResponse body, if the body is one whose
 /// sender is `pid`: the proxy shows a client its own made-up pid there (see
 /// [`rewrite_notification_pids`]).

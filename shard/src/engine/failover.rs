@@ -95,10 +95,18 @@ pub fn session_detached(s: &Session) -> bool {
 }
 
 /// Can the session go on after its unit's connection was lost mid-way? Only when it is
-/// detached from the connection, the client's stream of server messages is whole (an
-/// error can follow), and nothing of the client's is half-sent or waiting.
-pub fn survivable(s: &Session, unit: &Unit, lanes: &Lanes) -> bool {
+/// detached from the connection, the unit changed no session state there (settings,
+/// locks, LISTEN…), no transaction of the client's dies with it (outside one, or with
+/// its COMMIT in flight: either way it is over), the client's stream of server messages
+/// is whole (an error can follow), and nothing of the client's is half-sent or waiting.
+/// `last_status` is the transaction status of the connection's last ReadyForQuery.
+pub fn survivable(s: &Session, unit: &Unit, lanes: &Lanes, last_status: u8) -> bool {
+    let transaction_over = last_status == status::IDLE
+        || (last_status == status::IN_TRANSACTION && unit.notes.commit_sent);
     session_detached(s)
+        && transaction_over
+        && !unit.notes.settings_touched
+        && !unit.notes.maybe_pinned
         && !unit.flow.server_fatal
         && !unit.flow.copy_in
         && lanes.down.client_at_boundary()
@@ -139,12 +147,9 @@ pub fn lost_error(unit: &Unit, last_status: u8) -> Vec<u8> {
     out
 }
 
-/// What the client is owed for a lost unit after its error: one ReadyForQuery per
-/// request the server will never answer (`None`: the client has not finished the unit;
-/// its messages are skipped to the Sync first).
-pub fn readies_owed(lanes: &Lanes) -> Option<u32> {
-    if lanes.responses.unsynced {
-        return None;
-    }
-    Some(lanes.responses.pending_syncs().max(1))
+/// What the client is owed for a lost unit: an error and a ReadyForQuery for each
+/// request the server will never answer, and whether it is still sending one (its
+/// messages are then skipped to the Sync, which gets the same).
+pub fn owed(lanes: &Lanes) -> (u32, bool) {
+    (lanes.responses.pending_syncs(), lanes.responses.unsynced)
 }

@@ -418,6 +418,7 @@ impl DownLane {
         self.end = 0;
         self.raw_end = 0;
         self.hold = 0;
+        self.ready_pos = 0;
         self.scanner.reset();
     }
 

@@ -40,7 +40,7 @@ use crate::backend::BackendConn;
 use crate::codec::backend as be;
 use crate::codec::tag::{fe, status};
 use crate::config::PoolMode;
-use crate::context::{ShardCtx, UserEntry};
+use crate::context::ShardCtx;
 use crate::lease::Lease;
 use crate::pool::Pool;
 use crate::session::login::{send_fatal, Login};
@@ -102,13 +102,17 @@ enum UnitEnd {
     Ended(PumpEnd),
 }
 
-/// The pool a unit uses when no phase chose one: the home pool, unless its node left
-/// service and the topology names another primary that may take work (a reload moved
-/// the node, or a failover); then that node's pool for the same database and user.
-fn home_pool(ctx: &ShardCtx, pool: &Rc<Pool>, user: &UserEntry) -> Rc<Pool> {
-    if !pool.is_retired() {
-        return pool.clone();
+/// The pool a unit uses when no phase chose one: the home pool, unless the topology
+/// now names another primary that may take work (a reload moved the node, a failover,
+/// a demotion); then that node's pool for the same database and user. Looked at only
+/// when the topology changed since the session last looked, or the pool left service.
+fn home_pool(ctx: &ShardCtx, s: &mut Session) -> Rc<Pool> {
+    let version = ctx.topology_version.get();
+    if !s.home.is_retired() && s.home_version == version {
+        return s.home.clone();
     }
+    s.home_version = version;
+    let (pool, user) = (&s.home, &s.user);
     match ctx.primary() {
         Some(node) if node.routable() && node.address != pool.key.node => {
             ctx.pool(&node, &pool.key.database, user)
@@ -265,7 +269,9 @@ async fn unit_cycle<P: Phase>(
         lanes.up.clear_anchor();
         match end {
             UnitEnd::Boundary(decision) => break (backend, keep_home, decision),
-            UnitEnd::Ended(PumpEnd::BackendGone) if failover::survivable(s, unit, lanes) => {
+            UnitEnd::Ended(PumpEnd::BackendGone)
+                if failover::survivable(s, unit, lanes, backend.status) =>
+            {
                 return Box::pin(lost_mid_unit(ctx, client, s, unit, lanes, backend, phases)).await;
             }
             UnitEnd::Ended(end) => {
@@ -353,13 +359,14 @@ async fn lost_mid_unit<P: Phase>(
     // without one the unit fails.
     let _ = phases.backend_lost(s, unit, LostAt::InUnit);
     let error = failover::lost_error(unit, backend.status);
-    let owed = failover::readies_owed(lanes);
+    let (readies, sending) = failover::owed(lanes);
     let mut outcome = responses::Outcome::default();
     {
         let conn = &mut *backend;
         lanes.responses.abandon(&mut conn.statements, &mut outcome);
     }
     s.statements.settle(&mut outcome);
+    lanes.down.reset();
     log::warn!(
         "client {}: server connection of pool {} lost mid-unit; the client is told {}",
         s.pid(),
@@ -372,21 +379,26 @@ async fn lost_mid_unit<P: Phase>(
     );
     s.point_cancel(None);
     backend.lost();
+    if readies == 0 && !sending {
+        // Every answer had reached the client: nothing of its is lost.
+        lanes.deactivate();
+        return Cycle::Next;
+    }
     ctx.stats.units_lost.inc();
-    let Some(readies) = owed else {
-        // The client is still sending the unit: skip it to its Sync, as PostgreSQL
-        // skips after an error.
-        return refuse_unit(ctx, client, s, lanes, &error).await;
-    };
-    lanes.deactivate();
     let mut out = Vec::with_capacity((error.len() + 6) * readies as usize);
     for _ in 0..readies {
         out.extend_from_slice(&error);
         be::write_ready_for_query(&mut out, status::IDLE);
     }
-    if client.send(&out).await.is_err() {
+    if !out.is_empty() && client.send(&out).await.is_err() {
         return Cycle::ClientGone;
     }
+    if sending {
+        // The client is still sending a request: skip it to its Sync, as PostgreSQL
+        // skips after an error, and answer that Sync.
+        return refuse_unit(ctx, client, s, lanes, &error).await;
+    }
+    lanes.deactivate();
     Cycle::Next
 }
 
@@ -505,11 +517,15 @@ async fn take_connection<P: Phase>(
         let pool = match chosen.take() {
             Some(pool) => pool,
             None => {
-                s.home = home_pool(ctx, &s.home, &s.user);
+                s.home = home_pool(ctx, s);
                 s.home.clone()
             }
         };
-        if from_client && pool.is_retired() && ctx.awaiting_primary() {
+        if from_client
+            && !unit.on_read_node
+            && ctx.awaiting_primary()
+            && !serves_primary(ctx, &pool)
+        {
             // A failover is under way: wait in the switchover buffer, then go where the
             // new topology says.
             if let Err(why) = failover::wait_for_primary(ctx).await {
@@ -540,6 +556,13 @@ async fn take_connection<P: Phase>(
             Ok(backend) => return Ok((backend, false)),
         }
     }
+}
+
+/// Is `pool`'s node the primary, and may it take work?
+fn serves_primary(ctx: &ShardCtx, pool: &Pool) -> bool {
+    ctx.nodes.borrow().iter().any(|n| {
+        n.role == crate::config::NodeRole::Primary && n.routable() && *n.address == *pool.key.node
+    })
 }
 
 /// Another node than `pool`'s now takes the primary's work (a failover went by).
@@ -736,7 +759,11 @@ async fn serve_unit<P: Phase>(
             PumpEnd::Quiet if unit.flow.server_fatal => {
                 return UnitEnd::Ended(PumpEnd::BackendGone)
             }
-            PumpEnd::Quiet => lanes.deactivate(),
+            PumpEnd::Quiet => {
+                // Quiet without a word from the server (the proxy answered): no start over.
+                lanes.up.clear_anchor();
+                lanes.deactivate();
+            }
             other => return UnitEnd::Ended(other),
         }
         if backend.status == status::IDLE && !lanes.responses.unsynced && !unit.flow.copy_in {

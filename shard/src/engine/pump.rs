@@ -192,6 +192,9 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         let at_boundary =
             lane.start == lane.end && (lane.end < lane.raw_end || lane.scanner.at_boundary());
         if !ready.is_empty() && at_boundary {
+            // The client hears the proxy's own answers: the unit can no longer start over.
+            self.flow.may_start_over = false;
+            self.up.clear_anchor();
             return match Pin::new(&mut *self.client).poll_write(cx, &ready[lane.ready_pos..]) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Err(PumpEnd::ClientGone)),
                 Poll::Ready(Ok(n)) => {
@@ -247,7 +250,7 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         let scanned = lane.scanner.scan(chunk, |tag, body, end| {
             if !flow.heard_back {
                 flow.heard_back = true;
-                if flow.may_start_over && tag == be::ERROR_RESPONSE && backend::is_fatal_error(body)
+                if flow.may_start_over && tag == be::ERROR_RESPONSE && backend::is_idle_death(body)
                 {
                     // Nothing of the request was run: the unit starts over elsewhere.
                     flow.dead_on_arrival = true;

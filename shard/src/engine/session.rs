@@ -70,6 +70,8 @@ pub struct Session {
     pub cancel: Registered,
     /// The primary's pool for the client's database and user.
     pub home: Rc<Pool>,
+    /// The topology version `home` was last checked against (see `engine::home_pool`).
+    pub home_version: u64,
     pub held: Option<Box<Held>>,
     /// Connection-bound state exists on the held connection (session mode with
     /// read/write splitting: it keeps the session's units on that connection).

@@ -63,6 +63,8 @@ pub enum LookupError {
     Shape(usize),
     #[error("valid_until must be epoch seconds, not {0:?}")]
     ValidUntil(String),
+    #[error("no answer within {0:?} (timeouts.server_login_timeout_ms)")]
+    TimedOut(Duration),
 }
 
 /// Lookups a shard runs at once, so also its most lookup connections: a burst of logins
@@ -122,7 +124,12 @@ impl AuthQuery {
             ctx.stats.auth_query_hits.inc();
             return Some(Ok(found));
         }
-        let result = self.fetch(ctx, database, query, user).await;
+        // Bounded like a server login: a node that stopped answering must not hold
+        // logins (it is soon declared down and another one asked).
+        let limit = Duration::from_millis(config.timeouts.server_login_timeout_ms);
+        let result = crate::sync::timeout(limit, self.fetch(ctx, database, query, user))
+            .await
+            .unwrap_or(Err(LookupError::TimedOut(limit)));
         match &result {
             Ok(found) => {
                 ctx.stats.auth_query_lookups.inc();

@@ -143,7 +143,7 @@ pub async fn login(ctx: &ShardCtx, stream: &mut NetStream) -> Result<Login, Logi
                         return Ok(login);
                     }
                     Err(e) => {
-                        if looked_up {
+                        if looked_up && matches!(e, LoginError::AuthFailed { .. }) {
                             // A password changed on the server is seen at the next try.
                             ctx.auth_query
                                 .forget(ctx, &login.database, &login.user.name);

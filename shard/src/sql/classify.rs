@@ -73,6 +73,7 @@ impl Effects {
             && self.pins.is_empty()
             && !self.drops_prepared
             && !self.changes_schema
+            && !self.may_commit
     }
 }
 

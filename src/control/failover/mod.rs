@@ -300,6 +300,8 @@ pub fn follow(tracker: &mut Tracker, nodes: &mut [NodeStatus], config: &Config) 
             out.changed = true;
         }
     }
+    // A node adopted above (or still named) needs no promotion.
+    out.promote &= tracker.primary.is_none();
     out.changed |= set_roles(nodes, tracker.primary.as_deref());
     let writers: Vec<&str> = nodes
         .iter()

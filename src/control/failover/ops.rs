@@ -131,6 +131,11 @@ impl Control {
             let Some(node) = nodes.iter().find(|n| n.address == candidate.address) else {
                 continue;
             };
+            if let Some(primary) = self.state().tracker.primary.clone() {
+                return Err(format!(
+                    "{primary} became the primary meanwhile: nothing promoted"
+                ));
+            }
             self.step(
                 "promoting",
                 format!("pg_promote() on {}", candidate.address),
@@ -140,7 +145,19 @@ impl Control {
                     self.promoted(&candidate.address);
                     return Ok(candidate.address.clone());
                 }
-                Err(e) => self.step("promote_failed", format!("{}: {e}", candidate.address)),
+                Err(e) if e.started => {
+                    // It is leaving recovery, slowly: it is the one, never a second.
+                    self.step(
+                        "promote_slow",
+                        format!("{}: {}", candidate.address, e.message),
+                    );
+                    self.promotion_pending(&candidate.address);
+                    return Ok(candidate.address.clone());
+                }
+                Err(e) => self.step(
+                    "promote_failed",
+                    format!("{}: {}", candidate.address, e.message),
+                ),
             }
         }
         Err(format!(
@@ -179,15 +196,27 @@ impl Control {
         self.publish(state);
     }
 
+    /// A promotion was accepted but has not finished: the node is the primary, pending
+    /// until a check sees it writable.
+    fn promotion_pending(&self, address: &str) {
+        let mut state = self.state();
+        let state = &mut *state;
+        state.tracker.primary = Some(address.to_string());
+        state.tracker.state = PrimaryState::Pending;
+        state.tracker.lost_primary = None;
+        super::set_roles(&mut state.nodes, Some(address));
+        self.publish(state);
+    }
+
     /// `POST /failover`: fence the current primary (every connection to it cut), then
     /// promote `target` or the best standby. Answers once the new primary is published.
     pub fn failover(&self, target: Option<&str>) -> Result<Value, ControlError> {
         {
             let mut state = self.state();
             let state = &mut *state;
-            if state.tracker.promoting {
+            if state.tracker.promoting || state.tracker.switching {
                 return Err(ControlError::Conflict(
-                    "a promotion is already under way".into(),
+                    "a failover or switchover is already under way".into(),
                 ));
             }
             if let Some(t) = target {
@@ -200,7 +229,24 @@ impl Control {
                     )));
                 }
             }
+            // Nothing is fenced unless a standby can take over.
+            let primary = state.tracker.primary.clone();
+            let eligible = state.nodes.iter().any(|n| {
+                n.enabled
+                    && !n.fenced
+                    && n.health.healthy
+                    && n.health.in_recovery != Some(false)
+                    && primary.as_deref() != Some(n.address.as_str())
+                    && target.is_none_or(|t| t == n.address)
+            });
+            if !eligible {
+                return Err(ControlError::Conflict(match target {
+                    Some(t) => format!("{t} is not a healthy, enabled standby"),
+                    None => "no healthy, enabled standby to promote".into(),
+                }));
+            }
             let old = state.tracker.primary.take();
+            state.tracker.lost_primary = old.clone();
             let mut record = FailoverRecord::begin("admin", old.clone());
             if let Some(old) = &old {
                 if let Some(node) = state.nodes.iter_mut().find(|n| &n.address == old) {
@@ -218,7 +264,27 @@ impl Control {
         }
         match self.promote_best(target) {
             Ok(_) => Ok(self.topology_json()),
-            Err(why) => Err(ControlError::Failed(why)),
+            Err(why) => {
+                // Nothing took over: the old primary serves again (if it still can).
+                let mut state = self.state();
+                let state = &mut *state;
+                if let Some(old) = state.tracker.lost_primary.clone() {
+                    if let Some(node) = state.nodes.iter_mut().find(|n| n.address == old) {
+                        node.fenced = false;
+                    }
+                    if state
+                        .nodes
+                        .iter()
+                        .any(|n| n.address == old && super::writable(n))
+                    {
+                        state
+                            .tracker
+                            .adopt(&mut state.nodes, &old, PrimaryState::Confirmed);
+                    }
+                    self.publish(state);
+                }
+                Err(ControlError::Failed(why))
+            }
         }
     }
 

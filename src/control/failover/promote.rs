@@ -110,8 +110,31 @@ pub fn measure(config: &Config, node: &NodeStatus, sync: bool) -> Result<Candida
 /// (`pg_promote(true)` itself only looks every 100 ms).
 const PROMOTION_POLL: Duration = Duration::from_millis(5);
 
+/// Why a promotion did not finish; `started` once `pg_promote()` accepted it (the node is
+/// leaving recovery: no other may be promoted).
+#[derive(Debug)]
+pub struct PromoteError {
+    pub started: bool,
+    pub message: String,
+}
+
+impl From<String> for PromoteError {
+    fn from(message: String) -> Self {
+        PromoteError {
+            started: false,
+            message,
+        }
+    }
+}
+
+impl std::fmt::Display for PromoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Runs `pg_promote()` on `node` and waits until it has left recovery.
-pub fn promote(config: &Config, node: &NodeStatus) -> Result<(), String> {
+pub fn promote(config: &Config, node: &NodeStatus) -> Result<(), PromoteError> {
     let mut probe = connect(config, node).map_err(|e| e.to_string())?;
     let wait = config.failover.promote_timeout_secs;
     let until = Instant::now() + Duration::from_secs(wait);
@@ -125,20 +148,24 @@ pub fn promote(config: &Config, node: &NodeStatus) -> Result<(), String> {
         .query("SELECT pg_catalog.pg_promote(false)", deadline(config))
         .map_err(|e| e.to_string())?;
     if first(&rows).as_deref() != Some("t") {
-        return Err("pg_promote() refused to start the promotion".into());
+        return Err(String::from("pg_promote() refused to start the promotion").into());
     }
+    let started = |message: String| PromoteError {
+        started: true,
+        message,
+    };
     loop {
         let rows = probe
             .query("SELECT pg_catalog.pg_is_in_recovery()", deadline(config))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| started(e.to_string()))?;
         if first(&rows).as_deref() == Some("f") {
             probe.terminate();
             return Ok(());
         }
         if Instant::now() >= until {
-            return Err(format!(
+            return Err(started(format!(
                 "still in recovery {wait} s after pg_promote() (failover.promote_timeout_secs)"
-            ));
+            )));
         }
         std::thread::sleep(PROMOTION_POLL);
     }

@@ -19,6 +19,26 @@ use crate::control::{Control, ControlError, NodeStatus};
 /// How often the drain and the catch-up are looked at.
 const POLL: Duration = Duration::from_millis(20);
 
+/// Why a switchover stopped.
+enum SwitchFailure {
+    /// Before anything was promoted: the old primary can serve again.
+    Before(String),
+    /// `pg_promote()` accepted the target but it has not finished.
+    Promoting(String),
+}
+
+impl From<String> for SwitchFailure {
+    fn from(why: String) -> Self {
+        SwitchFailure::Before(why)
+    }
+}
+
+impl From<&str> for SwitchFailure {
+    fn from(why: &str) -> Self {
+        SwitchFailure::Before(why.to_string())
+    }
+}
+
 impl Control {
     /// `POST /switchover`: moves the primary role to `target` (or the best standby)
     /// without losing a committed write.
@@ -26,22 +46,53 @@ impl Control {
         let (old, target) = self.begin_switchover(target)?;
         match self.switch(&old, &target) {
             Ok(()) => {
-                self.end_switchover(Some(&target), &old, None);
+                self.end_switchover(Some(&target), &old, None, PrimaryState::Confirmed);
                 Ok(self.topology_json())
             }
-            Err(why) => {
-                // Put the old primary back in service as it was.
-                let config = self.config();
-                let _ = promote::run(
-                    &config,
-                    &old,
-                    "ALTER SYSTEM RESET default_transaction_read_only",
-                );
-                let _ = promote::run(&config, &old, "SELECT pg_reload_conf()");
-                self.end_switchover(None, &old, Some(&why));
+            Err(SwitchFailure::Promoting(why)) => {
+                // pg_promote() accepted it: the target is the primary (pending until seen
+                // writable); the old one must never take writes again.
+                self.step("promote_slow", why);
+                self.end_switchover(Some(&target), &old, None, PrimaryState::Pending);
+                Ok(self.topology_json())
+            }
+            Err(SwitchFailure::Before(why)) => {
+                let restored = self.restore_writes(&old);
+                let why = match restored {
+                    Ok(()) => why,
+                    Err(e) => format!("{why}; the old primary still refuses writes: {e}"),
+                };
+                self.end_switchover(None, &old, Some(&why), PrimaryState::Confirmed);
                 Err(ControlError::Failed(format!("switchover failed: {why}")))
             }
         }
+    }
+
+    /// Puts the old primary back in service as it was (after a switchover gave up before
+    /// promoting anything), checking that it takes writes again.
+    fn restore_writes(&self, old: &NodeStatus) -> Result<(), String> {
+        let config = self.config();
+        let mut last = String::new();
+        for _ in 0..3 {
+            let reset = promote::run(
+                &config,
+                old,
+                "ALTER SYSTEM RESET default_transaction_read_only",
+            )
+            .and_then(|_| promote::run(&config, old, "SELECT pg_reload_conf()"))
+            .and_then(|_| {
+                // The reload is asynchronous: a fresh session sees its outcome.
+                std::thread::sleep(Duration::from_millis(50));
+                promote::run(&config, old, "SHOW default_transaction_read_only")
+            });
+            match reset {
+                Ok(Some(value)) if value == "off" => return Ok(()),
+                Ok(value) => last = format!("default_transaction_read_only is {value:?}"),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(POLL);
+        }
+        Err(last)
     }
 
     /// Checks the request, stops new primary work (the old primary drains), and returns
@@ -127,7 +178,7 @@ impl Control {
         Ok((old, target))
     }
 
-    fn switch(&self, old: &NodeStatus, target: &NodeStatus) -> Result<(), String> {
+    fn switch(&self, old: &NodeStatus, target: &NodeStatus) -> Result<(), SwitchFailure> {
         let config = self.config();
         // In-flight transactions finish, up to the bound.
         let until = Instant::now() + Duration::from_secs_f64(config.failover.switchover_drain_secs);
@@ -165,10 +216,28 @@ impl Control {
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
         )?;
-        let last = promote::run(&config, old, "SELECT pg_current_wal_lsn()")?
+        // Where the last commit record ends (the insert position: under asynchronous
+        // commit the write position may trail it), once flushed so it can stream.
+        let last = promote::run(&config, old, "SELECT pg_current_wal_insert_lsn()")?
             .as_deref()
             .and_then(parse_lsn)
             .ok_or("the old primary did not say its WAL position")?;
+        let until = Instant::now() + Duration::from_secs(config.failover.promote_timeout_secs);
+        loop {
+            let flushed = promote::run(&config, old, "SELECT pg_current_wal_flush_lsn()")?
+                .as_deref()
+                .and_then(parse_lsn)
+                .unwrap_or(0);
+            if flushed >= last {
+                break;
+            }
+            if Instant::now() >= until {
+                return Err(SwitchFailure::Before(
+                    "the old primary did not flush its last WAL in time".into(),
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
         self.step(
             "read_only",
             format!(
@@ -197,22 +266,34 @@ impl Control {
                 break;
             }
             if Instant::now() >= until {
-                return Err(format!(
+                return Err(SwitchFailure::Before(format!(
                     "{} did not replay up to {:X}/{:X} within failover.promote_timeout_secs",
                     target.address,
                     last >> 32,
                     last & 0xffff_ffff
-                ));
+                )));
             }
             std::thread::sleep(POLL);
         }
         self.step("promoting", format!("pg_promote() on {}", target.address));
-        promote::promote(&config, target)
+        promote::promote(&config, target).map_err(|e| {
+            if e.started {
+                SwitchFailure::Promoting(e.message)
+            } else {
+                SwitchFailure::Before(e.message)
+            }
+        })
     }
 
     /// Publishes the outcome: the target as the confirmed primary and the old one fenced
     /// (it must be rebuilt as a standby), or, on failure, the old primary back in service.
-    fn end_switchover(&self, promoted: Option<&NodeStatus>, old: &NodeStatus, why: Option<&str>) {
+    fn end_switchover(
+        &self,
+        promoted: Option<&NodeStatus>,
+        old: &NodeStatus,
+        why: Option<&str>,
+        target_state: PrimaryState,
+    ) {
         let mut state = self.state();
         let state = &mut *state;
         state.tracker.switching = false;
@@ -225,7 +306,7 @@ impl Control {
             }
         }
         match promoted {
-            Some(target) => {
+            Some(target) if target_state == PrimaryState::Confirmed => {
                 if let Some(node) = state.nodes.iter_mut().find(|n| n.address == target.address) {
                     node.health.in_recovery = Some(false);
                     node.health.replication_lag_bytes = None;
@@ -238,6 +319,12 @@ impl Control {
                 state
                     .tracker
                     .adopt(&mut state.nodes, &target.address, PrimaryState::Confirmed);
+            }
+            Some(target) => {
+                // Still leaving recovery: named, confirmed by the next check.
+                state.tracker.primary = Some(target.address.clone());
+                state.tracker.state = PrimaryState::Pending;
+                super::set_roles(&mut state.nodes, Some(&target.address));
             }
             None => {
                 state.tracker.state = PrimaryState::Confirmed;
