@@ -300,8 +300,13 @@ pub fn follow(tracker: &mut Tracker, nodes: &mut [NodeStatus], config: &Config) 
             out.changed = true;
         }
     }
-    // A node adopted above (or still named) needs no promotion.
+    // A node adopted above (or still named) needs no promotion; nor can one happen
+    // without a standby to promote (then the lost primary's return is awaited).
     out.promote &= tracker.primary.is_none();
+    if out.promote && !nodes.iter().any(promotable) {
+        out.promote = false;
+        tracker.fail("no healthy, enabled standby to promote");
+    }
     out.changed |= set_roles(nodes, tracker.primary.as_deref());
     let writers: Vec<&str> = nodes
         .iter()
@@ -322,6 +327,11 @@ pub fn follow(tracker: &mut Tracker, nodes: &mut [NodeStatus], config: &Config) 
         tracker.split_brain = split;
     }
     out
+}
+
+/// A standby that could be promoted: enabled, not fenced, healthy, in recovery.
+fn promotable(node: &NodeStatus) -> bool {
+    node.enabled && !node.fenced && node.health.healthy && node.health.in_recovery == Some(true)
 }
 
 /// Seen healthy and not in recovery by its last check.
