@@ -315,6 +315,18 @@ async fn unit_cycle<P: Phase>(
     Cycle::Next
 }
 
+/// A lost connection will answer nothing more: what the unit waited for from it is
+/// dropped (client names whose Parse was in flight are forgotten, as PostgreSQL never
+/// made them), and so is whatever it had sent towards the client.
+fn forget_answers(s: &mut Session, lanes: &mut Lanes, backend: &mut Lease) {
+    let mut outcome = responses::Outcome::default();
+    lanes
+        .responses
+        .abandon(&mut backend.statements, &mut outcome);
+    s.statements.settle(&mut outcome);
+    lanes.down.reset();
+}
+
 /// Times one unit may start over on another connection after finding its connection
 /// dead on arrival.
 const MAX_STARTS_OVER: u32 = 3;
@@ -329,13 +341,7 @@ fn start_over(ctx: &ShardCtx, s: &mut Session, lanes: &mut Lanes, mut backend: L
         s.pid(),
         backend.pool().label
     );
-    let mut outcome = responses::Outcome::default();
-    {
-        let conn = &mut *backend;
-        lanes.responses.abandon(&mut conn.statements, &mut outcome);
-    }
-    s.statements.settle(&mut outcome);
-    lanes.down.reset();
+    forget_answers(s, lanes, &mut backend);
     s.point_cancel(None);
     backend.lost();
     ctx.stats.units_started_over.inc();
@@ -360,30 +366,24 @@ async fn lost_mid_unit<P: Phase>(
     let _ = phases.backend_lost(s, unit, LostAt::InUnit);
     let error = failover::lost_error(unit, backend.status);
     let (readies, sending) = failover::owed(lanes);
-    let mut outcome = responses::Outcome::default();
-    {
-        let conn = &mut *backend;
-        lanes.responses.abandon(&mut conn.statements, &mut outcome);
-    }
-    s.statements.settle(&mut outcome);
-    lanes.down.reset();
-    log::warn!(
-        "client {}: server connection of pool {} lost mid-unit; the client is told {}",
-        s.pid(),
-        backend.pool().label,
-        if error.windows(5).any(|w| w == b"08007") {
-            "08007"
-        } else {
-            "08006"
-        }
-    );
+    forget_answers(s, lanes, &mut backend);
     s.point_cancel(None);
+    let pool = backend.pool().label.clone();
     backend.lost();
     if readies == 0 && !sending {
         // Every answer had reached the client: nothing of its is lost.
         lanes.deactivate();
         return Cycle::Next;
     }
+    log::warn!(
+        "client {}: server connection of pool {pool} lost mid-unit; the client is told {}",
+        s.pid(),
+        if error.windows(5).any(|w| w == b"08007") {
+            "08007"
+        } else {
+            "08006"
+        }
+    );
     ctx.stats.units_lost.inc();
     let mut out = Vec::with_capacity((error.len() + 6) * readies as usize);
     for _ in 0..readies {

@@ -62,22 +62,10 @@ pub async fn login<P: Phase>(
                 .await
                 .ok()?;
             let cancel = early.expect("registered above");
-            return Some(Box::new(Session {
-                ctx: ctx.clone(),
-                features,
-                limits: super::cut::Limits::new(&ctx.config()),
-                cancel,
-                home_version: ctx.topology_version.get(),
-                home,
-                held: None,
-                pinned: false,
-                statements: Default::default(),
-                settings: known.settings.clone(),
-                startup: known.startup.clone(),
-                user: login.user.clone(),
-                pools: Default::default(),
-                wrote_at: 0,
-            }));
+            let (settings, startup) = (known.settings.clone(), known.startup.clone());
+            return Some(new_session(
+                ctx, login, features, cancel, home, settings, startup,
+            ));
         }
     }
     let mut backend = acquire_or_report(&home, client).await?;
@@ -132,22 +120,8 @@ pub async fn login<P: Phase>(
         }
     }
     drop(buf);
-    let mut session = Box::new(Session {
-        ctx: ctx.clone(),
-        features,
-        limits: super::cut::Limits::new(&ctx.config()),
-        cancel,
-        home_version: ctx.topology_version.get(),
-        home,
-        held: None,
-        pinned: false,
-        statements: Default::default(),
-        settings: backend.settings.clone(),
-        startup,
-        user: login.user.clone(),
-        pools: Default::default(),
-        wrote_at: 0,
-    });
+    let settings = backend.settings.clone();
+    let mut session = new_session(ctx, login, features, cancel, home, settings, startup);
     match phases.login(&mut session, &mut backend).await {
         Ready::Go => {}
         Ready::Refused(_) | Ready::Lost(_) => {
@@ -181,6 +155,34 @@ pub async fn login<P: Phase>(
         backend.release();
     }
     Some(session)
+}
+
+/// A logged-in client's session on `home`, before its first unit.
+fn new_session(
+    ctx: &Rc<ShardCtx>,
+    login: &Login,
+    features: Features,
+    cancel: Registered,
+    home: Rc<Pool>,
+    settings: Settings,
+    startup: Vec<(String, String)>,
+) -> Box<Session> {
+    Box::new(Session {
+        ctx: ctx.clone(),
+        features,
+        limits: super::cut::Limits::new(&ctx.config()),
+        cancel,
+        home_version: ctx.topology_version.get(),
+        home,
+        held: None,
+        pinned: false,
+        statements: Default::default(),
+        settings,
+        startup,
+        user: login.user.clone(),
+        pools: Default::default(),
+        wrote_at: 0,
+    })
 }
 
 /// Who the client is, for SHOW CLIENTS and KILL_CLIENT.

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::promote::{self, Candidate};
 use super::{follow, FailoverRecord};
-use crate::control::{Control, ControlError};
+use crate::control::{Control, ControlError, State};
 
 /// A node reported suspect is probed fast for this long.
 const SUSPECT_FOR: Duration = Duration::from_secs(2);
@@ -180,20 +180,8 @@ impl Control {
     /// A promotion succeeded: `address` is the primary, confirmed (it left recovery).
     fn promoted(&self, address: &str) {
         let mut state = self.state();
-        let state = &mut *state;
-        if let Some(node) = state.nodes.iter_mut().find(|n| n.address == address) {
-            node.health.in_recovery = Some(false);
-            node.health.replication_lag_bytes = None;
-            node.health.replication_lag_seconds = None;
-            node.refresh();
-        }
-        if let Some(record) = state.tracker.current.as_mut() {
-            record.step("confirmed", format!("{address} left recovery"));
-        }
-        state
-            .tracker
-            .adopt(&mut state.nodes, address, PrimaryState::Confirmed);
-        self.publish(state);
+        adopt_promoted(&mut state, address);
+        self.publish(&mut state);
     }
 
     /// A promotion was accepted but has not finished: the node is the primary, pending
@@ -440,6 +428,22 @@ impl Control {
             "last_failover": t.last.as_ref().map(record_json),
         })
     }
+}
+
+/// `address` left recovery (a promotion the proxy ran): it is the confirmed primary.
+pub(super) fn adopt_promoted(state: &mut State, address: &str) {
+    if let Some(node) = state.nodes.iter_mut().find(|n| n.address == address) {
+        node.health.in_recovery = Some(false);
+        node.health.replication_lag_bytes = None;
+        node.health.replication_lag_seconds = None;
+        node.refresh();
+    }
+    if let Some(record) = state.tracker.current.as_mut() {
+        record.step("confirmed", format!("{address} left recovery"));
+    }
+    state
+        .tracker
+        .adopt(&mut state.nodes, address, PrimaryState::Confirmed);
 }
 
 fn record_json(r: &FailoverRecord) -> Value {

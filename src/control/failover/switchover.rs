@@ -307,18 +307,7 @@ impl Control {
         }
         match promoted {
             Some(target) if target_state == PrimaryState::Confirmed => {
-                if let Some(node) = state.nodes.iter_mut().find(|n| n.address == target.address) {
-                    node.health.in_recovery = Some(false);
-                    node.health.replication_lag_bytes = None;
-                    node.health.replication_lag_seconds = None;
-                    node.refresh();
-                }
-                if let Some(record) = state.tracker.current.as_mut() {
-                    record.step("confirmed", format!("{} left recovery", target.address));
-                }
-                state
-                    .tracker
-                    .adopt(&mut state.nodes, &target.address, PrimaryState::Confirmed);
+                super::ops::adopt_promoted(state, &target.address);
             }
             Some(target) => {
                 // Still leaving recovery: named, confirmed by the next check.
