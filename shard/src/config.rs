@@ -219,7 +219,7 @@ pub struct AuthConfig {
 pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname::pg_catalog.text, rolpassword, \
      pg_catalog.date_part('epoch', rolvaliduntil) \
      FROM pg_catalog.pg_authid \
-     WHERE rolname OPERATOR(pg_catalog.=) $1::pg_catalog.name AND rolcanlogin";
+     WHERE rolname OPERATOR(pg_catalog.=) $1::pg_catalog.name";
 
 impl Default for AuthConfig {
     fn default() -> Self {
