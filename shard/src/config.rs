@@ -660,6 +660,14 @@ pub struct FailoverConfig {
     /// A planned switchover lets transactions on the old primary finish this long before
     /// it ends the rest.
     pub switchover_drain_secs: f64,
+    /// Replay a unit of work whose primary was lost on the new one, when the client can
+    /// be shown to see nothing different (see `engine::replay`).
+    pub replay: bool,
+    /// Client bytes of one unit kept for replay; a larger unit is not replayable.
+    pub replay_journal_max_bytes: usize,
+    /// Learn each writing transaction's id ahead of its COMMIT so that a COMMIT lost in
+    /// flight is answered from the new primary's `pg_xact_status()` (needs `replay`).
+    pub track_commit_outcome: bool,
     /// Role for promote and fence; default: the `[health]` credentials.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -677,6 +685,9 @@ impl Default for FailoverConfig {
             max_lag_bytes: 16 * 1024 * 1024,
             promote_timeout_secs: 30,
             switchover_drain_secs: 10.0,
+            replay: false,
+            replay_journal_max_bytes: 1024 * 1024,
+            track_commit_outcome: false,
             user: None,
             password: None,
         }
@@ -698,6 +709,9 @@ impl std::fmt::Debug for FailoverConfig {
             .field("buffer_max", &self.buffer_max)
             .field("fast_probe_ms", &self.fast_probe_ms)
             .field("max_lag_bytes", &self.max_lag_bytes)
+            .field("replay", &self.replay)
+            .field("replay_journal_max_bytes", &self.replay_journal_max_bytes)
+            .field("track_commit_outcome", &self.track_commit_outcome)
             .field("promote_timeout_secs", &self.promote_timeout_secs)
             .field("switchover_drain_secs", &self.switchover_drain_secs)
             .field("user", &self.user)

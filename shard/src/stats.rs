@@ -80,6 +80,13 @@ pub struct ShardStats {
     pub units_started_over: Counter,
     /// Pooled-mode logins welcomed without a server connection.
     pub logins_without_server: Counter,
+    /// Lost units the proxy set out to replay on a new connection.
+    pub replays_attempted: Counter,
+    /// Replays that reproduced what the client had and finished the unit.
+    pub replays_succeeded: Counter,
+    /// Lost units not replayed, or replays given up, by `engine::replay::Refusal` (its
+    /// index).
+    pub replays_refused: [Counter; 6],
 }
 
 /// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).

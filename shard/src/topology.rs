@@ -123,6 +123,12 @@ pub struct Topology {
     pub version: u64,
     pub nodes: Vec<Node>,
     pub primary_state: PrimaryState,
+    /// Counts the primaries adopted after a loss (a failover, or the lost primary back):
+    /// transaction ids from before a change may have been given out again since.
+    pub primary_epoch: u64,
+    /// The adopted primary's next transaction id when it was adopted: an id from an
+    /// earlier epoch at or above it never committed there.
+    pub primary_first_xid: Option<u64>,
 }
 
 impl Topology {
@@ -139,6 +145,8 @@ impl Topology {
             version: 0,
             nodes,
             primary_state: PrimaryState::Confirmed,
+            primary_epoch: 0,
+            primary_first_xid: None,
         })
     }
 }

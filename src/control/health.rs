@@ -41,7 +41,8 @@ const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
                            NULLIF(current_setting('cluster_name'), ''), 'walreceiver') \
            FROM pg_stat_wal_receiver) \
      ELSE (SELECT string_agg(application_name, ',') FROM pg_stat_replication \
-           WHERE sync_state IN ('sync', 'quorum')) END";
+           WHERE sync_state IN ('sync', 'quorum')) END, \
+     txid_snapshot_xmax(txid_current_snapshot())";
 
 /// Starts the supervisor; it stops (and joins every checker) once `stop` is set. Nodes
 /// named on `suspects` (by the shards, or the admin API) are checked at once.
@@ -217,8 +218,10 @@ pub struct Observation {
     pub wal_lsn: Option<u64>,
     pub receive_lsn: Option<u64>,
     pub lag_seconds: Option<f64>,
-    /// See [`ROLE_QUERY`]'s last column.
+    /// See [`ROLE_QUERY`]'s fifth column.
     pub replication_names: Vec<String>,
+    /// The next transaction id the server will assign (with its epoch).
+    pub next_xid: Option<u64>,
 }
 
 /// One check within `health.timeout_ms`, reusing the kept connection. A kept connection
@@ -291,6 +294,7 @@ fn parse_role(rows: &Rows, latency_ms: f64) -> Result<Observation, ProbeError> {
                     .collect()
             })
             .unwrap_or_default(),
+        next_xid: column(5).and_then(|s| s.parse::<u64>().ok()),
     })
 }
 
@@ -384,6 +388,7 @@ fn record(
                 record_success(h, config, now, seen.latency_ms);
                 h.in_recovery = Some(seen.in_recovery);
                 h.wal_lsn = seen.wal_lsn;
+                h.next_xid = seen.next_xid;
                 // A standby cut off from its primary no longer shows its stream: the
                 // name it had is kept (a failover ranks by it).
                 if !(seen.in_recovery && seen.replication_names.is_empty()) {
@@ -503,6 +508,7 @@ mod tests {
                 receive_lsn: None,
                 lag_seconds: None,
                 replication_names: Vec::new(),
+                next_xid: None,
             }
         );
         let standby = parse_role(

@@ -61,6 +61,9 @@ fn describe() {
         ("heliosdb_proxy_buffer_timeouts_total", "Units that left the switchover buffer without a primary, by reason: timeout (failover.write_timeout_secs) or full (failover.buffer_max)"),
         ("heliosdb_proxy_units_started_over_total", "Units whose fresh server connection was dead on arrival (a FATAL before any answer): they ran again on another one, unseen by the client"),
         ("heliosdb_proxy_logins_without_server_total", "Pooled-mode logins welcomed from a remembered welcome, without a server connection"),
+        ("heliosdb_proxy_replays_attempted_total", "Units whose server connection was lost and that the proxy set out to replay on a new one (failover.replay)"),
+        ("heliosdb_proxy_replays_succeeded_total", "Replayed units that reproduced every byte the client had already received and went on"),
+        ("heliosdb_proxy_replays_refused_total", "Lost units not replayed or replays given up, by reason: diverged (40001), unknown_outcome (08007), journal_full, session_state, no_primary, server_refused"),
         ("heliosdb_proxy_units_lost_total", "Units whose server connection was lost mid-way (the client got 08006 or 08007 and its session went on)"),
         ("heliosdb_proxy_server_connections_created_total", "Server connections opened"),
         ("heliosdb_proxy_server_connections_closed_total", "Server connections closed"),
@@ -229,6 +232,15 @@ fn sync(control: &Control) {
         counter!("heliosdb_proxy_buffer_timeouts_total", "reason" => "full")
             .absolute(totals.buffer_overflows);
         counter!("heliosdb_proxy_units_lost_total").absolute(totals.units_lost);
+        counter!("heliosdb_proxy_replays_attempted_total").absolute(totals.replays_attempted);
+        counter!("heliosdb_proxy_replays_succeeded_total").absolute(totals.replays_succeeded);
+        for (refusal, count) in helios_shard::engine::replay::Refusal::ALL
+            .iter()
+            .zip(totals.replays_refused)
+        {
+            counter!("heliosdb_proxy_replays_refused_total", "reason" => refusal.label())
+                .absolute(count);
+        }
         counter!("heliosdb_proxy_logins_without_server_total")
             .absolute(totals.logins_without_server);
         counter!("heliosdb_proxy_units_started_over_total").absolute(totals.units_started_over);
@@ -405,6 +417,9 @@ struct Totals {
     units_lost: u64,
     units_started_over: u64,
     logins_without_server: u64,
+    replays_attempted: u64,
+    replays_succeeded: u64,
+    replays_refused: [u64; 6],
     created: u64,
     backend_closed: u64,
     connect_errors: u64,
@@ -463,6 +478,11 @@ impl Totals {
             t.units_lost += s.units_lost.get();
             t.units_started_over += s.units_started_over.get();
             t.logins_without_server += s.logins_without_server.get();
+            t.replays_attempted += s.replays_attempted.get();
+            t.replays_succeeded += s.replays_succeeded.get();
+            for (sum, counter) in t.replays_refused.iter_mut().zip(&s.replays_refused) {
+                *sum += counter.get();
+            }
         }
         t
     }
@@ -492,6 +512,15 @@ pub fn json(control: &Control) -> Value {
         "units_lost": t.units_lost,
         "units_started_over": t.units_started_over,
         "logins_without_server": t.logins_without_server,
+        "replays": {
+            "attempted": t.replays_attempted,
+            "succeeded": t.replays_succeeded,
+            "refused": helios_shard::engine::replay::Refusal::ALL
+                .iter()
+                .zip(t.replays_refused)
+                .map(|(refusal, n)| (refusal.label().to_string(), json!(n)))
+                .collect::<serde_json::Map<_, _>>(),
+        },
         "server_connections_created": t.created,
         "server_connections_closed": t.backend_closed,
         "server_connect_errors": t.connect_errors,

@@ -53,6 +53,8 @@ pub struct Health {
     /// A standby: the name it streams under (what `synchronous_standby_names` matches).
     /// The primary: the names of the standbys it reports as synchronous.
     pub replication_names: Vec<String>,
+    /// The next transaction id the server will assign, as last checked.
+    pub next_xid: Option<u64>,
 }
 
 /// One configured node as the control plane tracks it: the [`Node`] the shards are sent,
@@ -242,6 +244,8 @@ impl Control {
             version: state.version,
             nodes: state.nodes.iter().map(|n| n.node.clone()).collect(),
             primary_state: state.tracker.state,
+            primary_epoch: state.tracker.epoch,
+            primary_first_xid: state.tracker.first_xid,
         });
         self.health_epoch
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);

@@ -64,6 +64,16 @@ fn failover(f: &super::FailoverConfig) -> Check {
         "failover.switchover_drain_secs",
         || "must be between 0 and 3600".into(),
     )?;
+    ensure(
+        (1024..=256 * 1024 * 1024).contains(&f.replay_journal_max_bytes),
+        "failover.replay_journal_max_bytes",
+        || "must be between 1024 and 268435456".into(),
+    )?;
+    ensure(
+        !f.track_commit_outcome || f.replay,
+        "failover.track_commit_outcome",
+        || "takes effect only with failover.replay = true".into(),
+    )?;
     if let Some(user) = &f.user {
         ensure(!user.is_empty(), "failover.user", || {
             "must name a role (or be left out to use the health checks' role)".into()

@@ -52,7 +52,7 @@ pub async fn finish(
             backend.lost();
             return;
         }
-        PumpEnd::BackendProtocol(_) => {
+        PumpEnd::BackendProtocol(_) | PumpEnd::Diverged => {
             backend.discard();
             return;
         }
@@ -152,6 +152,14 @@ pub async fn tell_client(
         PumpEnd::Cut(cut) => tell_cut(ctx, client, *cut).await,
         PumpEnd::ClientTerminated => {
             let _ = client.close().await;
+        }
+        PumpEnd::Diverged => {
+            send_fatal(
+                client,
+                "40001",
+                "the transaction was replayed after a failover and its results differed",
+            )
+            .await
         }
         PumpEnd::ClientGone | PumpEnd::Quiet => {}
     }

@@ -37,6 +37,8 @@ pub enum PumpEnd {
     Drain,
     /// A limit ended the session (the client is told why).
     Cut(super::cut::Cut),
+    /// A replay did not reproduce what the client had already received.
+    Diverged,
 }
 
 /// Waits until `stream` is readable and reads into a buffer borrowed from the shard's

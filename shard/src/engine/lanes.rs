@@ -14,6 +14,7 @@ use crate::codec::frame::{read_header, Scanner, TagSet};
 use crate::codec::tag::be;
 
 use super::intake::{MessageMemory, Reservation};
+use super::journal::{ClientJournal, Delivered, ReplaySource};
 
 /// Server messages whose body decides something: errors, command tags, transaction
 /// status, parameter changes, notifications (whose sender pid may be rewritten).
@@ -65,6 +66,10 @@ pub struct UpLane {
     /// the server first answers: a connection found dead on arrival lets the unit start
     /// over on another one from here. Dropped rather than let it fill the buffer.
     anchor: Option<(usize, u64)>,
+    /// With replay on: every byte of the unit decided on, as the client sent it.
+    pub journal: Option<Box<ClientJournal>>,
+    /// A replay under way: journal bytes read ahead of the client's socket.
+    pub replay: Option<ReplaySource>,
 }
 
 impl UpLane {
@@ -85,7 +90,123 @@ impl UpLane {
             max_message_size,
             position: 0,
             anchor: None,
+            journal: None,
+            replay: None,
         }
+    }
+
+    /// Starts replaying the unit that began at `position` in the client's stream: its
+    /// journal, then the bytes read but not yet decided on, are read again ahead of the
+    /// client's socket (see [`ReplaySource`]). False when the journal cannot: replay is
+    /// off, or the unit outgrew it.
+    pub fn start_replay(&mut self, position: u64) -> bool {
+        let Some(journal) = self.journal.as_mut() else {
+            return false;
+        };
+        if journal.overflowed {
+            return false;
+        }
+        let mut bytes = journal.take();
+        let gate = bytes.len();
+        if let Some(inb) = &self.inb {
+            bytes.extend_from_slice(&inb[self.next..self.end]);
+        }
+        if let Some(old) = self.replay.take() {
+            bytes.extend_from_slice(&old.bytes[old.pos..]);
+        }
+        self.stream_left = 0;
+        self.drop_big();
+        self.start = 0;
+        self.fwd_end = 0;
+        self.next = 0;
+        self.end = 0;
+        self.out.clear();
+        self.out_pos = 0;
+        self.anchor = None;
+        self.position = position;
+        self.replay = Some(ReplaySource {
+            bytes,
+            pos: 0,
+            gate,
+        });
+        true
+    }
+
+    /// Stops a replay where the lost connection had stopped: what the replay has not
+    /// yet re-sent of the journal is dropped (the client's answers for it are settled
+    /// otherwise) and the bytes the client sent after it are pending again. False when
+    /// the journal ended in the middle of a message, which cannot be cut there.
+    pub fn abandon_replay(&mut self, position: u64, bufs: &BufPool) -> bool {
+        let Some(source) = self.replay.take() else {
+            return true;
+        };
+        let rest = &source.bytes[source.gate.max(source.pos)..];
+        let whole_messages = {
+            let mut at = &source.bytes[..source.gate];
+            loop {
+                match read_header(at, usize::MAX >> 1) {
+                    Ok(Some((_, len))) if len <= at.len() => at = &at[len..],
+                    Ok(None) if at.is_empty() => break true,
+                    _ => break false,
+                }
+            }
+        };
+        self.stream_left = 0;
+        self.drop_big();
+        self.out.clear();
+        self.out_pos = 0;
+        self.anchor = None;
+        self.position = position + source.gate as u64;
+        if let Some(journal) = self.journal.as_mut() {
+            // What follows runs on a connection that only carries the failed transaction.
+            journal.give_up();
+        }
+        let mut buf = self.inb.take().unwrap_or_else(|| bufs.take());
+        if !whole_messages || rest.len() > buf.len() {
+            return false;
+        }
+        buf[..rest.len()].copy_from_slice(rest);
+        self.seed(buf, rest.len());
+        true
+    }
+
+    /// Journal bytes for a replay, copied into the read buffer like bytes from the
+    /// client: those past the gate only once `verified`. `None` when no replay is under
+    /// way (read the client), else how many bytes were copied (0: wait).
+    pub(super) fn feed_replay(&mut self, verified: bool) -> Option<usize> {
+        let source = self.replay.as_ref()?;
+        if source.is_done() {
+            if !verified {
+                // Nothing the client sent after the lost connection's last byte is read
+                // before the replay has reproduced what the client has.
+                return Some(0);
+            }
+            self.replay = None;
+            return None;
+        }
+        let until = if verified {
+            source.bytes.len()
+        } else {
+            source.gate
+        };
+        if source.pos >= until {
+            return Some(0);
+        }
+        self.compact();
+        let end = self.end;
+        let (Some(buf), Some(source)) = (self.inb.as_mut(), self.replay.as_mut()) else {
+            return Some(0);
+        };
+        let n = (buf.len() - end).min(until - source.pos);
+        buf[end..end + n].copy_from_slice(&source.bytes[source.pos..source.pos + n]);
+        source.pos += n;
+        self.end += n;
+        Some(n)
+    }
+
+    /// No replay bytes are left to read.
+    pub fn replay_done(&self) -> bool {
+        self.replay.as_ref().is_none_or(ReplaySource::is_done)
     }
 
     /// Marks the pending bytes as the unit's start (see `anchor`); only when they are in
@@ -355,6 +476,9 @@ impl UpLane {
 
     /// Moves past `len` decided bytes that are not sent in place.
     pub(super) fn consume(&mut self, len: usize) {
+        if let (Some(journal), Some(inb)) = (self.journal.as_mut(), self.inb.as_ref()) {
+            journal.record(&inb[self.next..self.next + len]);
+        }
         self.next += len;
         self.position += len as u64;
     }
@@ -378,6 +502,8 @@ pub struct DownLane {
     pub(super) hold: usize,
     pub(super) ready_pos: usize,
     pub(super) scanner: Scanner,
+    /// With replay on: what the client received during the unit.
+    pub delivered: Option<Box<Delivered>>,
 }
 
 impl DownLane {
@@ -391,6 +517,7 @@ impl DownLane {
             ready_pos: 0,
             scanner: Scanner::new(backend::TAGS, DOWN_CAPTURE, usize::MAX >> 1)
                 .with_notify(DOWN_NOTIFY),
+            delivered: None,
         }
     }
 
@@ -434,6 +561,11 @@ impl DownLane {
 
     pub fn is_quiet(&self) -> bool {
         self.start == self.raw_end && self.scanner.at_boundary()
+    }
+
+    /// A replay has yet to reproduce what the client already has.
+    pub fn verifying(&self) -> bool {
+        self.delivered.as_ref().is_some_and(|d| d.verifying())
     }
 
     pub fn at_boundary(&self) -> bool {
@@ -500,5 +632,22 @@ impl Lanes {
     pub fn deactivate(&mut self) {
         self.up.deactivate();
         self.down.deactivate();
+    }
+
+    /// Keeps a replay journal of every unit, up to `max` client bytes each.
+    pub fn keep_journal(&mut self, max: usize) {
+        self.up.journal = Some(Box::new(ClientJournal::new(max)));
+        self.down.delivered = Some(Box::default());
+    }
+
+    /// A unit begins: its journal starts empty.
+    pub fn begin_unit(&mut self) {
+        if let Some(journal) = self.up.journal.as_mut() {
+            journal.reset();
+        }
+        if let Some(delivered) = self.down.delivered.as_mut() {
+            delivered.reset();
+        }
+        self.up.replay = None;
     }
 }

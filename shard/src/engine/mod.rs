@@ -16,12 +16,14 @@ pub mod fencing;
 pub mod finish;
 pub mod idle;
 pub mod intake;
+pub mod journal;
 pub mod lanes;
 pub mod message;
 pub mod phase;
 pub mod pinning;
 pub mod prepared;
 pub mod pump;
+pub mod replay;
 pub mod responses;
 pub mod retry;
 pub mod routing;
@@ -126,6 +128,13 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Sessi
     // future, the compiler's layout would pad them into a larger idle state.
     let mut desk = Box::new((Lanes::new(ctx.max_message_size()), Unit::default()));
     let (lanes, unit) = &mut *desk;
+    {
+        let config = ctx.config();
+        if config.failover.replay {
+            lanes.keep_journal(config.failover.replay_journal_max_bytes);
+        }
+    }
+    let journaled = lanes.up.journal.is_some();
     loop {
         // Bytes the last unit left undecided (it was refused) start the next one.
         let wake = if lanes.up.has_pending() {
@@ -140,6 +149,10 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Sessi
             .await
         };
         unit.reset();
+        if journaled {
+            lanes.begin_unit();
+        }
+        s.statements.begin_unit(journaled);
         let from_client = match wake {
             Wake::Pending => true,
             Wake::Client(buf, n) => {
@@ -238,16 +251,21 @@ async fn unit_cycle<P: Phase>(
         }
     }
     let mut starts = 0;
+    // A connection the unit goes on with after its own was lost (see `replay`).
+    let mut resumed: Option<Lease> = None;
     let (mut backend, keep_home, decision) = loop {
-        let (mut backend, on_held) =
-            match take_connection(ctx, client, s, unit, lanes, from_client, phases).await {
+        let resuming = resumed.is_some();
+        let (mut backend, on_held) = match resumed.take() {
+            Some(lease) => (lease, false),
+            None => match take_connection(ctx, client, s, unit, lanes, from_client, phases).await {
                 Ok(taken) => taken,
                 Err(cycle) => return cycle,
-            };
+            },
+        };
         s.point_cancel(Some(&backend));
         lanes.responses.start(backend.status);
         unit.flow.hold_when_idle = unit.on_read_node;
-        if from_client && !on_held && starts < MAX_STARTS_OVER {
+        if from_client && !on_held && starts < MAX_STARTS_OVER && !resuming {
             lanes.up.set_anchor();
         }
         unit.flow.may_start_over = lanes.up.anchored();
@@ -267,8 +285,62 @@ async fn unit_cycle<P: Phase>(
             continue;
         }
         lanes.up.clear_anchor();
+        if matches!(end, UnitEnd::Ended(PumpEnd::BackendGone)) {
+            match replay::plan(ctx, s, unit, lanes, backend.status, from_client) {
+                Some(Ok(())) => {
+                    let recovery = Box::pin(replay::recover(
+                        ctx, client, s, unit, lanes, backend, phases,
+                    ))
+                    .await;
+                    match recovery {
+                        replay::Recovery::Resume(lease) => {
+                            resumed = Some(*lease);
+                            continue;
+                        }
+                        replay::Recovery::Over(cycle) => return cycle,
+                    }
+                }
+                Some(Err(refusal)) if unit.replaying.is_some() => {
+                    // Lost again mid-replay, and no further replay may follow.
+                    backend.lost();
+                    let recovery =
+                        Box::pin(replay::give_up(ctx, client, s, unit, lanes, refusal)).await;
+                    match recovery {
+                        replay::Recovery::Resume(lease) => {
+                            resumed = Some(*lease);
+                            continue;
+                        }
+                        replay::Recovery::Over(cycle) => return cycle,
+                    }
+                }
+                Some(Err(refusal)) => {
+                    log::info!("client {}: lost unit not replayed: {refusal:?}", s.pid());
+                    ctx.stats.replays_refused[refusal as usize].inc();
+                }
+                None => {}
+            }
+        }
+        if matches!(end, UnitEnd::Ended(PumpEnd::Diverged)) {
+            match Box::pin(replay::diverged(ctx, client, s, unit, lanes, backend)).await {
+                replay::Recovery::Resume(lease) => {
+                    resumed = Some(*lease);
+                    continue;
+                }
+                replay::Recovery::Over(cycle) => return cycle,
+            }
+        }
         match end {
-            UnitEnd::Boundary(decision) => break (backend, keep_home, decision),
+            UnitEnd::Boundary(decision) => {
+                if let Some(replayed) = unit.replaying.take() {
+                    ctx.stats.replays_succeeded.inc();
+                    log::warn!(
+                        "client {}: unit replayed after {:.0} ms; the client saw nothing of the lost connection",
+                        s.pid(),
+                        replayed.since.elapsed().as_secs_f64() * 1000.0
+                    );
+                }
+                break (backend, keep_home, decision);
+            }
             UnitEnd::Ended(PumpEnd::BackendGone)
                 if failover::survivable(s, unit, lanes, backend.status) =>
             {

@@ -54,6 +54,18 @@ pub struct ClientStatements {
     /// across server connections here. The buffer is reused.
     unnamed: Vec<u8>,
     has_unnamed: bool,
+    /// With replay on: how to put the names back as they were when the unit began.
+    undo: Option<Vec<Undo>>,
+}
+
+/// One change to the client's names during a unit, as what undoes it.
+enum Undo {
+    /// `name` stood for this (or nothing) before.
+    Name(Box<[u8]>, Option<ClientEntry>),
+    /// Every name, before they were all dropped.
+    All(HashMap<Box<[u8]>, ClientEntry>),
+    /// The unnamed statement before the unit changed it.
+    Unnamed(Vec<u8>, bool),
 }
 
 impl ClientStatements {
@@ -70,7 +82,7 @@ impl ClientStatements {
         }
         for (name, serial) in out.forgotten.drain(..) {
             if self.entry_mut(&name, serial).is_some() {
-                self.by_name.remove(&name);
+                self.remove(&name);
                 settled = true;
             }
         }
@@ -82,9 +94,69 @@ impl ClientStatements {
             }
         }
         if std::mem::take(&mut out.unnamed_failed) {
-            self.has_unnamed = false;
+            self.set_unnamed(None);
         }
         settled
+    }
+
+    /// A unit begins; with `journaled`, its changes to the names are kept to undo.
+    pub fn begin_unit(&mut self, journaled: bool) {
+        match (&mut self.undo, journaled) {
+            (Some(undo), true) => undo.clear(),
+            (undo, true) => *undo = Some(Vec::new()),
+            (undo, false) => *undo = None,
+        }
+    }
+
+    /// Puts every name back as it was when the unit began: a replay re-sends the
+    /// unit's Parse and Close messages, which must meet the names they met first.
+    pub fn rewind_unit(&mut self) {
+        let Some(mut undo) = self.undo.take() else {
+            return;
+        };
+        while let Some(change) = undo.pop() {
+            match change {
+                Undo::Name(name, Some(entry)) => {
+                    self.by_name.insert(name, entry);
+                }
+                Undo::Name(name, None) => {
+                    self.by_name.remove(&name);
+                }
+                Undo::All(names) => self.by_name = names,
+                Undo::Unnamed(spec, has) => {
+                    self.unnamed = spec;
+                    self.has_unnamed = has;
+                }
+            }
+        }
+        self.undo = Some(undo);
+    }
+
+    /// Forgets `name`; true when the client had it.
+    fn remove(&mut self, name: &[u8]) -> bool {
+        let old = self.by_name.remove(name);
+        let had = old.is_some();
+        if let (Some(undo), Some(old)) = (self.undo.as_mut(), old) {
+            undo.push(Undo::Name(name.into(), Some(old)));
+        }
+        had
+    }
+
+    /// Sets the client's unnamed statement (`None`: it has none now).
+    fn set_unnamed(&mut self, spec: Option<&[u8]>) {
+        if let Some(undo) = self.undo.as_mut() {
+            if !undo.iter().any(|u| matches!(u, Undo::Unnamed(..))) {
+                undo.push(Undo::Unnamed(self.unnamed.clone(), self.has_unnamed));
+            }
+        }
+        match spec {
+            Some(spec) => {
+                self.unnamed.clear();
+                self.unnamed.extend_from_slice(spec);
+                self.has_unnamed = true;
+            }
+            None => self.has_unnamed = false,
+        }
     }
 
     fn entry_mut(&mut self, name: &[u8], serial: u32) -> Option<&mut ClientEntry> {
@@ -97,7 +169,7 @@ impl ClientStatements {
     fn register(&mut self, name: &[u8], stmt: &Rc<Statement>) -> ClientName {
         self.next_serial = self.next_serial.wrapping_add(1);
         let serial = self.next_serial;
-        self.by_name.insert(
+        let old = self.by_name.insert(
             name.into(),
             ClientEntry {
                 stmt: stmt.clone(),
@@ -106,6 +178,9 @@ impl ClientStatements {
                 pending: true,
             },
         );
+        if let Some(undo) = self.undo.as_mut() {
+            undo.push(Undo::Name(name.into(), old));
+        }
         (name.into(), serial)
     }
 
@@ -132,8 +207,28 @@ impl ClientStatements {
             .map(|entry| entry.stmt.route_analysis(functions))
     }
 
+    /// The SQL text a Bind of the client's statement `name` runs (empty name: its
+    /// unnamed statement), if it has one.
+    pub fn text(&self, name: &[u8]) -> Option<&[u8]> {
+        if name.is_empty() {
+            if !self.has_unnamed {
+                return None;
+            }
+            let end = self
+                .unnamed
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(self.unnamed.len());
+            return Some(&self.unnamed[..end]);
+        }
+        self.by_name.get(name).map(|entry| entry.stmt.query())
+    }
+
     pub fn clear(&mut self) {
-        self.by_name.clear();
+        let names = std::mem::take(&mut self.by_name);
+        if let Some(undo) = self.undo.as_mut() {
+            undo.push(Undo::All(names));
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -193,7 +288,7 @@ impl MessageCx<'_> {
             return ClientAction::Rewritten;
         }
         if let Some(name) = crate::sql::deallocate_name(sql) {
-            if self.client.by_name.remove(name.as_slice()).is_some() {
+            if self.client.remove(name.as_slice()) {
                 // The client's own name for a shared statement: forgetting the name is
                 // all DEALLOCATE means here; the server keeps the plan for others.
                 self.responses.unsynced = false;
@@ -203,7 +298,9 @@ impl MessageCx<'_> {
         }
         self.note(&effects, sql);
         // A simple Query drops the unnamed statement.
-        self.client.has_unnamed = false;
+        if self.client.has_unnamed {
+            self.client.set_unnamed(None);
+        }
         ClientAction::Forward
     }
 
@@ -219,9 +316,7 @@ impl MessageCx<'_> {
                 return Ok(ClientAction::Rewritten);
             }
             self.note(&effects, sql);
-            self.client.unnamed.clear();
-            self.client.unnamed.extend_from_slice(spec);
-            self.client.has_unnamed = true;
+            self.client.set_unnamed(Some(spec));
             self.notes.unnamed_here = true;
         }
         if name.is_empty() || self.responses.is_skipping() {
@@ -406,7 +501,7 @@ impl MessageCx<'_> {
         let (name, _) = split_cstr(rest, "Close")?;
         if kind == target::STATEMENT && !name.is_empty() {
             // The shared statement stays prepared for others; only the client's name goes.
-            self.client.by_name.remove(name);
+            self.client.remove(name);
             write_parts(
                 out,
                 fe::CLOSE,

@@ -26,6 +26,7 @@ use crate::sync::Latch;
 use super::cut::Cut;
 use super::idle::{PumpEnd, Stream};
 use super::intake::MessageMemory;
+use super::journal::Swallowed;
 use super::lanes::{DownLane, UpLane};
 use super::message::MessageCx;
 use super::phase::{ClientAction, Phase, Wire};
@@ -116,6 +117,10 @@ impl<C: Stream, S: Stream, P: Phase> Future for Pump<'_, C, S, P> {
                 && !this.client_unflushed
                 && !this.server_unflushed
             {
+                if this.down.verifying() {
+                    // The replay answered everything and gave the client less than it has.
+                    return Poll::Ready(PumpEnd::Diverged);
+                }
                 return Poll::Ready(if this.draining.is_set() {
                     PumpEnd::Drain
                 } else {
@@ -129,6 +134,14 @@ impl<C: Stream, S: Stream, P: Phase> Future for Pump<'_, C, S, P> {
                 return Poll::Pending;
             }
         }
+    }
+}
+
+/// What swallowing replayed bytes means for the pump.
+fn swallowed(state: Swallowed) -> Moved {
+    match state {
+        Swallowed::Diverged => Err(PumpEnd::Diverged),
+        Swallowed::More | Swallowed::Matched => Ok(true),
     }
 }
 
@@ -175,9 +188,19 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         };
         let limit = lane.end - lane.hold.min(lane.end - lane.start);
         if lane.start < limit {
+            if let Some(delivered) = lane.delivered.as_mut().filter(|d| d.verifying()) {
+                // A replay: the client already has these bytes.
+                let (n, state) = delivered.swallow(&buf[lane.start..limit]);
+                lane.start += n;
+                lane.compact();
+                return Poll::Ready(swallowed(state));
+            }
             return match Pin::new(&mut *self.client).poll_write(cx, &buf[lane.start..limit]) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Err(PumpEnd::ClientGone)),
                 Poll::Ready(Ok(n)) => {
+                    if let Some(delivered) = lane.delivered.as_mut() {
+                        delivered.record(&buf[lane.start..lane.start + n]);
+                    }
                     lane.start += n;
                     self.stats.bytes_to_clients.add(n as u64);
                     lane.compact();
@@ -195,9 +218,21 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
             // The client hears the proxy's own answers: the unit can no longer start over.
             self.flow.may_start_over = false;
             self.up.clear_anchor();
+            if let Some(delivered) = lane.delivered.as_mut().filter(|d| d.verifying()) {
+                let (n, state) = delivered.swallow(&ready[lane.ready_pos..]);
+                lane.ready_pos += n;
+                if lane.ready_pos == ready.len() {
+                    ready.clear();
+                    lane.ready_pos = 0;
+                }
+                return Poll::Ready(swallowed(state));
+            }
             return match Pin::new(&mut *self.client).poll_write(cx, &ready[lane.ready_pos..]) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Err(PumpEnd::ClientGone)),
                 Poll::Ready(Ok(n)) => {
+                    if let Some(delivered) = lane.delivered.as_mut() {
+                        delivered.record(&ready[lane.ready_pos..lane.ready_pos + n]);
+                    }
                     lane.ready_pos += n;
                     self.stats.bytes_to_clients.add(n as u64);
                     self.client_unflushed = true;
@@ -305,7 +340,13 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                 }
                 _ => {}
             }
-            let action = responses.on_server_message(tag, body, server, &mut outcome);
+            let mut action = responses.on_server_message(tag, body, server, &mut outcome);
+            if tag == be::ERROR_RESPONSE && action == Action::Forward {
+                if let Some(error) = flow.replace_next_error.take() {
+                    responses.ready.extend_from_slice(&error);
+                    action = Action::Drop;
+                }
+            }
             phases.server_message(
                 &mut Wire {
                     flow: &mut *flow,
@@ -599,6 +640,11 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
             || (self.flow.hold_when_idle && *self.status == status::IDLE)
         {
             return Poll::Ready(Ok(false));
+        }
+        match lane.feed_replay(!self.down.verifying()) {
+            Some(0) => return Poll::Ready(Ok(false)),
+            Some(_) => return Poll::Ready(Ok(true)),
+            None => {}
         }
         // Keep what is not yet sent or decided; move it to the front when full.
         let room = lane.room_for_more();

@@ -26,6 +26,8 @@ pub struct Unit {
     pub sql: UnitSql,
     /// Where the unit's first bytes are in the client's byte stream.
     pub position: u64,
+    /// A replay of the unit under way (its connection was lost).
+    pub replaying: Option<super::replay::Replaying>,
 }
 
 impl Unit {
@@ -37,6 +39,7 @@ impl Unit {
         self.fence = None;
         self.lost_connections = 0;
         self.sql.clear();
+        self.replaying = None;
     }
 }
 
@@ -88,6 +91,10 @@ pub struct Flow {
     pub server_gone: bool,
     /// A statement of the unit completed (CommandComplete or ReadyForQuery seen).
     pub completed_any: bool,
+    /// The server's next ErrorResponse is replaced by this one: the error a diverged
+    /// replay owes a client that had nothing outstanding, given where PostgreSQL puts
+    /// the first error of an aborted transaction.
+    pub replace_next_error: Option<Box<[u8]>>,
 }
 
 /// The one analysis of one SQL text (a Query, or a Parse's statement) that every phase

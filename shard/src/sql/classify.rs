@@ -64,6 +64,8 @@ pub struct Effects {
     pub changes_schema: bool,
     /// Ends a transaction in a way that may commit (COMMIT, END, PREPARE TRANSACTION).
     pub may_commit: bool,
+    /// Ends a transaction block one way or the other (those, ROLLBACK, ABORT).
+    pub ends_transaction: bool,
 }
 
 impl Effects {
@@ -217,8 +219,12 @@ pub fn classify(sql: &[u8]) -> Effects {
                     Keyword::Commit | Keyword::End => {
                         in_transaction = false;
                         effects.may_commit = true;
+                        effects.ends_transaction = true;
                     }
-                    Keyword::Abort => in_transaction = false,
+                    Keyword::Abort => {
+                        in_transaction = false;
+                        effects.ends_transaction = true;
+                    }
                     _ => {}
                 }
             }
@@ -239,10 +245,14 @@ pub fn classify(sql: &[u8]) -> Effects {
                     (Keyword::Prepare, Keyword::Transaction) => {
                         in_transaction = false;
                         effects.may_commit = true;
+                        effects.ends_transaction = true;
                     }
                     (Keyword::Prepare, _) => effects.pins.insert(Pins::SQL_PREPARE),
                     (Keyword::Rollback, Keyword::To) => {}
-                    (Keyword::Rollback, _) => in_transaction = false,
+                    (Keyword::Rollback, _) => {
+                        in_transaction = false;
+                        effects.ends_transaction = true;
+                    }
                     (Keyword::Create, Keyword::Temp) => effects.pins.insert(Pins::TEMP_TABLE),
                     _ => {}
                 }
@@ -280,6 +290,7 @@ pub fn classify(sql: &[u8]) -> Effects {
     // A trailing ROLLBACK with nothing after it was seen as a first word only.
     if stmt.first == Keyword::Rollback && stmt.words == 1 {
         in_transaction = false;
+        effects.ends_transaction = true;
     }
     effects.opens_transaction = in_transaction;
     effects

@@ -107,6 +107,10 @@ pub struct Tracker {
     /// The primary declared down, while no other has taken its place: should it come
     /// back writable before any standby was promoted, it is the primary again.
     pub lost_primary: Option<String>,
+    /// Primaries adopted after a loss so far (see `Topology::primary_epoch`).
+    pub epoch: u64,
+    /// The last adopted one's next transaction id when adopted.
+    pub first_xid: Option<u64>,
 }
 
 impl Tracker {
@@ -127,12 +131,26 @@ impl Tracker {
             split_brain: false,
             sync_standbys: Vec::new(),
             lost_primary: None,
+            epoch: 0,
+            first_xid: None,
         }
     }
 
     /// Names `address` primary (a promotion finished, or an operator said so) and
     /// ends the failover under way.
     pub fn adopt(&mut self, nodes: &mut [NodeStatus], address: &str, state: PrimaryState) {
+        let new_timeline = self.current.is_some()
+            || self.state == PrimaryState::None
+            || self.primary.as_deref() != Some(address);
+        if new_timeline {
+            // Transaction ids handed out before may be handed out again from here on:
+            // note where this primary's own began.
+            self.epoch += 1;
+            self.first_xid = nodes
+                .iter()
+                .find(|n| n.address == address)
+                .and_then(|n| n.health.next_xid);
+        }
         self.primary = Some(address.to_string());
         self.lost_primary = None;
         self.state = state;

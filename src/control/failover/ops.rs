@@ -141,7 +141,8 @@ impl Control {
                 format!("pg_promote() on {}", candidate.address),
             );
             match promote::promote(&config, node) {
-                Ok(()) => {
+                Ok(next_xid) => {
+                    self.record_next_xid(&candidate.address, next_xid);
                     self.promoted(&candidate.address);
                     return Ok(candidate.address.clone());
                 }
@@ -174,6 +175,16 @@ impl Control {
     pub(super) fn step(&self, name: &'static str, detail: String) {
         if let Some(record) = self.state().tracker.current.as_mut() {
             record.step(name, detail);
+        }
+    }
+
+    /// The next transaction id `address` was seen to assign just after its promotion.
+    pub(super) fn record_next_xid(&self, address: &str, next_xid: Option<u64>) {
+        let mut state = self.state();
+        if let Some(node) = state.nodes.iter_mut().find(|n| n.address == address) {
+            if next_xid.is_some() {
+                node.health.next_xid = next_xid;
+            }
         }
     }
 

@@ -133,8 +133,9 @@ impl std::fmt::Display for PromoteError {
     }
 }
 
-/// Runs `pg_promote()` on `node` and waits until it has left recovery.
-pub fn promote(config: &Config, node: &NodeStatus) -> Result<(), PromoteError> {
+/// Runs `pg_promote()` on `node` and waits until it has left recovery; then the next
+/// transaction id it will assign (where its own timeline's ids begin), when it says.
+pub fn promote(config: &Config, node: &NodeStatus) -> Result<Option<u64>, PromoteError> {
     let mut probe = connect(config, node).map_err(|e| e.to_string())?;
     let wait = config.failover.promote_timeout_secs;
     let until = Instant::now() + Duration::from_secs(wait);
@@ -156,11 +157,20 @@ pub fn promote(config: &Config, node: &NodeStatus) -> Result<(), PromoteError> {
     };
     loop {
         let rows = probe
-            .query("SELECT pg_catalog.pg_is_in_recovery()", deadline(config))
+            .query(
+                "SELECT pg_catalog.pg_is_in_recovery(), \
+                 pg_catalog.txid_snapshot_xmax(pg_catalog.txid_current_snapshot())",
+                deadline(config),
+            )
             .map_err(|e| started(e.to_string()))?;
         if first(&rows).as_deref() == Some("f") {
             probe.terminate();
-            return Ok(());
+            let next_xid = rows
+                .first()
+                .and_then(|r| r.get(1))
+                .and_then(|v| v.as_deref())
+                .and_then(|v| v.parse::<u64>().ok());
+            return Ok(next_xid);
         }
         if Instant::now() >= until {
             return Err(started(format!(

@@ -45,7 +45,8 @@ impl Control {
     pub fn switchover(&self, target: Option<&str>) -> Result<Value, ControlError> {
         let (old, target) = self.begin_switchover(target)?;
         match self.switch(&old, &target) {
-            Ok(()) => {
+            Ok(next_xid) => {
+                self.record_next_xid(&target.address, next_xid);
                 self.end_switchover(Some(&target), &old, None, PrimaryState::Confirmed);
                 Ok(self.topology_json())
             }
@@ -178,7 +179,7 @@ impl Control {
         Ok((old, target))
     }
 
-    fn switch(&self, old: &NodeStatus, target: &NodeStatus) -> Result<(), SwitchFailure> {
+    fn switch(&self, old: &NodeStatus, target: &NodeStatus) -> Result<Option<u64>, SwitchFailure> {
         let config = self.config();
         // In-flight transactions finish, up to the bound.
         let until = Instant::now() + Duration::from_secs_f64(config.failover.switchover_drain_secs);

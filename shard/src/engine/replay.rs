@@ -1,0 +1,435 @@
+//! Replay (`failover.replay`): a unit whose server connection was lost mid-way runs again
+//! from its start on a new connection — on the new primary after a failover — when the
+//! proxy can show that the client will see nothing different:
+//!
+//! - nothing of the unit can have committed: no COMMIT went out, and outside a
+//!   transaction block it only read (see [`super::journal::rerunnable`]);
+//! - the replay reproduces, byte for byte (count and digest), everything the client had
+//!   already received during the unit before the client hears anything more, and nothing
+//!   the client sent after the lost connection's last byte runs until then.
+//!
+//! A replay that produces anything else has diverged: the client gets `40001`
+//! (serialization_failure), which drivers, ORMs and `pgbench --max-tries` retry, on a
+//! connection whose transaction really is aborted, so the client's ROLLBACK (or its next
+//! statement's `25P02`) is PostgreSQL's own. A unit that may not re-run is told what
+//! [`super::failover`] tells it without replay (`08006`, or `08007` when what was in
+//! flight may have committed).
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::codec::backend as be;
+use crate::codec::frontend;
+use crate::codec::tag::status;
+use crate::context::ShardCtx;
+use crate::lease::Lease;
+use crate::session::login::send_fatal;
+use crate::stream::NetStream;
+
+use super::failover;
+use super::finish;
+use super::journal::{rerunnable, NotRerunnable};
+use super::lanes::Lanes;
+use super::phase::{Phase, Ready};
+use super::session::Session;
+use super::unit::{Flow, LeaseNotes, Unit};
+use super::{forget_answers, home_pool, release_held, Cycle};
+
+/// Replays of one unit before the proxy gives up on it.
+const MAX_REPLAYS: u32 = 3;
+
+/// Why a lost unit was not replayed, or a replay was given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The replay's answers differed from what the client had (`40001`).
+    Diverged,
+    /// What was in flight may have committed (`08007`).
+    UnknownOutcome,
+    /// The unit outgrew `failover.replay_journal_max_bytes`.
+    JournalFull,
+    /// State of the session that lived on the lost connection cannot move.
+    SessionState,
+    /// No primary took the work within `failover.write_timeout_secs`, or the unit was
+    /// lost too many times.
+    NoPrimary,
+    /// The new server refused the session's state.
+    ServerRefused,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Diverged,
+        Refusal::UnknownOutcome,
+        Refusal::JournalFull,
+        Refusal::SessionState,
+        Refusal::NoPrimary,
+        Refusal::ServerRefused,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Diverged => "diverged",
+            Refusal::UnknownOutcome => "unknown_outcome",
+            Refusal::JournalFull => "journal_full",
+            Refusal::SessionState => "session_state",
+            Refusal::NoPrimary => "no_primary",
+            Refusal::ServerRefused => "server_refused",
+        }
+    }
+
+    fn count(self, ctx: &ShardCtx) {
+        ctx.stats.replays_refused[self as usize].inc();
+    }
+}
+
+/// A replay under way, with what the client was owed when its connection was first lost.
+#[derive(Clone, Copy, Debug)]
+pub struct Replaying {
+    pub attempts: u32,
+    /// ReadyForQuery messages owed, and whether the client was still sending a request.
+    pub owed: (u32, bool),
+    /// The client had seen its transaction block open (status T or E).
+    pub in_block: bool,
+    /// What the client received ends at a server message boundary.
+    pub at_boundary: bool,
+    pub since: Instant,
+}
+
+/// How a lost unit goes on.
+pub(super) enum Recovery {
+    /// On this connection, replaying (or, after a divergence, carrying the aborted
+    /// transaction).
+    Resume(Box<Lease>),
+    /// The cycle ends so.
+    Over(Cycle),
+}
+
+/// Whether the unit whose connection was lost (its last transaction status `last_status`)
+/// is replayed: `None` when replay does not apply (off, or the session is tied to the
+/// lost connection); else whether it may.
+pub(super) fn plan(
+    ctx: &ShardCtx,
+    s: &Session,
+    unit: &Unit,
+    lanes: &Lanes,
+    last_status: u8,
+    from_client: bool,
+) -> Option<Result<(), Refusal>> {
+    let journal = lanes.up.journal.as_ref()?;
+    if !from_client
+        || !failover::session_detached(s)
+        || unit.flow.terminated
+        || unit.flow.server_fatal
+    {
+        return None;
+    }
+    if unit.replaying.is_none()
+        && last_status == status::IDLE
+        && failover::owed(lanes) == (0, false)
+        && lanes.up.replay_done()
+    {
+        // Everything the unit sent was answered and it is outside a block: nothing is
+        // lost (see `lost_mid_unit`).
+        return None;
+    }
+    if unit.replaying.is_some_and(|r| r.attempts >= MAX_REPLAYS) {
+        return Some(Err(Refusal::NoPrimary));
+    }
+    if unit.notes.commit_sent {
+        return Some(Err(Refusal::UnknownOutcome));
+    }
+    if journal.overflowed {
+        return Some(Err(Refusal::JournalFull));
+    }
+    let functions = ctx.read_only_functions.borrow().clone();
+    match rerunnable(journal.bytes(), &s.statements, &functions) {
+        Ok(()) => Some(Ok(())),
+        Err(NotRerunnable::WroteOutsideTransaction | NotRerunnable::Committed) => {
+            Some(Err(Refusal::UnknownOutcome))
+        }
+        Err(NotRerunnable::Unknown) => Some(Err(Refusal::UnknownOutcome)),
+    }
+}
+
+/// Sets the unit up to run again from its start and finds it a new connection.
+pub(super) async fn recover<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    client: &mut NetStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &mut Lanes,
+    mut backend: Lease,
+    phases: &P,
+) -> Recovery {
+    backend.pool().suspect();
+    let lost_pool = backend.pool().label.clone();
+    // While a replay is still reproducing what the client has, the client is owed what
+    // it was owed at the first loss; after that, what this run owes.
+    let first = unit.replaying.take();
+    let replaying = match first {
+        Some(first) if lanes.down.verifying() => Replaying {
+            attempts: first.attempts + 1,
+            ..first
+        },
+        _ => Replaying {
+            attempts: first.map_or(1, |f| f.attempts + 1),
+            owed: failover::owed(lanes),
+            in_block: backend.status != status::IDLE,
+            at_boundary: lanes.down.client_at_boundary(),
+            since: first.map_or_else(Instant::now, |f| f.since),
+        },
+    };
+    forget_answers(s, lanes, &mut backend);
+    s.point_cancel(None);
+    backend.lost();
+    s.statements.rewind_unit();
+    let journal_bytes = lanes.up.journal.as_ref().map_or(0, |j| j.len());
+    if !lanes.up.start_replay(unit.position) {
+        unit.replaying = Some(replaying);
+        return give_up(ctx, client, s, unit, lanes, Refusal::JournalFull).await;
+    }
+    if let Some(delivered) = lanes.down.delivered.as_mut() {
+        delivered.start_verify();
+    }
+    unit.replaying = Some(replaying);
+    unit.on_read_node = false;
+    unit.flow = Flow::default();
+    ctx.stats.replays_attempted.inc();
+    log::warn!(
+        "client {}: server connection of pool {lost_pool} lost mid-unit; replaying the unit ({journal_bytes} bytes, {} delivered to the client) on a new connection, attempt {}",
+        s.pid(),
+        lanes.down.delivered.as_ref().map_or(0, |d| d.count()),
+        replaying.attempts
+    );
+    match replacement(ctx, s, unit, phases).await {
+        Ok(lease) => {
+            log::info!(
+                "client {}: replaying on pool {} after {:.0} ms",
+                s.pid(),
+                lease.pool().label,
+                replaying.since.elapsed().as_secs_f64() * 1000.0
+            );
+            Recovery::Resume(Box::new(lease))
+        }
+        Err(refusal) => give_up(ctx, client, s, unit, lanes, refusal).await,
+    }
+}
+
+/// A connection for a replay, brought to the session's state: from the primary's pool as
+/// the topology names it once a primary may take work, within `write_timeout_secs`.
+async fn replacement<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    s: &mut Session,
+    unit: &mut Unit,
+    phases: &P,
+) -> Result<Lease, Refusal> {
+    let config = ctx.config();
+    let deadline = Instant::now() + config.failover.write_timeout();
+    let pause = Duration::from_millis(config.failover.fast_probe_ms);
+    loop {
+        if ctx.awaiting_primary() && failover::wait_for_primary(ctx).await.is_err() {
+            return Err(Refusal::NoPrimary);
+        }
+        s.home = home_pool(ctx, s);
+        let pool = s.home.clone();
+        match pool.acquire().await {
+            Ok(mut lease) => {
+                unit.notes = LeaseNotes::default();
+                match phases.after_acquire(s, unit, &mut lease).await {
+                    Ready::Go => return Ok(lease),
+                    Ready::Lost(e) => {
+                        log::info!("pool {}: connection lost before a replay: {e}", pool.label);
+                        pool.suspect();
+                        lease.lost();
+                    }
+                    Ready::Refused(e) => {
+                        log::warn!(
+                            "pool {}: refused the session's state for a replay: {e}",
+                            pool.label
+                        );
+                        finish::release_clean(ctx, lease, finish::Reset::Settings).await;
+                        return Err(Refusal::ServerRefused);
+                    }
+                }
+            }
+            Err(e) => log::info!("pool {}: no connection for a replay yet: {e}", pool.label),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Refusal::NoPrimary);
+        }
+        crate::sync::timeout(left.min(pause), ctx.topology_changed.wait()).await;
+    }
+}
+
+/// The replay reproduced something other than what the client had: it is dropped, and the
+/// client gets `40001` for what it was owed. Inside a transaction block the session goes
+/// on with a connection whose transaction is aborted, as the client's would be.
+pub(super) async fn diverged(
+    ctx: &Rc<ShardCtx>,
+    client: &mut NetStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &mut Lanes,
+    mut backend: Lease,
+) -> Recovery {
+    forget_answers(s, lanes, &mut backend);
+    s.point_cancel(None);
+    backend.discard();
+    log::warn!(
+        "client {}: the replayed unit's answers differ from what the client received; it gets 40001",
+        s.pid()
+    );
+    give_up(ctx, client, s, unit, lanes, Refusal::Diverged).await
+}
+
+/// Tells the client what it was owed when a replay is refused or given up, and ends what
+/// must end. After a divergence inside a transaction block, the unit goes on with a
+/// connection whose transaction is aborted.
+pub(super) async fn give_up(
+    ctx: &Rc<ShardCtx>,
+    client: &mut NetStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &mut Lanes,
+    refusal: Refusal,
+) -> Recovery {
+    refusal.count(ctx);
+    let Some(replaying) = unit.replaying.take() else {
+        return Recovery::Over(Cycle::Next);
+    };
+    if !lanes.up.abandon_replay(unit.position, &ctx.bufs) || !replaying.at_boundary {
+        // The client is in the middle of a message either way: nothing can follow.
+        if replaying.at_boundary {
+            send_fatal(client, code(refusal), &message(refusal)).await;
+        } else {
+            finish::hang_up(client);
+        }
+        release_held(ctx, s).await;
+        return Recovery::Over(Cycle::Over);
+    }
+    let aborted = if replaying.in_block && refusal == Refusal::Diverged {
+        carrier(ctx, s, unit).await
+    } else {
+        None
+    };
+    if replaying.in_block && aborted.is_none() {
+        // The client's transaction is gone and nothing can carry it.
+        send_fatal(client, code(refusal), &message(refusal)).await;
+        release_held(ctx, s).await;
+        return Recovery::Over(Cycle::Over);
+    }
+    let in_failed_block = aborted.is_some();
+    let ready_status = if in_failed_block {
+        status::FAILED
+    } else {
+        status::IDLE
+    };
+    let (readies, sending) = replaying.owed;
+    let mut out = Vec::new();
+    for i in 0..readies {
+        write_owed_error(&mut out, refusal, i > 0 && in_failed_block);
+        be::write_ready_for_query(&mut out, ready_status);
+    }
+    if sending {
+        write_owed_error(&mut out, refusal, readies > 0 && in_failed_block);
+    }
+    let told = client.send(&out).await.is_ok();
+    let skipped = told
+        && (!sending || {
+            // The rest of the request the client was sending is skipped to its Sync, as
+            // PostgreSQL skips after an error, and the Sync answered.
+            lanes.up.activate(&ctx.bufs);
+            let skipped =
+                super::intake::skip_unit(client, &mut lanes.up, &s.limits, &ctx.stats).await;
+            out.clear();
+            be::write_ready_for_query(&mut out, ready_status);
+            matches!(skipped, Ok(true)) && client.send(&out).await.is_ok()
+        });
+    match aborted {
+        Some(lease) if skipped => {
+            ctx.stats.units_lost.inc();
+            if readies == 0 && !sending {
+                // The client's next request meets the aborted transaction: its first
+                // error is the one owed.
+                let mut error = Vec::new();
+                write_owed_error(&mut error, refusal, false);
+                unit.flow.replace_next_error = Some(error.into_boxed_slice());
+            }
+            Recovery::Resume(Box::new(lease))
+        }
+        Some(lease) => {
+            lease.discard();
+            Recovery::Over(Cycle::ClientGone)
+        }
+        None if skipped => {
+            ctx.stats.units_lost.inc();
+            lanes.deactivate();
+            Recovery::Over(Cycle::Next)
+        }
+        None => Recovery::Over(Cycle::ClientGone),
+    }
+}
+
+/// A connection of the primary's in a transaction block that failed, to carry the rest of
+/// a client's transaction whose replay diverged: the client's ROLLBACK ends it there.
+async fn carrier(ctx: &Rc<ShardCtx>, s: &mut Session, unit: &mut Unit) -> Option<Lease> {
+    const ABORT: &str = "BEGIN; DO $helios$BEGIN RAISE EXCEPTION 'replayed transaction diverged after a failover; the client is told 40001' USING ERRCODE = '40001'; END$helios$";
+    let pool = home_pool(ctx, s);
+    let mut lease = match pool.acquire().await {
+        Ok(lease) => lease,
+        Err(e) => {
+            log::warn!(
+                "pool {}: no connection to carry an aborted transaction: {e}",
+                pool.label
+            );
+            return None;
+        }
+    };
+    unit.notes = LeaseNotes::default();
+    let mut request = Vec::with_capacity(ABORT.len() + 8);
+    frontend::encode_query(&mut request, ABORT);
+    let mut buf = ctx.bufs.take();
+    match lease.exchange(&request, 1, &mut buf).await {
+        Ok(Some(_)) if lease.status == status::FAILED => Some(lease),
+        _ => {
+            lease.lost();
+            None
+        }
+    }
+}
+
+/// The error for one answer a refused replay owed the client: `40001` for a divergence
+/// (`25P02` for the later ones inside the failed block, as PostgreSQL answers them), else
+/// what a lost unit gets.
+fn write_owed_error(out: &mut Vec<u8>, refusal: Refusal, later_in_failed_block: bool) {
+    if later_in_failed_block {
+        be::write_error(
+            out,
+            "ERROR",
+            "25P02",
+            "current transaction is aborted, commands ignored until end of transaction block",
+        );
+    } else {
+        be::write_error(out, "ERROR", code(refusal), &message(refusal));
+    }
+}
+
+fn code(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::Diverged => "40001",
+        Refusal::UnknownOutcome => "08007",
+        _ => "08006",
+    }
+}
+
+fn message(refusal: Refusal) -> String {
+    match refusal {
+        Refusal::Diverged => "could not serialize access: the transaction was replayed on a new server after a failover and its results differed; retry the transaction".into(),
+        Refusal::UnknownOutcome => "connection to the server lost while a commit was in flight: whether it committed is unknown".into(),
+        Refusal::JournalFull => "connection to the server lost: the transaction was too large to replay (failover.replay_journal_max_bytes)".into(),
+        Refusal::SessionState => "connection to the server lost: session state could not be moved to a new server".into(),
+        Refusal::NoPrimary => "connection to the server lost: no primary took over in time to replay the transaction (failover.write_timeout_secs)".into(),
+        Refusal::ServerRefused => "connection to the server lost: the new server refused the session's settings".into(),
+    }
+}
