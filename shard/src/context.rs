@@ -128,6 +128,9 @@ pub struct ShardCtx {
     pub topology_version: Cell<u64>,
     /// Whether the primary is confirmed, named but not yet seen writable, or lost.
     pub primary_state: Cell<crate::topology::PrimaryState>,
+    /// See `Topology::primary_epoch` and `primary_first_xid`.
+    pub primary_epoch: Cell<u64>,
+    pub primary_first_xid: Cell<Option<u64>>,
     /// Units waiting in the switchover buffer on this shard.
     pub buffered: Cell<usize>,
     /// Where pools report a node they suspect is down (the health checker).
@@ -223,6 +226,8 @@ impl ShardCtx {
             nodes: RefCell::new(nodes),
             topology_version: Cell::new(0),
             primary_state: Cell::new(crate::topology::PrimaryState::Confirmed),
+            primary_epoch: Cell::new(0),
+            primary_first_xid: Cell::new(None),
             buffered: Cell::new(0),
             suspects: None,
             topology_changed: Signal::default(),
@@ -405,6 +410,8 @@ impl ShardCtx {
         }
         self.topology_version.set(topology.version);
         self.primary_state.set(topology.primary_state);
+        self.primary_epoch.set(topology.primary_epoch);
+        self.primary_first_xid.set(topology.primary_first_xid);
         *self.nodes.borrow_mut() = topology.nodes.iter().map(|n| n.local()).collect();
         for pool in self.all_pools() {
             if self.node_fenced(&pool.key.node) {

@@ -86,7 +86,7 @@ pub struct ShardStats {
     pub replays_succeeded: Counter,
     /// Lost units not replayed, or replays given up, by `engine::replay::Refusal` (its
     /// index).
-    pub replays_refused: [Counter; 6],
+    pub replays_refused: [Counter; 7],
 }
 
 /// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).

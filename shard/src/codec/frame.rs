@@ -182,6 +182,11 @@ impl Scanner {
         }
     }
 
+    /// Which complete bodies are handed over from the next message on.
+    pub fn set_capture(&mut self, capture: TagSet) {
+        self.capture = capture;
+    }
+
     /// Also reports messages whose tag is in `notify` (and not in `capture`) when they
     /// complete, passing an empty body: for callers that only need to know a message went by
     /// and should not pay for copying its body.

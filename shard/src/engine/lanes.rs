@@ -18,7 +18,7 @@ use super::journal::{ClientJournal, Delivered, ReplaySource};
 
 /// Server messages whose body decides something: errors, command tags, transaction
 /// status, parameter changes, notifications (whose sender pid may be rewritten).
-const DOWN_CAPTURE: TagSet = TagSet::new(&[
+pub(super) const DOWN_CAPTURE: TagSet = TagSet::new(&[
     be::ERROR_RESPONSE,
     be::COMMAND_COMPLETE,
     be::READY_FOR_QUERY,
@@ -26,6 +26,18 @@ const DOWN_CAPTURE: TagSet = TagSet::new(&[
     be::PARAMETER_DESCRIPTION,
     be::ROW_DESCRIPTION,
     be::NOTIFICATION_RESPONSE,
+]);
+/// The same, and rows too: while the proxy's own query for a transaction's id is
+/// answered (see `responses::Expect::XidQuery`).
+pub(super) const DOWN_CAPTURE_WITH_ROWS: TagSet = TagSet::new(&[
+    be::ERROR_RESPONSE,
+    be::COMMAND_COMPLETE,
+    be::READY_FOR_QUERY,
+    be::PARAMETER_STATUS,
+    be::PARAMETER_DESCRIPTION,
+    be::ROW_DESCRIPTION,
+    be::NOTIFICATION_RESPONSE,
+    be::DATA_ROW,
 ]);
 /// Server messages whose arrival completes an answer.
 const DOWN_NOTIFY: TagSet = TagSet::new(&[

@@ -287,7 +287,13 @@ async fn unit_cycle<P: Phase>(
         lanes.up.clear_anchor();
         if matches!(end, UnitEnd::Ended(PumpEnd::BackendGone)) {
             match replay::plan(ctx, s, unit, lanes, backend.status, from_client) {
-                Some(Ok(())) => {
+                Some(Ok(replay::Plan::Settle(xid))) => {
+                    return Box::pin(replay::settle(
+                        ctx, client, s, unit, lanes, backend, xid, phases,
+                    ))
+                    .await;
+                }
+                Some(Ok(replay::Plan::Replay)) => {
                     let recovery = Box::pin(replay::recover(
                         ctx, client, s, unit, lanes, backend, phases,
                     ))
@@ -332,7 +338,6 @@ async fn unit_cycle<P: Phase>(
         match end {
             UnitEnd::Boundary(decision) => {
                 if let Some(replayed) = unit.replaying.take() {
-                    ctx.stats.replays_succeeded.inc();
                     log::warn!(
                         "client {}: unit replayed after {:.0} ms; the client saw nothing of the lost connection",
                         s.pid(),

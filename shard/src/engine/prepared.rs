@@ -301,6 +301,20 @@ impl MessageCx<'_> {
         if self.client.has_unnamed {
             self.client.set_unnamed(None);
         }
+        if effects.may_commit
+            && self.features.track_commit
+            && self.responses.status == status::IN_TRANSACTION
+            && is_plain_commit(sql)
+        {
+            // Learn the transaction's id before its COMMIT goes out (same round trip): a
+            // COMMIT lost in flight is then settled from the new primary's word.
+            write_parts(out, fe::QUERY, &[XID_QUERY]);
+            self.expect(Expect::XidQuery);
+            write_parts(out, fe::QUERY, &[body]);
+            self.responses.unsynced = false;
+            self.expect(Expect::Query);
+            return ClientAction::Rewritten;
+        }
         ClientAction::Forward
     }
 
@@ -613,6 +627,25 @@ impl MessageCx<'_> {
     }
 }
 
+/// The proxy's query for the id of the transaction about to commit (NULL when it wrote
+/// nothing, so has none), in the form every supported server knows.
+const XID_QUERY: &[u8] = b"SELECT pg_catalog.txid_current_if_assigned()\0";
+
+/// A COMMIT whose answer is just `COMMIT` with the transaction over: not `AND CHAIN`, not
+/// `PREPARE TRANSACTION`, nothing else in the same text.
+fn is_plain_commit(sql: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(sql).to_ascii_lowercase();
+    let words: Vec<&str> = text
+        .trim()
+        .trim_end_matches(';')
+        .split_ascii_whitespace()
+        .collect();
+    matches!(
+        words.as_slice(),
+        ["commit"] | ["end"] | ["commit" | "end", "work" | "transaction"]
+    )
+}
+
 /// True when the client was told one result shape and the statement now has another.
 fn shape_changed(told: Option<&Shape>, now: Option<&Shape>) -> bool {
     matches!((told, now), (Some(told), Some(now)) if told != now)
@@ -645,4 +678,31 @@ fn error_bytes(code: &str, message: &str) -> Box<[u8]> {
 /// Splits a NUL-terminated string off the front of `bytes`, or says which message lacks it.
 fn split_cstr<'a>(bytes: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), CodecError> {
     frame::split_cstr(bytes).ok_or(CodecError::malformed(what, "missing string terminator"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_plain_commit;
+
+    #[test]
+    fn only_a_lone_commit_is_tracked() {
+        for sql in [
+            "COMMIT",
+            "commit;",
+            "  END  ",
+            "COMMIT WORK",
+            "end transaction;",
+        ] {
+            assert!(is_plain_commit(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "COMMIT AND CHAIN",
+            "PREPARE TRANSACTION 'x'",
+            "COMMIT; BEGIN",
+            "ROLLBACK",
+            "COMMIT PREPARED 'x'",
+        ] {
+            assert!(!is_plain_commit(sql.as_bytes()), "{sql}");
+        }
+    }
 }

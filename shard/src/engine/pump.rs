@@ -27,7 +27,7 @@ use super::cut::Cut;
 use super::idle::{PumpEnd, Stream};
 use super::intake::MessageMemory;
 use super::journal::Swallowed;
-use super::lanes::{DownLane, UpLane};
+use super::lanes::{DownLane, UpLane, DOWN_CAPTURE, DOWN_CAPTURE_WITH_ROWS};
 use super::message::MessageCx;
 use super::phase::{ClientAction, Phase, Wire};
 use super::responses::{Action, Outcome};
@@ -138,10 +138,14 @@ impl<C: Stream, S: Stream, P: Phase> Future for Pump<'_, C, S, P> {
 }
 
 /// What swallowing replayed bytes means for the pump.
-fn swallowed(state: Swallowed) -> Moved {
+fn swallowed(state: Swallowed, stats: &ShardStats) -> Moved {
     match state {
         Swallowed::Diverged => Err(PumpEnd::Diverged),
-        Swallowed::More | Swallowed::Matched => Ok(true),
+        Swallowed::Matched => {
+            stats.replays_succeeded.inc();
+            Ok(true)
+        }
+        Swallowed::More => Ok(true),
     }
 }
 
@@ -193,7 +197,7 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                 let (n, state) = delivered.swallow(&buf[lane.start..limit]);
                 lane.start += n;
                 lane.compact();
-                return Poll::Ready(swallowed(state));
+                return Poll::Ready(swallowed(state, self.stats));
             }
             return match Pin::new(&mut *self.client).poll_write(cx, &buf[lane.start..limit]) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Err(PumpEnd::ClientGone)),
@@ -225,7 +229,7 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                     ready.clear();
                     lane.ready_pos = 0;
                 }
-                return Poll::Ready(swallowed(state));
+                return Poll::Ready(swallowed(state, self.stats));
             }
             return match Pin::new(&mut *self.client).poll_write(cx, &ready[lane.ready_pos..]) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Err(PumpEnd::ClientGone)),
@@ -266,6 +270,11 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         if lane.end == lane.raw_end || !self.cx.responses.ready.is_empty() {
             return Poll::Ready(Ok(false));
         }
+        lane.scanner.set_capture(if self.cx.responses.awaits_xid() {
+            DOWN_CAPTURE_WITH_ROWS
+        } else {
+            DOWN_CAPTURE
+        });
         let Some(buf) = lane.buf.as_mut() else {
             return Poll::Ready(Ok(false));
         };
@@ -408,6 +417,7 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
             match lane.scanner.partial_message() {
                 Some((None, n)) => n,
                 Some((Some(tag), n)) if DROPPABLE.contains(tag) => n,
+                Some((Some(_), n)) if self.cx.responses.xid_query_queued() => n,
                 _ => 0,
             }
         } else {

@@ -31,6 +31,7 @@ use super::finish;
 use super::journal::{rerunnable, NotRerunnable};
 use super::lanes::Lanes;
 use super::phase::{Phase, Ready};
+use super::responses::CommitXid;
 use super::session::Session;
 use super::unit::{Flow, LeaseNotes, Unit};
 use super::{forget_answers, home_pool, release_held, Cycle};
@@ -43,6 +44,8 @@ const MAX_REPLAYS: u32 = 3;
 pub enum Refusal {
     /// The replay's answers differed from what the client had (`40001`).
     Diverged,
+    /// A COMMIT lost in flight did not commit, as the primary says (`40001`).
+    NotCommitted,
     /// What was in flight may have committed (`08007`).
     UnknownOutcome,
     /// The unit outgrew `failover.replay_journal_max_bytes`.
@@ -57,8 +60,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::Diverged,
+        Refusal::NotCommitted,
         Refusal::UnknownOutcome,
         Refusal::JournalFull,
         Refusal::SessionState,
@@ -69,6 +73,7 @@ impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Diverged => "diverged",
+            Refusal::NotCommitted => "not_committed",
             Refusal::UnknownOutcome => "unknown_outcome",
             Refusal::JournalFull => "journal_full",
             Refusal::SessionState => "session_state",
@@ -77,7 +82,7 @@ impl Refusal {
         }
     }
 
-    fn count(self, ctx: &ShardCtx) {
+    pub(super) fn count(self, ctx: &ShardCtx) {
         ctx.stats.replays_refused[self as usize].inc();
     }
 }
@@ -93,6 +98,15 @@ pub struct Replaying {
     /// What the client received ends at a server message boundary.
     pub at_boundary: bool,
     pub since: Instant,
+}
+
+/// What becomes of a lost unit.
+pub(super) enum Plan {
+    /// It runs again from its start.
+    Replay,
+    /// Its COMMIT was in flight with nothing else owed, and the transaction's id is
+    /// known (`None`: it had none, having written nothing): the primary says how it ended.
+    Settle(Option<u64>),
 }
 
 /// How a lost unit goes on.
@@ -114,7 +128,7 @@ pub(super) fn plan(
     lanes: &Lanes,
     last_status: u8,
     from_client: bool,
-) -> Option<Result<(), Refusal>> {
+) -> Option<Result<Plan, Refusal>> {
     let journal = lanes.up.journal.as_ref()?;
     if !from_client
         || !failover::session_detached(s)
@@ -136,14 +150,21 @@ pub(super) fn plan(
         return Some(Err(Refusal::NoPrimary));
     }
     if unit.notes.commit_sent {
-        return Some(Err(Refusal::UnknownOutcome));
+        return Some(match lanes.responses.commit_xid {
+            CommitXid::Learned(xid)
+                if failover::owed(lanes) == (1, false) && lanes.down.client_at_boundary() =>
+            {
+                Ok(Plan::Settle(xid))
+            }
+            _ => Err(Refusal::UnknownOutcome),
+        });
     }
     if journal.overflowed {
         return Some(Err(Refusal::JournalFull));
     }
     let functions = ctx.read_only_functions.borrow().clone();
     match rerunnable(journal.bytes(), &s.statements, &functions) {
-        Ok(()) => Some(Ok(())),
+        Ok(()) => Some(Ok(Plan::Replay)),
         Err(NotRerunnable::WroteOutsideTransaction | NotRerunnable::Committed) => {
             Some(Err(Refusal::UnknownOutcome))
         }
@@ -203,6 +224,10 @@ pub(super) async fn recover<P: Phase>(
     );
     match replacement(ctx, s, unit, phases).await {
         Ok(lease) => {
+            if !lanes.down.verifying() {
+                // The client had received nothing of the unit: nothing can differ.
+                ctx.stats.replays_succeeded.inc();
+            }
             log::info!(
                 "client {}: replaying on pool {} after {:.0} ms",
                 s.pid(),
@@ -417,7 +442,7 @@ fn write_owed_error(out: &mut Vec<u8>, refusal: Refusal, later_in_failed_block: 
 
 fn code(refusal: Refusal) -> &'static str {
     match refusal {
-        Refusal::Diverged => "40001",
+        Refusal::Diverged | Refusal::NotCommitted => "40001",
         Refusal::UnknownOutcome => "08007",
         _ => "08006",
     }
@@ -426,10 +451,134 @@ fn code(refusal: Refusal) -> &'static str {
 fn message(refusal: Refusal) -> String {
     match refusal {
         Refusal::Diverged => "could not serialize access: the transaction was replayed on a new server after a failover and its results differed; retry the transaction".into(),
+        Refusal::NotCommitted => "could not serialize access: the connection to the server was lost during COMMIT and the transaction did not commit; retry the transaction".into(),
         Refusal::UnknownOutcome => "connection to the server lost while a commit was in flight: whether it committed is unknown".into(),
         Refusal::JournalFull => "connection to the server lost: the transaction was too large to replay (failover.replay_journal_max_bytes)".into(),
         Refusal::SessionState => "connection to the server lost: session state could not be moved to a new server".into(),
         Refusal::NoPrimary => "connection to the server lost: no primary took over in time to replay the transaction (failover.write_timeout_secs)".into(),
         Refusal::ServerRefused => "connection to the server lost: the new server refused the session's settings".into(),
+    }
+}
+
+/// How a transaction whose COMMIT was lost in flight ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Committed,
+    NotCommitted,
+    Unknown,
+}
+
+/// Settles a COMMIT lost in flight (`failover.track_commit_outcome`): once a primary may
+/// take work, it is asked how the transaction ended, and the client gets the
+/// CommandComplete it was owed, `40001` (it did not commit: retry), or `08007` when no
+/// one can say. The session goes on.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn settle<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    client: &mut NetStream,
+    s: &mut Session,
+    unit: &mut Unit,
+    lanes: &mut Lanes,
+    mut backend: Lease,
+    xid: Option<u64>,
+    phases: &P,
+) -> Cycle {
+    let epoch = ctx.primary_epoch.get();
+    backend.pool().suspect();
+    forget_answers(s, lanes, &mut backend);
+    s.point_cancel(None);
+    backend.lost();
+    unit.replaying = None;
+    ctx.stats.replays_attempted.inc();
+    let since = Instant::now();
+    log::warn!(
+        "client {}: server connection lost with a COMMIT in flight (transaction {}); asking the primary how it ended",
+        s.pid(),
+        xid.map_or_else(|| "without an id".into(), |x| x.to_string())
+    );
+    let outcome = match xid {
+        // It wrote nothing: committed or not, nothing differs.
+        None => Outcome::Committed,
+        Some(xid) => match replacement(ctx, s, unit, phases).await {
+            Ok(mut lease) => {
+                let outcome = ask(ctx, &mut lease, xid, epoch).await;
+                if lease.status == status::IDLE {
+                    lease.release();
+                } else {
+                    lease.lost();
+                }
+                outcome
+            }
+            Err(_) => Outcome::Unknown,
+        },
+    };
+    log::warn!(
+        "client {}: the lost COMMIT is settled after {:.0} ms: {outcome:?}",
+        s.pid(),
+        since.elapsed().as_secs_f64() * 1000.0
+    );
+    let mut out = Vec::with_capacity(256);
+    match outcome {
+        Outcome::Committed => {
+            ctx.stats.replays_succeeded.inc();
+            be::write_command_complete(&mut out, "COMMIT");
+        }
+        Outcome::NotCommitted => {
+            Refusal::NotCommitted.count(ctx);
+            write_owed_error(&mut out, Refusal::NotCommitted, false);
+        }
+        Outcome::Unknown => {
+            Refusal::UnknownOutcome.count(ctx);
+            ctx.stats.units_lost.inc();
+            write_owed_error(&mut out, Refusal::UnknownOutcome, false);
+        }
+    }
+    be::write_ready_for_query(&mut out, status::IDLE);
+    lanes.deactivate();
+    if client.send(&out).await.is_err() {
+        return Cycle::ClientGone;
+    }
+    Cycle::Next
+}
+
+/// How the transaction `xid`, committing on the primary of epoch `epoch`, ended, as the
+/// current primary says. An id the primary of a later epoch began at or after was never
+/// committed there (it may have been handed out again since).
+async fn ask(ctx: &ShardCtx, lease: &mut Lease, xid: u64, epoch: u64) -> Outcome {
+    if ctx.primary_epoch.get() != epoch {
+        match ctx.primary_first_xid.get() {
+            Some(first) if xid >= first => return Outcome::NotCommitted,
+            Some(_) => {}
+            None => return Outcome::Unknown,
+        }
+    }
+    let deadline = Instant::now() + ctx.config().failover.write_timeout();
+    let mut request = Vec::with_capacity(64);
+    frontend::encode_query(
+        &mut request,
+        &format!("SELECT pg_catalog.txid_status({xid})"),
+    );
+    let mut buf = ctx.bufs.take();
+    loop {
+        let answer = match lease.fetch(&request, 1, &mut buf).await {
+            Ok((rows, None)) => rows.first().and_then(|row| row.first().cloned().flatten()),
+            Ok((_, Some(e))) => {
+                log::warn!("txid_status({xid}) failed: {e}");
+                return Outcome::Unknown;
+            }
+            Err(e) => {
+                log::warn!("txid_status({xid}): connection lost: {e}");
+                return Outcome::Unknown;
+            }
+        };
+        match answer.as_deref() {
+            Some("committed") => return Outcome::Committed,
+            Some("aborted") => return Outcome::NotCommitted,
+            // Still finishing (the same server, its COMMIT waiting for a standby).
+            Some("in progress") if Instant::now() < deadline => {
+                glommio::timer::sleep(Duration::from_millis(20)).await
+            }
+            _ => return Outcome::Unknown,
+        }
     }
 }

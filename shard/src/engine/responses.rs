@@ -68,6 +68,22 @@ pub enum Expect {
     /// A simple Query the proxy made fail on purpose: its ErrorResponse is replaced by
     /// this, and it is answered through ReadyForQuery.
     RefusedQuery(Box<[u8]>),
+    /// The proxy's own simple Query for the transaction's id, sent just before a COMMIT
+    /// (`failover.track_commit_outcome`): its answers are the proxy's, not the client's.
+    XidQuery,
+}
+
+/// What the proxy knows of the id of the transaction whose COMMIT is in flight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CommitXid {
+    /// Nothing asked, or the answer to the COMMIT itself began: nothing to settle.
+    #[default]
+    Unknown,
+    /// Asked; no answer yet.
+    Asked,
+    /// The id (`None`: the transaction wrote nothing, so had no id), and nothing of the
+    /// COMMIT's own answer has come.
+    Learned(Option<u64>),
 }
 
 /// What to do with one server message.
@@ -115,6 +131,8 @@ pub struct Responses {
     pub awaiting_parse: bool,
     /// Transaction status from the server's last ReadyForQuery.
     pub status: u8,
+    /// The id of the transaction whose COMMIT went out (see [`Expect::XidQuery`]).
+    pub commit_xid: CommitXid,
 }
 
 impl Responses {
@@ -136,6 +154,19 @@ impl Responses {
         self.awaiting_check = false;
         self.awaiting_parse = false;
         self.status = status;
+        self.commit_xid = CommitXid::Unknown;
+    }
+
+    /// The proxy's own query for the transaction's id is in flight: its DataRow must be
+    /// read whole.
+    pub fn awaits_xid(&self) -> bool {
+        self.commit_xid == CommitXid::Asked
+    }
+
+    /// Answers to the proxy's own query for the transaction's id are still to come: no
+    /// message may reach the client before it is whole (it may be one to drop).
+    pub fn xid_query_queued(&self) -> bool {
+        self.commit_xid == CommitXid::Asked || matches!(self.queue.front(), Some(Expect::XidQuery))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -178,6 +209,10 @@ impl Responses {
                 out.confirmed.push(name);
             }
             Expect::SyntheticCommand(tag) if self.queue.is_empty() => self.answer_command(tag),
+            Expect::XidQuery => {
+                self.commit_xid = CommitXid::Asked;
+                self.queue.push_back(expect);
+            }
             Expect::InjectedDescribe { check: true, .. } => {
                 self.awaiting_check = true;
                 self.queue.push_back(expect);
@@ -210,7 +245,51 @@ impl Responses {
         let Some(head) = self.queue.front() else {
             return Action::Forward;
         };
+        if let (CommitXid::Learned(_), false) = (self.commit_xid, matches!(head, Expect::XidQuery))
+        {
+            if !matches!(
+                tag,
+                tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS
+            ) {
+                // The COMMIT's own answer is coming: the client will know.
+                self.commit_xid = CommitXid::Unknown;
+            }
+        }
         match (tag, head) {
+            (tag::DATA_ROW, Expect::XidQuery) => {
+                self.commit_xid = match first_value(body) {
+                    Some(Some(text)) => match std::str::from_utf8(text)
+                        .ok()
+                        .and_then(|t| t.parse::<u64>().ok())
+                    {
+                        Some(xid) => CommitXid::Learned(Some(xid)),
+                        None => CommitXid::Unknown,
+                    },
+                    Some(None) => CommitXid::Learned(None),
+                    None => CommitXid::Unknown,
+                };
+                Action::Drop
+            }
+            (tag::READY_FOR_QUERY, Expect::XidQuery) => {
+                if self.commit_xid == CommitXid::Asked {
+                    self.commit_xid = CommitXid::Unknown;
+                }
+                self.status = body.first().copied().unwrap_or(status::IDLE);
+                self.pop(Action::Drop)
+            }
+            (
+                tag::ROW_DESCRIPTION | tag::COMMAND_COMPLETE | tag::ERROR_RESPONSE,
+                Expect::XidQuery,
+            ) => {
+                if tag == tag::ERROR_RESPONSE {
+                    log::warn!(
+                        "the transaction id query before a COMMIT failed: {}",
+                        String::from_utf8_lossy(body).replace('\0', " ")
+                    );
+                    self.commit_xid = CommitXid::Unknown;
+                }
+                Action::Drop
+            }
             (tag::ERROR_RESPONSE, Expect::RefusedQuery(bytes)) => {
                 self.ready.extend_from_slice(bytes);
                 Action::Drop
@@ -404,6 +483,19 @@ impl Responses {
     }
 }
 
+/// The first column of a DataRow body: `Some(None)` for NULL, `None` if malformed.
+fn first_value(body: &[u8]) -> Option<Option<&[u8]>> {
+    let count = u16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    if count == 0 {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    if len < 0 {
+        return Some(None);
+    }
+    body.get(6..6 + len as usize).map(Some)
+}
+
 /// "cached plan must not change result type" (SQLSTATE 0A000).
 fn is_stale_plan(body: &[u8]) -> bool {
     match be::decode(tag::ERROR_RESPONSE, body) {
@@ -432,6 +524,17 @@ fn drops_prepared(body: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_transaction_id_is_read_from_the_first_column() {
+        // One column, "1234".
+        let row = [0, 1, 0, 0, 0, 4, b'1', b'2', b'3', b'4'];
+        assert_eq!(super::first_value(&row), Some(Some(&b"1234"[..])));
+        let null = [0, 1, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(super::first_value(&null), Some(None));
+        assert_eq!(super::first_value(&[0, 1, 0, 0]), None);
+    }
+
     use super::*;
     use crate::prepared::Registry;
 

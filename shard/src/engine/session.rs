@@ -31,6 +31,8 @@ pub struct Features {
     /// State that ties a session to one connection is allowed (pooled modes).
     pub pin_session_state: bool,
     pub max_prepared_statements: usize,
+    /// Learn a transaction's id just before its COMMIT (`failover.track_commit_outcome`).
+    pub track_commit: bool,
 }
 
 impl Features {
@@ -44,6 +46,7 @@ impl Features {
             read_write_split: split,
             pin_session_state: config.pool_mode.pin_session_state,
             max_prepared_statements: config.pool_mode.max_prepared_statements as usize,
+            track_commit: config.failover.replay && config.failover.track_commit_outcome,
         }
     }
 
