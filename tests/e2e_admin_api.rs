@@ -858,6 +858,9 @@ async fn silent_connections_cost_no_threads_and_are_timed_out() {
     let port = admin(&proxy);
     let pid = proxy.pid().expect("proxy pid");
     assert_eq!(get(port, "/health/live").status, 200);
+    // The heavy requests' worker threads start with the first one: the counters below
+    // are read with them, so they are started before the count.
+    let _ = admin_counters(port);
     let before = threads(pid);
     let opened = std::time::Instant::now();
     let silent: Vec<std::net::TcpStream> = (0..1000)

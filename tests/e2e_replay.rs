@@ -264,3 +264,67 @@ async fn a_transaction_larger_than_the_journal_is_not_replayed() {
     let other = proxy.client().await;
     assert_eq!(count(&other, "SELECT 3::bigint").await, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_tracking_answers_as_postgresql_and_never_commits_early() {
+    use common::raw::{msg, RawConn};
+    if proxy_only("replay", "the proxy's commit tracking") {
+        return;
+    }
+    let cluster = PgCluster::start();
+    let proxy = replay_proxy(&cluster, "track_commit_outcome = true");
+    let admin = durable_admin(&cluster).await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS tracked; CREATE TABLE tracked (n int)")
+        .await
+        .unwrap();
+    let mut raw = RawConn::connect(proxy.port);
+    raw.startup_trust(common::TRUST_USER, DATABASE);
+    admin
+        .batch_execute("GRANT ALL ON tracked TO PUBLIC")
+        .await
+        .unwrap();
+    // An autocommit INSERT: exactly PostgreSQL's answer, committed once.
+    raw.send_all(&[msg(b'Q', b"INSERT INTO tracked VALUES (1)\0")]);
+    let answer = raw.read_until_ready();
+    let tags: Vec<u8> = answer.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"CZ", "{answer:?}");
+    assert_eq!(answer[0].body, b"INSERT 0 1\0");
+    assert_eq!(answer[1].body, b"I");
+    // A failing one: its error, and the session is idle after it.
+    raw.send_all(&[msg(b'Q', b"INSERT INTO tracked VALUES ('x')\0")]);
+    let answer = raw.read_until_ready();
+    let tags: Vec<u8> = answer.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"EZ", "{answer:?}");
+    assert_eq!(answer[0].sqlstate(), "22P02");
+    assert_eq!(answer[1].body, b"I");
+    // BEGIN and an INSERT pipelined: the INSERT is inside the client's transaction, which
+    // the client rolls back; nothing of it is committed.
+    raw.send_all(&[
+        msg(b'Q', b"BEGIN\0"),
+        msg(b'Q', b"INSERT INTO tracked VALUES (2)\0"),
+    ]);
+    raw.read_until_ready();
+    let answer = raw.read_until_ready();
+    assert_eq!(answer.last().unwrap().body, b"T", "{answer:?}");
+    raw.send_all(&[msg(b'Q', b"ROLLBACK\0")]);
+    raw.read_until_ready();
+    // A transaction committed with COMMIT: the client sees COMMIT.
+    raw.send_all(&[msg(b'Q', b"BEGIN\0")]);
+    raw.read_until_ready();
+    raw.send_all(&[msg(b'Q', b"INSERT INTO tracked VALUES (3)\0")]);
+    raw.read_until_ready();
+    raw.send_all(&[msg(b'Q', b"COMMIT\0")]);
+    let answer = raw.read_until_ready();
+    let tags: Vec<u8> = answer.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"CZ", "{answer:?}");
+    assert_eq!(answer[0].body, b"COMMIT\0");
+    let rows: Vec<i32> = admin
+        .query("SELECT n FROM tracked ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, [1, 3]);
+}

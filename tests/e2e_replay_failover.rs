@@ -149,14 +149,8 @@ fn pgbench_figure(output: &str, label: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_tpcb_in_transaction_mode_loses_nothing_across_a_failover() {
-    if proxy_only(
-        "replay_failover",
-        "the proxy replays; PostgreSQL ends the sessions",
-    ) {
-        return;
-    }
+/// pgbench's TPC-B-like script through the proxy in `mode`, the primary killed part-way.
+async fn pgbench_across_a_failover(mode: &str) {
     let _one = ONE_AT_A_TIME.lock().await;
     let c = Cluster::start();
     let init = pgbench(
@@ -165,7 +159,7 @@ async fn pgbench_tpcb_in_transaction_mode_loses_nothing_across_a_failover() {
         Duration::from_secs(120),
     );
     assert!(init.status.success(), "pgbench -i failed: {init}");
-    let proxy = c.proxy("transaction");
+    let proxy = c.proxy(mode);
     let (run, took) = std::thread::scope(|scope| {
         let load = scope.spawn(|| {
             pgbench(
@@ -236,6 +230,136 @@ async fn pgbench_tpcb_in_transaction_mode_loses_nothing_across_a_failover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_tpcb_in_transaction_mode_loses_nothing_across_a_failover() {
+    if proxy_only(
+        "replay_failover",
+        "the proxy replays; PostgreSQL ends the sessions",
+    ) {
+        return;
+    }
+    pgbench_across_a_failover("transaction").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_tpcb_in_session_mode_loses_nothing_across_a_failover() {
+    if proxy_only(
+        "replay_failover",
+        "the proxy moves sessions; PostgreSQL ends them",
+    ) {
+        return;
+    }
+    pgbench_across_a_failover("session").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_moves_to_the_new_primary() {
+    if proxy_only(
+        "replay_failover",
+        "the proxy moves sessions; PostgreSQL ends them",
+    ) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = Cluster::start();
+    let proxy = c.proxy("session");
+    // A session with settings, protocol and SQL prepared statements, a LISTEN and an
+    // advisory lock: all of it moves.
+    let (mover, mut notes) = listening_client(&proxy).await;
+    mover
+        .batch_execute("SET work_mem = '7MB'; LISTEN jobs; SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    // (PREPARE alone in its query string: what PostgreSQL keeps is the whole string.)
+    mover
+        .batch_execute("PREPARE sq AS SELECT 40 + $1")
+        .await
+        .unwrap();
+    let plus_one = mover.prepare("SELECT $1::int + 1").await.unwrap();
+    // A session with a temporary table: it cannot move. (Its state is read after its
+    // unit; the next round trip shows that is done.)
+    let (tied, tied_conn) = proxy
+        .pg_config(SUPERUSER, Some(SUPERUSER_PASSWORD), DATABASE)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let tied_conn = tokio::spawn(tied_conn);
+    tied.batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await
+        .unwrap();
+    tied.batch_execute("SELECT 1").await.unwrap();
+    c.fail_over(&proxy).await;
+    let work_mem: String = mover.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_eq!(work_mem, "7MB", "{}", proxy.log());
+    let two: i32 = mover.query_one(&plus_one, &[&1i32]).await.unwrap().get(0);
+    assert_eq!(two, 2);
+    let answer: i32 = mover.query_one("EXECUTE sq(2)", &[]).await.unwrap().get(0);
+    assert_eq!(answer, 42);
+    let new_primary = c.sync.admin(DATABASE).await;
+    let taken: bool = new_primary
+        .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !taken,
+        "the moved session holds its advisory lock on the new primary"
+    );
+    new_primary
+        .batch_execute("NOTIFY jobs, 'after the failover'")
+        .await
+        .unwrap();
+    // The notification arrives with the moved session's next exchange at the latest.
+    mover.batch_execute("SELECT 1").await.unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(10), notes.recv())
+        .await
+        .expect("a notification after the failover")
+        .unwrap();
+    assert_eq!(
+        (note.0.as_str(), note.1.as_str()),
+        ("jobs", "after the failover")
+    );
+    // The session with the temporary table was told why it ended.
+    let ended = tokio::time::timeout(Duration::from_secs(10), tied_conn)
+        .await
+        .expect("the session with a temporary table ends")
+        .unwrap();
+    let err = ended.expect_err("a temporary table cannot move");
+    let db = err
+        .as_db_error()
+        .map(|e| (e.code().code().to_string(), e.message().to_string()));
+    let (code, message) = db.unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!(code, "08006", "{message}");
+    assert!(message.contains("temporary table \"scratch\""), "{message}");
+    assert!(tied.batch_execute("SELECT 1").await.is_err());
+    let r = replays(&proxy);
+    assert_eq!(r["refused"]["session_state"], 1, "{r}");
+}
+
+/// A client whose notifications arrive on the returned channel as (channel, payload).
+async fn listening_client(
+    proxy: &Proxy,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    let (client, mut conn) = proxy
+        .pg_config(SUPERUSER, Some(SUPERUSER_PASSWORD), DATABASE)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_in_flight_at_the_kill_are_answered_as_they_ended() {
     if proxy_only(
         "replay_failover",
@@ -251,7 +375,7 @@ async fn commits_in_flight_at_the_kill_are_answered_as_they_ended() {
          CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS \
          $$BEGIN PERFORM pg_sleep(60); RETURN NULL; END$$;\n\
          CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON outcome DEFERRABLE INITIALLY DEFERRED \
-         FOR EACH ROW WHEN (NEW.what = 'never') EXECUTE FUNCTION slow_check();\n",
+         FOR EACH ROW WHEN (NEW.what LIKE 'never%') EXECUTE FUNCTION slow_check();\n",
     );
     let proxy = c.proxy("transaction");
     // The standby keeps what it receives but applies nothing: a commit waiting for
@@ -271,21 +395,39 @@ async fn commits_in_flight_at_the_kill_are_answered_as_they_ended() {
         .batch_execute("BEGIN; INSERT INTO outcome VALUES ('never')")
         .await
         .unwrap();
+    // The same two ways for autocommit writes.
+    let auto_committed = proxy.client().await;
+    auto_committed
+        .batch_execute("SET synchronous_commit = remote_apply")
+        .await
+        .unwrap();
+    let auto_never = proxy.client().await;
     let committing = tokio::spawn(async move { committed.batch_execute("COMMIT").await });
     let stuck = tokio::spawn(async move { never.batch_execute("COMMIT").await });
+    let auto_committing = tokio::spawn(async move {
+        auto_committed
+            .batch_execute("INSERT INTO outcome VALUES ('auto-committed')")
+            .await
+    });
+    let auto_stuck = tokio::spawn(async move {
+        auto_never
+            .batch_execute("INSERT INTO outcome VALUES ('never-auto')")
+            .await
+    });
     // Both COMMITs are on their way: one waits for the standby, one in its trigger.
     let admin = c.primary.admin("postgres").await;
     assert!(
         wait_until_async(Duration::from_secs(20), || async {
             scalar(
                 &admin,
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'COMMIT' AND state = 'active'",
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+                 AND (query = 'COMMIT' OR query LIKE 'INSERT INTO outcome%')",
             )
             .await
-                == 2
+                == 4
         })
         .await,
-        "the two COMMITs are not both in flight"
+        "the four commits are not all in flight"
     );
     drop(admin);
     c.fail_over(&proxy).await;
@@ -298,6 +440,14 @@ async fn commits_in_flight_at_the_kill_are_answered_as_they_ended() {
     let second = stuck.await.unwrap();
     let err = second.expect_err("the COMMIT that wrote no commit record did not commit");
     assert_eq!(sqlstate(&err), "40001", "{err:?}");
+    let third = auto_committing.await.unwrap();
+    assert!(
+        third.is_ok(),
+        "the autocommit write that reached the standby is reported done: {third:?}"
+    );
+    let fourth = auto_stuck.await.unwrap();
+    let err = fourth.expect_err("the autocommit write that never committed");
+    assert_eq!(sqlstate(&err), "40001", "{err:?}");
     let new_primary = c.sync.admin(DATABASE).await;
     let rows: Vec<String> = new_primary
         .query("SELECT what FROM outcome ORDER BY what", &[])
@@ -306,10 +456,10 @@ async fn commits_in_flight_at_the_kill_are_answered_as_they_ended() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(rows, ["committed"]);
+    assert_eq!(rows, ["auto-committed", "committed"]);
     let r = replays(&proxy);
-    assert_eq!(r["succeeded"], 1, "{r}");
-    assert_eq!(r["refused"]["not_committed"], 1, "{r}");
+    assert_eq!(r["succeeded"], 2, "{r}");
+    assert_eq!(r["refused"]["not_committed"], 2, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -165,6 +165,8 @@ enum Kind {
     Connect,
     /// select-only and simple-update mixed 9:1; the proxy column runs on two nodes.
     ReadMostly,
+    /// The TPC-B-like script; the proxy column keeps a replay journal.
+    TpcbReplay,
 }
 
 #[derive(Clone, Serialize)]
@@ -210,7 +212,17 @@ fn workloads(mode: Mode) -> Vec<Workload> {
         clients: 16,
         description: "pgbench default (TPC-B-like) script: BEGIN, 3 UPDATEs, SELECT, INSERT, END",
         latency: false,
-        cpu: false,
+        cpu: true,
+    });
+    v.push(Workload {
+        name: "tpcb-replay-c16".into(),
+        kind: Kind::TpcbReplay,
+        clients: 16,
+        description: "the tpcb-c16 script; the proxy column is a proxy with [failover] replay \
+                      and track_commit_outcome on (the journal's cost: compare with tpcb-c16's \
+                      proxy column, same run)",
+        latency: false,
+        cpu: true,
     });
     v.push(Workload {
         name: "connect-c16".into(),
@@ -248,7 +260,7 @@ impl Workload {
         match self.kind {
             Kind::SelectSimple => a.extend(["-S".into(), "-M".into(), "simple".into()]),
             Kind::SelectPrepared => a.extend(["-S".into(), "-M".into(), "prepared".into()]),
-            Kind::Tpcb => a.extend(["-M".into(), "simple".into()]),
+            Kind::Tpcb | Kind::TpcbReplay => a.extend(["-M".into(), "simple".into()]),
             Kind::Connect => a.extend(["-S".into(), "-C".into(), "-M".into(), "simple".into()]),
             Kind::ReadMostly => a.extend([
                 "-M".into(),
@@ -650,6 +662,8 @@ struct Env {
     pgbouncer_prepared: bool,
     /// The two-node proxy's port, when the read-mostly workload is selected.
     proxy_2node_port: Option<u16>,
+    /// The replaying proxy's port and PID, when the tpcb-replay workload is selected.
+    proxy_replay: Option<(u16, Option<libc::pid_t>)>,
 }
 
 impl Env {
@@ -660,15 +674,27 @@ impl Env {
     /// The port a workload runs against: the proxy column of the read-mostly workload is
     /// the two-node proxy.
     fn port_for(&self, w: &Workload, t: Target) -> u16 {
-        match (w.kind, t, self.proxy_2node_port) {
-            (Kind::ReadMostly, Target::Proxy, Some(p)) => p,
+        match (w.kind, t, self.proxy_2node_port, self.proxy_replay) {
+            (Kind::ReadMostly, Target::Proxy, Some(p), _) => p,
+            (Kind::TpcbReplay, Target::Proxy, _, Some((p, _))) => p,
             _ => self.port(t),
+        }
+    }
+
+    /// The process whose CPU time a workload's column measures.
+    fn pid_for(&self, w: &Workload, t: Target) -> Option<libc::pid_t> {
+        match (w.kind, t, self.proxy_replay) {
+            (Kind::TpcbReplay, Target::Proxy, Some((_, pid))) => pid,
+            _ => self.pids[t as usize],
         }
     }
 
     fn unsupported(&self, w: &Workload, t: Target) -> Option<&'static str> {
         if t == Target::Proxy && w.kind == Kind::ReadMostly && self.proxy_2node_port.is_none() {
             return Some("not run: the two-node proxy was not started");
+        }
+        if t == Target::Proxy && w.kind == Kind::TpcbReplay && self.proxy_replay.is_none() {
+            return Some("not run: the replaying proxy was not started");
         }
         if t == Target::Pgbouncer && w.kind == Kind::SelectPrepared && !self.pgbouncer_prepared {
             return Some("not supported: PgBouncer < 1.21 cannot keep named prepared statements in transaction mode");
@@ -746,6 +772,8 @@ struct Report {
     /// read-mostly workload ran).
     standby: serde_json::Value,
     proxy_2node: serde_json::Value,
+    /// The proxy with replay on (null unless the tpcb-replay workload ran).
+    proxy_replay: serde_json::Value,
     pgbench: serde_json::Value,
     workloads: Vec<WorkloadResult>,
     /// Memory of each pooler per logged-in idle client (not measured for direct
@@ -1366,7 +1394,7 @@ fn run_pgbench(
     }
     c.arg(DB_NAME);
     let limit = Duration::from_secs(u64::from(duration_s) * 3 + 60);
-    let pid = if w.cpu { env.pids[t as usize] } else { None };
+    let pid = if w.cpu { env.pid_for(w, t) } else { None };
     let cpu_before = pid.and_then(proc_cpu_seconds);
     let f = run_logged(&mut c, &base, limit)?;
     let cpu_after = pid.and_then(proc_cpu_seconds);
@@ -1672,6 +1700,24 @@ fn extra_tables(r: &Report, md: bool) -> String {
             us(&w.cells[1]),
             us(&w.cells[2]),
             fmt_ratio(ratio),
+        );
+    }
+    let find = |kind: Kind| r.workloads.iter().find(|w| w.workload.kind == kind);
+    if let (Some(plain), Some(replay)) = (find(Kind::Tpcb), find(Kind::TpcbReplay)) {
+        let (a, b) = (&replay.cells[2], &plain.cells[2]);
+        let tps = match (a.median_tps, b.median_tps) {
+            (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+            _ => None,
+        };
+        let cpu = match (a.cpu_us_per_query, b.cpu_us_per_query) {
+            (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+            _ => None,
+        };
+        let _ = writeln!(
+            s,
+            "\nReplay journal cost (tpcb-replay-c16 proxy vs tpcb-c16 proxy, same run): TPS {}, CPU per transaction {}",
+            fmt_ratio(tps),
+            fmt_ratio(cpu),
         );
     }
     if !md && !r.idle_clients.is_empty() {
@@ -1988,12 +2034,26 @@ fn run_shared(
         }
         None => None,
     };
+    let proxy_replay = if selected.iter().any(|w| w.kind == Kind::TpcbReplay) {
+        let replaying = ProxySpec {
+            label: "proxy-replay",
+            nodes: &[("perf-pg", pg_port, "primary")],
+            split: false,
+            extra: "[failover]\nreplay = true\ntrack_commit_outcome = true\n",
+        };
+        let (port, info) = setup_proxy(pg, out, &opts.proxy_bin, services, &replaying)?;
+        report.proxy_replay = info;
+        Some((port, services.0.last().map(|s| pid_of(&s.child))))
+    } else {
+        None
+    };
     let env = Env {
         pg: pg.clone(),
         ports: [pg_port, pgb_port, proxy_port],
         pids: [None, pgb_pid, proxy_pid],
         pgbouncer_prepared: pgb_prepared,
         proxy_2node_port,
+        proxy_replay,
     };
 
     // Warm-up (not counted): fills the poolers' backend pools and PostgreSQL's caches.
@@ -2015,6 +2075,14 @@ fn run_shared(
     let mut warmups: Vec<(&Workload, Target)> = TARGETS.iter().map(|&t| (&warm, t)).collect();
     if env.proxy_2node_port.is_some() {
         warmups.push((&warm_2node, Target::Proxy));
+    }
+    let warm_replay = Workload {
+        name: "warmup-replay".into(),
+        kind: Kind::TpcbReplay,
+        ..warm.clone()
+    };
+    if env.proxy_replay.is_some() {
+        warmups.push((&warm_replay, Target::Proxy));
     }
     for (w, t) in warmups {
         services.check_alive()?;
@@ -2143,6 +2211,7 @@ fn main() {
         proxy: serde_json::Value::Null,
         standby: serde_json::Value::Null,
         proxy_2node: serde_json::Value::Null,
+        proxy_replay: serde_json::Value::Null,
         pgbench: serde_json::json!({
             "scale": opts.scale,
             "duration_s": opts.duration_s,

@@ -101,6 +101,19 @@ impl ServerError {
             .unwrap_or("")
     }
 
+    /// An error of the proxy's own, relayed like a server's.
+    pub fn own(severity: &str, code: &str, message: &str) -> Self {
+        use crate::codec::tag::field;
+        ServerError {
+            fields: vec![
+                (field::SEVERITY, severity.as_bytes().to_vec()),
+                (field::SEVERITY_NONLOCALIZED, severity.as_bytes().to_vec()),
+                (field::CODE, code.as_bytes().to_vec()),
+                (field::MESSAGE, message.as_bytes().to_vec()),
+            ],
+        }
+    }
+
     pub fn code(&self) -> &str {
         self.field(crate::codec::tag::field::CODE)
     }

@@ -421,6 +421,15 @@ impl Control {
                 report.nodes_removed.push(gone.address.clone());
             }
         }
+        if let Some(primary) = state.tracker.primary.clone() {
+            if !nodes.iter().any(|n| n.address == primary) {
+                // The tracked primary left the configuration: none is known until a check
+                // confirms one (clients wait in the switchover buffer meanwhile, rather
+                // than find a topology with no primary at all).
+                state.tracker.primary = None;
+                state.tracker.state = helios_shard::topology::PrimaryState::None;
+            }
+        }
         failover::set_roles(&mut nodes, state.tracker.primary.as_deref());
         let fresh = Arc::new(fresh);
         state.config = fresh.clone();

@@ -94,6 +94,21 @@ pub fn session_detached(s: &Session) -> bool {
     !s.features.keeps_home_connection() && !s.pinned && s.held.is_none()
 }
 
+/// What the session keeps on its connection can move to another (`failover.replay`, and
+/// nothing there that cannot move): losing the connection need not end the session.
+pub fn session_movable(s: &Session) -> bool {
+    s.features.replay && s.carried.as_ref().is_none_or(|c| c.unmovable.is_empty())
+}
+
+/// Why the session cannot move to another connection (`failover.replay` is on and it
+/// keeps state there that cannot): the FATAL `08006` it ends with names it.
+pub fn unmovable_message(s: &Session) -> Option<String> {
+    let what = s.carried.as_ref()?.unmovable.first()?;
+    Some(format!(
+        "connection to the server lost, and the session's {what} cannot move to another server"
+    ))
+}
+
 /// Can the session go on after its unit's connection was lost mid-way? Only when it is
 /// detached from the connection, the unit changed no session state there (settings,
 /// locks, LISTEN…), no transaction of the client's dies with it (outside one, or with
@@ -103,7 +118,7 @@ pub fn session_detached(s: &Session) -> bool {
 pub fn survivable(s: &Session, unit: &Unit, lanes: &Lanes, last_status: u8) -> bool {
     let transaction_over = last_status == status::IDLE
         || (last_status == status::IN_TRANSACTION && unit.notes.commit_sent);
-    session_detached(s)
+    (session_detached(s) || session_movable(s))
         && transaction_over
         && !unit.notes.settings_touched
         && !unit.notes.maybe_pinned

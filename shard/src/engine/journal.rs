@@ -46,6 +46,14 @@ impl ClientJournal {
         self.bytes.extend_from_slice(bytes);
     }
 
+    /// Forgets what was recorded after the first `len` bytes (they will be decided, and
+    /// recorded, again).
+    pub fn truncate(&mut self, len: usize) {
+        if !self.overflowed {
+            self.bytes.truncate(len);
+        }
+    }
+
     /// The rest of the unit is not replayable.
     pub fn give_up(&mut self) {
         self.overflowed = true;

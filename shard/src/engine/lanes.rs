@@ -77,11 +77,13 @@ pub struct UpLane {
     /// Where the unit began (offset in the buffer, position in the stream), kept until
     /// the server first answers: a connection found dead on arrival lets the unit start
     /// over on another one from here. Dropped rather than let it fill the buffer.
-    anchor: Option<(usize, u64)>,
+    /// (With it, how long the journal was then: what a start over decides again is
+    /// journaled again.)
+    anchor: Option<(usize, u64, usize)>,
     /// With replay on: every byte of the unit decided on, as the client sent it.
     pub journal: Option<Box<ClientJournal>>,
     /// A replay under way: journal bytes read ahead of the client's socket.
-    pub replay: Option<ReplaySource>,
+    pub replay: Option<Box<ReplaySource>>,
 }
 
 impl UpLane {
@@ -136,11 +138,11 @@ impl UpLane {
         self.out_pos = 0;
         self.anchor = None;
         self.position = position;
-        self.replay = Some(ReplaySource {
+        self.replay = Some(Box::new(ReplaySource {
             bytes,
             pos: 0,
             gate,
-        });
+        }));
         true
     }
 
@@ -218,14 +220,15 @@ impl UpLane {
 
     /// No replay bytes are left to read.
     pub fn replay_done(&self) -> bool {
-        self.replay.as_ref().is_none_or(ReplaySource::is_done)
+        self.replay.as_ref().is_none_or(|r| r.is_done())
     }
 
     /// Marks the pending bytes as the unit's start (see `anchor`); only when they are in
     /// the read buffer (not a message assembled on the side).
     pub fn set_anchor(&mut self) {
+        let journaled = self.journal.as_ref().map_or(0, |j| j.len());
         self.anchor = (self.inb.is_some() && self.big_len == 0 && self.stream_left == 0)
-            .then_some((self.next, self.position));
+            .then_some((self.next, self.position, journaled));
     }
 
     pub fn anchored(&self) -> bool {
@@ -240,11 +243,14 @@ impl UpLane {
     /// Goes back to the unit's start, as if none of its bytes had been decided: the
     /// phases see them again for another connection. False when that is not possible.
     pub fn rewind(&mut self) -> bool {
-        let Some((at, position)) = self.anchor.take() else {
+        let Some((at, position, journaled)) = self.anchor.take() else {
             return false;
         };
         if self.stream_left != 0 || self.big_len != 0 || self.inb.is_none() {
             return false;
+        }
+        if let Some(journal) = self.journal.as_mut() {
+            journal.truncate(journaled);
         }
         self.start = at;
         self.fwd_end = at;
@@ -299,7 +305,7 @@ impl UpLane {
 
     /// Moves what is not yet sent or decided to the front when the buffer is full.
     pub(super) fn compact(&mut self) {
-        if self.end >= self.capacity() && self.anchor.is_some_and(|(at, _)| at == 0) {
+        if self.end >= self.capacity() && self.anchor.is_some_and(|(at, _, _)| at == 0) {
             // Keeping the unit's start would leave no room to read: give that up.
             self.anchor = None;
         }
@@ -313,7 +319,9 @@ impl UpLane {
             return;
         }
         self.skip_copied();
-        let keep = self.anchor.map_or(self.start, |(at, _)| at.min(self.start));
+        let keep = self
+            .anchor
+            .map_or(self.start, |(at, _, _)| at.min(self.start));
         if keep == 0 {
             return;
         }
@@ -324,7 +332,7 @@ impl UpLane {
         self.fwd_end -= keep;
         self.next -= keep;
         self.end -= keep;
-        if let Some((at, _)) = self.anchor.as_mut() {
+        if let Some((at, _, _)) = self.anchor.as_mut() {
             *at -= keep;
         }
     }

@@ -10,6 +10,7 @@
 //! read/write splitting on); transaction and statement modes give the connection back at
 //! each boundary unless state ties the session to it.
 
+pub mod carry;
 pub mod cut;
 pub mod failover;
 pub mod fencing;
@@ -63,6 +64,7 @@ pub type Chain = (
     routing::Routing,
     settings::SessionSettings,
     prepared::SharedStatements,
+    carry::Carry,
     pinning::Pinning,
     stats::Statistics,
     retry::Retry,
@@ -73,6 +75,7 @@ pub const PHASES: Chain = (
     routing::Routing,
     settings::SessionSettings,
     prepared::SharedStatements,
+    carry::Carry,
     pinning::Pinning,
     stats::Statistics,
     retry::Retry,
@@ -163,6 +166,14 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Sessi
             Wake::Backend(buf, n) => {
                 lanes.down.seed(buf, n);
                 false
+            }
+            Wake::BackendGone if failover::session_movable(s) && s.held.is_some() => {
+                lose_held(s);
+                continue;
+            }
+            Wake::BackendGone if s.held.is_some() && failover::unmovable_message(s).is_some() => {
+                lose_unmovable(ctx, client, s).await;
+                return;
             }
             other => {
                 Box::pin(end_idle(ctx, client, s, other)).await;
@@ -269,12 +280,18 @@ async fn unit_cycle<P: Phase>(
             lanes.up.set_anchor();
         }
         unit.flow.may_start_over = lanes.up.anchored();
+        // Notes kept with a connection the session holds carry over from earlier units;
+        // whether a COMMIT went out is this unit's alone.
+        unit.notes.commit_sent = false;
         unit.flow.heard_back = false;
         unit.flow.dead_on_arrival = false;
         unit.flow.server_gone = false;
         unit.flow.completed_any = false;
-        unit.flow.soften_server_gone = failover::session_detached(s);
-        let keep_home = on_held && s.features.keeps_home_connection();
+        unit.flow.soften_server_gone = failover::session_detached(s) || s.features.replay;
+        // In session mode the connection the session keeps is its home; one taken after
+        // the home was lost becomes the new home.
+        let keep_home = s.features.keeps_home_connection()
+            && (on_held || (s.held.is_none() && !unit.on_read_node));
         let end = serve_unit(ctx, client, s, unit, lanes, &mut backend, keep_home, phases).await;
         if matches!(end, UnitEnd::Ended(PumpEnd::BackendGone))
             && unit.flow.dead_on_arrival
@@ -285,11 +302,50 @@ async fn unit_cycle<P: Phase>(
             continue;
         }
         lanes.up.clear_anchor();
+        if matches!(end, UnitEnd::Ended(PumpEnd::BackendGone))
+            && !failover::session_detached(s)
+            && failover::unmovable_message(s).is_some()
+        {
+            backend.pool().suspect();
+            forget_answers(s, lanes, &mut backend);
+            backend.lost();
+            lose_unmovable(ctx, client, s).await;
+            return Cycle::Over;
+        }
+        if matches!(end, UnitEnd::Ended(PumpEnd::BackendGone))
+            && !from_client
+            && failover::session_movable(s)
+            && lanes
+                .down
+                .delivered
+                .as_ref()
+                .is_some_and(|d| d.count() == 0)
+        {
+            // The connection the session kept went away while the session was idle (its
+            // server said so): nothing is owed; the next unit takes the session elsewhere.
+            backend.pool().suspect();
+            log::info!(
+                "client {}: the server connection it kept was lost while idle; its state moves with its next unit",
+                s.pid()
+            );
+            forget_answers(s, lanes, &mut backend);
+            s.point_cancel(None);
+            backend.lost();
+            lanes.deactivate();
+            return Cycle::Next;
+        }
         if matches!(end, UnitEnd::Ended(PumpEnd::BackendGone)) {
             match replay::plan(ctx, s, unit, lanes, backend.status, from_client) {
-                Some(Ok(replay::Plan::Settle(xid))) => {
+                Some(Ok(replay::Plan::Settle { xid, owes_tag })) => {
                     return Box::pin(replay::settle(
-                        ctx, client, s, unit, lanes, backend, xid, phases,
+                        ctx,
+                        client,
+                        s,
+                        unit,
+                        lanes,
+                        backend,
+                        (xid, owes_tag),
+                        phases,
                     ))
                     .await;
                 }
@@ -750,6 +806,33 @@ async fn acquire_for_unit<P: Phase>(
             }
         }
     }
+}
+
+/// The connection the session keeps broke while the session was idle, and the session
+/// can move: it goes on without one (its next unit takes a new one).
+fn lose_held(s: &mut Session) {
+    s.point_cancel(None);
+    if let Some(held) = s.held.take() {
+        held.lease.pool().suspect();
+        log::info!(
+            "client {}: the server connection it kept was lost while idle; its state moves with its next unit",
+            s.pid()
+        );
+        held.lease.lost();
+    }
+}
+
+/// The session's connection was lost and what it kept there cannot move: it ends with
+/// `FATAL 08006` naming that.
+async fn lose_unmovable(ctx: &ShardCtx, client: &mut NetStream, s: &mut Session) {
+    let message = failover::unmovable_message(s).unwrap_or_default();
+    log::warn!("client {}: {message}", s.pid());
+    replay::Refusal::SessionState.count(ctx);
+    s.point_cancel(None);
+    if let Some(held) = s.held.take() {
+        held.lease.lost();
+    }
+    send_fatal(client, "08006", &message).await;
 }
 
 /// Gives back the connection the session keeps, clean, when the session ends elsewhere.

@@ -301,15 +301,40 @@ impl MessageCx<'_> {
         if self.client.has_unnamed {
             self.client.set_unnamed(None);
         }
+        // The transaction status is known only with nothing in flight: a request
+        // pipelined behind others (a replay's, or a pipelining client's) is left as it is.
+        let settled = self.responses.outstanding() == 0;
+        if self.features.track_commit
+            && settled
+            && self.responses.status == status::IDLE
+            && is_lone_dml(sql)
+        {
+            // An autocommit write runs in a block of the proxy's, so that its
+            // transaction's id is known before the commit: BEGIN, the write (answered as
+            // it is), the id, COMMIT (its ReadyForQuery ends the client's request; an
+            // error from it is the client's, as the implicit commit's would be).
+            write_parts(out, fe::QUERY, &[b"BEGIN\0"]);
+            self.expect(Expect::Silent);
+            write_parts(out, fe::QUERY, &[body]);
+            self.expect(Expect::QueryInBlock);
+            write_parts(out, fe::QUERY, &[XID_QUERY]);
+            self.expect(Expect::XidQuery { owes_tag: false });
+            write_parts(out, fe::QUERY, &[b"COMMIT\0"]);
+            self.expect(Expect::CommitForClient);
+            self.notes.commit_sent = true;
+            self.responses.unsynced = false;
+            return ClientAction::Rewritten;
+        }
         if effects.may_commit
             && self.features.track_commit
+            && settled
             && self.responses.status == status::IN_TRANSACTION
             && is_plain_commit(sql)
         {
             // Learn the transaction's id before its COMMIT goes out (same round trip): a
             // COMMIT lost in flight is then settled from the new primary's word.
             write_parts(out, fe::QUERY, &[XID_QUERY]);
-            self.expect(Expect::XidQuery);
+            self.expect(Expect::XidQuery { owes_tag: true });
             write_parts(out, fe::QUERY, &[body]);
             self.responses.unsynced = false;
             self.expect(Expect::Query);
@@ -631,6 +656,28 @@ impl MessageCx<'_> {
 /// nothing, so has none), in the form every supported server knows.
 const XID_QUERY: &[u8] = b"SELECT pg_catalog.txid_current_if_assigned()\0";
 
+/// One INSERT, UPDATE, DELETE or MERGE alone in its text (a trailing `;` allowed): in a
+/// transaction block it behaves as in its own implicit one (other commands, such as
+/// VACUUM, refuse to run in a block).
+fn is_lone_dml(sql: &[u8]) -> bool {
+    use crate::sql::lexer::{Lexer, Token};
+    let mut first = None;
+    let mut ended = false;
+    for token in Lexer::new(sql) {
+        match token {
+            Token::Comment(_) => {}
+            Token::Semicolon => ended = true,
+            _ if ended => return false,
+            Token::Word(w) if first.is_none() => first = Some(w.to_ascii_lowercase()),
+            _ => {}
+        }
+    }
+    matches!(
+        first.as_deref(),
+        Some(b"insert" | b"update" | b"delete" | b"merge")
+    )
+}
+
 /// A COMMIT whose answer is just `COMMIT` with the transaction over: not `AND CHAIN`, not
 /// `PREPARE TRANSACTION`, nothing else in the same text.
 fn is_plain_commit(sql: &[u8]) -> bool {
@@ -683,6 +730,26 @@ fn split_cstr<'a>(bytes: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a 
 #[cfg(test)]
 mod tests {
     use super::is_plain_commit;
+
+    #[test]
+    fn only_a_lone_write_gets_the_id_query_appended() {
+        use super::is_lone_dml;
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "update t set a = 1;",
+            "/* c */ DELETE FROM t",
+        ] {
+            assert!(is_lone_dml(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "INSERT INTO t VALUES (1); SELECT 1",
+            "VACUUM t",
+            "WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x",
+        ] {
+            assert!(!is_lone_dml(sql.as_bytes()), "{sql}");
+        }
+    }
 
     #[test]
     fn only_a_lone_commit_is_tracked() {

@@ -82,7 +82,7 @@ impl Refusal {
         }
     }
 
-    pub(super) fn count(self, ctx: &ShardCtx) {
+    pub fn count(self, ctx: &ShardCtx) {
         ctx.stats.replays_refused[self as usize].inc();
     }
 }
@@ -104,9 +104,11 @@ pub struct Replaying {
 pub(super) enum Plan {
     /// It runs again from its start.
     Replay,
-    /// Its COMMIT was in flight with nothing else owed, and the transaction's id is
-    /// known (`None`: it had none, having written nothing): the primary says how it ended.
-    Settle(Option<u64>),
+    /// Its COMMIT (or an autocommit write) was in flight with nothing else owed, and the
+    /// transaction's id is known (`None`: it had none, having written nothing): the
+    /// primary says how it ended. `owes_tag`: the client is owed `COMMIT`'s
+    /// CommandComplete too.
+    Settle { xid: Option<u64>, owes_tag: bool },
 }
 
 /// How a lost unit goes on.
@@ -131,7 +133,7 @@ pub(super) fn plan(
 ) -> Option<Result<Plan, Refusal>> {
     let journal = lanes.up.journal.as_ref()?;
     if !from_client
-        || !failover::session_detached(s)
+        || !(failover::session_detached(s) || failover::session_movable(s))
         || unit.flow.terminated
         || unit.flow.server_fatal
     {
@@ -146,15 +148,26 @@ pub(super) fn plan(
         // lost (see `lost_mid_unit`).
         return None;
     }
-    if unit.replaying.is_some_and(|r| r.attempts >= MAX_REPLAYS) {
+    if unit
+        .replaying
+        .as_ref()
+        .is_some_and(|r| r.attempts >= MAX_REPLAYS)
+    {
         return Some(Err(Refusal::NoPrimary));
     }
     if unit.notes.commit_sent {
+        log::debug!(
+            "client {}: lost with a commit in flight: {:?}, owed {:?}, at boundary {}",
+            s.pid(),
+            lanes.responses.commit_xid,
+            failover::owed(lanes),
+            lanes.down.client_at_boundary()
+        );
         return Some(match lanes.responses.commit_xid {
-            CommitXid::Learned(xid)
+            CommitXid::Learned { xid, owes_tag }
                 if failover::owed(lanes) == (1, false) && lanes.down.client_at_boundary() =>
             {
-                Ok(Plan::Settle(xid))
+                Ok(Plan::Settle { xid, owes_tag })
             }
             _ => Err(Refusal::UnknownOutcome),
         });
@@ -186,7 +199,7 @@ pub(super) async fn recover<P: Phase>(
     let lost_pool = backend.pool().label.clone();
     // While a replay is still reproducing what the client has, the client is owed what
     // it was owed at the first loss; after that, what this run owes.
-    let first = unit.replaying.take();
+    let first = unit.replaying.take().map(|r| *r);
     let replaying = match first {
         Some(first) if lanes.down.verifying() => Replaying {
             attempts: first.attempts + 1,
@@ -206,13 +219,13 @@ pub(super) async fn recover<P: Phase>(
     s.statements.rewind_unit();
     let journal_bytes = lanes.up.journal.as_ref().map_or(0, |j| j.len());
     if !lanes.up.start_replay(unit.position) {
-        unit.replaying = Some(replaying);
+        unit.replaying = Some(Box::new(replaying));
         return give_up(ctx, client, s, unit, lanes, Refusal::JournalFull).await;
     }
     if let Some(delivered) = lanes.down.delivered.as_mut() {
         delivered.start_verify();
     }
-    unit.replaying = Some(replaying);
+    unit.replaying = Some(Box::new(replaying));
     unit.on_read_node = false;
     unit.flow = Flow::default();
     ctx.stats.replays_attempted.inc();
@@ -480,7 +493,7 @@ pub(super) async fn settle<P: Phase>(
     unit: &mut Unit,
     lanes: &mut Lanes,
     mut backend: Lease,
-    xid: Option<u64>,
+    (xid, owes_tag): (Option<u64>, bool),
     phases: &P,
 ) -> Cycle {
     let epoch = ctx.primary_epoch.get();
@@ -521,7 +534,9 @@ pub(super) async fn settle<P: Phase>(
     match outcome {
         Outcome::Committed => {
             ctx.stats.replays_succeeded.inc();
-            be::write_command_complete(&mut out, "COMMIT");
+            if owes_tag {
+                be::write_command_complete(&mut out, "COMMIT");
+            }
         }
         Outcome::NotCommitted => {
             Refusal::NotCommitted.count(ctx);

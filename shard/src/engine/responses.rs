@@ -70,7 +70,20 @@ pub enum Expect {
     RefusedQuery(Box<[u8]>),
     /// The proxy's own simple Query for the transaction's id, sent just before a COMMIT
     /// (`failover.track_commit_outcome`): its answers are the proxy's, not the client's.
-    XidQuery,
+    /// `owes_tag`: the client is still owed the CommandComplete of the COMMIT that
+    /// follows (its own COMMIT; not one the proxy added).
+    XidQuery {
+        owes_tag: bool,
+    },
+    /// A simple Query of the proxy's own whose every answer is dropped (the `BEGIN` put
+    /// around a client's autocommit write).
+    Silent,
+    /// A client's simple Query inside a block the proxy opened for it: answered as it
+    /// is, but for its ReadyForQuery (the block's end answers the client).
+    QueryInBlock,
+    /// The `COMMIT` closing such a block: its CommandComplete is dropped, an error and
+    /// the ReadyForQuery are the client's.
+    CommitForClient,
 }
 
 /// What the proxy knows of the id of the transaction whose COMMIT is in flight.
@@ -82,8 +95,9 @@ pub enum CommitXid {
     /// Asked; no answer yet.
     Asked,
     /// The id (`None`: the transaction wrote nothing, so had no id), and nothing of the
-    /// COMMIT's own answer has come.
-    Learned(Option<u64>),
+    /// COMMIT's own answer has come. `owes_tag`: the client is still owed the COMMIT's
+    /// CommandComplete (an explicit COMMIT; an autocommit write's came before).
+    Learned { xid: Option<u64>, owes_tag: bool },
 }
 
 /// What to do with one server message.
@@ -166,7 +180,16 @@ impl Responses {
     /// Answers to the proxy's own query for the transaction's id are still to come: no
     /// message may reach the client before it is whole (it may be one to drop).
     pub fn xid_query_queued(&self) -> bool {
-        self.commit_xid == CommitXid::Asked || matches!(self.queue.front(), Some(Expect::XidQuery))
+        self.commit_xid == CommitXid::Asked
+            || matches!(
+                self.queue.front(),
+                Some(
+                    Expect::XidQuery { .. }
+                        | Expect::Silent
+                        | Expect::QueryInBlock
+                        | Expect::CommitForClient
+                )
+            )
     }
 
     pub fn is_empty(&self) -> bool {
@@ -189,7 +212,15 @@ impl Responses {
     pub fn pending_syncs(&self) -> u32 {
         self.queue
             .iter()
-            .filter(|e| matches!(e, Expect::Sync | Expect::Query | Expect::RefusedQuery(_)))
+            .filter(|e| {
+                matches!(
+                    e,
+                    Expect::Sync
+                        | Expect::Query
+                        | Expect::RefusedQuery(_)
+                        | Expect::CommitForClient
+                )
+            })
             .count() as u32
     }
 
@@ -209,7 +240,7 @@ impl Responses {
                 out.confirmed.push(name);
             }
             Expect::SyntheticCommand(tag) if self.queue.is_empty() => self.answer_command(tag),
-            Expect::XidQuery => {
+            Expect::XidQuery { .. } => {
                 self.commit_xid = CommitXid::Asked;
                 self.queue.push_back(expect);
             }
@@ -245,41 +276,37 @@ impl Responses {
         let Some(head) = self.queue.front() else {
             return Action::Forward;
         };
-        if let (CommitXid::Learned(_), false) = (self.commit_xid, matches!(head, Expect::XidQuery))
-        {
-            if !matches!(
+        let own_answer = matches!(head, Expect::XidQuery { .. })
+            || (matches!(head, Expect::CommitForClient) && tag == tag::COMMAND_COMPLETE);
+        if matches!(self.commit_xid, CommitXid::Learned { .. })
+            && !own_answer
+            && !matches!(
                 tag,
                 tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS
-            ) {
-                // The COMMIT's own answer is coming: the client will know.
-                self.commit_xid = CommitXid::Unknown;
-            }
+            )
+        {
+            // The COMMIT's own answer is coming: the client will know.
+            self.commit_xid = CommitXid::Unknown;
         }
         match (tag, head) {
-            (tag::DATA_ROW, Expect::XidQuery) => {
-                self.commit_xid = match first_value(body) {
-                    Some(Some(text)) => match std::str::from_utf8(text)
-                        .ok()
-                        .and_then(|t| t.parse::<u64>().ok())
-                    {
-                        Some(xid) => CommitXid::Learned(Some(xid)),
-                        None => CommitXid::Unknown,
-                    },
-                    Some(None) => CommitXid::Learned(None),
-                    None => CommitXid::Unknown,
-                };
+            (tag::DATA_ROW, Expect::XidQuery { owes_tag }) => {
+                self.commit_xid = learned(body, *owes_tag);
                 Action::Drop
             }
-            (tag::READY_FOR_QUERY, Expect::XidQuery) => {
+            (tag::READY_FOR_QUERY, Expect::XidQuery { .. }) => {
                 if self.commit_xid == CommitXid::Asked {
                     self.commit_xid = CommitXid::Unknown;
                 }
                 self.status = body.first().copied().unwrap_or(status::IDLE);
                 self.pop(Action::Drop)
             }
+            (tag::READY_FOR_QUERY, Expect::Silent) => {
+                self.status = body.first().copied().unwrap_or(status::IDLE);
+                self.pop(Action::Drop)
+            }
             (
                 tag::ROW_DESCRIPTION | tag::COMMAND_COMPLETE | tag::ERROR_RESPONSE,
-                Expect::XidQuery,
+                Expect::XidQuery { .. },
             ) => {
                 if tag == tag::ERROR_RESPONSE {
                     log::warn!(
@@ -299,6 +326,22 @@ impl Responses {
                 self.pop(Action::Forward)
             }
             (tag::ERROR_RESPONSE, Expect::Query | Expect::Sync) => Action::Forward,
+            (_, Expect::Silent) => Action::Drop,
+            (tag::READY_FOR_QUERY, Expect::QueryInBlock) => {
+                self.status = body.first().copied().unwrap_or(status::IDLE);
+                self.pop(Action::Drop)
+            }
+            (tag::COMMAND_COMPLETE, Expect::QueryInBlock) => {
+                note_command(body, out);
+                Action::Forward
+            }
+            (_, Expect::QueryInBlock) => Action::Forward,
+            (tag::COMMAND_COMPLETE, Expect::CommitForClient) => Action::Drop,
+            (tag::READY_FOR_QUERY, Expect::CommitForClient) => {
+                self.status = body.first().copied().unwrap_or(status::IDLE);
+                self.pop(Action::Forward)
+            }
+            (_, Expect::CommitForClient) => Action::Forward,
             (tag::ERROR_RESPONSE, _) => self.on_error(body, server, out),
             (tag::PARSE_COMPLETE, Expect::Parse { .. }) => {
                 if let Some(Expect::Parse {
@@ -480,6 +523,27 @@ impl Responses {
             Expect::InjectedDescribe { .. } => {}
             _ => {}
         }
+    }
+}
+
+/// What the DataRow answering the proxy's query for a transaction's id says.
+fn learned(body: &[u8], owes_tag: bool) -> CommitXid {
+    match first_value(body) {
+        Some(Some(text)) => match std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            Some(xid) => CommitXid::Learned {
+                xid: Some(xid),
+                owes_tag,
+            },
+            None => CommitXid::Unknown,
+        },
+        Some(None) => CommitXid::Learned {
+            xid: None,
+            owes_tag,
+        },
+        None => CommitXid::Unknown,
     }
 }
 

@@ -33,12 +33,18 @@ pub struct Features {
     pub max_prepared_statements: usize,
     /// Learn a transaction's id just before its COMMIT (`failover.track_commit_outcome`).
     pub track_commit: bool,
+    /// Units are journaled and replayed, and the session's state moves to a new
+    /// connection when its own is lost (`failover.replay`).
+    pub replay: bool,
 }
 
 impl Features {
     pub fn new(config: &Config, mode: PoolMode) -> Self {
         let split = config.load_balancer.read_write_split;
-        let moves = mode != PoolMode::Session || split;
+        let replay = config.failover.replay;
+        // A session's statements and settings are kept by the proxy when the session
+        // may move to another connection.
+        let moves = mode != PoolMode::Session || split || replay;
         Features {
             mode,
             shared_statements: moves,
@@ -46,7 +52,8 @@ impl Features {
             read_write_split: split,
             pin_session_state: config.pool_mode.pin_session_state,
             max_prepared_statements: config.pool_mode.max_prepared_statements as usize,
-            track_commit: config.failover.replay && config.failover.track_commit_outcome,
+            track_commit: replay && config.failover.track_commit_outcome,
+            replay,
         }
     }
 
@@ -90,6 +97,8 @@ pub struct Session {
     pub pools: NodePools,
     /// The primary's WAL position after this client's last write (0: none yet).
     pub wrote_at: u64,
+    /// Connection-bound state that moves with the session (see `carry`).
+    pub carried: Option<Box<super::carry::Carried>>,
 }
 
 /// The session's entry in the shard's cancel registry (SHOW CLIENTS, KILL_CLIENT, cancel

@@ -27,7 +27,7 @@ pub struct Unit {
     /// Where the unit's first bytes are in the client's byte stream.
     pub position: u64,
     /// A replay of the unit under way (its connection was lost).
-    pub replaying: Option<super::replay::Replaying>,
+    pub replaying: Option<Box<super::replay::Replaying>>,
 }
 
 impl Unit {

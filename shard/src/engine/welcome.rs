@@ -182,6 +182,7 @@ fn new_session(
         user: login.user.clone(),
         pools: Default::default(),
         wrote_at: 0,
+        carried: None,
     })
 }
 
