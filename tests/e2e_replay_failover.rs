@@ -65,13 +65,19 @@ impl Cluster {
 
     /// The proxy in `mode` in front of both, replaying.
     fn proxy(&self, mode: &str) -> Proxy {
+        self.proxy_promoting(mode, true)
+    }
+
+    /// The same; `promotes`: it promotes the standby itself (else it follows another's
+    /// promotion).
+    fn proxy_promoting(&self, mode: &str, promotes: bool) -> Proxy {
         let proxy = Proxy::start(
             &self.primary,
             &format!(
                 "[pool_mode]\nmode = \"{mode}\"\nmax_pool_size = 40\n\
                  [health]\ncheck_interval_secs = 1\ntimeout_ms = 1000\nfailure_threshold = 3\n\
                  [failover]\nfast_probe_ms = 100\nwrite_timeout_secs = 30\n\
-                 replay = true\ntrack_commit_outcome = true\n\
+                 replay = true\ntrack_commit_outcome = true\nauto_promote = {promotes}\n\
                  [[nodes]]\nname = \"primary\"\nhost = \"127.0.0.1\"\nport = {}\nrole = \"primary\"\n\
                  [[nodes]]\nname = \"sync1\"\nhost = \"127.0.0.1\"\nport = {}\nrole = \"standby\"\n",
                 self.primary.port, self.sync.port
@@ -262,6 +268,14 @@ async fn session_state_moves_to_the_new_primary() {
     let _one = ONE_AT_A_TIME.lock().await;
     let c = Cluster::start();
     let proxy = c.proxy("session");
+    // Beside it, a transaction-pooling proxy that follows the promotion: its client is
+    // pinned to its connection by a LISTEN.
+    let pooled = c.proxy_promoting("transaction", false);
+    let (pinned, mut pinned_notes) = listening_client(&pooled).await;
+    pinned
+        .batch_execute("SET statement_timeout = '42s'; LISTEN pooled_jobs")
+        .await
+        .unwrap();
     // A session with settings, protocol and SQL prepared statements, a LISTEN and an
     // advisory lock: all of it moves.
     let (mover, mut notes) = listening_client(&proxy).await;
@@ -333,6 +347,35 @@ async fn session_state_moves_to_the_new_primary() {
     assert!(tied.batch_execute("SELECT 1").await.is_err());
     let r = replays(&proxy);
     assert_eq!(r["refused"]["session_state"], 1, "{r}");
+    // The pinned pooled session moved too, once its proxy followed the promotion.
+    let sync = Cluster::address(&c.sync);
+    assert!(
+        wait_until_async(Duration::from_secs(30), || async {
+            confirmed_primary(&pooled) == Some(sync.clone())
+        })
+        .await,
+        "the pooled proxy did not follow the promotion: {}",
+        topology(&pooled)
+    );
+    let timeout: String = pinned
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "42s", "{}", pooled.log());
+    new_primary
+        .batch_execute("NOTIFY pooled_jobs, 'pinned'")
+        .await
+        .unwrap();
+    pinned.batch_execute("SELECT 1").await.unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(10), pinned_notes.recv())
+        .await
+        .expect("a notification for the pinned session")
+        .unwrap();
+    assert_eq!(
+        (note.0.as_str(), note.1.as_str()),
+        ("pooled_jobs", "pinned")
+    );
 }
 
 /// A client whose notifications arrive on the returned channel as (channel, payload).
