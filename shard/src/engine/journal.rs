@@ -213,30 +213,49 @@ pub enum NotRerunnable {
 /// another server: nothing of it can have committed. Statements inside a transaction
 /// block it opened may write (none of that committed before a COMMIT, which is not
 /// re-run); outside one, only reads may re-run. `names` are the client's statement names
-/// as they were when the unit began.
+/// as they were when the unit began. With `last_unexecuted`, the server provably never
+/// ran the unit's last statement (it died waiting for it): that one may be a COMMIT or
+/// a write outside a block.
 pub fn rerunnable(
     journal: &[u8],
     names: &ClientStatements,
     functions: &ReadOnlyFunctions,
+    last_unexecuted: bool,
 ) -> Result<(), NotRerunnable> {
+    let statements = executed_statements(journal, names)?;
     let mut in_block = false;
-    let mut parsed: HashMap<&[u8], &[u8]> = HashMap::new();
-    let mut portals: HashMap<&[u8], &[u8]> = HashMap::new();
-    let run = |sql: &[u8], in_block: &mut bool| -> Result<(), NotRerunnable> {
+    for (i, sql) in statements.iter().enumerate() {
+        let last = i + 1 == statements.len();
         let effects = crate::sql::classify(sql);
-        if effects.may_commit {
-            return Err(NotRerunnable::Committed);
-        }
-        if !*in_block && !effects.opens_transaction && !analyze(sql, functions).read_only {
-            return Err(NotRerunnable::WroteOutsideTransaction);
+        let verdict = if effects.may_commit {
+            Err(NotRerunnable::Committed)
+        } else if !in_block && !effects.opens_transaction && !analyze(sql, functions).read_only {
+            Err(NotRerunnable::WroteOutsideTransaction)
+        } else {
+            Ok(())
+        };
+        match verdict {
+            Err(_) if last && last_unexecuted => {}
+            other => other?,
         }
         if effects.opens_transaction {
-            *in_block = true;
+            in_block = true;
         } else if effects.ends_transaction {
-            *in_block = false;
+            in_block = false;
         }
-        Ok(())
-    };
+    }
+    Ok(())
+}
+
+/// The SQL texts the journal's messages ran, in order: each simple Query, and the
+/// statement behind each Execute's portal.
+fn executed_statements<'a>(
+    journal: &'a [u8],
+    names: &'a ClientStatements,
+) -> Result<Vec<&'a [u8]>, NotRerunnable> {
+    let mut statements = Vec::new();
+    let mut parsed: HashMap<&[u8], &[u8]> = HashMap::new();
+    let mut portals: HashMap<&[u8], &[u8]> = HashMap::new();
     let mut rest = journal;
     while let Ok(Some((tag, len))) = read_header(rest, usize::MAX >> 1) {
         if len > rest.len() {
@@ -246,11 +265,16 @@ pub fn rerunnable(
         let body = &rest[5..len];
         rest = &rest[len..];
         match tag {
-            fe::QUERY => run(body.strip_suffix(b"\0").unwrap_or(body), &mut in_block)?,
+            fe::QUERY => statements.push(body.strip_suffix(b"\0").unwrap_or(body)),
             fe::PARSE => {
                 let (name, spec) = split_cstr(body).ok_or(NotRerunnable::Unknown)?;
                 let (sql, _) = split_cstr(spec).ok_or(NotRerunnable::Unknown)?;
                 parsed.insert(name, sql);
+            }
+            // A closed statement's name no longer runs its old text.
+            fe::CLOSE if body.first() == Some(&b'S') => {
+                let (name, _) = split_cstr(&body[1..]).ok_or(NotRerunnable::Unknown)?;
+                parsed.insert(name, b"");
             }
             fe::BIND => {
                 let (portal, spec) = split_cstr(body).ok_or(NotRerunnable::Unknown)?;
@@ -258,20 +282,19 @@ pub fn rerunnable(
                 let sql = parsed
                     .get(name)
                     .copied()
-                    .or_else(|| names.text(name))
+                    .or_else(|| names.text_at_unit_start(name))
                     .ok_or(NotRerunnable::Unknown)?;
                 portals.insert(portal, sql);
             }
             fe::EXECUTE => {
                 let (portal, _) = split_cstr(body).ok_or(NotRerunnable::Unknown)?;
-                let sql = portals.get(portal).copied().ok_or(NotRerunnable::Unknown)?;
-                run(sql, &mut in_block)?;
+                statements.push(portals.get(portal).copied().ok_or(NotRerunnable::Unknown)?);
             }
             fe::FUNCTION_CALL => return Err(NotRerunnable::Unknown),
             _ => {}
         }
     }
-    Ok(())
+    Ok(statements)
 }
 
 #[cfg(test)]
@@ -315,7 +338,7 @@ mod tests {
     fn judge(messages: &[Vec<u8>]) -> Result<(), NotRerunnable> {
         let journal: Vec<u8> = messages.concat();
         let functions = ReadOnlyFunctions::new(&[]);
-        rerunnable(&journal, &ClientStatements::default(), &functions)
+        rerunnable(&journal, &ClientStatements::default(), &functions, false)
     }
 
     #[test]
@@ -340,6 +363,19 @@ mod tests {
         assert_eq!(
             judge(&[query("BEGIN"), query("UPDATE t SET a = 1"), query("COMMIT")]),
             Err(NotRerunnable::Committed)
+        );
+    }
+
+    #[test]
+    fn a_last_commit_the_server_never_ran_may_run_again() {
+        let journal = [query("BEGIN"), query("UPDATE t SET a = 1"), query("COMMIT")].concat();
+        let names = ClientStatements::default();
+        let functions = ReadOnlyFunctions::new(&[]);
+        assert_eq!(rerunnable(&journal, &names, &functions, true), Ok(()));
+        let journal = [query("INSERT INTO t VALUES (1)"), query("SELECT 1")].concat();
+        assert_eq!(
+            rerunnable(&journal, &names, &functions, true),
+            Err(NotRerunnable::WroteOutsideTransaction)
         );
     }
 

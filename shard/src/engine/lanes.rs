@@ -113,7 +113,7 @@ impl UpLane {
     /// journal, then the bytes read but not yet decided on, are read again ahead of the
     /// client's socket (see [`ReplaySource`]). False when the journal cannot: replay is
     /// off, or the unit outgrew it.
-    pub fn start_replay(&mut self, position: u64) -> bool {
+    pub fn start_replay(&mut self, position: u64, hold_last: bool) -> bool {
         let Some(journal) = self.journal.as_mut() else {
             return false;
         };
@@ -121,7 +121,13 @@ impl UpLane {
             return false;
         }
         let mut bytes = journal.take();
-        let gate = bytes.len();
+        // Lost again while a replay was still checking: what the first lost connection
+        // had was decided then, whatever this replay has decided again so far.
+        let gate = match &self.replay {
+            _ if hold_last => last_message_start(&bytes),
+            Some(old) => bytes.len().max(old.gate),
+            None => bytes.len(),
+        };
         if let Some(inb) = &self.inb {
             bytes.extend_from_slice(&inb[self.next..self.end]);
         }
@@ -154,7 +160,10 @@ impl UpLane {
         let Some(source) = self.replay.take() else {
             return true;
         };
-        let rest = &source.bytes[source.gate.max(source.pos)..];
+        // Bytes read from the journal but not yet decided on are the last ones fed; those
+        // past the gate are the client's own later requests, pending again.
+        let undecided = self.inb.as_ref().map_or(0, |_| self.end - self.next);
+        let rest = &source.bytes[source.gate.max(source.pos.saturating_sub(undecided))..];
         let whole_messages = {
             let mut at = &source.bytes[..source.gate];
             loop {
@@ -216,6 +225,14 @@ impl UpLane {
         source.pos += n;
         self.end += n;
         Some(n)
+    }
+
+    /// A replay has fed everything up to its gate and the server took all of it: what
+    /// else it answers comes without more from the client.
+    pub fn replay_waits_at_gate(&self) -> bool {
+        self.replay.as_ref().is_some_and(|r| r.pos >= r.gate)
+            && self.start == self.fwd_end
+            && self.out_pos == self.out.len()
     }
 
     /// No replay bytes are left to read.
@@ -510,6 +527,20 @@ impl UpLane {
             self.fwd_end = self.next;
         }
     }
+}
+
+/// Where the last whole message of `journal` starts (its length when it has none).
+fn last_message_start(journal: &[u8]) -> usize {
+    let mut at = 0;
+    let mut last = journal.len();
+    while let Ok(Some((_, len))) = read_header(&journal[at..], usize::MAX >> 1) {
+        if at + len > journal.len() {
+            break;
+        }
+        last = at;
+        at += len;
+    }
+    last
 }
 
 /// Server → client, forwarded in place: [start, end) scanned and ready to send (minus a

@@ -283,6 +283,8 @@ async fn unit_cycle<P: Phase>(
         // Notes kept with a connection the session holds carry over from earlier units;
         // whether a COMMIT went out is this unit's alone.
         unit.notes.commit_sent = false;
+        // Transaction ids this connection hands out belong to the primary of this epoch.
+        unit.epoch = ctx.primary_epoch.get();
         unit.flow.heard_back = false;
         unit.flow.dead_on_arrival = false;
         unit.flow.server_gone = false;
@@ -345,13 +347,12 @@ async fn unit_cycle<P: Phase>(
                         lanes,
                         backend,
                         (xid, owes_tag),
-                        phases,
                     ))
                     .await;
                 }
-                Some(Ok(replay::Plan::Replay)) => {
+                Some(Ok(replay::Plan::Replay { hold_last })) => {
                     let recovery = Box::pin(replay::recover(
-                        ctx, client, s, unit, lanes, backend, phases,
+                        ctx, client, s, unit, lanes, backend, phases, hold_last,
                     ))
                     .await;
                     match recovery {
@@ -363,10 +364,20 @@ async fn unit_cycle<P: Phase>(
                     }
                 }
                 Some(Err(refusal)) if unit.replaying.is_some() => {
-                    // Lost again mid-replay, and no further replay may follow.
+                    // Lost again mid-replay, and no further replay may follow. Once the
+                    // replay had matched, the client is owed what this run owes.
+                    if !lanes.down.verifying() {
+                        if let Some(r) = unit.replaying.as_mut() {
+                            r.owed = failover::owed(lanes);
+                            r.in_block = backend.status != status::IDLE;
+                            r.at_boundary = lanes.down.client_at_boundary();
+                        }
+                    }
                     backend.lost();
-                    let recovery =
-                        Box::pin(replay::give_up(ctx, client, s, unit, lanes, refusal)).await;
+                    let recovery = Box::pin(replay::give_up(
+                        ctx, client, s, unit, lanes, refusal, phases,
+                    ))
+                    .await;
                     match recovery {
                         replay::Recovery::Resume(lease) => {
                             resumed = Some(*lease);
@@ -383,7 +394,11 @@ async fn unit_cycle<P: Phase>(
             }
         }
         if matches!(end, UnitEnd::Ended(PumpEnd::Diverged)) {
-            match Box::pin(replay::diverged(ctx, client, s, unit, lanes, backend)).await {
+            match Box::pin(replay::diverged(
+                ctx, client, s, unit, lanes, backend, phases,
+            ))
+            .await
+            {
                 replay::Recovery::Resume(lease) => {
                     resumed = Some(*lease);
                     continue;
@@ -899,6 +914,8 @@ async fn serve_unit<P: Phase>(
                 query_limit: s.limits.query,
                 query_deadline: None,
                 client_read_pending: false,
+                verify_limit: ctx.config().failover.write_timeout(),
+                verify_timer: None,
                 client_unflushed: false,
                 server_unflushed: false,
             }

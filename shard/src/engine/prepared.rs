@@ -207,6 +207,29 @@ impl ClientStatements {
             .map(|entry| entry.stmt.route_analysis(functions))
     }
 
+    /// The SQL text a Bind of `name` ran when the unit began (the undo log remembers
+    /// what the unit replaced), if the client had such a statement then.
+    pub fn text_at_unit_start(&self, name: &[u8]) -> Option<&[u8]> {
+        for change in self.undo.iter().flatten() {
+            match change {
+                Undo::Name(n, old) if !name.is_empty() && &**n == name => {
+                    return old.as_ref().map(|e| e.stmt.query());
+                }
+                Undo::All(names) if !name.is_empty() => {
+                    return names.get(name).map(|e| e.stmt.query());
+                }
+                Undo::Unnamed(spec, has) if name.is_empty() => {
+                    return has.then(|| {
+                        let end = spec.iter().position(|&b| b == 0).unwrap_or(spec.len());
+                        &spec[..end]
+                    });
+                }
+                _ => {}
+            }
+        }
+        self.text(name)
+    }
+
     /// The SQL text a Bind of the client's statement `name` runs (empty name: its
     /// unnamed statement), if it has one.
     pub fn text(&self, name: &[u8]) -> Option<&[u8]> {

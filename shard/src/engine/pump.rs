@@ -77,6 +77,9 @@ pub struct Pump<'a, C, S, P> {
     pub query_deadline: Option<(Timer, u32)>,
     /// The last read of the client's socket found nothing (with room to read).
     pub client_read_pending: bool,
+    /// How long a replay may take to reproduce what the client has, and its timer.
+    pub verify_limit: Duration,
+    pub verify_timer: Option<Timer>,
     /// Bytes were written to the client (the server) since its last flush.
     pub client_unflushed: bool,
     pub server_unflushed: bool,
@@ -128,6 +131,9 @@ impl<C: Stream, S: Stream, P: Phase> Future for Pump<'_, C, S, P> {
                 });
             }
             if !progress {
+                if this.replay_stuck(cx) {
+                    return Poll::Ready(PumpEnd::Diverged);
+                }
                 if let Some(cut) = this.limit_reached(cx) {
                     return Poll::Ready(PumpEnd::Cut(cut));
                 }
@@ -150,6 +156,25 @@ fn swallowed(state: Swallowed, stats: &ShardStats) -> Moved {
 }
 
 impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
+    /// A replay still checking what the client has cannot go on: the server waits for
+    /// client bytes the replay withholds (COPY data, the rest of a message), or the check
+    /// outlasted `failover.write_timeout_secs`. (Called when the pump is about to wait.)
+    fn replay_stuck(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.down.verifying() {
+            self.verify_timer = None;
+            return false;
+        }
+        if self.up.replay_waits_at_gate()
+            && self.down.is_quiet()
+            && (self.flow.copy_in || self.up.awaits_client_bytes())
+        {
+            return true;
+        }
+        let limit = self.verify_limit;
+        let timer = self.verify_timer.get_or_insert_with(|| Timer::new(limit));
+        Pin::new(timer).poll(cx).is_ready()
+    }
+
     /// Called when the pump is about to wait: a cut when a limit ran out while it
     /// waited (the timers are armed here, so their wake-ups come back to this check).
     fn limit_reached(&mut self, cx: &mut Context<'_>) -> Option<Cut> {

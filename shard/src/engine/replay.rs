@@ -102,8 +102,10 @@ pub struct Replaying {
 
 /// What becomes of a lost unit.
 pub(super) enum Plan {
-    /// It runs again from its start.
-    Replay,
+    /// It runs again from its start. `hold_last`: its last statement (a COMMIT, or an
+    /// autocommit write, that the lost server never ran) waits, like what the client sent
+    /// after, until the replay has reproduced what the client has.
+    Replay { hold_last: bool },
     /// Its COMMIT (or an autocommit write) was in flight with nothing else owed, and the
     /// transaction's id is known (`None`: it had none, having written nothing): the
     /// primary says how it ended. `owes_tag`: the client is owed `COMMIT`'s
@@ -163,11 +165,22 @@ pub(super) fn plan(
             failover::owed(lanes),
             lanes.down.client_at_boundary()
         );
+        let functions = ctx.read_only_functions.borrow().clone();
         return Some(match lanes.responses.commit_xid {
             CommitXid::Learned { xid, owes_tag }
                 if failover::owed(lanes) == (1, false) && lanes.down.client_at_boundary() =>
             {
                 Ok(Plan::Settle { xid, owes_tag })
+            }
+            // The server said it was going away without a byte of the answer to the
+            // query sent just before the COMMIT: it ran neither; the whole unit, COMMIT
+            // included, may run again.
+            CommitXid::Asked
+                if unit.flow.server_gone
+                    && !journal.overflowed
+                    && rerunnable(journal.bytes(), &s.statements, &functions, true).is_ok() =>
+            {
+                Ok(Plan::Replay { hold_last: true })
             }
             _ => Err(Refusal::UnknownOutcome),
         });
@@ -176,8 +189,8 @@ pub(super) fn plan(
         return Some(Err(Refusal::JournalFull));
     }
     let functions = ctx.read_only_functions.borrow().clone();
-    match rerunnable(journal.bytes(), &s.statements, &functions) {
-        Ok(()) => Some(Ok(Plan::Replay)),
+    match rerunnable(journal.bytes(), &s.statements, &functions, false) {
+        Ok(()) => Some(Ok(Plan::Replay { hold_last: false })),
         Err(NotRerunnable::WroteOutsideTransaction | NotRerunnable::Committed) => {
             Some(Err(Refusal::UnknownOutcome))
         }
@@ -186,6 +199,7 @@ pub(super) fn plan(
 }
 
 /// Sets the unit up to run again from its start and finds it a new connection.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn recover<P: Phase>(
     ctx: &Rc<ShardCtx>,
     client: &mut NetStream,
@@ -194,6 +208,7 @@ pub(super) async fn recover<P: Phase>(
     lanes: &mut Lanes,
     mut backend: Lease,
     phases: &P,
+    hold_last: bool,
 ) -> Recovery {
     backend.pool().suspect();
     let lost_pool = backend.pool().label.clone();
@@ -218,9 +233,9 @@ pub(super) async fn recover<P: Phase>(
     backend.lost();
     s.statements.rewind_unit();
     let journal_bytes = lanes.up.journal.as_ref().map_or(0, |j| j.len());
-    if !lanes.up.start_replay(unit.position) {
+    if !lanes.up.start_replay(unit.position, hold_last) {
         unit.replaying = Some(Box::new(replaying));
-        return give_up(ctx, client, s, unit, lanes, Refusal::JournalFull).await;
+        return give_up(ctx, client, s, unit, lanes, Refusal::JournalFull, phases).await;
     }
     if let Some(delivered) = lanes.down.delivered.as_mut() {
         delivered.start_verify();
@@ -249,21 +264,18 @@ pub(super) async fn recover<P: Phase>(
             );
             Recovery::Resume(Box::new(lease))
         }
-        Err(refusal) => give_up(ctx, client, s, unit, lanes, refusal).await,
+        Err(refusal) => give_up(ctx, client, s, unit, lanes, refusal, phases).await,
     }
 }
 
-/// A connection for a replay, brought to the session's state: from the primary's pool as
-/// the topology names it once a primary may take work, within `write_timeout_secs`.
-async fn replacement<P: Phase>(
+/// A connection from the primary's pool as the topology names it, once a primary may
+/// take work, by `deadline`; nothing of the session's is on it.
+async fn primary_connection(
     ctx: &Rc<ShardCtx>,
     s: &mut Session,
-    unit: &mut Unit,
-    phases: &P,
+    deadline: Instant,
 ) -> Result<Lease, Refusal> {
-    let config = ctx.config();
-    let deadline = Instant::now() + config.failover.write_timeout();
-    let pause = Duration::from_millis(config.failover.fast_probe_ms);
+    let pause = Duration::from_millis(ctx.config().failover.fast_probe_ms);
     loop {
         if ctx.awaiting_primary() && failover::wait_for_primary(ctx).await.is_err() {
             return Err(Refusal::NoPrimary);
@@ -271,25 +283,7 @@ async fn replacement<P: Phase>(
         s.home = home_pool(ctx, s);
         let pool = s.home.clone();
         match pool.acquire().await {
-            Ok(mut lease) => {
-                unit.notes = LeaseNotes::default();
-                match phases.after_acquire(s, unit, &mut lease).await {
-                    Ready::Go => return Ok(lease),
-                    Ready::Lost(e) => {
-                        log::info!("pool {}: connection lost before a replay: {e}", pool.label);
-                        pool.suspect();
-                        lease.lost();
-                    }
-                    Ready::Refused(e) => {
-                        log::warn!(
-                            "pool {}: refused the session's state for a replay: {e}",
-                            pool.label
-                        );
-                        finish::release_clean(ctx, lease, finish::Reset::Settings).await;
-                        return Err(Refusal::ServerRefused);
-                    }
-                }
-            }
+            Ok(lease) => return Ok(lease),
             Err(e) => log::info!("pool {}: no connection for a replay yet: {e}", pool.label),
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -300,16 +294,55 @@ async fn replacement<P: Phase>(
     }
 }
 
+/// A connection for a replay, brought to the session's state (settings, and what
+/// `carry` moves), within `write_timeout_secs`.
+async fn replacement<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    s: &mut Session,
+    unit: &mut Unit,
+    phases: &P,
+) -> Result<Lease, Refusal> {
+    let deadline = Instant::now() + ctx.config().failover.write_timeout();
+    loop {
+        let mut lease = primary_connection(ctx, s, deadline).await?;
+        unit.notes = LeaseNotes::default();
+        match phases.after_acquire(s, unit, &mut lease).await {
+            Ready::Go => return Ok(lease),
+            Ready::Lost(e) => {
+                log::info!(
+                    "pool {}: connection lost before a replay: {e}",
+                    lease.pool().label
+                );
+                lease.pool().suspect();
+                lease.lost();
+                if Instant::now() >= deadline {
+                    return Err(Refusal::NoPrimary);
+                }
+            }
+            Ready::Refused(e) => {
+                log::warn!(
+                    "pool {}: refused the session's state for a replay: {e}",
+                    lease.pool().label
+                );
+                // Part of the session's state may be on it: no one else gets it.
+                lease.discard();
+                return Err(Refusal::ServerRefused);
+            }
+        }
+    }
+}
+
 /// The replay reproduced something other than what the client had: it is dropped, and the
 /// client gets `40001` for what it was owed. Inside a transaction block the session goes
 /// on with a connection whose transaction is aborted, as the client's would be.
-pub(super) async fn diverged(
+pub(super) async fn diverged<P: Phase>(
     ctx: &Rc<ShardCtx>,
     client: &mut NetStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &mut Lanes,
     mut backend: Lease,
+    phases: &P,
 ) -> Recovery {
     forget_answers(s, lanes, &mut backend);
     s.point_cancel(None);
@@ -318,19 +351,20 @@ pub(super) async fn diverged(
         "client {}: the replayed unit's answers differ from what the client received; it gets 40001",
         s.pid()
     );
-    give_up(ctx, client, s, unit, lanes, Refusal::Diverged).await
+    give_up(ctx, client, s, unit, lanes, Refusal::Diverged, phases).await
 }
 
 /// Tells the client what it was owed when a replay is refused or given up, and ends what
 /// must end. After a divergence inside a transaction block, the unit goes on with a
 /// connection whose transaction is aborted.
-pub(super) async fn give_up(
+pub(super) async fn give_up<P: Phase>(
     ctx: &Rc<ShardCtx>,
     client: &mut NetStream,
     s: &mut Session,
     unit: &mut Unit,
     lanes: &mut Lanes,
     refusal: Refusal,
+    phases: &P,
 ) -> Recovery {
     refusal.count(ctx);
     let Some(replaying) = unit.replaying.take() else {
@@ -347,7 +381,7 @@ pub(super) async fn give_up(
         return Recovery::Over(Cycle::Over);
     }
     let aborted = if replaying.in_block && refusal == Refusal::Diverged {
-        carrier(ctx, s, unit).await
+        carrier(ctx, s, unit, phases).await
     } else {
         None
     };
@@ -411,20 +445,21 @@ pub(super) async fn give_up(
 
 /// A connection of the primary's in a transaction block that failed, to carry the rest of
 /// a client's transaction whose replay diverged: the client's ROLLBACK ends it there.
-async fn carrier(ctx: &Rc<ShardCtx>, s: &mut Session, unit: &mut Unit) -> Option<Lease> {
+async fn carrier<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    s: &mut Session,
+    unit: &mut Unit,
+    phases: &P,
+) -> Option<Lease> {
     const ABORT: &str = "BEGIN; DO $helios$BEGIN RAISE EXCEPTION 'replayed transaction diverged after a failover; the client is told 40001' USING ERRCODE = '40001'; END$helios$";
-    let pool = home_pool(ctx, s);
-    let mut lease = match pool.acquire().await {
+    // The session's own state comes with it: in session mode it may become its home.
+    let mut lease = match replacement(ctx, s, unit, phases).await {
         Ok(lease) => lease,
-        Err(e) => {
-            log::warn!(
-                "pool {}: no connection to carry an aborted transaction: {e}",
-                pool.label
-            );
+        Err(why) => {
+            log::warn!("no connection to carry an aborted transaction: {why:?}");
             return None;
         }
     };
-    unit.notes = LeaseNotes::default();
     let mut request = Vec::with_capacity(ABORT.len() + 8);
     frontend::encode_query(&mut request, ABORT);
     let mut buf = ctx.bufs.take();
@@ -486,7 +521,7 @@ enum Outcome {
 /// CommandComplete it was owed, `40001` (it did not commit: retry), or `08007` when no
 /// one can say. The session goes on.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn settle<P: Phase>(
+pub(super) async fn settle(
     ctx: &Rc<ShardCtx>,
     client: &mut NetStream,
     s: &mut Session,
@@ -494,9 +529,8 @@ pub(super) async fn settle<P: Phase>(
     lanes: &mut Lanes,
     mut backend: Lease,
     (xid, owes_tag): (Option<u64>, bool),
-    phases: &P,
 ) -> Cycle {
-    let epoch = ctx.primary_epoch.get();
+    let epoch = unit.epoch;
     backend.pool().suspect();
     forget_answers(s, lanes, &mut backend);
     s.point_cancel(None);
@@ -512,7 +546,14 @@ pub(super) async fn settle<P: Phase>(
     let outcome = match xid {
         // It wrote nothing: committed or not, nothing differs.
         None => Outcome::Committed,
-        Some(xid) => match replacement(ctx, s, unit, phases).await {
+        // A bare connection: the question needs nothing of the session's.
+        Some(xid) => match primary_connection(
+            ctx,
+            s,
+            Instant::now() + ctx.config().failover.write_timeout(),
+        )
+        .await
+        {
             Ok(mut lease) => {
                 let outcome = ask(ctx, &mut lease, xid, epoch).await;
                 if lease.status == status::IDLE {

@@ -92,8 +92,10 @@ pub enum CommitXid {
     /// Nothing asked, or the answer to the COMMIT itself began: nothing to settle.
     #[default]
     Unknown,
-    /// Asked; no answer yet.
+    /// Asked; not a byte of the answer yet.
     Asked,
+    /// Its answer is coming (the server ran the query, so may have run the COMMIT).
+    Answering,
     /// The id (`None`: the transaction wrote nothing, so had no id), and nothing of the
     /// COMMIT's own answer has come. `owes_tag`: the client is still owed the COMMIT's
     /// CommandComplete (an explicit COMMIT; an autocommit write's came before).
@@ -174,13 +176,13 @@ impl Responses {
     /// The proxy's own query for the transaction's id is in flight: its DataRow must be
     /// read whole.
     pub fn awaits_xid(&self) -> bool {
-        self.commit_xid == CommitXid::Asked
+        matches!(self.commit_xid, CommitXid::Asked | CommitXid::Answering)
     }
 
     /// Answers to the proxy's own query for the transaction's id are still to come: no
     /// message may reach the client before it is whole (it may be one to drop).
     pub fn xid_query_queued(&self) -> bool {
-        self.commit_xid == CommitXid::Asked
+        self.awaits_xid()
             || matches!(
                 self.queue.front(),
                 Some(
@@ -294,7 +296,7 @@ impl Responses {
                 Action::Drop
             }
             (tag::READY_FOR_QUERY, Expect::XidQuery { .. }) => {
-                if self.commit_xid == CommitXid::Asked {
+                if matches!(self.commit_xid, CommitXid::Asked | CommitXid::Answering) {
                     self.commit_xid = CommitXid::Unknown;
                 }
                 self.status = body.first().copied().unwrap_or(status::IDLE);
@@ -308,6 +310,9 @@ impl Responses {
                 tag::ROW_DESCRIPTION | tag::COMMAND_COMPLETE | tag::ERROR_RESPONSE,
                 Expect::XidQuery { .. },
             ) => {
+                if self.commit_xid == CommitXid::Asked {
+                    self.commit_xid = CommitXid::Answering;
+                }
                 if tag == tag::ERROR_RESPONSE {
                     log::warn!(
                         "the transaction id query before a COMMIT failed: {}",

@@ -26,6 +26,8 @@ pub struct Unit {
     pub sql: UnitSql,
     /// Where the unit's first bytes are in the client's byte stream.
     pub position: u64,
+    /// The primary epoch when the unit took its connection (see `Topology::primary_epoch`).
+    pub epoch: u64,
     /// A replay of the unit under way (its connection was lost).
     pub replaying: Option<Box<super::replay::Replaying>>,
 }
