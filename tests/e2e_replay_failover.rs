@@ -289,6 +289,28 @@ async fn session_state_moves_to_the_new_primary() {
         .await
         .unwrap();
     let plus_one = mover.prepare("SELECT $1::int + 1").await.unwrap();
+    // A WITH HOLD cursor it has fetched 30 rows of (lone simple-Query FETCHes).
+    mover
+        .batch_execute("DECLARE walk CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    let mut walked: Vec<i32> = Vec::new();
+    for _ in 0..3 {
+        walked.extend(fetch_ten(&mover, "walk").await);
+    }
+    // One fetched through the extended protocol: the proxy cannot repeat that.
+    let (opaque, opaque_conn) = proxy
+        .pg_config(SUPERUSER, Some(SUPERUSER_PASSWORD), DATABASE)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let opaque_conn = tokio::spawn(opaque_conn);
+    opaque
+        .batch_execute("DECLARE blind CURSOR WITH HOLD FOR SELECT 1")
+        .await
+        .unwrap();
+    opaque.query("FETCH 1 FROM blind", &[]).await.unwrap();
+    opaque.batch_execute("SELECT 1").await.unwrap();
     // A session with a temporary table: it cannot move. (Its state is read after its
     // unit; the next round trip shows that is done.)
     let (tied, tied_conn) = proxy
@@ -308,6 +330,25 @@ async fn session_state_moves_to_the_new_primary() {
     assert_eq!(two, 2);
     let answer: i32 = mover.query_one("EXECUTE sq(2)", &[]).await.unwrap().get(0);
     assert_eq!(answer, 42);
+    // The cursor goes on where the client was: every row once, in order.
+    loop {
+        let rows = fetch_ten(&mover, "walk").await;
+        if rows.is_empty() {
+            break;
+        }
+        walked.extend(rows);
+    }
+    assert_eq!(walked, (1..=100).collect::<Vec<i32>>());
+    let ended = tokio::time::timeout(Duration::from_secs(10), opaque_conn)
+        .await
+        .expect("the session whose cursor cannot be placed ends")
+        .unwrap();
+    let err = ended.expect_err("its cursor cannot move");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("WITH HOLD cursor \"blind\""), "{err:?}");
     let new_primary = c.sync.admin(DATABASE).await;
     let taken: bool = new_primary
         .query_one("SELECT pg_try_advisory_lock(4242)", &[])
@@ -346,7 +387,7 @@ async fn session_state_moves_to_the_new_primary() {
     assert!(message.contains("temporary table \"scratch\""), "{message}");
     assert!(tied.batch_execute("SELECT 1").await.is_err());
     let r = replays(&proxy);
-    assert_eq!(r["refused"]["session_state"], 1, "{r}");
+    assert_eq!(r["refused"]["session_state"], 2, "{r}");
     // The pinned pooled session moved too, once its proxy followed the promotion.
     let sync = Cluster::address(&c.sync);
     assert!(
@@ -376,6 +417,20 @@ async fn session_state_moves_to_the_new_primary() {
         (note.0.as_str(), note.1.as_str()),
         ("pooled_jobs", "pinned")
     );
+}
+
+/// `FETCH 10 FROM cursor` as a simple Query: the rows' first column.
+async fn fetch_ten(client: &tokio_postgres::Client, cursor: &str) -> Vec<i32> {
+    client
+        .simple_query(&format!("FETCH 10 FROM {cursor}"))
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A client whose notifications arrive on the returned channel as (channel, payload).

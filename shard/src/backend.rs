@@ -408,6 +408,42 @@ impl BackendConn {
         self.read_replies(syncs, buf, false).await.map(|(_, e)| e)
     }
 
+    /// Sends a simple Query and appends everything the server answers, up to and
+    /// including its ReadyForQuery, to `out` as it came (a replay compares it with what a
+    /// client once received).
+    pub async fn exchange_raw(
+        &mut self,
+        request: &[u8],
+        buf: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        self.stream.send(request).await?;
+        let mut scanner = Scanner::new(
+            be::TAGS,
+            TagSet::new(&[server_tag::READY_FOR_QUERY]),
+            usize::MAX >> 1,
+        );
+        loop {
+            let n = self.stream.read(buf).await?;
+            if n == 0 {
+                return Err(BackendError::Closed);
+            }
+            let mut ready = None;
+            scanner.scan(&buf[..n], |_, body, end| {
+                ready = Some((end, body.first().copied()));
+                Step::Stop
+            })?;
+            match ready {
+                Some((end, status)) => {
+                    out.extend_from_slice(&buf[..end]);
+                    self.status = status.unwrap_or(b'I');
+                    return Ok(());
+                }
+                None => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
     /// Sends `request` and reads until `syncs` ReadyForQuery messages arrived, keeping the
     /// text values of every DataRow: for the proxy's own small catalog queries.
     pub async fn fetch(

@@ -12,6 +12,7 @@ use crate::backend::{BackendConn, BackendError, Rows, ServerError};
 use crate::codec::frontend;
 use crate::lease::Lease;
 
+use super::cursors::{self, HeldCursor};
 use super::phase::{Phase, Ready, Release};
 use super::session::Session;
 use super::unit::Unit;
@@ -27,7 +28,7 @@ const STATE_SQL: &str = "SELECT 'listen', c, NULL FROM pg_catalog.pg_listening_c
      UNION ALL SELECT 'prepare', name, statement FROM pg_catalog.pg_prepared_statements WHERE from_sql \
      UNION ALL SELECT 'temp', relname::pg_catalog.text, NULL FROM pg_catalog.pg_class \
          WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema() AND relkind IN ('r', 'p', 'S', 'v', 'm', 'f') \
-     UNION ALL SELECT 'cursor', name, NULL FROM pg_catalog.pg_cursors WHERE is_holdable";
+     UNION ALL SELECT 'cursor', name, statement FROM pg_catalog.pg_cursors WHERE is_holdable";
 
 /// What of a session lives on its server connection and must move with it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -39,6 +40,10 @@ pub struct Carried {
     pub prepared: Vec<String>,
     /// What cannot move, described for the client.
     pub unmovable: Vec<String>,
+    /// `WITH HOLD` cursors, with what it takes to place them again.
+    pub cursors: Vec<HeldCursor>,
+    /// The cursors the last read listed: (name, statement).
+    listed_cursors: Vec<(String, String)>,
 }
 
 impl Carried {
@@ -47,6 +52,30 @@ impl Carried {
             && self.locks.is_empty()
             && self.prepared.is_empty()
             && self.unmovable.is_empty()
+            && self.cursors.is_empty()
+            && self.listed_cursors.is_empty()
+    }
+
+    /// The first thing that cannot move, described for the client.
+    pub fn first_unmovable(&self) -> Option<String> {
+        self.unmovable
+            .first()
+            .cloned()
+            .or_else(|| self.cursors.iter().find_map(HeldCursor::unmovable))
+    }
+
+    /// Takes over what `previous` knew of the cursors still listed.
+    fn keep_cursors(&mut self, previous: Vec<HeldCursor>) {
+        self.cursors = std::mem::take(&mut self.listed_cursors)
+            .into_iter()
+            .map(|(name, statement)| {
+                previous
+                    .iter()
+                    .find(|c| c.name == name)
+                    .cloned()
+                    .unwrap_or_else(|| HeldCursor::new(name, &statement))
+            })
+            .collect();
     }
 
     fn from_rows(rows: &Rows) -> Carried {
@@ -62,7 +91,7 @@ impl Carried {
                     .unmovable
                     .push(format!("prepared statement \"{name}\" (its PREPARE shared a query string with other statements)")),
                 "temp" => carried.unmovable.push(format!("temporary table \"{name}\"")),
-                "cursor" => carried.unmovable.push(format!("WITH HOLD cursor \"{name}\"")),
+                "cursor" => carried.listed_cursors.push((name, detail)),
                 _ => {}
             }
         }
@@ -154,7 +183,9 @@ impl Phase for Carry {
         }
         let mut buf = s.ctx.bufs.take();
         match Box::pin(read_state(backend, &mut buf)).await {
-            Ok(carried) => {
+            Ok(mut carried) => {
+                let previous = s.carried.take().map(|c| c.cursors).unwrap_or_default();
+                carried.keep_cursors(previous);
                 log::debug!("client {}: connection-bound state {carried:?}", s.pid());
                 // Told here, the pinning phase need not ask again.
                 u.notes.client_spoke = false;
@@ -172,7 +203,7 @@ impl Phase for Carry {
         let Some(carried) = s.carried.as_ref() else {
             return Ready::Go;
         };
-        if let Some(what) = carried.unmovable.first() {
+        if let Some(what) = carried.first_unmovable() {
             return Ready::Refused(ServerError::own(
                 "FATAL",
                 "08006",
@@ -185,6 +216,24 @@ impl Phase for Carry {
         let mut req = Vec::with_capacity(sql.len() + 8);
         frontend::encode_query(&mut req, &sql);
         let mut buf = s.ctx.bufs.take();
+        for cursor in &carried.cursors {
+            match cursors::restore(backend, cursor, &mut buf).await {
+                Ok(Ok(())) => {}
+                Ok(Err(what)) => {
+                    return Ready::Refused(ServerError::own(
+                        "FATAL",
+                        "08006",
+                        &format!(
+                            "connection to the server lost, and the session's {what} cannot move to another server"
+                        ),
+                    ))
+                }
+                Err(e) => return Ready::Lost(e),
+            }
+        }
+        if sql.is_empty() {
+            return Ready::Go;
+        }
         match backend.fetch(&req, 1, &mut buf).await {
             Ok((rows, None)) => match rows.first().and_then(|r| r.first().cloned().flatten()) {
                 None => {

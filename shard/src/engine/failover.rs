@@ -97,13 +97,16 @@ pub fn session_detached(s: &Session) -> bool {
 /// What the session keeps on its connection can move to another (`failover.replay`, and
 /// nothing there that cannot move): losing the connection need not end the session.
 pub fn session_movable(s: &Session) -> bool {
-    s.features.replay && s.carried.as_ref().is_none_or(|c| c.unmovable.is_empty())
+    s.features.replay
+        && s.carried
+            .as_ref()
+            .is_none_or(|c| c.first_unmovable().is_none())
 }
 
 /// Why the session cannot move to another connection (`failover.replay` is on and it
 /// keeps state there that cannot): the FATAL `08006` it ends with names it.
 pub fn unmovable_message(s: &Session) -> Option<String> {
-    let what = s.carried.as_ref()?.unmovable.first()?;
+    let what = s.carried.as_ref()?.first_unmovable()?;
     Some(format!(
         "connection to the server lost, and the session's {what} cannot move to another server"
     ))

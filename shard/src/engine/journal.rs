@@ -142,6 +142,11 @@ impl Delivered {
         self.count
     }
 
+    /// Their digest (xxh64, seed 0).
+    pub fn digest(&self) -> u64 {
+        self.digest.digest()
+    }
+
     /// A replay starts: what it produces for the client is checked against what the
     /// client has before any of it is written.
     pub fn start_verify(&mut self) {

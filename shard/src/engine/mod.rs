@@ -11,6 +11,7 @@
 //! each boundary unless state ties the session to it.
 
 pub mod carry;
+pub mod cursors;
 pub mod cut;
 pub mod failover;
 pub mod fencing;
@@ -408,6 +409,10 @@ async fn unit_cycle<P: Phase>(
         }
         match end {
             UnitEnd::Boundary(decision) => {
+                if let Some(carried) = s.carried.as_mut() {
+                    let max = ctx.config().failover.replay_journal_max_bytes;
+                    cursors::after_unit(&mut carried.cursors, lanes, max);
+                }
                 if let Some(replayed) = unit.replaying.take() {
                     log::warn!(
                         "client {}: unit replayed after {:.0} ms; the client saw nothing of the lost connection",
