@@ -289,11 +289,15 @@ async fn session_state_moves_to_the_new_primary() {
         .await
         .unwrap();
     let plus_one = mover.prepare("SELECT $1::int + 1").await.unwrap();
-    // A WITH HOLD cursor it has fetched 30 rows of (lone simple-Query FETCHes).
+    // A WITH HOLD cursor, declared in a transaction block, it has fetched 30 rows of
+    // (lone simple-Query FETCHes).
+    mover.batch_execute("BEGIN").await.unwrap();
+    mover.batch_execute("SELECT 1").await.unwrap();
     mover
         .batch_execute("DECLARE walk CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 100) g")
         .await
         .unwrap();
+    mover.batch_execute("COMMIT").await.unwrap();
     let mut walked: Vec<i32> = Vec::new();
     for _ in 0..3 {
         walked.extend(fetch_ten(&mover, "walk").await);
@@ -339,16 +343,7 @@ async fn session_state_moves_to_the_new_primary() {
         walked.extend(rows);
     }
     assert_eq!(walked, (1..=100).collect::<Vec<i32>>());
-    let ended = tokio::time::timeout(Duration::from_secs(10), opaque_conn)
-        .await
-        .expect("the session whose cursor cannot be placed ends")
-        .unwrap();
-    let err = ended.expect_err("its cursor cannot move");
-    let message = err
-        .as_db_error()
-        .map(|e| e.message().to_string())
-        .unwrap_or_default();
-    assert!(message.contains("WITH HOLD cursor \"blind\""), "{err:?}");
+    assert_ended_naming(opaque_conn, "WITH HOLD cursor \"blind\"").await;
     let new_primary = c.sync.admin(DATABASE).await;
     let taken: bool = new_primary
         .query_one("SELECT pg_try_advisory_lock(4242)", &[])
@@ -374,17 +369,7 @@ async fn session_state_moves_to_the_new_primary() {
         ("jobs", "after the failover")
     );
     // The session with the temporary table was told why it ended.
-    let ended = tokio::time::timeout(Duration::from_secs(10), tied_conn)
-        .await
-        .expect("the session with a temporary table ends")
-        .unwrap();
-    let err = ended.expect_err("a temporary table cannot move");
-    let db = err
-        .as_db_error()
-        .map(|e| (e.code().code().to_string(), e.message().to_string()));
-    let (code, message) = db.unwrap_or_else(|| panic!("{err:?}"));
-    assert_eq!(code, "08006", "{message}");
-    assert!(message.contains("temporary table \"scratch\""), "{message}");
+    assert_ended_naming(tied_conn, "temporary table \"scratch\"").await;
     assert!(tied.batch_execute("SELECT 1").await.is_err());
     let r = replays(&proxy);
     assert_eq!(r["refused"]["session_state"], 2, "{r}");
@@ -417,6 +402,24 @@ async fn session_state_moves_to_the_new_primary() {
         (note.0.as_str(), note.1.as_str()),
         ("pooled_jobs", "pinned")
     );
+}
+
+/// The session whose connection task is `conn` ended with `FATAL 08006` naming `what`.
+async fn assert_ended_naming(
+    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    what: &str,
+) {
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .unwrap_or_else(|_| panic!("the session with {what} did not end"))
+        .unwrap();
+    let err = ended.expect_err("the session ends with an error");
+    let db = err
+        .as_db_error()
+        .map(|e| (e.code().code().to_string(), e.message().to_string()));
+    let (code, message) = db.unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!(code, "08006", "{message}");
+    assert!(message.contains(what), "{message}");
 }
 
 /// `FETCH 10 FROM cursor` as a simple Query: the rows' first column.

@@ -16,7 +16,9 @@ use crate::codec::frontend;
 use crate::codec::tag::fe;
 use crate::sql::lexer::{Lexer, Token};
 
+use super::journal::executed_statements;
 use super::lanes::Lanes;
+use super::prepared::ClientStatements;
 
 /// One `WITH HOLD` cursor of the session's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +61,7 @@ impl HeldCursor {
 
 /// Keeps the cursors' histories after a unit: the unit's client bytes (its journal) and
 /// what it delivered (count, digest). `max` bounds each cursor's history.
-pub fn after_unit(cursors: &mut [HeldCursor], lanes: &Lanes, max: usize) {
+pub fn after_unit(cursors: &mut [HeldCursor], lanes: &Lanes, names: &ClientStatements, max: usize) {
     if cursors.is_empty() {
         return;
     }
@@ -78,10 +80,25 @@ pub fn after_unit(cursors: &mut [HeldCursor], lanes: &Lanes, max: usize) {
         if !mentions(bytes, &cursor.name) {
             continue;
         }
+        if fresh {
+            // The unit that declared it (alone, or in a transaction block) must have
+            // done nothing else with it.
+            let statements = executed_statements(bytes, names).unwrap_or_default();
+            let uses: Vec<&[u8]> = statements
+                .into_iter()
+                .filter(|sql| mentions(sql, &cursor.name))
+                .collect();
+            let declared_only = matches!(
+                uses.as_slice(),
+                [sql] if std::str::from_utf8(sql).is_ok_and(|t| is_lone(t, b"declare"))
+            );
+            if !declared_only {
+                cursor.lost_track = Some("was used in the transaction that declared it");
+            }
+            continue;
+        }
         match lone_query(bytes) {
-            // The unit that declared it, and did nothing else with it.
-            Some(sql) if fresh && is_lone(sql, b"declare") => {}
-            Some(sql) if !fresh && names_cursor(sql, &cursor.name) => {
+            Some(sql) if names_cursor(sql, &cursor.name) => {
                 cursor.bytes += bytes.len();
                 if cursor.bytes > max {
                     cursor.lost_track =

@@ -254,7 +254,7 @@ pub fn rerunnable(
 
 /// The SQL texts the journal's messages ran, in order: each simple Query, and the
 /// statement behind each Execute's portal.
-fn executed_statements<'a>(
+pub fn executed_statements<'a>(
     journal: &'a [u8],
     names: &'a ClientStatements,
 ) -> Result<Vec<&'a [u8]>, NotRerunnable> {

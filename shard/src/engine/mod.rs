@@ -411,7 +411,7 @@ async fn unit_cycle<P: Phase>(
             UnitEnd::Boundary(decision) => {
                 if let Some(carried) = s.carried.as_mut() {
                     let max = ctx.config().failover.replay_journal_max_bytes;
-                    cursors::after_unit(&mut carried.cursors, lanes, max);
+                    cursors::after_unit(&mut carried.cursors, lanes, &s.statements, max);
                 }
                 if let Some(replayed) = unit.replaying.take() {
                     log::warn!(
