@@ -199,10 +199,14 @@ impl Phase for Carry {
 
     /// A new connection for a session whose state lived on a lost one: the state moves
     /// here first, or the session ends naming what could not.
-    async fn after_acquire(&self, s: &mut Session, _u: &mut Unit, backend: &mut Lease) -> Ready {
+    async fn after_acquire(&self, s: &mut Session, u: &mut Unit, backend: &mut Lease) -> Ready {
         let Some(carried) = s.carried.as_ref() else {
             return Ready::Go;
         };
+        // The state lands on this connection: it is checked at the unit's end, and the
+        // session keeps the connection while any of it is there (not one to give back).
+        u.notes.maybe_pinned = true;
+        u.notes.client_spoke = true;
         if let Some(what) = carried.first_unmovable() {
             return Ready::Refused(ServerError::own(
                 "FATAL",
