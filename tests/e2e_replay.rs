@@ -228,11 +228,15 @@ async fn a_read_outside_a_transaction_runs_again_and_a_write_does_not() {
         ["08007", "08006"].contains(&sqlstate(&err).as_str()),
         "{err:?}"
     );
-    assert_eq!(after.unwrap(), 5);
+    assert_eq!(
+        after.unwrap_or_else(|e| panic!("the session goes on: {e:?}\n{}", proxy.log())),
+        5
+    );
     let admin = durable_admin(&cluster).await;
     assert_eq!(count(&admin, "SELECT count(*) FROM replay_log").await, 0);
     let r = replays(&proxy);
-    assert_eq!(r["succeeded"], 1, "{r}");
+    // The read, and any unit that happened to take a connection the crash killed.
+    assert!(r["succeeded"].as_u64() >= Some(1), "{r}");
     assert_eq!(r["refused"]["unknown_outcome"], 1, "{r}");
     assert_eq!(count(&client, "SELECT 1::bigint").await, 1);
 }
