@@ -4,6 +4,7 @@
 //! console), reloads on SIGHUP, and stops
 //! gracefully on SIGTERM/SIGINT.
 
+mod alloc_count;
 mod cli;
 mod control;
 mod preflight;
@@ -14,6 +15,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use helios_shard::runtime::Runtime;
+
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))

@@ -132,6 +132,13 @@ async fn endpoints_answer_with_the_documented_shapes_and_errors() {
         );
     }
     assert_eq!(after["failovers"], 0);
+    // The logins and queries allocated something (their sessions, at least).
+    for key in ["count", "bytes"] {
+        assert!(
+            after["allocations"][key].as_u64() > before["allocations"][key].as_u64(),
+            "allocations.{key} did not move: {before} -> {after}"
+        );
+    }
     assert!(get(port, "/sessions").json()["active_sessions"].as_u64() >= Some(1));
     let pools = get(port, "/pools").json();
     let pool = &pools.as_array().expect("array")[0];
@@ -539,6 +546,8 @@ async fn the_prometheus_page_parses_and_counters_move_with_traffic() {
     moved("heliosdb_proxy_bytes_received_total", 1.0);
     moved("heliosdb_proxy_bytes_sent_total", 1.0);
     moved("heliosdb_proxy_connections_total", 1.0);
+    moved("heliosdb_proxy_allocations_total", 1.0);
+    moved("heliosdb_proxy_allocated_bytes_total", 1.0);
     moved("heliosdb_proxy_query_duration_seconds_count", 21.0);
     moved("heliosdb_proxy_pool_acquire_duration_seconds_count", 21.0);
     let inf = sample(

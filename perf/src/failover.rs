@@ -317,6 +317,7 @@ fn measure(
         ],
         split: false,
         extra: setting.toml,
+        workers: None,
     };
     let (proxy_port, proxy) = setup_proxy(pg, run_dir, ctx.proxy_bin, services, &proxy_spec)?;
     let admin = proxy["admin_port"].as_u64().unwrap_or(0) as u16;

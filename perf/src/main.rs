@@ -13,6 +13,7 @@
 //! on failure, and on SIGINT/SIGTERM. See `perf/README.md`.
 
 mod failover;
+mod overhead;
 mod standby;
 mod wire;
 
@@ -125,7 +126,7 @@ fn parse_opts() -> Opts {
             "--list" => {
                 for m in [Mode::Quick, Mode::Full] {
                     let mut names: Vec<String> = workloads(m).into_iter().map(|w| w.name).collect();
-                    names.push(failover::NAME.into());
+                    names.extend([IDLE_NAME, overhead::NAME, failover::NAME].map(String::from));
                     println!(
                         "{}: {}",
                         if m == Mode::Quick { "quick" } else { "full" },
@@ -167,6 +168,8 @@ enum Kind {
     ReadMostly,
     /// The TPC-B-like script; the proxy column keeps a replay journal.
     TpcbReplay,
+    /// select-only, simple protocol; the proxy column is a proxy with one worker.
+    SelectOneWorker,
 }
 
 #[derive(Clone, Serialize)]
@@ -195,9 +198,24 @@ fn workloads(mode: Mode) -> Vec<Workload> {
             description:
                 "pgbench -S -M simple: one primary-key SELECT per transaction, simple protocol",
             latency: c == 1 || c == 1000,
-            cpu: c == 64,
+            cpu: c == 1 || c == 64,
         })
         .collect();
+    // The same at 1 and 64 clients against a proxy with `workers = 1`: the trade-off
+    // behind the `workers` default on a box shared with PostgreSQL.
+    let one_worker: &[u32] = match mode {
+        Mode::Quick => &[1, 64],
+        Mode::Full => &[1, 64, 1000],
+    };
+    v.extend(one_worker.iter().map(|&c| Workload {
+        name: format!("select-simple-1w-c{c}"),
+        kind: Kind::SelectOneWorker,
+        clients: c,
+        description: "select-simple; the proxy column is a proxy with workers = 1 \
+                      (compare with select-simple's proxy column, same run)",
+        latency: c == 1 || c == 1000,
+        cpu: c != 1000,
+    }));
     v.push(Workload {
         name: "select-prepared-c64".into(),
         kind: Kind::SelectPrepared,
@@ -258,7 +276,9 @@ impl Workload {
             duration_s.to_string(),
         ];
         match self.kind {
-            Kind::SelectSimple => a.extend(["-S".into(), "-M".into(), "simple".into()]),
+            Kind::SelectSimple | Kind::SelectOneWorker => {
+                a.extend(["-S".into(), "-M".into(), "simple".into()])
+            }
             Kind::SelectPrepared => a.extend(["-S".into(), "-M".into(), "prepared".into()]),
             Kind::Tpcb | Kind::TpcbReplay => a.extend(["-M".into(), "simple".into()]),
             Kind::Connect => a.extend(["-S".into(), "-C".into(), "-M".into(), "simple".into()]),
@@ -664,6 +684,8 @@ struct Env {
     proxy_2node_port: Option<u16>,
     /// The replaying proxy's port and PID, when the tpcb-replay workload is selected.
     proxy_replay: Option<(u16, Option<libc::pid_t>)>,
+    /// The one-worker proxy's port and PID, when a select-simple-1w workload is selected.
+    proxy_one_worker: Option<(u16, Option<libc::pid_t>)>,
 }
 
 impl Env {
@@ -677,14 +699,18 @@ impl Env {
         match (w.kind, t, self.proxy_2node_port, self.proxy_replay) {
             (Kind::ReadMostly, Target::Proxy, Some(p), _) => p,
             (Kind::TpcbReplay, Target::Proxy, _, Some((p, _))) => p,
+            (Kind::SelectOneWorker, Target::Proxy, _, _) => {
+                self.proxy_one_worker.map_or(self.port(t), |(p, _)| p)
+            }
             _ => self.port(t),
         }
     }
 
     /// The process whose CPU time a workload's column measures.
     fn pid_for(&self, w: &Workload, t: Target) -> Option<libc::pid_t> {
-        match (w.kind, t, self.proxy_replay) {
-            (Kind::TpcbReplay, Target::Proxy, Some((_, pid))) => pid,
+        match (w.kind, t, self.proxy_replay, self.proxy_one_worker) {
+            (Kind::TpcbReplay, Target::Proxy, Some((_, pid)), _) => pid,
+            (Kind::SelectOneWorker, Target::Proxy, _, Some((_, pid))) => pid,
             _ => self.pids[t as usize],
         }
     }
@@ -692,6 +718,10 @@ impl Env {
     fn unsupported(&self, w: &Workload, t: Target) -> Option<&'static str> {
         if t == Target::Proxy && w.kind == Kind::ReadMostly && self.proxy_2node_port.is_none() {
             return Some("not run: the two-node proxy was not started");
+        }
+        if t == Target::Proxy && w.kind == Kind::SelectOneWorker && self.proxy_one_worker.is_none()
+        {
+            return Some("not run: the one-worker proxy was not started");
         }
         if t == Target::Proxy && w.kind == Kind::TpcbReplay && self.proxy_replay.is_none() {
             return Some("not run: the replaying proxy was not started");
@@ -774,11 +804,15 @@ struct Report {
     proxy_2node: serde_json::Value,
     /// The proxy with replay on (null unless the tpcb-replay workload ran).
     proxy_replay: serde_json::Value,
+    /// The proxy with one worker (null unless a select-simple-1w workload ran).
+    proxy_one_worker: serde_json::Value,
     pgbench: serde_json::Value,
     workloads: Vec<WorkloadResult>,
     /// Memory of each pooler per logged-in idle client (not measured for direct
     /// PostgreSQL, which forks a backend per connection).
     idle_clients: Vec<IdleResult>,
+    /// System calls and heap allocations per query of each pooler.
+    overhead: Vec<overhead::OverheadResult>,
     /// Kill of the primary → first write acknowledged by the promoted standby, per proxy
     /// setting (a pair of servers of its own per run, no PgBouncer or direct
     /// counterpart).
@@ -1174,6 +1208,8 @@ struct ProxySpec<'a> {
     split: bool,
     /// More TOML sections, verbatim (the failover workload's `[health]`/`[failover]`).
     extra: &'a str,
+    /// `workers`; `None` leaves the proxy's default.
+    workers: Option<u32>,
 }
 
 /// The `[load_balancer]` section of the two-node proxy.
@@ -1206,11 +1242,14 @@ fn setup_proxy(
         nodes.push_str(spec.extra);
         nodes.push('\n');
     }
+    let workers = spec
+        .workers
+        .map_or(String::new(), |n| format!("workers = {n}\n"));
     let config = format!(
         "# Written by helios-perf.\n\
          listen_address = \"127.0.0.1:{port}\"\n\
          admin_address = \"127.0.0.1:{admin}\"\n\
-         workers = 0\n\n\
+         {workers}\n\
          [pool_mode]\nmode = \"transaction\"\nmax_pool_size = {POOL_SIZE}\n\n\
          [auth]\nmethod = \"trust\"\n\n\
          [[users]]\nname = \"{DB_USER}\"\nauth_method = \"trust\"\n\n\
@@ -1260,7 +1299,12 @@ fn setup_proxy(
     let mut set = serde_json::Map::new();
     set.insert("mode".into(), "transaction".into());
     set.insert("max_pool_size".into(), POOL_SIZE.into());
-    set.insert("workers".into(), "0 (one per core)".into());
+    set.insert(
+        "workers".into(),
+        spec.workers
+            .map_or("the default".into(), |n| n.to_string())
+            .into(),
+    );
     if spec.nodes.len() > 1 {
         let nodes: Vec<String> = spec
             .nodes
@@ -1720,6 +1764,35 @@ fn extra_tables(r: &Report, md: bool) -> String {
             fmt_ratio(cpu),
         );
     }
+    let one_worker: Vec<String> = r
+        .workloads
+        .iter()
+        .filter(|w| w.workload.kind == Kind::SelectOneWorker)
+        .filter_map(|one| {
+            let name = one.workload.name.replace("-1w", "");
+            let both = r.workloads.iter().find(|w| w.workload.name == name)?;
+            let (a, b) = (&one.cells[2], &both.cells[2]);
+            let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
+                (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+                _ => None,
+            };
+            Some(format!(
+                "{name}: TPS {}, CPU per query {} ({} vs {} µs)",
+                fmt_ratio(ratio(a.median_tps, b.median_tps)),
+                fmt_ratio(ratio(a.cpu_us_per_query, b.cpu_us_per_query)),
+                a.cpu_us_per_query.map_or("-".into(), |v| format!("{v:.1}")),
+                b.cpu_us_per_query.map_or("-".into(), |v| format!("{v:.1}")),
+            ))
+        })
+        .collect();
+    if !one_worker.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nOne worker against the default (select-simple-1w-cN proxy vs select-simple-cN proxy, same run): {}",
+            one_worker.join("; ")
+        );
+    }
+    s.push_str(&overhead::section(&r.overhead, md));
     if !md && !r.idle_clients.is_empty() {
         s.push('\n');
     }
@@ -1921,15 +1994,15 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
         fs::create_dir_all(out.join(d)).map_err(|e| format!("{}: {e}", out.join(d).display()))?;
     }
     let mut selected = workloads(opts.mode);
-    let (mut idle, mut failover) = (true, true);
+    let (mut idle, mut overhead, mut failover) = (true, true, true);
     if let Some(only) = &opts.only {
         let all = std::mem::take(&mut selected);
-        (idle, failover) = (false, false);
+        (idle, overhead, failover) = (false, false, false);
         // A comma-separated list; an exact name picks that workload alone, anything else
         // is a prefix.
         for pick in only.split(',').filter(|p| !p.is_empty()) {
-            let exact =
-                all.iter().any(|w| w.name == pick) || pick == IDLE_NAME || pick == failover::NAME;
+            let exact = all.iter().any(|w| w.name == pick)
+                || [IDLE_NAME, overhead::NAME, failover::NAME].contains(&pick);
             let matches = |name: &str| {
                 if exact {
                     name == pick
@@ -1945,10 +2018,13 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
             }
             let picks_idle = matches(IDLE_NAME);
             idle |= picks_idle;
+            let picks_overhead = matches(overhead::NAME);
+            overhead |= picks_overhead;
             let picks_failover = matches(failover::NAME);
             failover |= picks_failover;
             if selected.len() == before
                 && !picks_idle
+                && !picks_overhead
                 && !picks_failover
                 && !all.iter().any(|w| matches(&w.name))
             {
@@ -1957,8 +2033,9 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
         }
     }
 
-    if !selected.is_empty() || idle {
-        run_shared(opts, &pg, run_as, services, report, &selected, idle)?;
+    if !selected.is_empty() || idle || overhead {
+        let extras = Extras { idle, overhead };
+        run_shared(opts, &pg, run_as, services, report, &selected, extras)?;
         // The failover runs start servers of their own: stop these first.
         *services = Services::default();
     }
@@ -1976,6 +2053,15 @@ fn run(opts: &Opts, services: &mut Services, report: &mut Report) -> Res<()> {
     Ok(())
 }
 
+/// The figures measured after the pgbench workloads, on the same servers.
+#[derive(Clone, Copy)]
+struct Extras {
+    /// Memory per logged-in idle client.
+    idle: bool,
+    /// System calls and allocations per query.
+    overhead: bool,
+}
+
 /// The pgbench workloads and the idle-clients figure: one PostgreSQL (and, for the
 /// read-mostly workload, its standby), PgBouncer and the proxies, shared by every run.
 fn run_shared(
@@ -1985,8 +2071,9 @@ fn run_shared(
     services: &mut Services,
     report: &mut Report,
     selected: &[Workload],
-    idle: bool,
+    extras: Extras,
 ) -> Res<()> {
+    let Extras { idle, overhead } = extras;
     let out = &opts.out;
     let (pg_port, pg_info) = setup_postgres(pg, out, run_as, services, opts.scale)?;
     report.postgres = pg_info;
@@ -2013,6 +2100,7 @@ fn run_shared(
         nodes: &[("perf-pg", pg_port, "primary")],
         split: false,
         extra: "",
+        workers: None,
     };
     let (proxy_port, proxy_info) = setup_proxy(pg, out, &opts.proxy_bin, services, &one_node)?;
     report.proxy = proxy_info;
@@ -2027,6 +2115,7 @@ fn run_shared(
                 ],
                 split: true,
                 extra: "",
+                workers: None,
             };
             let (port, info) = setup_proxy(pg, out, &opts.proxy_bin, services, &two)?;
             report.proxy_2node = info;
@@ -2040,9 +2129,24 @@ fn run_shared(
             nodes: &[("perf-pg", pg_port, "primary")],
             split: false,
             extra: "[failover]\nreplay = true\ntrack_commit_outcome = true\n",
+            workers: None,
         };
         let (port, info) = setup_proxy(pg, out, &opts.proxy_bin, services, &replaying)?;
         report.proxy_replay = info;
+        Some((port, services.0.last().map(|s| pid_of(&s.child))))
+    } else {
+        None
+    };
+    let proxy_one_worker = if selected.iter().any(|w| w.kind == Kind::SelectOneWorker) {
+        let one = ProxySpec {
+            label: "proxy-1w",
+            nodes: &[("perf-pg", pg_port, "primary")],
+            split: false,
+            extra: "",
+            workers: Some(1),
+        };
+        let (port, info) = setup_proxy(pg, out, &opts.proxy_bin, services, &one)?;
+        report.proxy_one_worker = info;
         Some((port, services.0.last().map(|s| pid_of(&s.child))))
     } else {
         None
@@ -2054,6 +2158,7 @@ fn run_shared(
         pgbouncer_prepared: pgb_prepared,
         proxy_2node_port,
         proxy_replay,
+        proxy_one_worker,
     };
 
     // Warm-up (not counted): fills the poolers' backend pools and PostgreSQL's caches.
@@ -2083,6 +2188,14 @@ fn run_shared(
     };
     if env.proxy_replay.is_some() {
         warmups.push((&warm_replay, Target::Proxy));
+    }
+    let warm_one_worker = Workload {
+        name: "warmup-1w".into(),
+        kind: Kind::SelectOneWorker,
+        ..warm.clone()
+    };
+    if env.proxy_one_worker.is_some() {
+        warmups.push((&warm_one_worker, Target::Proxy));
     }
     for (w, t) in warmups {
         services.check_alive()?;
@@ -2142,6 +2255,34 @@ fn run_shared(
         match routing_decisions(admin as u16) {
             Ok(decisions) => report.proxy_2node["routing_decisions"] = decisions,
             Err(e) => log(format!("proxy-2node routing decisions unavailable: {e}")),
+        }
+    }
+    if overhead {
+        services.check_alive()?;
+        let subjects: Vec<overhead::Subject> = [Target::Pgbouncer, Target::Proxy]
+            .into_iter()
+            .filter_map(|t| {
+                Some(overhead::Subject {
+                    name: t.name(),
+                    port: env.port(t),
+                    pid: env.pids[t as usize]?,
+                    admin_port: (t == Target::Proxy)
+                        .then(|| report.proxy["admin_port"].as_u64())
+                        .flatten()
+                        .map(|p| p as u16),
+                })
+            })
+            .collect();
+        log(format!(
+            "{}: system calls and allocations per query",
+            overhead::NAME
+        ));
+        report.overhead =
+            overhead::measure(&env.pg.tool("pgbench"), &subjects, &runs_dir, |port| {
+                admin_get(port, "/metrics")
+            });
+        for r in &report.overhead {
+            log(format!("  {}", overhead::line(r)));
         }
     }
     if idle {
@@ -2212,6 +2353,7 @@ fn main() {
         standby: serde_json::Value::Null,
         proxy_2node: serde_json::Value::Null,
         proxy_replay: serde_json::Value::Null,
+        proxy_one_worker: serde_json::Value::Null,
         pgbench: serde_json::json!({
             "scale": opts.scale,
             "duration_s": opts.duration_s,
@@ -2222,6 +2364,7 @@ fn main() {
         }),
         workloads: Vec::new(),
         idle_clients: Vec::new(),
+        overhead: Vec::new(),
         failover: Vec::new(),
     };
     let result = {

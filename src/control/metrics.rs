@@ -84,6 +84,8 @@ fn describe() {
         ("heliosdb_proxy_admin_connections_timed_out_total", "Admin API connections closed by the read or idle timeout"),
         ("heliosdb_proxy_admin_requests_total", "Admin API responses sent"),
         ("heliosdb_proxy_admin_requests_rejected_total", "Admin API requests answered 503 unrun, by reason: queue_full or expired (waited past admin_api.queue_timeout_ms)"),
+        ("heliosdb_proxy_allocations_total", "Heap allocations (and reallocations) made by the process, every thread"),
+        ("heliosdb_proxy_allocated_bytes_total", "Bytes those heap allocations asked for"),
         ("heliosdb_proxy_admin_requests_skipped_total", "Queued admin API requests dropped unrun because the client had gone"),
     ];
     for (name, help) in counters {
@@ -277,6 +279,9 @@ fn sync(control: &Control) {
         }
         gauge!("heliosdb_proxy_message_memory_bytes").set(totals.message_memory as f64);
         gauge!("heliosdb_proxy_uptime_seconds").set(control.uptime().as_secs_f64());
+        let (allocations, allocated_bytes) = crate::alloc_count::totals();
+        counter!("heliosdb_proxy_allocations_total").absolute(allocations);
+        counter!("heliosdb_proxy_allocated_bytes_total").absolute(allocated_bytes);
         gauge!("heliosdb_proxy_paused").set(f64::from(u8::from(control.paused())));
         admin_http(&control.admin_http);
 
@@ -547,10 +552,18 @@ pub fn json(control: &Control) -> Value {
             .map(|(cut, n)| (cut.label().to_string(), json!(n)))
             .collect::<serde_json::Map<_, _>>(),
         "message_memory_bytes": t.message_memory,
+        "allocations": allocations_json(),
         "uptime_seconds": control.uptime().as_secs(),
         "routing_decisions": routing,
         "admin_api": admin_json(&control.admin_http),
     })
+}
+
+/// Heap allocations since the start, every thread: with `queries_processed`, the perf
+/// harness derives allocations per query.
+fn allocations_json() -> Value {
+    let (count, bytes) = crate::alloc_count::totals();
+    json!({"count": count, "bytes": bytes})
 }
 
 /// The admin server's counters in `GET /metrics`.

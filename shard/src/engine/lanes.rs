@@ -685,6 +685,31 @@ impl Lanes {
         self.down.deactivate();
     }
 
+    /// Nothing in the lanes outlives the unit but the client stream's position: no bytes
+    /// pending, held or owed, no journal, nothing expected from a server. An idle session
+    /// then drops them (a few hundred bytes) and builds new ones for its next unit.
+    pub fn disposable(&self) -> bool {
+        let (up, down) = (&self.up, &self.down);
+        up.inb.is_none()
+            && up.big_len == 0
+            && up.big_memory.is_none()
+            && up.out_pos == up.out.len()
+            && up.anchor.is_none()
+            && up.journal.is_none()
+            && up.replay.is_none()
+            && down.buf.is_none()
+            && down.delivered.is_none()
+            && down.scanner.at_boundary()
+            && self.responses.is_clear()
+    }
+
+    /// Fresh lanes that go on from `position` in the client's stream.
+    pub fn resume(max_message_size: usize, position: u64) -> Self {
+        let mut lanes = Lanes::new(max_message_size);
+        lanes.up.position = position;
+        lanes
+    }
+
     /// Keeps a replay journal of every unit, up to `max` client bytes each.
     pub fn keep_journal(&mut self, max: usize) {
         self.up.journal = Some(Box::new(ClientJournal::new(max)));

@@ -128,20 +128,24 @@ fn home_pool(ctx: &ShardCtx, s: &mut Session) -> Rc<Pool> {
 }
 
 async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Session, phases: &P) {
-    // One allocation for the session's lanes and unit context: held by value in this
-    // future, the compiler's layout would pad them into a larger idle state.
-    let mut desk = Box::new((Lanes::new(ctx.max_message_size()), Unit::default()));
-    let (lanes, unit) = &mut *desk;
-    {
+    // The session's lanes and unit context, in one allocation of their own (held by value
+    // in this future, the compiler's layout would pad them into a larger idle state),
+    // present only while they hold something: a session idle between units keeps just
+    // its position in the client's stream.
+    let mut desk: Option<Box<(Lanes, Unit)>> = None;
+    let mut position = 0;
+    let journal = {
         let config = ctx.config();
-        if config.failover.replay {
-            lanes.keep_journal(config.failover.replay_journal_max_bytes);
-        }
-    }
-    let journaled = lanes.up.journal.is_some();
+        config
+            .failover
+            .replay
+            .then_some(config.failover.replay_journal_max_bytes)
+    };
+    let journaled = journal.is_some();
     loop {
         // Bytes the last unit left undecided (it was refused) start the next one.
-        let wake = if lanes.up.has_pending() {
+        let pending = desk.as_ref().is_some_and(|d| d.0.up.has_pending());
+        let wake = if pending {
             Wake::Pending
         } else {
             idle_wait(
@@ -152,6 +156,13 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Sessi
             )
             .await
         };
+        let (lanes, unit) = &mut **desk.get_or_insert_with(|| {
+            let mut lanes = Lanes::resume(ctx.max_message_size(), position);
+            if let Some(max) = journal {
+                lanes.keep_journal(max);
+            }
+            Box::new((lanes, Unit::default()))
+        });
         unit.reset();
         if journaled {
             lanes.begin_unit();
@@ -173,7 +184,7 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Sessi
                 continue;
             }
             Wake::BackendGone if s.held.is_some() && failover::unmovable_message(s).is_some() => {
-                lose_unmovable(ctx, client, s).await;
+                Box::pin(lose_unmovable(ctx, client, s)).await;
                 return;
             }
             other => {
@@ -197,6 +208,10 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Sessi
         // The unit is over: a database it needed to itself is open to others again.
         unit.fence = None;
         match cycle {
+            Cycle::Next if s.held.is_none() && lanes.disposable() && unit.disposable() => {
+                position = lanes.up.position();
+                desk = None;
+            }
             Cycle::Next => {}
             Cycle::Over => return,
             Cycle::ClientGone => {

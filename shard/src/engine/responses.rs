@@ -203,6 +203,17 @@ impl Responses {
         self.queue.len()
     }
 
+    /// Nothing expected, owed or waited for: a new `Responses` would do as well.
+    pub fn is_clear(&self) -> bool {
+        self.queue.is_empty()
+            && self.ready.is_empty()
+            && !self.unsynced
+            && !self.skipping
+            && !self.awaiting_check
+            && !self.awaiting_parse
+            && matches!(self.commit_xid, CommitXid::Unknown)
+    }
+
     /// The server ignores a message sent now: it reported an error and has not been
     /// sent the Sync that ends the skipping (once that Sync is queued, messages sent
     /// after it are answered again).

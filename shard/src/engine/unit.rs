@@ -34,6 +34,13 @@ pub struct Unit {
 
 impl Unit {
     /// Starts the next unit, keeping the memory the last one grew.
+    /// Nothing of this unit matters to the next one (see [`Lanes::disposable`]).
+    ///
+    /// [`Lanes::disposable`]: super::lanes::Lanes::disposable
+    pub fn disposable(&self) -> bool {
+        self.fence.is_none() && self.replaying.is_none() && self.sql.is_empty()
+    }
+
     pub fn reset(&mut self) {
         self.on_read_node = false;
         self.remember_position = false;
@@ -120,6 +127,10 @@ pub struct UnitSql {
 impl UnitSql {
     pub fn clear(&mut self) {
         self.ahead.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ahead.is_empty()
     }
 
     pub fn push(&mut self, offset: u64, analysis: Analysis) {
