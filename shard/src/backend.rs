@@ -6,13 +6,11 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 
 use crate::auth::client::{ClientAuth, ClientAuthError};
 use crate::auth::scram;
@@ -21,6 +19,7 @@ use crate::codec::frame::{Scanner, Step, TagSet};
 use crate::codec::tag::be as server_tag;
 use crate::codec::{frontend, startup, CodecError};
 use crate::msgio::{MessageReader, ReadError};
+use crate::nodeaddr::NodeAddr;
 use crate::prepared::ServerStatements;
 use crate::stream::NetStream;
 use futures_rustls::rustls::pki_types::ServerName;
@@ -28,14 +27,14 @@ use futures_rustls::rustls::pki_types::ServerName;
 /// What the proxy needs to open one backend connection.
 #[derive(Clone, Debug)]
 pub struct ConnectSpec {
-    pub addr: SocketAddr,
+    pub addr: NodeAddr,
     pub user: String,
     pub database: String,
     /// Configured (`users.server_password`), or learned from a client's login.
     pub credential: Option<crate::auth::ServerCredential>,
     /// Run-time parameters sent in the startup packet besides user and database.
     pub startup_params: Vec<(&'static str, &'static str)>,
-    /// The TCP connect.
+    /// The connect (TCP, or Unix-domain socket).
     pub connect_timeout: Duration,
     /// Startup and authentication after the connect.
     pub login_timeout: Duration,
@@ -138,11 +137,11 @@ impl fmt::Display for ServerError {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("could not connect to server {addr}: {source}")]
-    Connect { addr: SocketAddr, source: io::Error },
+    Connect { addr: NodeAddr, source: io::Error },
     #[error("timed out connecting to server {0}")]
-    ConnectTimeout(SocketAddr),
+    ConnectTimeout(NodeAddr),
     #[error("timed out logging in to server {0} (timeouts.server_login_timeout_ms)")]
-    LoginTimeout(SocketAddr),
+    LoginTimeout(NodeAddr),
     #[error("server connection lost: {0}")]
     Io(#[from] io::Error),
     #[error("server closed the connection unexpectedly")]
@@ -154,7 +153,7 @@ pub enum BackendError {
     #[error("server authentication failed: {0}")]
     Auth(String),
     #[error("TLS with server {addr}: {reason}")]
-    Tls { addr: SocketAddr, reason: String },
+    Tls { addr: NodeAddr, reason: String },
 }
 
 impl From<CodecError> for BackendError {
@@ -206,7 +205,7 @@ async fn negotiate_tls(
     stream: &mut NetStream,
     tls: &crate::tls::ServerTls,
     name: ServerName<'static>,
-    addr: SocketAddr,
+    addr: &NodeAddr,
 ) -> Result<(), BackendError> {
     let mut request = Vec::with_capacity(8);
     startup::encode_ssl_request(&mut request);
@@ -218,12 +217,12 @@ async fn negotiate_tls(
             .connect_tls(&tls.connector, name)
             .await
             .map_err(|e| BackendError::Tls {
-                addr,
+                addr: addr.clone(),
                 reason: e.to_string(),
             }),
         b'N' if tls.mode < crate::config::SslMode::Require => Ok(()),
         b'N' => Err(BackendError::Tls {
-            addr,
+            addr: addr.clone(),
             reason: "the server does not support SSL, but tls.server_sslmode requires it".into(),
         }),
         other => Err(BackendError::Protocol(format!(
@@ -241,7 +240,7 @@ fn keep_for_client(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
 pub struct BackendConn {
     pub stream: NetStream,
     pub id: u64,
-    pub addr: SocketAddr,
+    pub addr: NodeAddr,
     pub key: BackendKey,
     pub params: ServerParams,
     pub created: Instant,
@@ -270,36 +269,36 @@ pub type Rows = Vec<Vec<Option<String>>>;
 impl BackendConn {
     /// Opens, authenticates and waits for the first ReadyForQuery.
     pub async fn connect(spec: &ConnectSpec, id: u64) -> Result<BackendConn, BackendError> {
-        let stream = TcpStream::connect_timeout(spec.addr, spec.connect_timeout)
+        let mut stream = NetStream::connect(&spec.addr, spec.connect_timeout)
             .await
             .map_err(|e| {
-                let e = io::Error::from(e);
                 if e.kind() == io::ErrorKind::TimedOut {
-                    BackendError::ConnectTimeout(spec.addr)
+                    BackendError::ConnectTimeout(spec.addr.clone())
                 } else {
                     BackendError::Connect {
-                        addr: spec.addr,
+                        addr: spec.addr.clone(),
                         source: e,
                     }
                 }
             })?;
-        stream.set_nodelay(true).map_err(io::Error::from)?;
-        let mut stream = NetStream::from(stream);
-        if let Some((tls, name)) = &spec.tls {
+        stream.set_nodelay(true)?;
+        // No TLS over a Unix-domain socket (as libpq): the configuration refuses a
+        // server_sslmode that requires it for such a node.
+        if let Some((tls, name)) = spec.tls.as_ref().filter(|_| !stream.is_unix()) {
             let negotiated = crate::sync::timeout(
                 spec.login_timeout,
-                negotiate_tls(&mut stream, tls, name.clone(), spec.addr),
+                negotiate_tls(&mut stream, tls, name.clone(), &spec.addr),
             );
             match negotiated.await {
                 Some(r) => r?,
-                None => return Err(BackendError::LoginTimeout(spec.addr)),
+                None => return Err(BackendError::LoginTimeout(spec.addr.clone())),
             }
         }
         let now = Instant::now();
         let mut conn = BackendConn {
             stream,
             id,
-            addr: spec.addr,
+            addr: spec.addr.clone(),
             key: BackendKey { pid: 0, secret: 0 },
             params: ServerParams::default(),
             created: now,
@@ -313,7 +312,7 @@ impl BackendConn {
         let startup_fut = conn.startup(spec);
         match crate::sync::timeout(spec.login_timeout, startup_fut).await {
             Some(r) => r?,
-            None => return Err(BackendError::LoginTimeout(spec.addr)),
+            None => return Err(BackendError::LoginTimeout(spec.addr.clone())),
         }
         Ok(conn)
     }

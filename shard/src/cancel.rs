@@ -17,12 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
 use hashbrown::HashMap;
 
 use crate::backend::BackendKey;
 use crate::codec::startup;
+use crate::nodeaddr::NodeAddr;
 use crate::stats::ShardStats;
+use crate::stream::NetStream;
 
 /// The lowest pid the proxy makes up: above `PID_MAX_LIMIT` (2^22 on 64-bit Linux), the
 /// largest pid the kernel can ever hand out.
@@ -60,9 +61,9 @@ pub fn is_proxy_pid(pid: i32) -> bool {
 }
 
 /// Which backend a session's queries currently run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub addr: SocketAddr,
+    pub addr: NodeAddr,
     pub key: BackendKey,
     pub backend_id: u64,
 }
@@ -86,19 +87,23 @@ pub struct CancelHandle {
     /// The pid in the client's BackendKeyData.
     pub pid: i32,
     pub secret: i32,
-    target: Cell<Option<CancelTarget>>,
+    target: RefCell<Option<CancelTarget>>,
     pub info: ClientInfo,
 }
 
 impl CancelHandle {
     pub fn attach(&self, target: CancelTarget) {
-        self.target.set(Some(target));
+        *self.target.borrow_mut() = Some(target);
     }
     pub fn detach(&self) {
-        self.target.set(None);
+        *self.target.borrow_mut() = None;
     }
     pub fn target(&self) -> Option<CancelTarget> {
-        self.target.get()
+        self.target.borrow().clone()
+    }
+    /// Attached to a server connection right now.
+    pub fn attached(&self) -> bool {
+        self.target.borrow().is_some()
     }
 }
 
@@ -155,7 +160,7 @@ impl CancelRegistry {
             id,
             pid,
             secret,
-            target: Cell::new(None),
+            target: RefCell::new(None),
             info,
         });
         sessions.insert(id, handle.clone());
@@ -188,7 +193,7 @@ impl CancelRegistry {
         if peer_of(handle.info.fd) != handle.info.addr || handle.info.addr.is_none() {
             return false;
         }
-        if handle.target().is_none() {
+        if !handle.attached() {
             let mut out = Vec::with_capacity(96);
             crate::codec::backend::write_error(
                 &mut out,
@@ -237,11 +242,11 @@ impl CancelRegistry {
         let timeout = self.connect_timeout;
         let stats = self.stats.clone();
         glommio::spawn_local(async move {
-            let Ok(mut stream) = TcpStream::connect_timeout(target.addr, timeout).await else {
+            let Ok(mut stream) = NetStream::connect(&target.addr, timeout).await else {
                 return;
             };
             // Re-check after the connect: the backend must still serve this client.
-            if handle.target() != Some(target) {
+            if handle.target().as_ref() != Some(&target) {
                 return;
             }
             let mut out = Vec::with_capacity(16);
@@ -266,8 +271,8 @@ fn peer_of(fd: std::os::fd::RawFd) -> Option<SocketAddr> {
 }
 
 /// Sends a CancelRequest for `key` to the server at `addr` (best effort).
-pub async fn send_cancel(addr: SocketAddr, key: BackendKey, timeout: Duration) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(addr, timeout).await else {
+pub async fn send_cancel(addr: &NodeAddr, key: BackendKey, timeout: Duration) -> bool {
+    let Ok(mut stream) = NetStream::connect(addr, timeout).await else {
         return false;
     };
     let mut out = Vec::with_capacity(16);

@@ -378,13 +378,15 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
-    /// "host:port", with IPv6 literals bracketed so the result resolves.
+    /// "host:port", with IPv6 literals bracketed so the result resolves; for a Unix-socket
+    /// directory (a `host` starting with `/`), the socket file `{host}/.s.PGSQL.{port}`.
     pub fn address(&self) -> String {
-        if self.host.contains(':') && !self.host.starts_with('[') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::nodeaddr::address(&self.host, self.port)
+    }
+
+    /// Is this node reached over a Unix-domain socket?
+    pub fn is_unix(&self) -> bool {
+        crate::nodeaddr::is_socket_dir(&self.host)
     }
 
     pub fn label(&self) -> String {

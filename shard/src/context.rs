@@ -328,7 +328,7 @@ impl ShardCtx {
         }
         let config = self.config();
         let spec = ConnectSpec {
-            addr: node.addr,
+            addr: node.addr.clone(),
             user: user.server_user.clone(),
             database: database.to_string(),
             credential: self.credential_for(user),
@@ -464,7 +464,8 @@ impl ShardCtx {
         Ok(())
     }
 
-    /// How to reach the server at `address` ("host:port") over TLS, if at all.
+    /// How to reach the server at `address` ("host:port") over TLS, if at all: never
+    /// for a Unix-socket node (its address is the socket's path), as with libpq.
     pub(crate) fn server_tls_for(
         &self,
         address: &str,
@@ -472,6 +473,9 @@ impl ShardCtx {
         crate::tls::ServerTls,
         futures_rustls::rustls::pki_types::ServerName<'static>,
     )> {
+        if crate::nodeaddr::is_socket_dir(address) {
+            return None;
+        }
         let tls = self.server_tls.borrow().clone()?;
         Some((tls, crate::tls::server_name(address)?))
     }

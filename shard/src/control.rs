@@ -102,7 +102,7 @@ pub struct ClientReport {
     /// Holds a server connection right now.
     pub active: bool,
     /// Address of the server it is attached to, if any.
-    pub server: Option<SocketAddr>,
+    pub server: Option<crate::nodeaddr::NodeAddr>,
 }
 
 /// One open server connection.
@@ -112,7 +112,8 @@ pub struct ServerReport {
     pub node: String,
     pub database: String,
     pub user: String,
-    pub addr: SocketAddr,
+    pub addr: crate::nodeaddr::NodeAddr,
+    /// The local TCP port (0 for a Unix-domain socket, or unknown).
     pub local_port: u16,
     /// The backend's own process id.
     pub backend_pid: i32,

@@ -16,6 +16,7 @@ pub mod fence;
 pub mod lease;
 pub mod mailbox;
 pub mod msgio;
+pub mod nodeaddr;
 pub mod pool;
 pub mod prepared;
 pub mod router;

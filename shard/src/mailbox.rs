@@ -40,11 +40,11 @@ pub fn snapshot(ctx: &ShardCtx, detail: Detail) -> ShardSnapshot {
     } else {
         Vec::new()
     };
-    let node_of = |addr: std::net::SocketAddr| {
+    let node_of = |addr: &crate::nodeaddr::NodeAddr| {
         ctx.nodes
             .borrow()
             .iter()
-            .find(|n| n.addr == addr)
+            .find(|n| n.addr == *addr)
             .map(|n| n.address.to_string())
             .unwrap_or_else(|| addr.to_string())
     };
@@ -58,7 +58,7 @@ pub fn snapshot(ctx: &ShardCtx, detail: Detail) -> ShardSnapshot {
                 addr: s.info.addr,
                 connected: s.info.connected,
                 application_name: s.info.application_name.as_deref().unwrap_or("").into(),
-                active: s.target().is_some(),
+                active: s.attached(),
                 server: s.target().map(|t| t.addr),
             })
             .collect()
@@ -74,7 +74,7 @@ pub fn snapshot(ctx: &ShardCtx, detail: Detail) -> ShardSnapshot {
             if let Some(target) = s.target() {
                 servers.push(ServerReport {
                     id: target.backend_id,
-                    node: node_of(target.addr),
+                    node: node_of(&target.addr),
                     database: s.info.database.to_string(),
                     user: s.info.user.to_string(),
                     addr: target.addr,

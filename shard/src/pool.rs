@@ -334,7 +334,7 @@ impl Pool {
             node: self.key.node.to_string(),
             database: self.key.database.to_string(),
             user: self.key.user.to_string(),
-            addr: conn.addr,
+            addr: conn.addr.clone(),
             local_port: conn.stream.local_addr().map(|a| a.port()).unwrap_or(0),
             backend_pid: conn.key.pid,
             connected: Some(SystemTime::now() - conn.created.elapsed()),

@@ -370,7 +370,7 @@ mod tests {
         LocalNode {
             address: address.into(),
             label: address.into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
+            addr: crate::nodeaddr::NodeAddr::Tcp("127.0.0.1:1".parse().unwrap()),
             role,
             weight,
             priority: None,

@@ -5,19 +5,20 @@
 //! snapshots; each shard keeps a [`LocalNode`] copy whose strings are shard-local `Rc`s,
 //! so counting a routing decision never touches memory another core writes.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 
 use crate::config::{Config, NodeRole};
+use crate::nodeaddr::NodeAddr;
 
 /// One backend node. `S` is the string type: `String` where it crosses threads,
 /// `Rc<str>` on a shard ([`LocalNode`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node<S = String> {
-    /// "host:port" as configured: the node's name in the admin API and pool keys.
+    /// "host:port" as configured (the socket file's path for a Unix-socket node): the
+    /// node's name in the admin API and pool keys.
     pub address: S,
     pub label: S,
-    pub addr: SocketAddr,
+    pub addr: NodeAddr,
     pub role: NodeRole,
     pub weight: u32,
     pub priority: Option<u32>,
@@ -52,12 +53,8 @@ impl Node {
     /// A configured node before any health check: routable if enabled. The address is
     /// resolved here, once.
     pub fn configured(node: &crate::config::NodeConfig) -> Result<Node, String> {
-        let addr = node
-            .address()
-            .to_socket_addrs()
-            .map_err(|e| format!("node {}: {e}", node.label()))?
-            .next()
-            .ok_or_else(|| format!("node {}: address resolves to nothing", node.label()))?;
+        let addr = NodeAddr::resolve(&node.host, node.port)
+            .map_err(|e| format!("node {}: {e}", node.label()))?;
         Ok(Node {
             address: node.address(),
             label: node.label(),
@@ -75,12 +72,12 @@ impl Node {
         })
     }
 
-    /// This node with shard-local strings.
+    /// This node with shard-local strings (and socket path).
     pub fn local(&self) -> LocalNode {
         Node {
             address: self.address.as_str().into(),
             label: self.label.as_str().into(),
-            addr: self.addr,
+            addr: self.addr.detached(),
             role: self.role,
             weight: self.weight,
             priority: self.priority,
@@ -168,7 +165,7 @@ mod tests {
         Node {
             address: address.into(),
             label: address.into(),
-            addr: "127.0.0.1:5432".parse().unwrap(),
+            addr: NodeAddr::Tcp("127.0.0.1:5432".parse().unwrap()),
             role,
             weight: 100,
             priority: None,

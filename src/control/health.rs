@@ -177,7 +177,7 @@ fn check_loop(control: &Arc<Control>, address: &str, stopped: &Receiver<()>, wok
         }
         let (user, password) = config.health_credentials();
         let target = Target {
-            addr: node.addr,
+            addr: &node.addr,
             user: &user,
             password: password.as_deref(),
             database: &config.health.database,

@@ -1,10 +1,12 @@
 //! A small blocking PostgreSQL client for the control threads (the health checker): one
-//! `std::net::TcpStream`, the shard crate's sans-IO codec and client authentication, and
-//! a deadline that bounds every step, connect included. It only runs simple Queries and
-//! keeps the text values of their rows.
+//! `std::net::TcpStream` (or `UnixStream` for a node configured by socket directory), the
+//! shard crate's sans-IO codec and client authentication, and a deadline that bounds
+//! every step, connect included. It only runs simple Queries and keeps the text values of
+//! their rows.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use helios_shard::auth::client::{ClientAuth, ClientAuthError};
@@ -12,6 +14,7 @@ use helios_shard::auth::scram::SaltedPasswordCache;
 use helios_shard::codec::backend::{self as be, BackendMessage, Fields};
 use helios_shard::codec::{frame, frontend, startup};
 use helios_shard::config::SslMode;
+use helios_shard::nodeaddr::NodeAddr;
 use helios_shard::tls::{rustls, ServerTls};
 
 /// Larger messages are refused: probes read a handful of short rows.
@@ -24,27 +27,37 @@ pub type Rows = Vec<Vec<Option<String>>>;
 /// Where and as whom a probe logs in.
 #[derive(Clone, Copy, Debug)]
 pub struct Target<'a> {
-    pub addr: SocketAddr,
+    pub addr: &'a NodeAddr,
     pub user: &'a str,
     pub password: Option<&'a str>,
     pub database: &'a str,
-    /// TLS as the shards use it (`tls.server_sslmode`), and the node's "host:port" for
-    /// the name its certificate must carry.
+    /// TLS as the shards use it (`tls.server_sslmode`; never over a Unix-domain socket),
+    /// and the node's "host:port" for the name its certificate must carry.
     pub tls: Option<&'a ServerTls>,
     pub address: &'a str,
 }
 
-/// The probe's socket, plain or TLS.
+/// The probe's socket: plain TCP, TLS over TCP, or a Unix-domain socket.
 enum ProbeStream {
     Plain(TcpStream),
+    Unix(UnixStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl ProbeStream {
-    fn tcp(&self) -> &TcpStream {
+    fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
         match self {
-            ProbeStream::Plain(tcp) => tcp,
-            ProbeStream::Tls(tls) => &tls.sock,
+            ProbeStream::Plain(tcp) => tcp.set_read_timeout(Some(timeout)),
+            ProbeStream::Unix(unix) => unix.set_read_timeout(Some(timeout)),
+            ProbeStream::Tls(tls) => tls.sock.set_read_timeout(Some(timeout)),
+        }
+    }
+
+    fn set_write_timeout(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            ProbeStream::Plain(tcp) => tcp.set_write_timeout(Some(timeout)),
+            ProbeStream::Unix(unix) => unix.set_write_timeout(Some(timeout)),
+            ProbeStream::Tls(tls) => tls.sock.set_write_timeout(Some(timeout)),
         }
     }
 }
@@ -53,6 +66,7 @@ impl Read for ProbeStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             ProbeStream::Plain(tcp) => tcp.read(buf),
+            ProbeStream::Unix(unix) => unix.read(buf),
             ProbeStream::Tls(tls) => tls.read(buf),
         }
     }
@@ -62,6 +76,7 @@ impl Write for ProbeStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             ProbeStream::Plain(tcp) => tcp.write(buf),
+            ProbeStream::Unix(unix) => unix.write(buf),
             ProbeStream::Tls(tls) => tls.write(buf),
         }
     }
@@ -69,6 +84,7 @@ impl Write for ProbeStream {
     fn flush(&mut self) -> io::Result<()> {
         match self {
             ProbeStream::Plain(tcp) => tcp.flush(),
+            ProbeStream::Unix(unix) => unix.flush(),
             ProbeStream::Tls(tls) => tls.flush(),
         }
     }
@@ -78,7 +94,7 @@ impl Write for ProbeStream {
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("could not connect to server {addr}: {source}")]
-    Connect { addr: SocketAddr, source: io::Error },
+    Connect { addr: NodeAddr, source: io::Error },
     #[error("timed out {0}")]
     Timeout(&'static str),
     #[error("server connection lost: {0}")]
@@ -196,6 +212,16 @@ fn negotiate_tls(
     }
 }
 
+/// Connects a Unix-domain socket. That waits only while the server's listen queue is
+/// full, and then (on Linux) no longer than the socket's send timeout: `timeout`.
+fn connect_unix(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_write_timeout(Some(timeout))?;
+    socket.connect(&SockAddr::unix(path)?)?;
+    Ok(socket.into())
+}
+
 /// Time left before `deadline`, or a timeout error naming what was being waited for.
 fn left(deadline: Instant, waiting: &'static str) -> Result<Duration, ProbeError> {
     deadline
@@ -207,20 +233,29 @@ fn left(deadline: Instant, waiting: &'static str) -> Result<Duration, ProbeError
 impl Probe {
     /// Connects and logs in (trust, cleartext, md5 or SCRAM-SHA-256) before `deadline`.
     pub fn connect(target: Target<'_>, deadline: Instant) -> Result<Probe, ProbeError> {
-        let stream = TcpStream::connect_timeout(&target.addr, left(deadline, "connecting")?)
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
-                    ProbeError::Timeout("connecting")
+        let refused = |source: io::Error| match source.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+                ProbeError::Timeout("connecting")
+            }
+            _ => ProbeError::Connect {
+                addr: target.addr.clone(),
+                source,
+            },
+        };
+        let stream = match target.addr {
+            NodeAddr::Tcp(addr) => {
+                let stream = TcpStream::connect_timeout(addr, left(deadline, "connecting")?)
+                    .map_err(refused)?;
+                stream.set_nodelay(true).map_err(ProbeError::Io)?;
+                match target.tls {
+                    Some(tls) => negotiate_tls(stream, tls, target.address, deadline)?,
+                    None => ProbeStream::Plain(stream),
                 }
-                _ => ProbeError::Connect {
-                    addr: target.addr,
-                    source,
-                },
-            })?;
-        stream.set_nodelay(true).map_err(ProbeError::Io)?;
-        let stream = match target.tls {
-            Some(tls) => negotiate_tls(stream, tls, target.address, deadline)?,
-            None => ProbeStream::Plain(stream),
+            }
+            // Never TLS over a Unix-domain socket, as with libpq.
+            NodeAddr::Unix { path, .. } => ProbeStream::Unix(
+                connect_unix(path, left(deadline, "connecting")?).map_err(refused)?,
+            ),
         };
         let mut probe = Probe {
             stream,
@@ -325,8 +360,7 @@ impl Probe {
     fn send(&mut self, bytes: &[u8], deadline: Instant) -> Result<(), ProbeError> {
         let waiting = "sending to the server";
         self.stream
-            .tcp()
-            .set_write_timeout(Some(left(deadline, waiting)?))
+            .set_write_timeout(left(deadline, waiting)?)
             .map_err(ProbeError::Io)?;
         self.stream
             .write_all(bytes)
@@ -351,8 +385,7 @@ impl Probe {
             self.buf.drain(..self.start);
             self.start = 0;
             self.stream
-                .tcp()
-                .set_read_timeout(Some(left(deadline, waiting)?))
+                .set_read_timeout(left(deadline, waiting)?)
                 .map_err(ProbeError::Io)?;
             let old = self.buf.len();
             self.buf.resize(old + 8192, 0);
@@ -374,9 +407,9 @@ mod tests {
     use std::net::TcpListener;
 
     /// A fake server that answers the startup with `script` and then reads until EOF.
-    fn serve(script: Vec<u8>) -> SocketAddr {
+    fn serve(script: Vec<u8>) -> &'static NodeAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = Box::leak(Box::new(NodeAddr::Tcp(listener.local_addr().unwrap())));
         std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
             let mut sink = [0u8; 1024];
@@ -387,7 +420,7 @@ mod tests {
         addr
     }
 
-    fn target(addr: SocketAddr) -> Target<'static> {
+    fn target(addr: &'static NodeAddr) -> Target<'static> {
         Target {
             addr,
             user: "u",
@@ -414,6 +447,48 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "FATAL 28P01: password authentication failed for user \"u\""
+        );
+    }
+
+    #[test]
+    fn a_unix_socket_node_is_reached_at_its_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = NodeAddr::resolve(dir.path().to_str().unwrap(), 5999).unwrap();
+        let NodeAddr::Unix { path, .. } = &addr else {
+            panic!("{addr} is not a Unix socket")
+        };
+        assert!(path.ends_with(".s.PGSQL.5999"));
+        // Nothing listens yet: the error names the socket file.
+        let addr: &'static NodeAddr = Box::leak(Box::new(addr.clone()));
+        let err = Probe::connect(target(addr), Instant::now() + Duration::from_secs(5))
+            .err()
+            .expect("no server");
+        assert!(matches!(err, ProbeError::Connect { .. }), "{err}");
+        assert!(err.to_string().contains(".s.PGSQL.5999"), "{err}");
+        let NodeAddr::Unix { path, .. } = addr else {
+            unreachable!()
+        };
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut sink = [0u8; 1024];
+            let _ = conn.read(&mut sink);
+            let mut script = Vec::new();
+            be::write_error(
+                &mut script,
+                "FATAL",
+                "3D000",
+                "database \"d\" does not exist",
+            );
+            let _ = conn.write_all(&script);
+            while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let err = Probe::connect(target(addr), Instant::now() + Duration::from_secs(5))
+            .err()
+            .expect("login fails");
+        assert_eq!(
+            err.to_string(),
+            "FATAL 3D000: database \"d\" does not exist"
         );
     }
 

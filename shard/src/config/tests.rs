@@ -511,6 +511,55 @@ mod validation {
     use super::*;
 
     #[test]
+    fn a_unix_socket_directory_is_a_node_host() {
+        let mut config = base();
+        config.nodes[0].host = "/var/run/postgresql".into();
+        config
+            .validate()
+            .expect("an absolute socket directory is a host");
+        assert!(config.nodes[0].is_unix());
+        assert_eq!(
+            config.nodes[0].address(),
+            "/var/run/postgresql/.s.PGSQL.5432"
+        );
+        assert_eq!(config.nodes[0].label(), "/var/run/postgresql/.s.PGSQL.5432");
+        let topology = crate::topology::Topology::configured(&config).unwrap();
+        assert_eq!(
+            topology.nodes[0].addr.to_string(),
+            "/var/run/postgresql/.s.PGSQL.5432"
+        );
+        // TLS that may be declined is simply not used over the socket.
+        config.tls.server_sslmode = SslMode::Prefer;
+        config
+            .validate()
+            .expect("prefer is plain over a Unix socket");
+    }
+
+    #[test]
+    fn a_relative_or_too_long_socket_directory_is_refused() {
+        let mut config = base();
+        config.nodes[1].host = "run/pg".into();
+        rejects(config.clone(), "nodes[1].host");
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("absolute path"), "{error}");
+        config.nodes[1].host = format!("/{}", "d".repeat(100));
+        rejects(config, "nodes[1].host");
+    }
+
+    #[test]
+    fn tls_that_must_be_used_is_refused_with_a_unix_socket_node() {
+        let mut config = base();
+        config.nodes[1].host = "/tmp".into();
+        config.tls.server_sslmode = SslMode::Require;
+        rejects(config.clone(), "tls.server_sslmode");
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("nodes[1]") && error.contains("/tmp/.s.PGSQL.5432"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn base_is_valid() {
         assert_eq!(base().validate(), Ok(()));
     }

@@ -30,6 +30,7 @@ pub(super) fn config(config: &Config) -> Check {
     admin(config)?;
     admin_api(&config.admin_api)?;
     tls(&config.tls)?;
+    unix_tls(config)?;
     cert_logins(config)?;
     auth_query(&config.auth)?;
     failover(&config.failover)?;
@@ -434,6 +435,26 @@ fn nodes(nodes: &[NodeConfig]) -> Check {
         ensure(node.port > 0, &key("port"), || {
             "must be greater than 0".into()
         })?;
+        if node.is_unix() {
+            let path = node.address();
+            ensure(
+                path.len() <= crate::nodeaddr::MAX_SOCKET_PATH,
+                &key("host"),
+                || {
+                    format!(
+                        "the socket path `{path}` is longer than the {} bytes a Unix-domain socket address holds",
+                        crate::nodeaddr::MAX_SOCKET_PATH
+                    )
+                },
+            )?;
+        } else {
+            ensure(!node.host.contains('/'), &key("host"), || {
+                format!(
+                    "`{}` is neither a host name nor an IP address; a Unix-socket directory must be an absolute path (starting with /)",
+                    node.host
+                )
+            })?;
+        }
         if let Some(name) = &node.name {
             ensure(!name.is_empty(), &key("name"), || {
                 "must not be empty when set".into()
@@ -441,6 +462,24 @@ fn nodes(nodes: &[NodeConfig]) -> Check {
         }
     }
     single_primary(nodes)
+}
+
+/// TLS is never used over a Unix-domain socket (as with libpq), so a `server_sslmode`
+/// that requires it cannot be met by a node reached that way.
+fn unix_tls(config: &Config) -> Check {
+    if config.tls.server_sslmode < super::SslMode::Require {
+        return Ok(());
+    }
+    match config.nodes.iter().position(NodeConfig::is_unix) {
+        Some(index) => Err(ConfigError::new(
+            "tls.server_sslmode",
+            format!(
+                "requires TLS, which is not used over a Unix-domain socket, and nodes[{index}] (`{}`) is reached over one: use prefer, allow or disable, or give that node a TCP host",
+                config.nodes[index].address()
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Writes need exactly one place to go.

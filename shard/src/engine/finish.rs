@@ -232,7 +232,7 @@ async fn clean(
     if work.in_flight > 0 {
         if cancel_running {
             send_cancel(
-                backend.addr,
+                &backend.addr,
                 backend.key,
                 Duration::from_millis(ctx.config().timeouts.connect_timeout_ms),
             )

@@ -141,7 +141,7 @@ impl Session {
     pub fn point_cancel(&self, backend: Option<&crate::backend::BackendConn>) {
         match backend {
             Some(b) => self.cancel.attach(crate::cancel::CancelTarget {
-                addr: b.addr,
+                addr: b.addr.clone(),
                 key: b.key,
                 backend_id: b.id,
             }),

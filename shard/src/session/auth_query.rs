@@ -8,7 +8,6 @@
 //! the catalog (CVE-2025-12819).
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,6 +18,7 @@ use crate::backend::{BackendConn, ConnectSpec, Rows};
 use crate::codec::frontend;
 use crate::codec::tag::status;
 use crate::context::ShardCtx;
+use crate::nodeaddr::NodeAddr;
 
 /// What the server holds for one role.
 #[derive(Clone, Debug)]
@@ -89,7 +89,7 @@ impl Default for AuthQuery {
 }
 
 struct Idle {
-    addr: SocketAddr,
+    addr: NodeAddr,
     database: String,
     conn: BackendConn,
 }
@@ -184,9 +184,9 @@ impl AuthQuery {
         user: &str,
     ) -> Result<Found, LookupError> {
         let (addr, address) = lookup_node(ctx).ok_or(LookupError::NoNode)?;
-        let mut conn = match self.take_idle(addr, database) {
+        let mut conn = match self.take_idle(&addr, database) {
             Some(conn) => conn,
-            None => connect(ctx, addr, &address, database).await?,
+            None => connect(ctx, addr.clone(), &address, database).await?,
         };
         let mut request = Vec::with_capacity(128 + query.len() + user.len());
         frontend::encode_parse(&mut request, "", query, &[]);
@@ -208,13 +208,13 @@ impl AuthQuery {
         parse_rows(rows)
     }
 
-    fn take_idle(&self, addr: SocketAddr, database: &str) -> Option<BackendConn> {
+    fn take_idle(&self, addr: &NodeAddr, database: &str) -> Option<BackendConn> {
         let mut idle = self.idle.borrow_mut();
         // Those to another node (a primary since replaced) are of no more use.
-        idle.retain(|c| c.addr == addr);
+        idle.retain(|c| c.addr == *addr);
         while let Some(i) = idle
             .iter()
-            .position(|c| c.addr == addr && c.database == database)
+            .position(|c| c.addr == *addr && c.database == database)
         {
             let found = idle.swap_remove(i);
             if found.conn.is_alive() {
@@ -224,7 +224,7 @@ impl AuthQuery {
         None
     }
 
-    fn keep_idle(&self, addr: SocketAddr, database: &str, conn: BackendConn) {
+    fn keep_idle(&self, addr: NodeAddr, database: &str, conn: BackendConn) {
         let mut idle = self.idle.borrow_mut();
         if idle.len() < MAX_CONNECTIONS {
             idle.push(Idle {
@@ -238,12 +238,12 @@ impl AuthQuery {
 
 /// The primary when it may take work, else any node that may: every node holds the
 /// same roles, and logins should not stop while a primary is replaced.
-fn lookup_node(ctx: &ShardCtx) -> Option<(SocketAddr, Rc<str>)> {
+fn lookup_node(ctx: &ShardCtx) -> Option<(NodeAddr, Rc<str>)> {
     let nodes = ctx.nodes.borrow();
     let primary = crate::topology::primary_of(&nodes).filter(|n| n.routable());
     primary
         .or_else(|| nodes.iter().find(|n| n.routable()))
-        .map(|n| (n.addr, n.address.clone()))
+        .map(|n| (n.addr.clone(), n.address.clone()))
 }
 
 /// Startup parameters of a lookup connection: the catalog first, temporary objects
@@ -255,7 +255,7 @@ const LOOKUP_PARAMS: [(&str, &str); 2] = [
 
 async fn connect(
     ctx: &ShardCtx,
-    addr: SocketAddr,
+    addr: NodeAddr,
     address: &str,
     database: &str,
 ) -> Result<BackendConn, LookupError> {

@@ -318,7 +318,7 @@ fn clients(control: &Control) -> ConsoleResult {
                 None,
                 text(0),
                 text(format!("{:x}", c.pid)),
-                c.server.map(|a| a.to_string()),
+                c.server.as_ref().map(|a| a.to_string()),
                 text(0),
                 text(""),
                 text(&c.application_name),
@@ -350,7 +350,7 @@ fn servers(control: &Control) -> ConsoleResult {
                 text(&s.user),
                 text(&s.database),
                 text(if s.idle { "idle" } else { "active" }),
-                text(s.addr.ip()),
+                text(s.addr.host()),
                 text(s.addr.port()),
                 None,
                 (s.local_port != 0).then(|| s.local_port.to_string()),
@@ -404,7 +404,7 @@ fn databases(control: &Control) -> ConsoleResult {
                 .sum();
             rows.push(vec![
                 text(&name),
-                text(node.addr.ip()),
+                text(node.addr.host()),
                 text(node.addr.port()),
                 text(&name),
                 None,

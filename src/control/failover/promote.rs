@@ -48,7 +48,7 @@ fn connect(config: &Config, node: &NodeStatus) -> Result<Probe, ProbeError> {
         .ok()
         .flatten();
     let target = Target {
-        addr: node.addr,
+        addr: &node.addr,
         user: &user,
         password: password.as_deref(),
         database: &config.health.database,
