@@ -14,12 +14,15 @@ const SLOTS: usize = 64;
 struct Slot {
     count: AtomicU64,
     bytes: AtomicU64,
+    /// Bytes given back (the heap in use is `bytes - freed`, summed over every block).
+    freed: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
 const EMPTY: Slot = Slot {
     count: AtomicU64::new(0),
     bytes: AtomicU64::new(0),
+    freed: AtomicU64::new(0),
 };
 
 static SLOT_TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
@@ -35,7 +38,7 @@ pub struct Counting;
 
 impl Counting {
     #[inline]
-    fn note(size: usize) {
+    fn slot() -> &'static Slot {
         let slot = MY_SLOT
             .try_with(|mine| {
                 let mut slot = mine.get();
@@ -47,9 +50,19 @@ impl Counting {
             })
             // A thread being torn down: any block will do.
             .unwrap_or(0);
-        let slot = &SLOT_TABLE[slot];
+        &SLOT_TABLE[slot]
+    }
+
+    #[inline]
+    fn note(size: usize) {
+        let slot = Self::slot();
         slot.count.fetch_add(1, Ordering::Relaxed);
         slot.bytes.fetch_add(size as u64, Ordering::Relaxed);
+    }
+
+    #[inline]
+    fn note_free(size: usize) {
+        Self::slot().freed.fetch_add(size as u64, Ordering::Relaxed);
     }
 }
 
@@ -67,33 +80,59 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         Self::note(new_size);
+        Self::note_free(layout.size());
         System.realloc(ptr, layout, new_size)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        Self::note_free(layout.size());
         System.dealloc(ptr, layout)
     }
 }
 
-/// Allocations (and reallocations) since the start, and the bytes they asked for.
-pub fn totals() -> (u64, u64) {
-    SLOT_TABLE.iter().fold((0, 0), |(count, bytes), slot| {
+/// What the allocator has done since the start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Totals {
+    /// Allocations and reallocations.
+    pub count: u64,
+    /// Bytes they asked for.
+    pub bytes: u64,
+    /// Bytes allocated and not yet freed (the heap in use, allocator overhead aside).
+    pub in_use: u64,
+}
+
+pub fn totals() -> Totals {
+    let (count, bytes, freed) = SLOT_TABLE.iter().fold((0, 0, 0), |(c, b, f), slot| {
         (
-            count + slot.count.load(Ordering::Relaxed),
-            bytes + slot.bytes.load(Ordering::Relaxed),
+            c + slot.count.load(Ordering::Relaxed),
+            b + slot.bytes.load(Ordering::Relaxed),
+            f + slot.freed.load(Ordering::Relaxed),
         )
-    })
+    });
+    Totals {
+        count,
+        bytes,
+        // Blocks are read one after another: a free counted before its allocation is
+        // must not wrap the figure.
+        in_use: bytes.saturating_sub(freed),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn counts_this_threads_allocations() {
-        let (before, bytes_before) = super::totals();
-        let v: Vec<u8> = Vec::with_capacity(1000);
+        let before = super::totals();
+        let v: Vec<u8> = Vec::with_capacity(100_000);
         std::hint::black_box(&v);
-        let (after, bytes_after) = super::totals();
-        assert!(after > before);
-        assert!(bytes_after >= bytes_before + 1000);
+        let after = super::totals();
+        assert!(after.count > before.count);
+        assert!(after.bytes >= before.bytes + 100_000);
+        drop(v);
+        let freed = super::totals();
+        assert!(
+            freed.in_use + 50_000 < after.in_use,
+            "{after:?} then {freed:?}"
+        );
     }
 }

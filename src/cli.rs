@@ -21,7 +21,7 @@ pub struct Args {
     /// Admin API address, overrides `admin_address`.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
-    /// Number of worker shards, overrides `workers` (0 = one per core).
+    /// Number of worker shards, overrides `workers` (0 = one per two cores).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Validate the configuration and exit (0 when valid, 2 when not).

@@ -139,6 +139,7 @@ async fn endpoints_answer_with_the_documented_shapes_and_errors() {
             "allocations.{key} did not move: {before} -> {after}"
         );
     }
+    assert!(after["allocations"]["in_use_bytes"].as_u64() > Some(0));
     assert!(get(port, "/sessions").json()["active_sessions"].as_u64() >= Some(1));
     let pools = get(port, "/pools").json();
     let pool = &pools.as_array().expect("array")[0];
@@ -548,6 +549,7 @@ async fn the_prometheus_page_parses_and_counters_move_with_traffic() {
     moved("heliosdb_proxy_connections_total", 1.0);
     moved("heliosdb_proxy_allocations_total", 1.0);
     moved("heliosdb_proxy_allocated_bytes_total", 1.0);
+    assert!(sample(&after, "heliosdb_proxy_heap_in_use_bytes") > 0.0);
     moved("heliosdb_proxy_query_duration_seconds_count", 21.0);
     moved("heliosdb_proxy_pool_acquire_duration_seconds_count", 21.0);
     let inf = sample(

@@ -168,8 +168,8 @@ enum Kind {
     ReadMostly,
     /// The TPC-B-like script; the proxy column keeps a replay journal.
     TpcbReplay,
-    /// select-only, simple protocol; the proxy column is a proxy with one worker.
-    SelectOneWorker,
+    /// select-only, simple protocol; the proxy column is a proxy with one worker per core.
+    SelectPerCore,
 }
 
 #[derive(Clone, Serialize)]
@@ -201,17 +201,17 @@ fn workloads(mode: Mode) -> Vec<Workload> {
             cpu: c == 1 || c == 64,
         })
         .collect();
-    // The same at 1 and 64 clients against a proxy with `workers = 1`: the trade-off
-    // behind the `workers` default on a box shared with PostgreSQL.
-    let one_worker: &[u32] = match mode {
+    // The same against a proxy with one worker per core: the trade-off behind the
+    // `workers` default (one per two cores) on a box shared with PostgreSQL.
+    let per_core: &[u32] = match mode {
         Mode::Quick => &[1, 64],
         Mode::Full => &[1, 64, 1000],
     };
-    v.extend(one_worker.iter().map(|&c| Workload {
-        name: format!("select-simple-1w-c{c}"),
-        kind: Kind::SelectOneWorker,
+    v.extend(per_core.iter().map(|&c| Workload {
+        name: format!("select-simple-percore-c{c}"),
+        kind: Kind::SelectPerCore,
         clients: c,
-        description: "select-simple; the proxy column is a proxy with workers = 1 \
+        description: "select-simple; the proxy column is a proxy with one worker per core \
                       (compare with select-simple's proxy column, same run)",
         latency: c == 1 || c == 1000,
         cpu: c != 1000,
@@ -276,7 +276,7 @@ impl Workload {
             duration_s.to_string(),
         ];
         match self.kind {
-            Kind::SelectSimple | Kind::SelectOneWorker => {
+            Kind::SelectSimple | Kind::SelectPerCore => {
                 a.extend(["-S".into(), "-M".into(), "simple".into()])
             }
             Kind::SelectPrepared => a.extend(["-S".into(), "-M".into(), "prepared".into()]),
@@ -684,8 +684,9 @@ struct Env {
     proxy_2node_port: Option<u16>,
     /// The replaying proxy's port and PID, when the tpcb-replay workload is selected.
     proxy_replay: Option<(u16, Option<libc::pid_t>)>,
-    /// The one-worker proxy's port and PID, when a select-simple-1w workload is selected.
-    proxy_one_worker: Option<(u16, Option<libc::pid_t>)>,
+    /// The one-worker-per-core proxy's port and PID, when a select-simple-percore workload
+    /// is selected.
+    proxy_per_core: Option<(u16, Option<libc::pid_t>)>,
 }
 
 impl Env {
@@ -699,8 +700,8 @@ impl Env {
         match (w.kind, t, self.proxy_2node_port, self.proxy_replay) {
             (Kind::ReadMostly, Target::Proxy, Some(p), _) => p,
             (Kind::TpcbReplay, Target::Proxy, _, Some((p, _))) => p,
-            (Kind::SelectOneWorker, Target::Proxy, _, _) => {
-                self.proxy_one_worker.map_or(self.port(t), |(p, _)| p)
+            (Kind::SelectPerCore, Target::Proxy, _, _) => {
+                self.proxy_per_core.map_or(self.port(t), |(p, _)| p)
             }
             _ => self.port(t),
         }
@@ -708,9 +709,9 @@ impl Env {
 
     /// The process whose CPU time a workload's column measures.
     fn pid_for(&self, w: &Workload, t: Target) -> Option<libc::pid_t> {
-        match (w.kind, t, self.proxy_replay, self.proxy_one_worker) {
+        match (w.kind, t, self.proxy_replay, self.proxy_per_core) {
             (Kind::TpcbReplay, Target::Proxy, Some((_, pid)), _) => pid,
-            (Kind::SelectOneWorker, Target::Proxy, _, Some((_, pid))) => pid,
+            (Kind::SelectPerCore, Target::Proxy, _, Some((_, pid))) => pid,
             _ => self.pids[t as usize],
         }
     }
@@ -719,9 +720,8 @@ impl Env {
         if t == Target::Proxy && w.kind == Kind::ReadMostly && self.proxy_2node_port.is_none() {
             return Some("not run: the two-node proxy was not started");
         }
-        if t == Target::Proxy && w.kind == Kind::SelectOneWorker && self.proxy_one_worker.is_none()
-        {
-            return Some("not run: the one-worker proxy was not started");
+        if t == Target::Proxy && w.kind == Kind::SelectPerCore && self.proxy_per_core.is_none() {
+            return Some("not run: the one-worker-per-core proxy was not started");
         }
         if t == Target::Proxy && w.kind == Kind::TpcbReplay && self.proxy_replay.is_none() {
             return Some("not run: the replaying proxy was not started");
@@ -804,8 +804,8 @@ struct Report {
     proxy_2node: serde_json::Value,
     /// The proxy with replay on (null unless the tpcb-replay workload ran).
     proxy_replay: serde_json::Value,
-    /// The proxy with one worker (null unless a select-simple-1w workload ran).
-    proxy_one_worker: serde_json::Value,
+    /// The proxy with one worker per core (null unless a select-simple-percore workload ran).
+    proxy_per_core: serde_json::Value,
     pgbench: serde_json::Value,
     workloads: Vec<WorkloadResult>,
     /// Memory of each pooler per logged-in idle client (not measured for direct
@@ -827,6 +827,8 @@ struct IdleResult {
     rss_before_kib: Option<u64>,
     rss_after_kib: Option<u64>,
     bytes_per_client: Option<f64>,
+    /// The proxy's own count of heap bytes in use, per client.
+    heap_bytes_per_client: Option<f64>,
     error: Option<String>,
 }
 
@@ -1370,9 +1372,23 @@ fn rss_kib(pid: libc::pid_t) -> Option<u64> {
 }
 
 /// RSS of a pooler before and after `n` logged-in idle clients.
-fn measure_idle(env: &Env, t: Target, n: usize) -> IdleResult {
-    let pid = env.pids[t as usize];
+/// Where the idle clients go: a pooler's port, its PID (for RSS) and, for the proxy,
+/// its admin API (for the heap in use).
+struct IdleSubject {
+    target: Target,
+    port: u16,
+    pid: Option<libc::pid_t>,
+    admin_port: Option<u16>,
+}
+
+fn heap_in_use(admin_port: Option<u16>) -> Option<f64> {
+    admin_get(admin_port?, "/metrics").ok()?["allocations"]["in_use_bytes"].as_f64()
+}
+
+fn measure_idle(subject: &IdleSubject, n: usize) -> IdleResult {
+    let (t, pid) = (subject.target, subject.pid);
     let before = pid.and_then(rss_kib);
+    let heap_before = heap_in_use(subject.admin_port);
     let mut held = Vec::with_capacity(n);
     let mut error = None;
     for _ in 0..n {
@@ -1380,7 +1396,7 @@ fn measure_idle(env: &Env, t: Target, n: usize) -> IdleResult {
             error = Some("interrupted".into());
             break;
         }
-        match wire::login(env.port(t)) {
+        match wire::login(subject.port) {
             Ok(s) => held.push(s),
             Err(e) => {
                 error = Some(format!("after {} clients: {e}", held.len()));
@@ -1397,6 +1413,10 @@ fn measure_idle(env: &Env, t: Target, n: usize) -> IdleResult {
         }
         _ => None,
     };
+    let heap_bytes_per_client = match (heap_before, heap_in_use(subject.admin_port)) {
+        (Some(b), Some(a)) if !held.is_empty() => Some((a - b) / held.len() as f64),
+        _ => None,
+    };
     let clients_held = held.len();
     drop(held);
     sleep(Duration::from_millis(500));
@@ -1407,6 +1427,7 @@ fn measure_idle(env: &Env, t: Target, n: usize) -> IdleResult {
         rss_before_kib: before,
         rss_after_kib: after,
         bytes_per_client,
+        heap_bytes_per_client,
         error,
     }
 }
@@ -1764,12 +1785,12 @@ fn extra_tables(r: &Report, md: bool) -> String {
             fmt_ratio(cpu),
         );
     }
-    let one_worker: Vec<String> = r
+    let per_core: Vec<String> = r
         .workloads
         .iter()
-        .filter(|w| w.workload.kind == Kind::SelectOneWorker)
+        .filter(|w| w.workload.kind == Kind::SelectPerCore)
         .filter_map(|one| {
-            let name = one.workload.name.replace("-1w", "");
+            let name = one.workload.name.replace("-percore", "");
             let both = r.workloads.iter().find(|w| w.workload.name == name)?;
             let (a, b) = (&one.cells[2], &both.cells[2]);
             let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
@@ -1785,11 +1806,11 @@ fn extra_tables(r: &Report, md: bool) -> String {
             ))
         })
         .collect();
-    if !one_worker.is_empty() {
+    if !per_core.is_empty() {
         let _ = writeln!(
             s,
-            "\nOne worker against the default (select-simple-1w-cN proxy vs select-simple-cN proxy, same run): {}",
-            one_worker.join("; ")
+            "\nOne worker per core against the default workers (select-simple-percore-cN proxy vs select-simple-cN proxy, same run): {}",
+            per_core.join("; ")
         );
     }
     s.push_str(&overhead::section(&r.overhead, md));
@@ -1799,7 +1820,7 @@ fn extra_tables(r: &Report, md: bool) -> String {
     for i in &r.idle_clients {
         let _ = writeln!(
             s,
-            "{}Idle clients, {}: {} of {} logged in and held; RSS {} -> {} KiB = {} bytes per client{}",
+            "{}Idle clients, {}: {} of {} logged in and held; RSS {} -> {} KiB = {} bytes per client{}{}",
             if md { "\n" } else { "" },
             i.target.name(),
             i.clients_held,
@@ -1807,6 +1828,8 @@ fn extra_tables(r: &Report, md: bool) -> String {
             i.rss_before_kib.map_or("-".into(), |v| v.to_string()),
             i.rss_after_kib.map_or("-".into(), |v| v.to_string()),
             i.bytes_per_client.map_or("-".into(), |v| format!("{v:.0}")),
+            i.heap_bytes_per_client
+                .map_or(String::new(), |v| format!(" (heap in use: {v:.0} bytes per client)")),
             i.error.as_ref().map_or(String::new(), |e| format!(" ({e})"))
         );
     }
@@ -2137,16 +2160,17 @@ fn run_shared(
     } else {
         None
     };
-    let proxy_one_worker = if selected.iter().any(|w| w.kind == Kind::SelectOneWorker) {
-        let one = ProxySpec {
-            label: "proxy-1w",
+    let proxy_per_core = if selected.iter().any(|w| w.kind == Kind::SelectPerCore) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let per_core = ProxySpec {
+            label: "proxy-percore",
             nodes: &[("perf-pg", pg_port, "primary")],
             split: false,
             extra: "",
-            workers: Some(1),
+            workers: Some(cores),
         };
-        let (port, info) = setup_proxy(pg, out, &opts.proxy_bin, services, &one)?;
-        report.proxy_one_worker = info;
+        let (port, info) = setup_proxy(pg, out, &opts.proxy_bin, services, &per_core)?;
+        report.proxy_per_core = info;
         Some((port, services.0.last().map(|s| pid_of(&s.child))))
     } else {
         None
@@ -2158,7 +2182,7 @@ fn run_shared(
         pgbouncer_prepared: pgb_prepared,
         proxy_2node_port,
         proxy_replay,
-        proxy_one_worker,
+        proxy_per_core,
     };
 
     // Warm-up (not counted): fills the poolers' backend pools and PostgreSQL's caches.
@@ -2189,13 +2213,13 @@ fn run_shared(
     if env.proxy_replay.is_some() {
         warmups.push((&warm_replay, Target::Proxy));
     }
-    let warm_one_worker = Workload {
-        name: "warmup-1w".into(),
-        kind: Kind::SelectOneWorker,
+    let warm_per_core = Workload {
+        name: "warmup-percore".into(),
+        kind: Kind::SelectPerCore,
         ..warm.clone()
     };
-    if env.proxy_one_worker.is_some() {
-        warmups.push((&warm_one_worker, Target::Proxy));
+    if env.proxy_per_core.is_some() {
+        warmups.push((&warm_per_core, Target::Proxy));
     }
     for (w, t) in warmups {
         services.check_alive()?;
@@ -2290,20 +2314,47 @@ fn run_shared(
             Mode::Quick => 1000,
             Mode::Full => 10000,
         });
-        for t in [Target::Pgbouncer, Target::Proxy] {
+        // A proxy of its own, started now: the workloads' proxy has grown its heap
+        // (freed memory stays in RSS), which would hide what the idle clients add.
+        let fresh = ProxySpec {
+            label: "proxy-idle",
+            nodes: &[("perf-pg", pg_port, "primary")],
+            split: false,
+            extra: "",
+            workers: None,
+        };
+        let (idle_port, idle_info) = setup_proxy(pg, out, &opts.proxy_bin, services, &fresh)?;
+        let idle_pid = services.0.last().map(|s| pid_of(&s.child));
+        let subjects = [
+            IdleSubject {
+                target: Target::Pgbouncer,
+                port: env.port(Target::Pgbouncer),
+                pid: env.pids[Target::Pgbouncer as usize],
+                admin_port: None,
+            },
+            IdleSubject {
+                target: Target::Proxy,
+                port: idle_port,
+                pid: idle_pid,
+                admin_port: idle_info["admin_port"].as_u64().map(|p| p as u16),
+            },
+        ];
+        for subject in &subjects {
             services.check_alive()?;
             if interrupted() {
                 return Err("interrupted".into());
             }
             log(format!(
                 "{IDLE_NAME}: {n} logged-in idle clients on {}",
-                t.name()
+                subject.target.name()
             ));
-            let r = measure_idle(&env, t, n);
+            let r = measure_idle(subject, n);
             log(format!(
-                "  {} held, {} bytes per client{}",
+                "  {} held, {} bytes of RSS per client{}{}",
                 r.clients_held,
                 r.bytes_per_client.map_or("-".into(), |b| format!("{b:.0}")),
+                r.heap_bytes_per_client
+                    .map_or(String::new(), |b| format!(" ({b:.0} bytes of heap)")),
                 r.error
                     .as_ref()
                     .map_or(String::new(), |e| format!(" ({e})"))
@@ -2353,7 +2404,7 @@ fn main() {
         standby: serde_json::Value::Null,
         proxy_2node: serde_json::Value::Null,
         proxy_replay: serde_json::Value::Null,
-        proxy_one_worker: serde_json::Value::Null,
+        proxy_per_core: serde_json::Value::Null,
         pgbench: serde_json::json!({
             "scale": opts.scale,
             "duration_s": opts.duration_s,

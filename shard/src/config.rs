@@ -40,7 +40,7 @@ pub struct Config {
     pub listen_address: String,
     /// Where the admin/metrics endpoint listens.
     pub admin_address: String,
-    /// Shards (one executor thread each); 0 = one per available core.
+    /// Shards (one executor thread each); 0 = one per two available cores, at least one.
     pub workers: usize,
     pub pool_mode: PoolConfig,
     pub auth: AuthConfig,
@@ -900,6 +900,9 @@ impl Config {
         if self.workers > 0 {
             return self.workers;
         }
-        std::thread::available_parallelism().map_or(1, |cores| cores.get())
+        // Measured on a 2-core box shared with PostgreSQL (README, Performance): one
+        // worker used 5-12% less CPU per query than two at the same throughput, and its
+        // single queue kept p99/p50 at 1,000 clients at 1.4 against 2.7.
+        std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
     }
 }

@@ -101,6 +101,10 @@ fn describe() {
             "Seconds since the proxy started",
         ),
         (
+            "heliosdb_proxy_heap_in_use_bytes",
+            "Heap bytes allocated and not yet freed, every thread (allocator overhead aside)",
+        ),
+        (
             "heliosdb_proxy_message_memory_bytes",
             "Bytes of partly received client messages held now (limits.message_memory per worker)",
         ),
@@ -279,9 +283,10 @@ fn sync(control: &Control) {
         }
         gauge!("heliosdb_proxy_message_memory_bytes").set(totals.message_memory as f64);
         gauge!("heliosdb_proxy_uptime_seconds").set(control.uptime().as_secs_f64());
-        let (allocations, allocated_bytes) = crate::alloc_count::totals();
-        counter!("heliosdb_proxy_allocations_total").absolute(allocations);
-        counter!("heliosdb_proxy_allocated_bytes_total").absolute(allocated_bytes);
+        let heap = crate::alloc_count::totals();
+        counter!("heliosdb_proxy_allocations_total").absolute(heap.count);
+        counter!("heliosdb_proxy_allocated_bytes_total").absolute(heap.bytes);
+        gauge!("heliosdb_proxy_heap_in_use_bytes").set(heap.in_use as f64);
         gauge!("heliosdb_proxy_paused").set(f64::from(u8::from(control.paused())));
         admin_http(&control.admin_http);
 
@@ -562,8 +567,8 @@ pub fn json(control: &Control) -> Value {
 /// Heap allocations since the start, every thread: with `queries_processed`, the perf
 /// harness derives allocations per query.
 fn allocations_json() -> Value {
-    let (count, bytes) = crate::alloc_count::totals();
-    json!({"count": count, "bytes": bytes})
+    let heap = crate::alloc_count::totals();
+    json!({"count": heap.count, "bytes": heap.bytes, "in_use_bytes": heap.in_use})
 }
 
 /// The admin server's counters in `GET /metrics`.

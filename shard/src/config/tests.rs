@@ -834,9 +834,10 @@ mod accessors {
     }
 
     #[test]
-    fn effective_workers_defaults_to_cores() {
+    fn effective_workers_defaults_to_half_the_cores() {
         let mut config = base();
-        assert!(config.effective_workers() >= 1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(config.effective_workers(), (cores / 2).max(1));
         config.workers = 2;
         assert_eq!(config.effective_workers(), 2);
     }
