@@ -72,8 +72,8 @@ fn harness_writes_a_well_formed_report_and_stops_everything() {
         .collect();
     assert_eq!(
         started.len(),
-        6,
-        "three services started and stopped: {stderr}"
+        8,
+        "four services (PostgreSQL, PgBouncer, the proxy, the idle-clients proxy) started and stopped: {stderr}"
     );
     for pid in started {
         assert!(!pid_alive(pid), "pid {pid} still running");
@@ -119,6 +119,12 @@ fn harness_writes_a_well_formed_report_and_stops_everything() {
         assert!(c["rss_after_kib"].as_u64().unwrap_or(0) > 0, "{c:#}");
         assert!(c["bytes_per_client"].is_number(), "{c:#}");
     }
+    // The proxy's own heap count says what its idle clients hold.
+    assert!(
+        idle[1]["heap_bytes_per_client"].as_f64().unwrap_or(0.0) > 0.0,
+        "{:#}",
+        idle[1]
+    );
 
     // The terminal table and the Markdown report carry the same workload with both ratios.
     assert!(stdout.contains("proxy/direct"), "{stdout}");
