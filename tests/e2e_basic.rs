@@ -715,38 +715,6 @@ async fn fifty_concurrent_clients_keep_their_own_state() {
 async fn cancel_stops_a_long_query() {
     let target = target("");
     let client = target.client().await;
-    let token = client.cancel_token();
-    const SQL: &str = "SELECT pg_sleep(30) /* helios-cancel-test */";
-    let query = tokio::spawn(async move {
-        let result = client.simple_query(SQL).await;
-        (result, client)
-    });
-    let cluster = common::cluster();
-    let running = common::wait_until_async(Duration::from_secs(10), || async {
-        cluster
-            .admin_i64(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE state = 'active' AND query LIKE '%helios-cancel-test%' \
-                 AND pid <> pg_backend_pid()",
-            )
-            .await
-            == 1
-    })
-    .await;
-    assert!(running, "the long query never started on PostgreSQL");
-    token
-        .cancel_query(tokio_postgres::NoTls)
-        .await
-        .expect("send CancelRequest");
-    let (result, client) = guarded(Duration::from_secs(10), "cancelled query", query)
-        .await
-        .expect("query task");
-    let err = result.expect_err("the query was cancelled");
-    assert_eq!(sqlstate(&err), "57014", "{err:?}");
-    let v: i32 = client
-        .query_one("SELECT 5", &[])
-        .await
-        .expect("connection usable after cancel")
-        .get(0);
-    assert_eq!(v, 5);
+    common::cancel_stops_a_long_query(client, common::cluster(), "helios-cancel-test", String::new)
+        .await;
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::http::get;
 use common::proxy::{base_config, merge, proxy_command};
 use common::{
-    guarded, proxy_only, run_tool, sqlstate, wait_until, PgCluster, Proxy, DATABASE, SUPERUSER,
+    proxy_only, run_tool, sqlstate, wait_until, PgCluster, Proxy, DATABASE, SUPERUSER,
     SUPERUSER_PASSWORD, TRUST_USER,
 };
 use serde_json::Value;
@@ -65,40 +65,11 @@ async fn show(proxy: &Proxy, what: &str) -> Vec<SimpleQueryRow> {
         .collect()
 }
 
-/// `SELECT pg_sleep(30)` through `proxy`, cancelled with the key the proxy gave: the
-/// proxy forwards the CancelRequest to the server over the Unix socket.
+/// A `pg_sleep(30)` through `proxy` cancelled with the key the proxy gave: the proxy
+/// forwards the CancelRequest to the server over the Unix socket.
 async fn cancel_a_long_query(pg: &'static PgCluster, proxy: &Proxy, marker: &str) {
     let client = proxy.client().await;
-    let token = client.cancel_token();
-    let sql = format!("SELECT pg_sleep(30) /* {marker} */");
-    let query = tokio::spawn(async move {
-        let result = client.simple_query(&sql).await;
-        (result, client)
-    });
-    let watch = format!(
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
-    );
-    let running = common::wait_until_async(Duration::from_secs(10), || async {
-        pg.admin_i64(&watch).await == 1
-    })
-    .await;
-    assert!(running, "the long query never started on PostgreSQL");
-    token
-        .cancel_query(tokio_postgres::NoTls)
-        .await
-        .expect("send CancelRequest");
-    let (result, client) = guarded(Duration::from_secs(10), "cancelled query", query)
-        .await
-        .expect("query task");
-    let err = result.expect_err("the query was cancelled");
-    assert_eq!(sqlstate(&err), "57014", "{err:?}\n{}", proxy.log());
-    let v: i32 = client
-        .query_one("SELECT 5", &[])
-        .await
-        .expect("connection usable after cancel")
-        .get(0);
-    assert_eq!(v, 5);
+    common::cancel_stops_a_long_query(client, pg, marker, || proxy.log()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,6 +71,47 @@ pub fn sqlstate(err: &tokio_postgres::Error) -> String {
     err.code().map(|c| c.code().to_string()).unwrap_or_default()
 }
 
+/// Runs `SELECT pg_sleep(30) /* marker */` on `client`, cancels it with the key the
+/// client was given once PostgreSQL shows it running, and checks the query ends with
+/// 57014 and the connection goes on. `context` is added to a failed assertion.
+pub async fn cancel_stops_a_long_query(
+    client: tokio_postgres::Client,
+    cluster: &PgCluster,
+    marker: &str,
+    context: impl Fn() -> String,
+) {
+    let token = client.cancel_token();
+    let sql = format!("SELECT pg_sleep(30) /* {marker} */");
+    let query = tokio::spawn(async move {
+        let result = client.simple_query(&sql).await;
+        (result, client)
+    });
+    let watch = format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    );
+    let running = wait_until_async(Duration::from_secs(10), || async {
+        cluster.admin_i64(&watch).await == 1
+    })
+    .await;
+    assert!(running, "the long query never started on PostgreSQL");
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send CancelRequest");
+    let (result, client) = guarded(Duration::from_secs(10), "cancelled query", query)
+        .await
+        .expect("query task");
+    let err = result.expect_err("the query was cancelled");
+    assert_eq!(sqlstate(&err), "57014", "{err:?}\n{}", context());
+    let v: i32 = client
+        .query_one("SELECT 5", &[])
+        .await
+        .expect("connection usable after cancel")
+        .get(0);
+    assert_eq!(v, 5);
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so payloads need no RNG dependency.
 pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
