@@ -377,6 +377,63 @@ async fn kill_client_disconnects_only_that_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_reaches_a_parked_client() {
+    if proxy_only("KILL_CLIENT", "the console is the proxy's") {
+        return;
+    }
+    let proxy = start("[pool_mode]\nmode = \"transaction\"\n[limits]\npark_idle_client_ms = 50\n");
+    let mut cfg = proxy.pg_config(SUPERUSER, Some(SUPERUSER_PASSWORD), DATABASE);
+    cfg.application_name("parked-victim");
+    let (victim, _driver) = Proxy::connect_with(&cfg).await.unwrap();
+    victim.simple_query("SELECT 1").await.unwrap();
+    let admin_port = proxy.admin_port.expect("admin port");
+    let parked =
+        || common::http::get(admin_port, "/metrics").json()["clients_parked"]["now"].as_u64();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while parked() < Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle victim was never parked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = console(&proxy, ADMIN, ADMIN_PASSWORD).await;
+    let clients = show(&admin, "SHOW CLIENTS").await;
+    let row = clients
+        .rows
+        .iter()
+        .find(|r| clients.get(r, "application_name") == Some("parked-victim"))
+        .unwrap_or_else(|| panic!("parked victim not in SHOW CLIENTS: {:?}", clients.rows));
+    let id = clients.get(row, "id").unwrap().to_string();
+    admin
+        .simple_query(&format!("KILL_CLIENT {id}"))
+        .await
+        .unwrap();
+    let err = guarded(
+        HANG_GUARD,
+        "victim's query",
+        victim.simple_query("SELECT 2"),
+    )
+    .await
+    .expect_err("a killed parked client cannot query");
+    assert!(victim.is_closed() || sqlstate(&err) == "57P01", "{err:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while show(&admin, "SHOW CLIENTS")
+        .await
+        .rows
+        .iter()
+        .any(|r| r.iter().any(|v| v.as_deref() == Some("parked-victim")))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed client is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_new_transactions_until_resume() {
     if proxy_only("PAUSE", "the console is the proxy's") {
         return;

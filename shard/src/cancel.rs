@@ -75,8 +75,9 @@ pub struct ClientInfo {
     pub application_name: Option<Box<str>>,
     pub addr: Option<SocketAddr>,
     pub connected: std::time::SystemTime,
-    /// The client socket, so an administrator can disconnect it.
-    pub fd: std::os::fd::RawFd,
+    /// The client socket, so an administrator can disconnect it (a parked client's
+    /// socket gets a new number).
+    pub fd: Cell<std::os::fd::RawFd>,
 }
 
 /// The cancel-relevant part of one client session, shared with the shard registry.
@@ -190,7 +191,8 @@ impl CancelRegistry {
         };
         // A session unregisters a moment after its socket closed; make sure the fd still
         // is that client's socket, not a newer connection's.
-        if peer_of(handle.info.fd) != handle.info.addr || handle.info.addr.is_none() {
+        let fd = handle.info.fd.get();
+        if peer_of(fd) != handle.info.addr || handle.info.addr.is_none() {
             return false;
         }
         if !handle.attached() {
@@ -206,7 +208,7 @@ impl CancelRegistry {
             // send of a few bytes.
             unsafe {
                 libc::send(
-                    handle.info.fd,
+                    fd,
                     out.as_ptr().cast(),
                     out.len(),
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
@@ -215,7 +217,7 @@ impl CancelRegistry {
         }
         // SAFETY: as above; shutdown leaves the fd open for its owner to close.
         unsafe {
-            libc::shutdown(handle.info.fd, libc::SHUT_RDWR);
+            libc::shutdown(fd, libc::SHUT_RDWR);
         }
         true
     }
@@ -298,7 +300,7 @@ mod tests {
                 application_name: None,
                 addr: None,
                 connected: std::time::SystemTime::now(),
-                fd: -1,
+                fd: Cell::new(-1),
             };
             let pooled = registry.register(info(), None);
             assert!(pooled.pid >= LINUX_PID_MAX_LIMIT && is_proxy_pid(pooled.pid));

@@ -411,6 +411,11 @@ pub struct LimitsConfig {
     /// larger than a read buffer being assembled); a client whose message would go
     /// beyond it is refused with 53200.
     pub message_memory: usize,
+    /// A client idle between units this long, holding no server connection, is parked:
+    /// its task and socket state are freed and only its session stays (under 1 KB), its
+    /// socket watched by one epoll set until it speaks again. 0 keeps every client a
+    /// task.
+    pub park_idle_client_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -421,6 +426,7 @@ impl Default for LimitsConfig {
             buffer_size: 16 * 1024,
             buffered_message_size: 1024 * 1024,
             message_memory: 128 * 1024 * 1024,
+            park_idle_client_ms: 1000,
         }
     }
 }

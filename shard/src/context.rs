@@ -176,6 +176,8 @@ pub struct ShardCtx {
     /// This shard's share of `limits.max_client_connections` (reloadable).
     pub max_clients: Cell<usize>,
     pub active_clients: Cell<usize>,
+    /// Idle clients parked off their tasks (see `dormant`).
+    pub dormitory: crate::dormant::Dormitory,
     next_backend_id: Rc<Cell<u64>>,
     limits: RefCell<PoolLimits>,
 }
@@ -268,6 +270,7 @@ impl ShardCtx {
             peers: RefCell::new(None),
             max_clients: Cell::new(share(config.limits.max_client_connections, workers, id).max(1)),
             active_clients: Cell::new(0),
+            dormitory: crate::dormant::Dormitory::new(id),
             next_backend_id: Rc::new(Cell::new(((id as u64) << 48) | 1)),
             limits: RefCell::new(limits),
             stats,

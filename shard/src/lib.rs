@@ -11,6 +11,7 @@ pub mod codec;
 pub mod config;
 pub mod context;
 pub mod control;
+pub mod dormant;
 pub mod engine;
 pub mod fence;
 pub mod lease;

@@ -25,6 +25,9 @@ use crate::stats::ShardStats;
 /// How often shards look at the process-wide shutdown flag and run pool maintenance.
 const TICK: Duration = Duration::from_millis(50);
 const MAINTENANCE_EVERY: u32 = 20;
+/// How often idle clients are looked at for parking (and parked ones for their idle
+/// timeout), in ticks.
+const SWEEP_EVERY: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -80,9 +83,14 @@ impl Runtime {
         let mesh = crate::bus::mesh(workers);
         let budgets = Arc::new(Budgets::new(workers));
         let shutdown = Arc::new(AtomicBool::new(false));
+        let (watcher, inboxes) = crate::dormant::Watcher::start(workers, shutdown.clone())
+            .map_err(|e| StartError::Executor {
+                id: 0,
+                reason: format!("cannot start the parked-client watcher: {e}"),
+            })?;
         let mut links = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
-        for (id, listener) in listeners.into_iter().enumerate() {
+        for ((id, listener), wakeups) in listeners.into_iter().enumerate().zip(inboxes) {
             let placement = match cpus.get(id % cpus.len().max(1)) {
                 Some(cpu) => Placement::Fixed(*cpu),
                 None => Placement::Unbound,
@@ -111,6 +119,7 @@ impl Runtime {
                 inbox,
                 console,
                 suspects,
+                parking: (watcher.clone(), wakeups),
             };
             let handle = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
@@ -191,6 +200,8 @@ struct ShardStart {
     inbox: Receiver<ControlMsg>,
     console: Option<Sender<ConsoleRequest>>,
     suspects: Option<Sender<String>>,
+    /// The parked-client watcher and this shard's wake-ups from it.
+    parking: (Arc<crate::dormant::Watcher>, crate::dormant::Inbox),
 }
 
 async fn shard_main(start: ShardStart) {
@@ -205,6 +216,7 @@ async fn shard_main(start: ShardStart) {
         inbox,
         console,
         suspects,
+        parking,
     } = start;
     let ctx = match ShardCtx::new(id, config, stats, budgets) {
         Ok(mut ctx) => {
@@ -223,6 +235,7 @@ async fn shard_main(start: ShardStart) {
         TcpListener::from_raw_fd(listener.into_raw_fd())
     };
     crate::bus::join(&ctx, mesh).await;
+    crate::dormant::join(&ctx, parking.0, parking.1);
     glommio::spawn_local(housekeeping(ctx.clone(), shutdown, inbox)).detach();
     log::info!("shard {id} accepting on {}", ctx.config().listen_address);
     accept_loop(&ctx, &listener).await;
@@ -258,14 +271,26 @@ async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &TcpListener) {
         let session_ctx = ctx.clone();
         glommio::spawn_local(async move {
             let mut stream = crate::stream::NetStream::from(stream);
-            crate::session::serve(&session_ctx, &mut stream).await;
-            session_ctx
-                .active_clients
-                .set(session_ctx.active_clients.get() - 1);
-            session_ctx.stats.clients_closed.inc();
+            match crate::session::serve(&session_ctx, &mut stream).await {
+                Some((session, since)) => {
+                    session_ctx
+                        .dormitory
+                        .park(&session_ctx, stream, session, since)
+                }
+                None => {
+                    drop(stream);
+                    client_left(&session_ctx);
+                }
+            }
         })
         .detach();
     }
+}
+
+/// Counts a client gone (its session over, its socket closed).
+pub fn client_left(ctx: &ShardCtx) {
+    ctx.active_clients.set(ctx.active_clients.get() - 1);
+    ctx.stats.clients_closed.inc();
 }
 
 async fn reject(mut stream: TcpStream) {
@@ -293,6 +318,9 @@ async fn housekeeping(ctx: Rc<ShardCtx>, shutdown: Arc<AtomicBool>, inbox: Recei
         crate::mailbox::drain(&ctx, &inbox);
         balance_budgets(&ctx);
         ticks += 1;
+        if ticks.is_multiple_of(SWEEP_EVERY) {
+            ctx.dormitory.sweep(&ctx);
+        }
         if ticks.is_multiple_of(MAINTENANCE_EVERY) {
             // Pools that never connected (a client named a database that does not
             // exist) are dropped so they cannot accumulate. A pool a session still holds
@@ -329,6 +357,8 @@ async fn drain(ctx: &Rc<ShardCtx>) {
     let deadline =
         Instant::now() + Duration::from_secs(ctx.config().timeouts.shutdown_timeout_secs);
     while ctx.active_clients.get() > 0 && Instant::now() < deadline {
+        // Parked clients are woken to be told, like every idle one.
+        ctx.dormitory.sweep(ctx);
         glommio::timer::sleep(TICK).await;
     }
     if ctx.active_clients.get() > 0 {

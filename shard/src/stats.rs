@@ -33,6 +33,9 @@ pub struct ShardStats {
     pub clients_accepted: Counter,
     pub clients_closed: Counter,
     pub clients_rejected: Counter,
+    /// Idle clients parked (see `dormant`), and parked clients woken again.
+    pub clients_parked: Counter,
+    pub clients_woken: Counter,
     pub queries: Counter,
     pub bytes_from_clients: Counter,
     pub bytes_to_clients: Counter,

@@ -145,6 +145,37 @@ impl NetStream {
         }
     }
 
+    /// Whether the stream may be parked (see `dormant`): a plain TCP client socket.
+    pub fn is_parkable(&self) -> bool {
+        matches!(self, NetStream::Plain(_))
+    }
+
+    /// Gives up glommio's hold on a plain TCP socket (its state and any pending poll are
+    /// freed) and keeps the socket itself; any other stream is handed back.
+    pub fn into_parkable(self) -> Result<std::os::fd::OwnedFd, NetStream> {
+        let NetStream::Plain(tcp) = self else {
+            return Err(self);
+        };
+        // glommio's stream has no way to let go of its fd without closing it: keep a
+        // duplicate, then let the stream close the original.
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a live fd returns a new fd we own.
+        let fd = unsafe { libc::fcntl(tcp.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(NetStream::Plain(tcp));
+        }
+        drop(tcp);
+        // SAFETY: `fd` was just created above and is owned by nothing else.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// A plain TCP client stream over a socket given up by [`NetStream::into_parkable`].
+    ///
+    /// # Safety
+    /// `fd` must be an open, connected TCP socket that nothing else owns.
+    pub unsafe fn from_parked(fd: RawFd) -> NetStream {
+        NetStream::Plain(TcpStream::from_raw_fd(fd))
+    }
+
     /// The local IP address and port (an error for a Unix-domain socket).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.tcp().ok_or_else(|| self.no_ip())?.local_addr()?)

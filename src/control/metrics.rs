@@ -61,6 +61,8 @@ fn describe() {
         ("heliosdb_proxy_buffer_timeouts_total", "Units that left the switchover buffer without a primary, by reason: timeout (failover.write_timeout_secs) or full (failover.buffer_max)"),
         ("heliosdb_proxy_units_started_over_total", "Units whose fresh server connection was dead on arrival (a FATAL before any answer): they ran again on another one, unseen by the client"),
         ("heliosdb_proxy_logins_without_server_total", "Pooled-mode logins welcomed from a remembered welcome, without a server connection"),
+        ("heliosdb_proxy_clients_parked_total", "Idle clients parked off their tasks (limits.park_idle_client_ms)"),
+        ("heliosdb_proxy_clients_woken_total", "Parked clients woken again (they spoke, left, timed out, or the proxy drained)"),
         ("heliosdb_proxy_replays_attempted_total", "Units whose server connection was lost and that the proxy set out to replay on a new one (failover.replay)"),
         ("heliosdb_proxy_replays_succeeded_total", "Replays that reproduced every byte the client had already received (or had nothing to reproduce), and COMMITs lost in flight that the new primary says committed"),
         ("heliosdb_proxy_replays_refused_total", "Lost units not replayed or replays given up, by reason: diverged (40001), not_committed (40001: a COMMIT lost in flight that the new primary says did not commit), unknown_outcome (08007), journal_full, session_state, no_primary, server_refused"),
@@ -147,6 +149,10 @@ fn describe() {
         (
             "heliosdb_proxy_buffered_units",
             "Units waiting in the switchover buffer for a primary",
+        ),
+        (
+            "heliosdb_proxy_clients_parked",
+            "Idle clients parked right now: no task, no socket state, only their session",
         ),
         (
             "heliosdb_proxy_node_enabled",
@@ -250,6 +256,10 @@ fn sync(control: &Control) {
         counter!("heliosdb_proxy_logins_without_server_total")
             .absolute(totals.logins_without_server);
         counter!("heliosdb_proxy_units_started_over_total").absolute(totals.units_started_over);
+        counter!("heliosdb_proxy_clients_parked_total").absolute(totals.parked);
+        counter!("heliosdb_proxy_clients_woken_total").absolute(totals.woken);
+        gauge!("heliosdb_proxy_clients_parked")
+            .set(totals.parked.saturating_sub(totals.woken) as f64);
         gauge!("heliosdb_proxy_buffered_units").set(totals.buffered as f64);
         gauge!("heliosdb_proxy_writable_nodes").set(
             nodes
@@ -427,6 +437,8 @@ struct Totals {
     units_lost: u64,
     units_started_over: u64,
     logins_without_server: u64,
+    parked: u64,
+    woken: u64,
     replays_attempted: u64,
     replays_succeeded: u64,
     replays_refused: [u64; 7],
@@ -488,6 +500,8 @@ impl Totals {
             t.units_lost += s.units_lost.get();
             t.units_started_over += s.units_started_over.get();
             t.logins_without_server += s.logins_without_server.get();
+            t.parked += s.clients_parked.get();
+            t.woken += s.clients_woken.get();
             t.replays_attempted += s.replays_attempted.get();
             t.replays_succeeded += s.replays_succeeded.get();
             for (sum, counter) in t.replays_refused.iter_mut().zip(&s.replays_refused) {
@@ -522,6 +536,11 @@ pub fn json(control: &Control) -> Value {
         "units_lost": t.units_lost,
         "units_started_over": t.units_started_over,
         "logins_without_server": t.logins_without_server,
+        "clients_parked": {
+            "now": t.parked.saturating_sub(t.woken),
+            "parked": t.parked,
+            "woken": t.woken,
+        },
         "replays": {
             "attempted": t.replays_attempted,
             "succeeded": t.replays_succeeded,

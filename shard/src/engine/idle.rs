@@ -73,15 +73,19 @@ pub enum Wake {
     TimedOut,
     /// (No wait) client bytes the last unit left undecided are there already.
     Pending,
+    /// The session has idled, holding nothing, since this instant: it may be parked.
+    Park(std::time::Instant),
 }
 
 /// Waits, holding no buffers, until the client or the connection the session keeps (if
-/// any) speaks or goes away, the shard starts draining, or `limit` passes.
+/// any) speaks or goes away, the shard starts draining, `limit` passes, or (with a
+/// `nap`) the session has idled long enough to be parked.
 pub async fn idle_wait<C: Stream, S: Stream>(
     ctx: &ShardCtx,
     client: &mut C,
     server: Option<&mut S>,
     limit: Option<std::time::Duration>,
+    nap: Option<crate::dormant::NapWait<'_>>,
 ) -> Wake {
     let from_client = async {
         match (ReadPooled {
@@ -129,5 +133,15 @@ pub async fn idle_wait<C: Stream, S: Stream>(
             }
         }
     };
-    futures_lite::future::or(from_client, futures_lite::future::or(from_server, drain)).await
+    let park = async {
+        match nap {
+            Some(nap) => Wake::Park(nap.await),
+            None => std::future::pending().await,
+        }
+    };
+    futures_lite::future::or(
+        from_client,
+        futures_lite::future::or(from_server, futures_lite::future::or(drain, park)),
+    )
+    .await
 }

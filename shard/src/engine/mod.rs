@@ -95,9 +95,24 @@ pub async fn start(
     welcome::login(ctx, client, login, features, &PHASES).await
 }
 
-/// Serves a welcomed session until it ends.
-pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream, session: &mut Session) {
-    run(ctx, client, session, &PHASES).await
+/// How [`serve`] left a session.
+pub enum Served {
+    /// The session is over.
+    Over,
+    /// It has been idle, holding nothing, since this instant: park it (see `dormant`).
+    Idle(std::time::Instant),
+}
+
+/// Serves a welcomed session until it ends or may be parked. `idle_since` is when the
+/// idle wait it resumes began (a parked session's), so its idle timeout still counts
+/// from there.
+pub async fn serve(
+    ctx: &Rc<ShardCtx>,
+    client: &mut NetStream,
+    session: &mut Session,
+    idle_since: Option<std::time::Instant>,
+) -> Served {
+    run(ctx, client, session, idle_since, &PHASES).await
 }
 
 /// How a unit ended.
@@ -127,13 +142,18 @@ fn home_pool(ctx: &ShardCtx, s: &mut Session) -> Rc<Pool> {
     }
 }
 
-async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Session, phases: &P) {
+async fn run<P: Phase>(
+    ctx: &Rc<ShardCtx>,
+    client: &mut NetStream,
+    s: &mut Session,
+    mut idle_since: Option<std::time::Instant>,
+    phases: &P,
+) -> Served {
     // The session's lanes and unit context, in one allocation of their own (held by value
     // in this future, the compiler's layout would pad them into a larger idle state),
     // present only while they hold something: a session idle between units keeps just
     // its position in the client's stream.
     let mut desk: Option<Box<(Lanes, Unit)>> = None;
-    let mut position = 0;
     let journal = {
         let config = ctx.config();
         config
@@ -148,16 +168,30 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Sessi
         let wake = if pending {
             Wake::Pending
         } else {
+            // A session holding nothing may be parked once it has idled long enough.
+            let parkable = desk.is_none()
+                && s.held.is_none()
+                && client.is_parkable()
+                && ctx.dormitory.may_park(ctx);
+            // A resumed session's idle timeout counts from when its wait began.
+            let limit = match (s.limits.idle_session, idle_since.take()) {
+                (Some(limit), Some(since)) => Some(limit.saturating_sub(since.elapsed())),
+                (limit, _) => limit,
+            };
             idle_wait(
                 ctx,
                 &mut *client,
                 s.held.as_mut().map(|h| &mut h.lease.stream),
-                s.limits.idle_session,
+                limit,
+                parkable.then(|| ctx.dormitory.nap()),
             )
             .await
         };
+        if let Wake::Park(since) = wake {
+            return Served::Idle(since);
+        }
         let (lanes, unit) = &mut **desk.get_or_insert_with(|| {
-            let mut lanes = Lanes::resume(ctx.max_message_size(), position);
+            let mut lanes = Lanes::resume(ctx.max_message_size(), s.stream_position);
             if let Some(max) = journal {
                 lanes.keep_journal(max);
             }
@@ -185,11 +219,11 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Sessi
             }
             Wake::BackendGone if s.held.is_some() && failover::unmovable_message(s).is_some() => {
                 Box::pin(lose_unmovable(ctx, client, s)).await;
-                return;
+                return Served::Over;
             }
             other => {
                 Box::pin(end_idle(ctx, client, s, other)).await;
-                return;
+                return Served::Over;
             }
         };
         unit.position = lanes.up.position();
@@ -209,14 +243,14 @@ async fn run<P: Phase>(ctx: &Rc<ShardCtx>, client: &mut NetStream, s: &mut Sessi
         unit.fence = None;
         match cycle {
             Cycle::Next if s.held.is_none() && lanes.disposable() && unit.disposable() => {
-                position = lanes.up.position();
+                s.stream_position = lanes.up.position();
                 desk = None;
             }
             Cycle::Next => {}
-            Cycle::Over => return,
+            Cycle::Over => return Served::Over,
             Cycle::ClientGone => {
                 Box::pin(end_idle(ctx, client, s, Wake::ClientGone)).await;
-                return;
+                return Served::Over;
             }
         }
     }
@@ -989,7 +1023,7 @@ async fn serve_unit<P: Phase>(
         let idle_in_transaction =
             backend.status != status::IDLE && !lanes.responses.unsynced && !unit.flow.copy_in;
         let limit = s.limits.idle_transaction.filter(|_| idle_in_transaction);
-        match idle_wait(ctx, client, Some(&mut backend.stream), limit).await {
+        match idle_wait(ctx, client, Some(&mut backend.stream), limit, None).await {
             Wake::Client(buf, n) => {
                 ctx.stats.bytes_from_clients.add(n as u64);
                 lanes.up.seed(buf, n);
@@ -1005,7 +1039,9 @@ async fn serve_unit<P: Phase>(
             Wake::BackendGone => return UnitEnd::Ended(PumpEnd::BackendGone),
             Wake::Drain => return UnitEnd::Ended(PumpEnd::Drain),
             Wake::TimedOut => return UnitEnd::Ended(PumpEnd::Cut(Cut::IdleInTransaction)),
-            Wake::Pending => unreachable!("only the session's own wait reports pending bytes"),
+            Wake::Pending | Wake::Park(_) => {
+                unreachable!("only the session's own wait reports pending bytes or parks")
+            }
         }
     }
 }

@@ -99,6 +99,9 @@ pub struct Session {
     pub wrote_at: u64,
     /// Connection-bound state that moves with the session (see `carry`).
     pub carried: Option<Box<super::carry::Carried>>,
+    /// Bytes of the client's stream consumed so far, kept while the session holds no
+    /// lanes (between units, or parked).
+    pub stream_position: u64,
 }
 
 /// The session's entry in the shard's cancel registry (SHOW CLIENTS, KILL_CLIENT, cancel

@@ -183,6 +183,7 @@ fn new_session(
         pools: Default::default(),
         wrote_at: 0,
         carried: None,
+        stream_position: 0,
     })
 }
 
@@ -199,7 +200,7 @@ pub(crate) fn client_info(client: &NetStream, login: &Login) -> crate::cancel::C
             .map(|(_, value)| value.as_str().into()),
         addr: client.peer_addr().ok(),
         connected: std::time::SystemTime::now(),
-        fd: client.as_raw_fd(),
+        fd: std::cell::Cell::new(client.as_raw_fd()),
     }
 }
 

@@ -15,8 +15,12 @@ use crate::context::ShardCtx;
 use crate::sync;
 use login::{send_fatal, LoginError};
 
-/// Serves one accepted client connection to the end.
-pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) {
+/// A session to park, and when its idle wait began.
+pub type ToPark = (Box<crate::engine::session::Session>, std::time::Instant);
+
+/// Serves one accepted client connection to its end, or until it has been idle long
+/// enough to be parked (see `dormant`): then its session is handed back.
+pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) -> Option<ToPark> {
     let _ = client.set_nodelay(true);
     let peer = client.peer_addr().ok();
     let who = PeerName(peer);
@@ -30,9 +34,9 @@ pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) {
                 "timed out waiting for startup and authentication",
             )
             .await;
-            return;
+            return None;
         }
-        Some(Err(LoginError::Gone)) => return,
+        Some(Err(LoginError::Gone)) => return None,
         Some(Err(LoginError::AuthFailed {
             code,
             message,
@@ -58,7 +62,7 @@ pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) {
             );
             glommio::timer::sleep(delay).await;
             send_fatal(client, code, &message).await;
-            return;
+            return None;
         }
         Some(Err(LoginError::Fatal { code, message })) => {
             if code == "08P01" {
@@ -66,7 +70,7 @@ pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) {
             }
             log::warn!("client {who}: login refused ({code}): {message}");
             send_fatal(client, code, &message).await;
-            return;
+            return None;
         }
         Some(Ok(login)) => login,
     };
@@ -78,7 +82,7 @@ pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) {
     if console::is_console(&login.database) {
         Box::pin(console::serve(ctx, client, login)).await;
         log::debug!("client {who}: console session ended");
-        return;
+        return None;
     }
     let mode = ctx
         .config()
@@ -88,10 +92,15 @@ pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) {
     drop(login);
     let Some(mut session) = session else {
         log::debug!("client {who}: not welcomed");
-        return;
+        return None;
     };
-    crate::engine::serve(ctx, client, &mut session).await;
-    log::debug!("client {who}: session ended");
+    match crate::engine::serve(ctx, client, &mut session, None).await {
+        crate::engine::Served::Idle(since) => Some((session, since)),
+        crate::engine::Served::Over => {
+            log::debug!("client {who}: session ended");
+            None
+        }
+    }
 }
 
 /// A client address for log lines, formatted only when a line is written.
