@@ -1405,8 +1405,8 @@ fn measure_idle(subject: &IdleSubject, n: usize) -> IdleResult {
         }
     }
     // Let the pooler settle before reading its RSS: buffers released after login, and
-    // the proxy's idle clients parked (`limits.park_idle_client_ms`, 1 s by default).
-    sleep(Duration::from_secs(3));
+    // the proxy's idle clients parked (`limits.park_idle_client_ms`, 250 ms by default).
+    sleep(Duration::from_secs(1));
     let after = pid.and_then(rss_kib);
     let bytes_per_client = match (before, after) {
         (Some(b), Some(a)) if !held.is_empty() => {

@@ -426,7 +426,7 @@ impl Default for LimitsConfig {
             buffer_size: 16 * 1024,
             buffered_message_size: 1024 * 1024,
             message_memory: 128 * 1024 * 1024,
-            park_idle_client_ms: 1000,
+            park_idle_client_ms: 250,
         }
     }
 }

@@ -24,7 +24,9 @@ use futures_lite::AsyncReadExt;
 use slab::Slab;
 
 use crate::context::ShardCtx;
+use crate::engine::idle::Wake;
 use crate::engine::session::Session;
+pub use crate::engine::Resumed;
 use crate::stream::NetStream;
 
 /// A token names a shard (top 16 bits), a generation (next 16) and a slot (low 32), so a
@@ -191,8 +193,16 @@ struct Sleeper {
     session: Box<Session>,
     /// When its idle wait began (its idle timeout counts from there).
     since: Instant,
-    /// When `timeouts.client_idle_timeout_ms` ends it, if set.
-    deadline: Option<Instant>,
+}
+
+impl Sleeper {
+    /// Whether `timeouts.client_idle_timeout_ms` has come for it.
+    fn timed_out(&self, now: Instant) -> bool {
+        self.session
+            .limits
+            .idle_session
+            .is_some_and(|limit| now.duration_since(self.since) >= limit)
+    }
 }
 
 /// This shard's napping and parked clients.
@@ -248,7 +258,7 @@ impl Dormitory {
             .sleepers
             .borrow()
             .iter()
-            .filter(|(_, s)| draining || s.deadline.is_some_and(|d| d <= now))
+            .filter(|(_, s)| draining || s.timed_out(now))
             .map(|(slot, _)| slot)
             .collect();
         for slot in due {
@@ -273,21 +283,24 @@ impl Dormitory {
             Ok(socket) => socket,
             Err(client) => {
                 log::warn!("shard {}: could not park an idle client", self.shard);
-                resume(ctx.clone(), client, session, Some(since));
+                resume(
+                    ctx.clone(),
+                    client,
+                    session,
+                    Some(Resumed { since, first: None }),
+                );
                 return;
             }
         };
         session.cancel.info.fd.set(socket.as_raw_fd());
         let generation = self.generation.get().wrapping_add(1);
         self.generation.set(generation);
-        let deadline = session.limits.idle_session.map(|limit| since + limit);
         let fd = socket.as_raw_fd();
         let slot = self.sleepers.borrow_mut().insert(Sleeper {
             generation,
             socket,
             session,
             since,
-            deadline,
         });
         ctx.stats.clients_parked.inc();
         let armed = match &*self.watcher.borrow() {
@@ -314,12 +327,35 @@ impl Dormitory {
             watcher.disarm(sleeper.socket.as_raw_fd());
         }
         ctx.stats.clients_woken.inc();
+        // Read what woke it here: the new stream would otherwise wait one more loop turn
+        // for the readiness poll glommio starts on it.
+        let first = first_read(ctx, sleeper.socket.as_raw_fd());
         let fd = sleeper.socket.into_raw_fd();
         sleeper.session.cancel.info.fd.set(fd);
         // SAFETY: `fd` is the client's connected TCP socket, owned until now by the
         // sleeper and handed to the stream.
         let client = unsafe { NetStream::from_parked(fd) };
-        resume(ctx.clone(), client, sleeper.session, Some(sleeper.since));
+        let resumed = Resumed {
+            since: sleeper.since,
+            first,
+        };
+        resume(ctx.clone(), client, sleeper.session, Some(resumed));
+    }
+}
+
+/// What a woken client sent (or that it left), read at once; `None` when nothing is
+/// there yet (a wake for its idle timeout or the drain).
+fn first_read(ctx: &ShardCtx, fd: RawFd) -> Option<Wake> {
+    let mut buf = ctx.bufs.take();
+    // SAFETY: a non-blocking recv into a buffer we own, on the client's open socket.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    match n {
+        0 => Some(Wake::ClientGone),
+        n if n > 0 => Some(Wake::Client(buf, n as usize)),
+        _ => match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => None,
+            _ => Some(Wake::ClientGone),
+        },
     }
 }
 
@@ -331,11 +367,16 @@ fn shrink<T>(slab: &mut Slab<T>) {
 }
 
 /// Starts serving a session again in a task of its own.
-pub fn resume(ctx: Rc<ShardCtx>, client: NetStream, session: Box<Session>, since: Option<Instant>) {
+pub fn resume(
+    ctx: Rc<ShardCtx>,
+    client: NetStream,
+    session: Box<Session>,
+    resumed: Option<Resumed>,
+) {
     glommio::spawn_local(async move {
         let mut client = client;
         let mut session = session;
-        match crate::engine::serve(&ctx, &mut client, &mut session, since).await {
+        match crate::engine::serve(&ctx, &mut client, &mut session, resumed).await {
             crate::engine::Served::Idle(since) => ctx.dormitory.park(&ctx, client, session, since),
             crate::engine::Served::Over => {
                 drop(session);

@@ -3,7 +3,7 @@
 //! for the instant of a read.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -80,68 +80,74 @@ pub enum Wake {
 /// Waits, holding no buffers, until the client or the connection the session keeps (if
 /// any) speaks or goes away, the shard starts draining, `limit` passes, or (with a
 /// `nap`) the session has idled long enough to be parked.
-pub async fn idle_wait<C: Stream, S: Stream>(
-    ctx: &ShardCtx,
-    client: &mut C,
-    server: Option<&mut S>,
+pub fn idle_wait<'a, C: Stream, S: Stream>(
+    ctx: &'a ShardCtx,
+    client: &'a mut C,
+    server: Option<&'a mut S>,
     limit: Option<std::time::Duration>,
-    nap: Option<crate::dormant::NapWait<'_>>,
-) -> Wake {
-    let from_client = async {
-        match (ReadPooled {
-            stream: client,
-            pool: &ctx.bufs,
-        })
-        .await
-        {
-            Some((buf, n)) => Wake::Client(buf, n),
-            None => Wake::ClientGone,
-        }
-    };
-    let from_server = async {
-        let Some(server) = server else {
-            return std::future::pending().await;
+    nap: Option<crate::dormant::NapWait<'a>>,
+) -> IdleWait<'a, C, S> {
+    IdleWait {
+        bufs: &ctx.bufs,
+        client,
+        server,
+        drain: ctx.draining.wait(),
+        timer: limit.map(glommio::timer::Timer::new),
+        nap,
+    }
+}
+
+/// The future of [`idle_wait`], written out by hand: an idle client that is not parked
+/// keeps this for as long as it idles, so it is kept small.
+pub struct IdleWait<'a, C, S> {
+    bufs: &'a BufPool,
+    client: &'a mut C,
+    server: Option<&'a mut S>,
+    drain: crate::sync::LatchWait<'a>,
+    timer: Option<glommio::timer::Timer>,
+    nap: Option<crate::dormant::NapWait<'a>>,
+}
+
+impl<C: Stream, S: Stream> Future for IdleWait<'_, C, S> {
+    type Output = Wake;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Wake> {
+        let this = self.get_mut();
+        let from_client = ReadPooled {
+            stream: &mut *this.client,
+            pool: this.bufs,
         };
-        match (ReadPooled {
-            stream: server,
-            pool: &ctx.bufs,
-        })
-        .await
-        {
-            Some((buf, n)) => Wake::Backend(buf, n),
-            None => Wake::BackendGone,
+        if let Poll::Ready(read) = pin!(from_client).poll(cx) {
+            return Poll::Ready(match read {
+                Some((buf, n)) => Wake::Client(buf, n),
+                None => Wake::ClientGone,
+            });
         }
-    };
-    let drain = async {
-        match limit {
-            Some(limit) => {
-                futures_lite::future::or(
-                    async {
-                        ctx.draining.wait().await;
-                        Wake::Drain
-                    },
-                    async {
-                        glommio::timer::sleep(limit).await;
-                        Wake::TimedOut
-                    },
-                )
-                .await
-            }
-            None => {
-                ctx.draining.wait().await;
-                Wake::Drain
+        if let Some(server) = this.server.as_deref_mut() {
+            let from_server = ReadPooled {
+                stream: server,
+                pool: this.bufs,
+            };
+            if let Poll::Ready(read) = pin!(from_server).poll(cx) {
+                return Poll::Ready(match read {
+                    Some((buf, n)) => Wake::Backend(buf, n),
+                    None => Wake::BackendGone,
+                });
             }
         }
-    };
-    let park = async {
-        match nap {
-            Some(nap) => Wake::Park(nap.await),
-            None => std::future::pending().await,
+        if Pin::new(&mut this.drain).poll(cx).is_ready() {
+            return Poll::Ready(Wake::Drain);
         }
-    };
-    futures_lite::future::or(
-        from_client,
-        futures_lite::future::or(from_server, futures_lite::future::or(drain, park)),
-    )
-    .await
+        if let Some(timer) = this.timer.as_mut() {
+            if Pin::new(timer).poll(cx).is_ready() {
+                return Poll::Ready(Wake::TimedOut);
+            }
+        }
+        if let Some(nap) = this.nap.as_mut() {
+            if let Poll::Ready(since) = Pin::new(nap).poll(cx) {
+                return Poll::Ready(Wake::Park(since));
+            }
+        }
+        Poll::Pending
+    }
 }

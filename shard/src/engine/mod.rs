@@ -103,16 +103,23 @@ pub enum Served {
     Idle(std::time::Instant),
 }
 
-/// Serves a welcomed session until it ends or may be parked. `idle_since` is when the
-/// idle wait it resumes began (a parked session's), so its idle timeout still counts
-/// from there.
-pub async fn serve(
-    ctx: &Rc<ShardCtx>,
-    client: &mut NetStream,
-    session: &mut Session,
-    idle_since: Option<std::time::Instant>,
-) -> Served {
-    run(ctx, client, session, idle_since, &PHASES).await
+/// A parked session taken up again.
+pub struct Resumed {
+    /// When its idle wait began: its idle timeout still counts from there.
+    pub since: std::time::Instant,
+    /// What woke it, already read.
+    pub first: Option<Wake>,
+}
+
+/// Serves a welcomed session (or a parked one taken up again) until it ends or may be
+/// parked.
+pub fn serve<'a>(
+    ctx: &'a Rc<ShardCtx>,
+    client: &'a mut NetStream,
+    session: &'a mut Session,
+    resumed: Option<Resumed>,
+) -> impl std::future::Future<Output = Served> + 'a {
+    run(ctx, client, session, resumed, &PHASES)
 }
 
 /// How a unit ended.
@@ -142,115 +149,135 @@ fn home_pool(ctx: &ShardCtx, s: &mut Session) -> Rc<Pool> {
     }
 }
 
-async fn run<P: Phase>(
-    ctx: &Rc<ShardCtx>,
-    client: &mut NetStream,
-    s: &mut Session,
-    mut idle_since: Option<std::time::Instant>,
-    phases: &P,
-) -> Served {
-    // The session's lanes and unit context, in one allocation of their own (held by value
-    // in this future, the compiler's layout would pad them into a larger idle state),
-    // present only while they hold something: a session idle between units keeps just
-    // its position in the client's stream.
-    let mut desk: Option<Box<(Lanes, Unit)>> = None;
-    let journal = {
-        let config = ctx.config();
-        config
-            .failover
-            .replay
-            .then_some(config.failover.replay_journal_max_bytes)
+/// (Not an `async fn`: its arguments would be kept twice in the future, which an idle
+/// client holds for as long as it idles.)
+fn run<'a, P: Phase>(
+    ctx: &'a Rc<ShardCtx>,
+    client: &'a mut NetStream,
+    s: &'a mut Session,
+    resumed: Option<Resumed>,
+    phases: &'a P,
+) -> impl std::future::Future<Output = Served> + 'a {
+    let (idle_since, woken_by) = match resumed {
+        Some(r) => (Some(r.since), r.first.map(Box::new)),
+        None => (None, None),
     };
-    let journaled = journal.is_some();
-    loop {
-        // Bytes the last unit left undecided (it was refused) start the next one.
-        let pending = desk.as_ref().is_some_and(|d| d.0.up.has_pending());
-        let wake = if pending {
-            Wake::Pending
-        } else {
-            // A session holding nothing may be parked once it has idled long enough.
-            let parkable = desk.is_none()
-                && s.held.is_none()
-                && client.is_parkable()
-                && ctx.dormitory.may_park(ctx);
-            // A resumed session's idle timeout counts from when its wait began.
-            let limit = match (s.limits.idle_session, idle_since.take()) {
-                (Some(limit), Some(since)) => Some(limit.saturating_sub(since.elapsed())),
-                (limit, _) => limit,
+    run_loop(ctx, client, s, idle_since, woken_by, phases)
+}
+
+// An explicit async block: as an `async fn` its arguments would be stored twice.
+#[allow(clippy::manual_async_fn)]
+fn run_loop<'a, P: Phase>(
+    ctx: &'a Rc<ShardCtx>,
+    client: &'a mut NetStream,
+    s: &'a mut Session,
+    mut idle_since: Option<std::time::Instant>,
+    mut woken_by: Option<Box<Wake>>,
+    phases: &'a P,
+) -> impl std::future::Future<Output = Served> + 'a {
+    async move {
+        // The session's lanes and unit context, in one allocation of their own (held by value
+        // in this future, the compiler's layout would pad them into a larger idle state),
+        // present only while they hold something: a session idle between units keeps just
+        // its position in the client's stream.
+        let mut desk: Option<Box<(Lanes, Unit)>> = None;
+        loop {
+            // Bytes the last unit left undecided (it was refused) start the next one.
+            let pending = desk.as_ref().is_some_and(|d| d.0.up.has_pending());
+            let wake = if pending {
+                Wake::Pending
+            } else if let Some(wake) = woken_by.take() {
+                // The wait it was parked in is over: the next one starts afresh.
+                idle_since = None;
+                *wake
+            } else {
+                // A session holding nothing may be parked once it has idled long enough.
+                let parkable = desk.is_none()
+                    && s.held.is_none()
+                    && client.is_parkable()
+                    && ctx.dormitory.may_park(ctx);
+                // A resumed session's idle timeout counts from when its wait began.
+                let limit = match (s.limits.idle_session, idle_since.take()) {
+                    (Some(limit), Some(since)) => Some(limit.saturating_sub(since.elapsed())),
+                    (limit, _) => limit,
+                };
+                idle_wait(
+                    ctx,
+                    &mut *client,
+                    s.held.as_mut().map(|h| &mut h.lease.stream),
+                    limit,
+                    parkable.then(|| ctx.dormitory.nap()),
+                )
+                .await
             };
-            idle_wait(
+            if let Wake::Park(since) = wake {
+                return Served::Idle(since);
+            }
+            let (lanes, unit) = &mut **desk.get_or_insert_with(|| {
+                let mut lanes = Lanes::resume(ctx.max_message_size(), s.stream_position);
+                if s.features.replay {
+                    lanes.keep_journal(ctx.config().failover.replay_journal_max_bytes);
+                }
+                Box::new((lanes, Unit::default()))
+            });
+            unit.reset();
+            let journaled = s.features.replay;
+            if journaled {
+                lanes.begin_unit();
+            }
+            s.statements.begin_unit(journaled);
+            let from_client = match wake {
+                Wake::Pending => true,
+                Wake::Client(buf, n) => {
+                    ctx.stats.bytes_from_clients.add(n as u64);
+                    lanes.up.seed(buf, n);
+                    true
+                }
+                Wake::Backend(buf, n) => {
+                    lanes.down.seed(buf, n);
+                    false
+                }
+                Wake::BackendGone if failover::session_movable(s) && s.held.is_some() => {
+                    lose_held(s);
+                    continue;
+                }
+                Wake::BackendGone
+                    if s.held.is_some() && failover::unmovable_message(s).is_some() =>
+                {
+                    Box::pin(lose_unmovable(ctx, client, s)).await;
+                    return Served::Over;
+                }
+                other => {
+                    Box::pin(end_idle(ctx, client, s, other)).await;
+                    return Served::Over;
+                }
+            };
+            unit.position = lanes.up.position();
+            // Everything past the wait lives in its own allocation for the unit's length: an
+            // idle session keeps only the small state above.
+            let cycle = Box::pin(unit_cycle(
                 ctx,
                 &mut *client,
-                s.held.as_mut().map(|h| &mut h.lease.stream),
-                limit,
-                parkable.then(|| ctx.dormitory.nap()),
-            )
-            .await
-        };
-        if let Wake::Park(since) = wake {
-            return Served::Idle(since);
-        }
-        let (lanes, unit) = &mut **desk.get_or_insert_with(|| {
-            let mut lanes = Lanes::resume(ctx.max_message_size(), s.stream_position);
-            if let Some(max) = journal {
-                lanes.keep_journal(max);
-            }
-            Box::new((lanes, Unit::default()))
-        });
-        unit.reset();
-        if journaled {
-            lanes.begin_unit();
-        }
-        s.statements.begin_unit(journaled);
-        let from_client = match wake {
-            Wake::Pending => true,
-            Wake::Client(buf, n) => {
-                ctx.stats.bytes_from_clients.add(n as u64);
-                lanes.up.seed(buf, n);
-                true
-            }
-            Wake::Backend(buf, n) => {
-                lanes.down.seed(buf, n);
-                false
-            }
-            Wake::BackendGone if failover::session_movable(s) && s.held.is_some() => {
-                lose_held(s);
-                continue;
-            }
-            Wake::BackendGone if s.held.is_some() && failover::unmovable_message(s).is_some() => {
-                Box::pin(lose_unmovable(ctx, client, s)).await;
-                return Served::Over;
-            }
-            other => {
-                Box::pin(end_idle(ctx, client, s, other)).await;
-                return Served::Over;
-            }
-        };
-        unit.position = lanes.up.position();
-        // Everything past the wait lives in its own allocation for the unit's length: an
-        // idle session keeps only the small state above.
-        let cycle = Box::pin(unit_cycle(
-            ctx,
-            &mut *client,
-            s,
-            unit,
-            lanes,
-            from_client,
-            phases,
-        ))
-        .await;
-        // The unit is over: a database it needed to itself is open to others again.
-        unit.fence = None;
-        match cycle {
-            Cycle::Next if s.held.is_none() && lanes.disposable() && unit.disposable() => {
-                s.stream_position = lanes.up.position();
-                desk = None;
-            }
-            Cycle::Next => {}
-            Cycle::Over => return Served::Over,
-            Cycle::ClientGone => {
-                Box::pin(end_idle(ctx, client, s, Wake::ClientGone)).await;
-                return Served::Over;
+                s,
+                unit,
+                lanes,
+                from_client,
+                phases,
+            ))
+            .await;
+            // The unit is over: a database it needed to itself is open to others again.
+            unit.fence = None;
+            match cycle {
+                Cycle::Next if s.held.is_none() && lanes.disposable() && unit.disposable() => {
+                    s.stream_position = lanes.up.position();
+                    desk = None;
+                }
+                Cycle::Next => {}
+                Cycle::Over => return Served::Over,
+                Cycle::ClientGone => {
+                    Box::pin(end_idle(ctx, client, s, Wake::ClientGone)).await;
+                    return Served::Over;
+                }
             }
         }
     }

@@ -21,6 +21,27 @@ pub type ToPark = (Box<crate::engine::session::Session>, std::time::Instant);
 /// Serves one accepted client connection to its end, or until it has been idle long
 /// enough to be parked (see `dormant`): then its session is handed back.
 pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) -> Option<ToPark> {
+    // Everything before the session's first idle wait in its own allocation, gone once
+    // the client is welcomed: an idle client's task holds only the engine's small state.
+    let mut session = Box::pin(welcome(ctx, client)).await?;
+    match crate::engine::serve(ctx, client, &mut session, None).await {
+        crate::engine::Served::Idle(since) => Some((session, since)),
+        crate::engine::Served::Over => {
+            log::debug!(
+                "client {}: session ended",
+                PeerName(session.cancel.info.addr)
+            );
+            None
+        }
+    }
+}
+
+/// Startup, authentication and the welcome: the client's session, or `None` when it
+/// ended here (refused, gone, or a console session that is over).
+async fn welcome(
+    ctx: &Rc<ShardCtx>,
+    client: &mut NetStream,
+) -> Option<Box<crate::engine::session::Session>> {
     let _ = client.set_nodelay(true);
     let peer = client.peer_addr().ok();
     let who = PeerName(peer);
@@ -90,17 +111,10 @@ pub async fn serve(ctx: &Rc<ShardCtx>, client: &mut NetStream) -> Option<ToPark>
     // The login's state ends with the welcome; an idle session keeps only its own.
     let session = Box::pin(crate::engine::start(ctx, client, &login, mode)).await;
     drop(login);
-    let Some(mut session) = session else {
+    if session.is_none() {
         log::debug!("client {who}: not welcomed");
-        return None;
-    };
-    match crate::engine::serve(ctx, client, &mut session, None).await {
-        crate::engine::Served::Idle(since) => Some((session, since)),
-        crate::engine::Served::Over => {
-            log::debug!("client {who}: session ended");
-            None
-        }
     }
+    session
 }
 
 /// A client address for log lines, formatted only when a line is written.
