@@ -198,7 +198,7 @@ pub(crate) fn client_info(client: &NetStream, login: &Login) -> crate::cancel::C
             .iter()
             .find(|(name, _)| name == "application_name")
             .map(|(_, value)| value.as_str().into()),
-        addr: client.peer_addr().ok(),
+        addr: login.peer,
         connected: std::time::SystemTime::now(),
         fd: std::cell::Cell::new(client.as_raw_fd()),
     }

@@ -26,6 +26,8 @@ pub struct Login {
     pub params: Vec<(String, String)>,
     /// `_pq_.` protocol options we do not support.
     pub unsupported_options: Vec<String>,
+    /// The client's address (asked of the socket once, when it connected).
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// Why startup ended without a logged-in client. Each carries what the client is told.
@@ -235,10 +237,19 @@ async fn negotiate_protocol(
     stream.send(&out).await
 }
 
+/// Reads one startup packet. Every packet is at least 8 bytes long, so the first read
+/// asks for up to 8 (a whole SSLRequest in one receive) and never takes bytes past the
+/// packet; the length is checked as soon as its 4 bytes are in.
 async fn read_startup_packet(stream: &mut NetStream) -> Result<Vec<u8>, LoginError> {
-    let mut len_bytes = [0u8; 4];
-    read_exact_or_gone(stream, &mut len_bytes).await?;
-    let len = u32::from_be_bytes(len_bytes) as usize;
+    let mut head = [0u8; 8];
+    let mut got = 0;
+    while got < 4 {
+        match stream.read(&mut head[got..]).await {
+            Ok(0) | Err(_) => return Err(LoginError::Gone),
+            Ok(n) => got += n,
+        }
+    }
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
     if !(8..=MAX_STARTUP_PACKET).contains(&len) {
         // Not a PostgreSQL client (a Terminate, an HTTP request, noise): PostgreSQL only
         // logs this and hangs up, so a client that sent it hears nothing either.
@@ -246,8 +257,8 @@ async fn read_startup_packet(stream: &mut NetStream) -> Result<Vec<u8>, LoginErr
         return Err(LoginError::Gone);
     }
     let mut packet = vec![0u8; len];
-    packet[..4].copy_from_slice(&len_bytes);
-    read_exact_or_gone(stream, &mut packet[4..]).await?;
+    packet[..got].copy_from_slice(&head[..got]);
+    read_exact_or_gone(stream, &mut packet[got..]).await?;
     Ok(packet)
 }
 
@@ -296,6 +307,7 @@ fn parse_startup(ctx: &ShardCtx, msg: &startup::StartupMessage<'_>) -> Result<Lo
         database,
         params,
         unsupported_options,
+        peer: None,
     })
 }
 

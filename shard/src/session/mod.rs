@@ -93,7 +93,10 @@ async fn welcome(
             send_fatal(client, code, &message).await;
             return None;
         }
-        Some(Ok(login)) => login,
+        Some(Ok(mut login)) => {
+            login.peer = peer;
+            login
+        }
     };
     log::debug!(
         "client {who}: logged in as {} to {}",
