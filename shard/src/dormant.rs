@@ -282,7 +282,8 @@ impl Dormitory {
         let socket = match client.into_parkable() {
             Ok(socket) => socket,
             Err(client) => {
-                log::warn!("shard {}: could not park an idle client", self.shard);
+                // (Out of descriptors for the duplicate: it stays a task and is tried again later.)
+                log::debug!("shard {}: could not park an idle client", self.shard);
                 resume(
                     ctx.clone(),
                     client,
