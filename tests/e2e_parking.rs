@@ -257,3 +257,43 @@ async fn parking_off_keeps_every_client_a_task() {
         Some(0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_turns_parking_off_takes_parked_clients_up() {
+    if proxy_only("parking", "the proxy's own idle-client parking") {
+        return;
+    }
+    let proxy = start("");
+    let client = proxy.trust_client().await;
+    client
+        .simple_query("SET application_name = 'stays'")
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| wait_parked(&proxy, 1));
+    proxy.rewrite_config(|c| {
+        c["limits"]
+            .as_table_mut()
+            .expect("[limits]")
+            .insert("park_idle_client_ms".into(), toml::Value::Integer(0));
+    });
+    let admin = proxy.admin_port.expect("admin port");
+    let reload = common::http::request(admin, "POST", "/config/reload", &[], b"");
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while parked_now(&proxy) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "parked clients stayed parked after parking was turned off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Taken up, not lost: the session goes on with its settings, and is not parked again.
+    tokio::time::sleep(Duration::from_millis(PARK_MS * 5)).await;
+    let rows = client.simple_query("SHOW application_name").await.unwrap();
+    let value = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("stays"));
+    assert_eq!(parked_now(&proxy), 0);
+}

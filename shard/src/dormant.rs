@@ -96,21 +96,21 @@ impl Watcher {
 
     fn watch(&self, shards: &[OwnedFd], shutdown: &AtomicBool) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
+        // Tokens not yet taken by their shard: a shard that falls behind keeps its own
+        // queue here and holds up no other shard.
         let mut out: Vec<Vec<u8>> = vec![Vec::new(); shards.len()];
         while !shutdown.load(Ordering::Acquire) {
+            let behind = out.iter().any(|buf| !buf.is_empty());
             // SAFETY: `events` is a valid buffer of the given length.
             let n = unsafe {
                 libc::epoll_wait(
                     self.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    500,
+                    if behind { 1 } else { 500 },
                 )
             };
-            if n <= 0 {
-                continue;
-            }
-            for event in &events[..n as usize] {
+            for event in &events[..n.max(0) as usize] {
                 let (shard, ..) = untoken(event.u64);
                 if let Some(buf) = out.get_mut(shard) {
                     buf.extend_from_slice(&event.u64.to_le_bytes());
@@ -118,8 +118,8 @@ impl Watcher {
             }
             for (buf, fd) in out.iter_mut().zip(shards) {
                 if !buf.is_empty() {
-                    write_all_blocking(fd.as_raw_fd(), buf);
-                    buf.clear();
+                    let sent = send_some(fd.as_raw_fd(), buf);
+                    buf.drain(..sent);
                 }
             }
         }
@@ -163,20 +163,31 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// The watcher's side is blocking: a shard that falls behind slows the watcher, never
-/// loses a wake-up.
-fn write_all_blocking(fd: RawFd, mut bytes: &[u8]) {
-    while !bytes.is_empty() {
-        // SAFETY: writing from a valid slice.
-        let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
+/// Sends what the shard's socket takes now, without waiting; how many bytes went (the
+/// shard reassembles tokens split across reads). A shard whose end is gone takes all.
+fn send_some(fd: RawFd, bytes: &[u8]) -> usize {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        // SAFETY: a non-blocking send from a valid slice.
+        let n = unsafe {
+            libc::send(
+                fd,
+                bytes[sent..].as_ptr().cast(),
+                bytes.len() - sent,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            sent += n as usize;
+            continue;
         }
-        bytes = &bytes[n as usize..];
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => break,
+            _ => return bytes.len(),
+        }
     }
+    sent
 }
 
 /// An idle session waiting to be parked: when it started waiting and its task's waker.
@@ -253,7 +264,8 @@ impl Dormitory {
                 }
             }
         }
-        let draining = ctx.draining.is_set();
+        // Draining, or parking turned off by a reload: every parked client is taken up.
+        let draining = ctx.draining.is_set() || after.is_zero();
         let due: Vec<usize> = self
             .sleepers
             .borrow()
@@ -400,8 +412,16 @@ pub fn join(ctx: &Rc<ShardCtx>, watcher: Arc<Watcher>, inbox: Inbox) {
         let mut kept = 0;
         loop {
             let n = match stream.read(&mut buf[kept..]).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return,
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!(
+                        "shard {}: parked clients' wake-ups cannot be read: {e}",
+                        ctx.id
+                    );
+                    return;
+                }
             };
             let end = kept + n;
             let whole = end - end % 8;

@@ -40,6 +40,8 @@ pub enum StartError {
     Config(String),
     #[error("cannot start worker {id}: {reason}")]
     Executor { id: usize, reason: String },
+    #[error("cannot start the parked-client watcher: {0}")]
+    Watcher(std::io::Error),
     #[error("workers = {0} is more than the {MAX_SHARDS} the cancel key can name")]
     TooManyWorkers(usize),
 }
@@ -84,10 +86,7 @@ impl Runtime {
         let budgets = Arc::new(Budgets::new(workers));
         let shutdown = Arc::new(AtomicBool::new(false));
         let (watcher, inboxes) = crate::dormant::Watcher::start(workers, shutdown.clone())
-            .map_err(|e| StartError::Executor {
-                id: 0,
-                reason: format!("cannot start the parked-client watcher: {e}"),
-            })?;
+            .map_err(StartError::Watcher)?;
         let mut links = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for ((id, listener), wakeups) in listeners.into_iter().enumerate().zip(inboxes) {
@@ -105,7 +104,7 @@ impl Runtime {
                 stats: stats.clone(),
             });
             let mesh = mesh.clone();
-            let shutdown = shutdown.clone();
+            let shard_shutdown = shutdown.clone();
             let console = console.clone();
             let suspects = suspects.clone();
             let shard = ShardStart {
@@ -115,7 +114,7 @@ impl Runtime {
                 stats,
                 listener,
                 mesh,
-                shutdown,
+                shutdown: shard_shutdown,
                 inbox,
                 console,
                 suspects,
@@ -126,9 +125,13 @@ impl Runtime {
                 .spawn(move || async move {
                     shard_main(shard).await;
                 })
-                .map_err(|e| StartError::Executor {
-                    id,
-                    reason: e.to_string(),
+                .map_err(|e| {
+                    // The watcher thread and any shard already started stop with it.
+                    shutdown.store(true, Ordering::Release);
+                    StartError::Executor {
+                        id,
+                        reason: e.to_string(),
+                    }
                 })?;
             handles.push(handle);
         }

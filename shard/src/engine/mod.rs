@@ -187,8 +187,6 @@ fn run_loop<'a, P: Phase>(
             let wake = if pending {
                 Wake::Pending
             } else if let Some(wake) = woken_by.take() {
-                // The wait it was parked in is over: the next one starts afresh.
-                idle_since = None;
                 *wake
             } else {
                 // A session holding nothing may be parked once it has idled long enough.
@@ -197,7 +195,7 @@ fn run_loop<'a, P: Phase>(
                     && client.is_parkable()
                     && ctx.dormitory.may_park(ctx);
                 // A resumed session's idle timeout counts from when its wait began.
-                let limit = match (s.limits.idle_session, idle_since.take()) {
+                let limit = match (s.limits.idle_session, idle_since) {
                     (Some(limit), Some(since)) => Some(limit.saturating_sub(since.elapsed())),
                     (limit, _) => limit,
                 };
@@ -211,8 +209,12 @@ fn run_loop<'a, P: Phase>(
                 .await
             };
             if let Wake::Park(since) = wake {
-                return Served::Idle(since);
+                // Parked again without a word from the client (it could not be parked
+                // last time): its idle time still counts from the first wait.
+                return Served::Idle(idle_since.map_or(since, |first| first.min(since)));
             }
+            // The wait it was resumed in is over: the next one starts afresh.
+            idle_since = None;
             let (lanes, unit) = &mut **desk.get_or_insert_with(|| {
                 let mut lanes = Lanes::resume(ctx.max_message_size(), s.stream_position);
                 if s.features.replay {
