@@ -1,7 +1,7 @@
 //! Starting and stopping the shards: one pinned glommio executor per worker, each with its
 //! own SO_REUSEPORT listener, its own context, and a cancel channel to every other shard.
 
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -174,6 +174,8 @@ fn bind_reuseport(addr: &str) -> Result<OwnedFd, StartError> {
     socket.set_reuse_port(true).map_err(err)?;
     socket.bind(&sockaddr.into()).map_err(err)?;
     socket.listen(1024).map_err(err)?;
+    // Queued connections are taken with plain accept4 between glommio's accepts.
+    socket.set_nonblocking(true).map_err(err)?;
     Ok(socket.into())
 }
 
@@ -232,22 +234,22 @@ async fn shard_main(start: ShardStart) {
             return;
         }
     };
+    // glommio's listener does not lend its fd; its number is kept for `accept_queued`
+    // while the listener lives.
+    let listener_fd = listener.into_raw_fd();
     // SAFETY: the fd is a bound, listening TCP socket that we own and hand over here.
-    let listener = unsafe {
-        use std::os::fd::FromRawFd;
-        TcpListener::from_raw_fd(listener.into_raw_fd())
-    };
+    let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
     crate::bus::join(&ctx, mesh).await;
     crate::dormant::join(&ctx, parking.0, parking.1);
     glommio::spawn_local(housekeeping(ctx.clone(), shutdown, inbox)).detach();
     log::info!("shard {id} accepting on {}", ctx.config().listen_address);
-    accept_loop(&ctx, &listener).await;
+    accept_loop(&ctx, &listener, listener_fd).await;
     drop(listener);
     drain(&ctx).await;
     log::info!("shard {id} stopped");
 }
 
-async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &TcpListener) {
+async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &TcpListener, listener_fd: RawFd) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             ctx.draining.wait().await;
@@ -263,31 +265,64 @@ async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &TcpListener) {
                 continue;
             }
         };
-        ctx.stats.clients_accepted.inc();
-        if ctx.active_clients.get() >= ctx.max_clients.get() {
-            ctx.stats.clients_rejected.inc();
-            ctx.stats.clients_closed.inc();
-            glommio::spawn_local(reject(stream)).detach();
-            continue;
+        admit(ctx, stream);
+        // Connections already queued are taken with one accept4(2) each: glommio's accept
+        // toggles O_NONBLOCK around every try (three fcntl and an accept that may fail).
+        while let Some(fd) = accept_queued(listener_fd) {
+            // SAFETY: `fd` is a connected TCP socket just accepted and owned by nothing else.
+            admit(ctx, unsafe { TcpStream::from_raw_fd(fd) });
         }
-        ctx.active_clients.set(ctx.active_clients.get() + 1);
-        let session_ctx = ctx.clone();
-        glommio::spawn_local(async move {
-            let mut stream = crate::stream::NetStream::from(stream);
-            match crate::session::serve(&session_ctx, &mut stream).await {
-                Some((session, since)) => {
-                    session_ctx
-                        .dormitory
-                        .park(&session_ctx, stream, session, since)
-                }
-                None => {
-                    drop(stream);
-                    client_left(&session_ctx);
-                }
-            }
-        })
-        .detach();
     }
+}
+
+/// Takes a connection already waiting in the (non-blocking) listener's queue, if any.
+fn accept_queued(listener: RawFd) -> Option<RawFd> {
+    loop {
+        // SAFETY: accept4 on our listening socket; the peer address is not asked for.
+        let fd = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            return Some(fd);
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // Nothing queued (or an error glommio's accept will report).
+            return None;
+        }
+    }
+}
+
+/// Serves a newly accepted client in a task of its own, or refuses it over the limit.
+fn admit(ctx: &Rc<ShardCtx>, stream: TcpStream) {
+    ctx.stats.clients_accepted.inc();
+    if ctx.active_clients.get() >= ctx.max_clients.get() {
+        ctx.stats.clients_rejected.inc();
+        ctx.stats.clients_closed.inc();
+        glommio::spawn_local(reject(stream)).detach();
+        return;
+    }
+    ctx.active_clients.set(ctx.active_clients.get() + 1);
+    let session_ctx = ctx.clone();
+    glommio::spawn_local(async move {
+        let mut stream = crate::stream::NetStream::from(stream);
+        match crate::session::serve(&session_ctx, &mut stream).await {
+            Some((session, since)) => {
+                session_ctx
+                    .dormitory
+                    .park(&session_ctx, stream, session, since)
+            }
+            None => {
+                drop(stream);
+                client_left(&session_ctx);
+            }
+        }
+    })
+    .detach();
 }
 
 /// Counts a client gone (its session over, its socket closed).
