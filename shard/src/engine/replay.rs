@@ -452,25 +452,31 @@ async fn carrier<P: Phase>(
     phases: &P,
 ) -> Option<Lease> {
     const ABORT: &str = "BEGIN; DO $helios$BEGIN RAISE EXCEPTION 'replayed transaction diverged after a failover; the client is told 40001' USING ERRCODE = '40001'; END$helios$";
-    // The session's own state comes with it: in session mode it may become its home.
-    let mut lease = match replacement(ctx, s, unit, phases).await {
-        Ok(lease) => lease,
-        Err(why) => {
-            log::warn!("no connection to carry an aborted transaction: {why:?}");
-            return None;
-        }
-    };
     let mut request = Vec::with_capacity(ABORT.len() + 8);
     frontend::encode_query(&mut request, ABORT);
     let mut buf = ctx.bufs.take();
-    match lease.exchange(&request, 1, &mut buf).await {
-        Ok(Some(_)) if lease.status == status::FAILED => Some(lease),
-        _ => {
-            lease.lost();
-            None
+    // A connection can die under the carrier too (a server restarting after a crash ends
+    // every backend a moment after the one that crashed): another is tried.
+    for _ in 0..CARRIER_ATTEMPTS {
+        // The session's own state comes with it: in session mode it may become its home.
+        let mut lease = match replacement(ctx, s, unit, phases).await {
+            Ok(lease) => lease,
+            Err(why) => {
+                log::warn!("no connection to carry an aborted transaction: {why:?}");
+                return None;
+            }
+        };
+        match lease.exchange(&request, 1, &mut buf).await {
+            Ok(Some(_)) if lease.status == status::FAILED => return Some(lease),
+            _ => lease.lost(),
         }
     }
+    log::warn!("no connection carried an aborted transaction ({CARRIER_ATTEMPTS} tried)");
+    None
 }
+
+/// Connections tried to carry an aborted transaction.
+const CARRIER_ATTEMPTS: usize = 3;
 
 /// The error for one answer a refused replay owed the client: `40001` for a divergence
 /// (`25P02` for the later ones inside the failed block, as PostgreSQL answers them), else
