@@ -597,6 +597,16 @@ pub fn is_server_gone_error(body: &[u8]) -> bool {
     }
 }
 
+/// The warning PostgreSQL 14 and later send (as a NoticeResponse, SQLSTATE 57P02) from a
+/// backend ended because another server process crashed, just before the connection
+/// closes: like the 57P02 FATAL of older servers, the server going away, not an answer.
+pub fn is_crash_notice(body: &[u8]) -> bool {
+    matches!(
+        decode(b'N', body),
+        Ok(BackendMessage::NoticeResponse(fields)) if fields.get(b'C') == Some(b"57P02")
+    )
+}
+
 /// A FATAL a backend sends when it dies while waiting for input — its postmaster gone
 /// (57P01 from `secure_read`), another process crashed (57P02), or its idle-session
 /// timeout (57P05): as the first answer to a request, proof the request was never run.

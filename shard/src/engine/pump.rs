@@ -317,9 +317,12 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         let (server_pid, client_pid) = self.pids;
         let chunk = &buf[base..lane.raw_end];
         let scanned = lane.scanner.scan(chunk, |tag, body, end| {
+            // A crashed-peer warning is the server going away, never an answer.
+            let crash_notice = tag == be::NOTICE_RESPONSE && backend::is_crash_notice(body);
             if !flow.heard_back {
                 flow.heard_back = true;
-                if flow.may_start_over && tag == be::ERROR_RESPONSE && backend::is_idle_death(body)
+                if flow.may_start_over
+                    && ((tag == be::ERROR_RESPONSE && backend::is_idle_death(body)) || crash_notice)
                 {
                     // Nothing of the request was run: the unit starts over elsewhere.
                     flow.dead_on_arrival = true;
@@ -328,8 +331,8 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                 }
             }
             if flow.soften_server_gone
-                && tag == be::ERROR_RESPONSE
-                && backend::is_server_gone_error(body)
+                && ((tag == be::ERROR_RESPONSE && backend::is_server_gone_error(body))
+                    || crash_notice)
             {
                 // The server is going away; the session is not tied to it: the client
                 // hears of the lost unit from the engine instead, and carries on.
