@@ -325,6 +325,31 @@ async fn psql_and_every_show_use_pgbouncer_columns() {
     proxy.assert_running();
 }
 
+/// The SHOW CLIENTS row of the client with this application_name.
+fn client_row<'t>(clients: &'t Table, app: &str) -> &'t Vec<Option<String>> {
+    clients
+        .rows
+        .iter()
+        .find(|r| clients.get(r, "application_name") == Some(app))
+        .unwrap_or_else(|| panic!("{app} not in SHOW CLIENTS: {:?}", clients.rows))
+}
+
+/// KILL_CLIENT `id`, then the victim's next query fails: 57P01, or its connection closed.
+async fn kill_and_check(admin: &tokio_postgres::Client, id: &str, victim: &tokio_postgres::Client) {
+    admin
+        .simple_query(&format!("KILL_CLIENT {id}"))
+        .await
+        .unwrap();
+    let err = guarded(
+        HANG_GUARD,
+        "victim's query",
+        victim.simple_query("SELECT 2"),
+    )
+    .await
+    .expect_err("a killed client cannot query");
+    assert!(victim.is_closed() || sqlstate(&err) == "57P01", "{err:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_client_disconnects_only_that_client() {
     if proxy_only("KILL_CLIENT", "the console is the proxy's") {
@@ -339,27 +364,11 @@ async fn kill_client_disconnects_only_that_client() {
 
     let admin = console(&proxy, ADMIN, ADMIN_PASSWORD).await;
     let clients = show(&admin, "SHOW CLIENTS").await;
-    let row = clients
-        .rows
-        .iter()
-        .find(|r| clients.get(r, "application_name") == Some("victim-app"))
-        .unwrap_or_else(|| panic!("victim not in SHOW CLIENTS: {:?}", clients.rows));
+    let row = client_row(&clients, "victim-app");
     assert_eq!(clients.get(row, "user"), Some(SUPERUSER));
     assert_eq!(clients.get(row, "database"), Some(DATABASE));
     let id = clients.get(row, "id").unwrap().to_string();
-
-    admin
-        .simple_query(&format!("KILL_CLIENT {id}"))
-        .await
-        .unwrap();
-    let err = guarded(
-        HANG_GUARD,
-        "victim's query",
-        victim.simple_query("SELECT 2"),
-    )
-    .await
-    .expect_err("a killed client cannot query");
-    assert!(victim.is_closed() || sqlstate(&err) == "57P01", "{err:?}");
+    kill_and_check(&admin, &id, &victim).await;
 
     bystander.simple_query("SELECT 3").await.unwrap();
     proxy.assert_running();
@@ -399,24 +408,11 @@ async fn kill_client_reaches_a_parked_client() {
     }
     let admin = console(&proxy, ADMIN, ADMIN_PASSWORD).await;
     let clients = show(&admin, "SHOW CLIENTS").await;
-    let row = clients
-        .rows
-        .iter()
-        .find(|r| clients.get(r, "application_name") == Some("parked-victim"))
-        .unwrap_or_else(|| panic!("parked victim not in SHOW CLIENTS: {:?}", clients.rows));
-    let id = clients.get(row, "id").unwrap().to_string();
-    admin
-        .simple_query(&format!("KILL_CLIENT {id}"))
-        .await
-        .unwrap();
-    let err = guarded(
-        HANG_GUARD,
-        "victim's query",
-        victim.simple_query("SELECT 2"),
-    )
-    .await
-    .expect_err("a killed parked client cannot query");
-    assert!(victim.is_closed() || sqlstate(&err) == "57P01", "{err:?}");
+    let id = clients
+        .get(client_row(&clients, "parked-victim"), "id")
+        .unwrap()
+        .to_string();
+    kill_and_check(&admin, &id, &victim).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while show(&admin, "SHOW CLIENTS")
         .await

@@ -35,17 +35,24 @@ fn parked_now(proxy: &Proxy) -> u64 {
         .expect("clients_parked.now in /metrics")
 }
 
-/// Waits (bounded) until `n` clients are parked.
-fn wait_parked(proxy: &Proxy, n: u64) {
+/// Waits (at most 10 s) until `/metrics` satisfies `done`; `what` names it on failure.
+fn wait_metrics(proxy: &Proxy, what: &str, done: impl Fn(&Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while parked_now(proxy) < n {
-        assert!(
-            Instant::now() < deadline,
-            "{n} clients not parked within 10 s: {}",
-            metrics(proxy)["clients_parked"]
-        );
+    loop {
+        let m = metrics(proxy);
+        if done(&m) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} within 10 s: {m}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits until `n` clients are parked.
+fn wait_parked(proxy: &Proxy, n: u64) {
+    wait_metrics(proxy, &format!("{n} clients parked"), |m| {
+        m["clients_parked"]["now"].as_u64() >= Some(n)
+    });
 }
 
 fn raw_client(port: u16) -> RawConn {
@@ -159,20 +166,10 @@ async fn many_parked_clients_wake_at_once_and_a_hang_up_is_seen() {
     // Parked clients that hang up are counted gone.
     tokio::task::block_in_place(|| wait_parked(&proxy, CLIENTS as u64));
     drop(clients);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = metrics(&proxy);
-        if m["connections_active"].as_u64() == Some(0)
+    wait_metrics(&proxy, "hung-up parked clients no longer counted", |m| {
+        m["connections_active"].as_u64() == Some(0)
             && m["clients_parked"]["now"].as_u64() == Some(0)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "hung-up parked clients still counted: {m}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
     proxy.assert_running();
 }
 
@@ -279,14 +276,11 @@ async fn a_reload_that_turns_parking_off_takes_parked_clients_up() {
     let admin = proxy.admin_port.expect("admin port");
     let reload = common::http::request(admin, "POST", "/config/reload", &[], b"");
     assert_eq!(reload.status, 200, "{}", reload.body);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while parked_now(&proxy) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "parked clients stayed parked after parking was turned off"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::task::block_in_place(|| {
+        wait_metrics(&proxy, "parked clients taken up once parking is off", |m| {
+            m["clients_parked"]["now"].as_u64() == Some(0)
+        })
+    });
     // Taken up, not lost: the session goes on with its settings, and is not parked again.
     tokio::time::sleep(Duration::from_millis(PARK_MS * 5)).await;
     let rows = client.simple_query("SHOW application_name").await.unwrap();
