@@ -319,16 +319,16 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         let scanned = lane.scanner.scan(chunk, |tag, body, end| {
             // A crashed-peer warning is the server going away, never an answer.
             let crash_notice = tag == be::NOTICE_RESPONSE && backend::is_crash_notice(body);
-            if !flow.heard_back {
-                flow.heard_back = true;
-                if flow.may_start_over
-                    && ((tag == be::ERROR_RESPONSE && backend::is_idle_death(body)) || crash_notice)
-                {
-                    // Nothing of the request was run: the unit starts over elsewhere.
-                    flow.dead_on_arrival = true;
-                    dropped = Some(HEADER_LEN + body.len());
-                    return Step::Stop;
-                }
+            if !flow.heard_back
+                && flow.may_start_over
+                && ((tag == be::ERROR_RESPONSE && backend::is_idle_death(body)) || crash_notice)
+            {
+                // The server died waiting for input and had answered nothing of the
+                // client's (only the proxy's own requests, if any): nothing of the
+                // request was run, and the unit starts over elsewhere.
+                flow.dead_on_arrival = true;
+                dropped = Some(HEADER_LEN + body.len());
+                return Step::Stop;
             }
             if flow.soften_server_gone
                 && ((tag == be::ERROR_RESPONSE && backend::is_server_gone_error(body))
@@ -383,6 +383,12 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                     responses.ready.extend_from_slice(&error);
                     action = Action::Drop;
                 }
+            }
+            // An answer the client will see: the unit is under way on this connection.
+            // (Answers to the proxy's own requests, dropped here, do not count: the
+            // server may still die before reading the client's.)
+            if action != Action::Drop {
+                flow.heard_back = true;
             }
             phases.server_message(
                 &mut Wire {

@@ -89,10 +89,12 @@ pub struct Flow {
     /// The unit may start over on another connection if this one turns out dead on
     /// arrival (a fresh connection; the client's bytes are kept until the first answer).
     pub may_start_over: bool,
-    /// The server has sent something since the unit's request went out.
+    /// The server has sent something the client sees since the unit's request went
+    /// out (answers to the proxy's own injected requests do not count).
     pub heard_back: bool,
-    /// Its first word was a FATAL (it died before reading the request, as a backend does
-    /// when its postmaster is gone): the FATAL was dropped and the unit starts over.
+    /// Its first word the client would have seen was a FATAL (it died before reading
+    /// the request, as a backend does when its postmaster is gone): the FATAL was
+    /// dropped and the unit starts over.
     pub dead_on_arrival: bool,
     /// A FATAL saying the server is going away is not forwarded (the session is not
     /// tied to this connection); `server_gone` records that one came.
