@@ -77,7 +77,12 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
         }
     };
     let loader: control::ConfigLoader = Box::new(move || args.load_config());
-    let control = match control::Control::new(config.clone(), runtime.links.clone(), Some(loader)) {
+    let control = match control::Control::new(
+        config.clone(),
+        runtime.links.clone(),
+        runtime.epochs.clone(),
+        Some(loader),
+    ) {
         Ok(control) => control,
         Err(e) => {
             eprintln!("heliosdb-proxy: {e}");

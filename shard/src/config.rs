@@ -70,6 +70,8 @@ pub struct Config {
     pub admin_users: Vec<String>,
     /// Users who may run the console's SHOW commands only.
     pub stats_users: Vec<String>,
+    /// The query result cache.
+    pub cache: CacheConfig,
 }
 
 impl Default for Config {
@@ -96,6 +98,7 @@ impl Default for Config {
             admin_api: AdminApiConfig::default(),
             admin_users: Vec::new(),
             stats_users: Vec::new(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -537,6 +540,59 @@ impl Default for RoutingConfig {
             max_replica_lag_ms: 1000,
             lag_check_interval_secs: 1.0,
             read_your_writes: true,
+        }
+    }
+}
+
+/// The query result cache (see `cache`): results of read-only statements answered by
+/// the proxy until a write to a table they read, their time to live, or memory pressure
+/// ends them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Memory for cached results, shared out evenly between the shards.
+    pub max_memory_mb: u64,
+    /// How long a result may be served; 0 = until a write or eviction ends it.
+    pub default_ttl_secs: u64,
+    /// Larger results are not cached (counted while the answer streams by).
+    pub max_result_bytes: u64,
+    /// Per-table overrides: a shorter or longer time to live, or never cached.
+    pub tables: Vec<CacheTableConfig>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            max_memory_mb: 64,
+            default_ttl_secs: 60,
+            max_result_bytes: 1024 * 1024,
+            tables: Vec::new(),
+        }
+    }
+}
+
+/// How results that read one table are cached. `name` is `schema.table`, or `table`
+/// for a table of that name in any schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheTableConfig {
+    pub name: String,
+    /// Time to live of results that read this table (the shortest of a result's tables
+    /// wins); absent = `default_ttl_secs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// `false`: results that read this table are never cached.
+    pub cache: bool,
+}
+
+impl Default for CacheTableConfig {
+    fn default() -> Self {
+        CacheTableConfig {
+            name: String::new(),
+            ttl_secs: None,
+            cache: true,
         }
     }
 }

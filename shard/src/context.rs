@@ -178,6 +178,8 @@ pub struct ShardCtx {
     pub active_clients: Cell<usize>,
     /// Idle clients parked off their tasks (see `dormant`).
     pub dormitory: crate::dormant::Dormitory,
+    /// This shard's part of the query result cache.
+    pub cache: Rc<crate::cache::shard::ShardCache>,
     next_backend_id: Rc<Cell<u64>>,
     limits: RefCell<PoolLimits>,
 }
@@ -212,6 +214,7 @@ impl ShardCtx {
         config: Arc<Config>,
         stats: Arc<ShardStats>,
         budgets: Arc<Budgets>,
+        epochs: Arc<crate::cache::Epochs>,
     ) -> Result<Self, String> {
         let workers = config.effective_workers();
         let limits = pool_limits(&config, workers, id);
@@ -271,6 +274,11 @@ impl ShardCtx {
             max_clients: Cell::new(share(config.limits.max_client_connections, workers, id).max(1)),
             active_clients: Cell::new(0),
             dormitory: crate::dormant::Dormitory::new(id),
+            cache: Rc::new(crate::cache::shard::ShardCache::new(
+                &config.cache,
+                workers,
+                epochs,
+            )),
             next_backend_id: Rc::new(Cell::new(((id as u64) << 48) | 1)),
             limits: RefCell::new(limits),
             stats,
@@ -460,6 +468,7 @@ impl ShardCtx {
         *self.tls.borrow_mut() = tls;
         *self.server_tls.borrow_mut() = server_tls;
         *self.hba.borrow_mut() = hba;
+        self.cache.apply_config(&config.cache);
         for pool in self.all_pools() {
             pool.set_tls(self.server_tls_for(&pool.key.node));
         }

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod budget;
 pub mod bufpool;
 pub mod bus;
+pub mod cache;
 pub mod cancel;
 pub mod codec;
 pub mod config;

@@ -53,6 +53,9 @@ pub struct Runtime {
     pub links: Vec<ShardLink>,
     shutdown: Arc<AtomicBool>,
     pub local_addr: std::net::SocketAddr,
+    /// The result cache's epochs, shared by every shard (the admin API invalidates
+    /// through them).
+    pub epochs: Arc<crate::cache::Epochs>,
 }
 
 impl Runtime {
@@ -68,8 +71,14 @@ impl Runtime {
             return Err(StartError::TooManyWorkers(workers));
         }
         // Build one context up front so config problems surface before any thread starts.
-        ShardCtx::new(0, config.clone(), Arc::default(), Arc::default())
-            .map_err(StartError::Config)?;
+        ShardCtx::new(
+            0,
+            config.clone(),
+            Arc::default(),
+            Arc::default(),
+            Arc::default(),
+        )
+        .map_err(StartError::Config)?;
         let listeners = (0..workers)
             .map(|_| bind_reuseport(&config.listen_address))
             .collect::<Result<Vec<_>, _>>()?;
@@ -84,6 +93,7 @@ impl Runtime {
         let cpus = allowed_cpus();
         let mesh = crate::bus::mesh(workers);
         let budgets = Arc::new(Budgets::new(workers));
+        let epochs = Arc::new(crate::cache::Epochs::default());
         let shutdown = Arc::new(AtomicBool::new(false));
         let (watcher, inboxes) = crate::dormant::Watcher::start(workers, shutdown.clone())
             .map_err(StartError::Watcher)?;
@@ -110,6 +120,7 @@ impl Runtime {
             let shard = ShardStart {
                 id,
                 budgets: budgets.clone(),
+                epochs: epochs.clone(),
                 config,
                 stats,
                 listener,
@@ -140,6 +151,7 @@ impl Runtime {
             links,
             shutdown,
             local_addr,
+            epochs,
         })
     }
 
@@ -197,6 +209,7 @@ fn allowed_cpus() -> Vec<usize> {
 struct ShardStart {
     id: usize,
     budgets: Arc<Budgets>,
+    epochs: Arc<crate::cache::Epochs>,
     config: Arc<Config>,
     stats: Arc<ShardStats>,
     listener: OwnedFd,
@@ -213,6 +226,7 @@ async fn shard_main(start: ShardStart) {
     let ShardStart {
         id,
         budgets,
+        epochs,
         config,
         stats,
         listener,
@@ -223,7 +237,7 @@ async fn shard_main(start: ShardStart) {
         suspects,
         parking,
     } = start;
-    let ctx = match ShardCtx::new(id, config, stats, budgets) {
+    let ctx = match ShardCtx::new(id, config, stats, budgets, epochs) {
         Ok(mut ctx) => {
             ctx.console = console;
             ctx.suspects = suspects;

@@ -17,6 +17,11 @@ impl Counter {
     pub fn inc(&self) {
         self.add(1);
     }
+    /// For gauges: the value now.
+    #[inline]
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Relaxed);
+    }
     #[inline]
     pub fn sub(&self, n: u64) {
         self.0.store(self.0.load(Relaxed).wrapping_sub(n), Relaxed);
@@ -37,6 +42,19 @@ pub struct ShardStats {
     pub clients_parked: Counter,
     pub clients_woken: Counter,
     pub queries: Counter,
+    /// Result cache (L1): lookups answered, lookups that went to the server, statements
+    /// that may not be cached, answers stored, answers not stored because a write raced
+    /// them, invalidations applied by this shard's writers.
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_uncacheable: Counter,
+    pub cache_fills: Counter,
+    pub cache_fills_discarded: Counter,
+    pub cache_invalidations: Counter,
+    /// The shard's store now: entries, bytes, and entries evicted so far.
+    pub cache_entries: Counter,
+    pub cache_bytes: Counter,
+    pub cache_evictions: Counter,
     pub bytes_from_clients: Counter,
     pub bytes_to_clients: Counter,
     pub backends_created: Counter,

@@ -134,6 +134,10 @@ enum Route<'a> {
     Switchover,
     /// `POST /primary`: name the primary (manual provider).
     Primary,
+    /// `GET /cache`: the result cache's counters.
+    Cache,
+    /// `POST /cache/invalidate`: drop results by table, or all of them.
+    CacheInvalidate,
 }
 
 #[derive(Clone, Copy)]
@@ -152,6 +156,7 @@ impl Route<'_> {
                 | Route::Failover
                 | Route::Switchover
                 | Route::Primary
+                | Route::CacheInvalidate
         )
     }
 }
@@ -177,6 +182,8 @@ fn route<'a>(segments: &[&'a str]) -> Option<Route<'a>> {
         ["failover"] => Route::Failover,
         ["switchover"] => Route::Switchover,
         ["primary"] => Route::Primary,
+        ["cache"] => Route::Cache,
+        ["cache", "invalidate"] => Route::CacheInvalidate,
         _ => return None,
     })
 }
@@ -184,6 +191,11 @@ fn route<'a>(segments: &[&'a str]) -> Option<Route<'a>> {
 fn dispatch(control: &Control, route: Route<'_>, body: &[u8]) -> Reply {
     match route {
         Route::Topology => Reply::json(200, control.topology_json()),
+        Route::Cache => Reply::json(200, super::cache::json(control)),
+        Route::CacheInvalidate => match super::cache::parse_invalidate(body) {
+            Ok(what) => Reply::json(200, super::cache::invalidate(control, what)),
+            Err(message) => Reply::error(400, message),
+        },
         Route::Failover => {
             let target = match body_field(body, "target") {
                 Ok(target) => target,

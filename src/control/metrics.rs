@@ -59,6 +59,13 @@ fn describe() {
         ("heliosdb_proxy_bytes_sent_total", "Bytes sent to clients"),
         ("heliosdb_proxy_failovers_total", "Failovers completed (a new primary published)"),
         ("heliosdb_proxy_buffer_timeouts_total", "Units that left the switchover buffer without a primary, by reason: timeout (failover.write_timeout_secs) or full (failover.buffer_max)"),
+        ("heliosdb_proxy_cache_hits_total", "Result cache lookups answered without a server, by tier"),
+        ("heliosdb_proxy_cache_misses_total", "Result cache lookups of cacheable statements that went to the server, by tier"),
+        ("heliosdb_proxy_cache_fills_total", "Results stored in the cache, by tier"),
+        ("heliosdb_proxy_cache_fills_discarded_total", "Results not stored because a write to a table they read raced them"),
+        ("heliosdb_proxy_cache_uncacheable_total", "Read-only statements the cache may not keep (volatile functions, views over system catalogs, temporary tables, …)"),
+        ("heliosdb_proxy_cache_evictions_total", "Cached results pushed out by the memory bound, by tier"),
+        ("heliosdb_proxy_cache_invalidations_total", "Cache invalidations (writes through the proxy, admin requests)"),
         ("heliosdb_proxy_units_started_over_total", "Units whose fresh server connection was dead on arrival (a FATAL before any answer): they ran again on another one, unseen by the client"),
         ("heliosdb_proxy_logins_without_server_total", "Pooled-mode logins welcomed from a remembered welcome, without a server connection"),
         ("heliosdb_proxy_clients_parked_total", "Idle clients parked off their tasks (limits.park_idle_client_ms)"),
@@ -94,6 +101,14 @@ fn describe() {
         describe_counter!(name, help);
     }
     let gauges = [
+        (
+            "heliosdb_proxy_cache_entries",
+            "Results in the cache now, by tier",
+        ),
+        (
+            "heliosdb_proxy_cache_bytes",
+            "Memory held by cached results now, by tier",
+        ),
         (
             "heliosdb_proxy_connections_active",
             "Client connections open now",
@@ -244,6 +259,16 @@ fn sync(control: &Control) {
         counter!("heliosdb_proxy_buffer_timeouts_total", "reason" => "full")
             .absolute(totals.buffer_overflows);
         counter!("heliosdb_proxy_units_lost_total").absolute(totals.units_lost);
+        let cache = super::cache::CacheTotals::sum(control);
+        counter!("heliosdb_proxy_cache_hits_total", "tier" => "l1").absolute(cache.hits);
+        counter!("heliosdb_proxy_cache_misses_total", "tier" => "l1").absolute(cache.misses);
+        counter!("heliosdb_proxy_cache_fills_total", "tier" => "l1").absolute(cache.fills);
+        counter!("heliosdb_proxy_cache_evictions_total", "tier" => "l1").absolute(cache.evictions);
+        counter!("heliosdb_proxy_cache_fills_discarded_total").absolute(cache.fills_discarded);
+        counter!("heliosdb_proxy_cache_uncacheable_total").absolute(cache.uncacheable);
+        counter!("heliosdb_proxy_cache_invalidations_total").absolute(cache.invalidations);
+        gauge!("heliosdb_proxy_cache_entries", "tier" => "l1").set(cache.entries as f64);
+        gauge!("heliosdb_proxy_cache_bytes", "tier" => "l1").set(cache.bytes as f64);
         counter!("heliosdb_proxy_replays_attempted_total").absolute(totals.replays_attempted);
         counter!("heliosdb_proxy_replays_succeeded_total").absolute(totals.replays_succeeded);
         for (refusal, count) in helios_shard::engine::replay::Refusal::ALL
@@ -558,6 +583,7 @@ pub fn json(control: &Control) -> Value {
         "cancels_received": t.cancels,
         "cancels_forwarded": t.cancels_forwarded,
         "protocol_errors": t.protocol_errors,
+        "cache": super::cache::json(control),
         "auth_failures": t.auth_failures,
         "auth_failures_by_reason": AuthFailure::ALL
             .iter()

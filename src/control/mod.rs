@@ -4,6 +4,7 @@
 //! and serves the admin REST API, the metrics and the SQL admin console.
 
 pub mod admin;
+pub mod cache;
 pub mod console;
 pub mod failover;
 pub mod health;
@@ -163,12 +164,15 @@ pub struct Control {
     suspected: Mutex<std::collections::HashMap<String, Instant>>,
     /// Wakes a node's checker (the suspects channel the health supervisor reads).
     wake_tx: Mutex<Option<crossbeam_channel::Sender<String>>>,
+    /// The result cache's epochs (shared with every shard).
+    pub cache_epochs: Arc<helios_shard::cache::Epochs>,
 }
 
 impl Control {
     pub fn new(
         config: Arc<Config>,
         links: Vec<ShardLink>,
+        cache_epochs: Arc<helios_shard::cache::Epochs>,
         loader: Option<ConfigLoader>,
     ) -> Result<Arc<Control>, String> {
         let topology = Topology::configured(&config)?;
@@ -197,6 +201,7 @@ impl Control {
             primary_positions: Mutex::default(),
             suspected: Mutex::default(),
             wake_tx: Mutex::default(),
+            cache_epochs,
         }))
     }
 
@@ -516,7 +521,7 @@ mod tests {
     fn control() -> Arc<Control> {
         let config =
             Config::from_toml_str("[[nodes]]\nhost = \"127.0.0.1\"\n", []).expect("config");
-        Control::new(Arc::new(config), Vec::new(), None).expect("control")
+        Control::new(Arc::new(config), Vec::new(), Arc::default(), None).expect("control")
     }
 
     #[test]

@@ -34,7 +34,40 @@ pub(super) fn config(config: &Config) -> Check {
     cert_logins(config)?;
     auth_query(&config.auth)?;
     failover(&config.failover)?;
+    cache(&config.cache)?;
     hba(&config.auth)
+}
+
+fn cache(c: &super::CacheConfig) -> Check {
+    ensure(
+        (1..=1024 * 1024).contains(&c.max_memory_mb),
+        "cache.max_memory_mb",
+        || "must be between 1 and 1048576".into(),
+    )?;
+    ensure(
+        c.max_result_bytes >= 64 && c.max_result_bytes <= c.max_memory_mb * 1024 * 1024,
+        "cache.max_result_bytes",
+        || "must be at least 64 and at most cache.max_memory_mb".into(),
+    )?;
+    ensure(
+        c.default_ttl_secs <= 365 * 24 * 3600,
+        "cache.default_ttl_secs",
+        || "must be at most one year (31536000)".into(),
+    )?;
+    for (i, table) in c.tables.iter().enumerate() {
+        let parts: Vec<&str> = table.name.split('.').collect();
+        ensure(
+            !table.name.is_empty() && parts.len() <= 2 && parts.iter().all(|p| !p.is_empty()),
+            &format!("cache.tables[{i}].name"),
+            || format!("{:?} is not `table` or `schema.table`", table.name),
+        )?;
+        ensure(
+            table.ttl_secs.is_none_or(|t| t <= 365 * 24 * 3600),
+            &format!("cache.tables[{i}].ttl_secs"),
+            || "must be at most one year (31536000)".into(),
+        )?;
+    }
+    Ok(())
 }
 
 fn failover(f: &super::FailoverConfig) -> Check {

@@ -306,6 +306,17 @@ impl UpLane {
         self.position
     }
 
+    /// The first `len` undecided bytes were answered by a phase itself: they are
+    /// consumed, and what follows them waits for the next unit.
+    pub fn answered(&mut self, len: usize) {
+        if self.big_len > 0 || len >= self.end - self.next {
+            self.discard_pending();
+            return;
+        }
+        self.consume(len);
+        self.skip_copied();
+    }
+
     /// Drops the undecided bytes: a phase answered them itself.
     pub fn discard_pending(&mut self) {
         self.drop_big();

@@ -24,6 +24,8 @@ pub struct MessageCx<'a> {
     /// Where the message being decided starts in the client's byte stream (matches the
     /// analyses made ahead).
     pub offset: u64,
+    /// The unit's result-cache work.
+    pub cache: &'a mut super::cache::CacheUnit,
 }
 
 impl MessageCx<'_> {

@@ -10,6 +10,7 @@
 //! read/write splitting on); transaction and statement modes give the connection back at
 //! each boundary unless state ties the session to it.
 
+pub mod cache;
 pub mod carry;
 pub mod cursors;
 pub mod cut;
@@ -62,6 +63,7 @@ use unit::{LeaseNotes, Unit};
 /// feature (result cache, replay, limits, plugins) is one more element here.
 pub type Chain = (
     fencing::Fencing,
+    cache::ResultCache,
     routing::Routing,
     settings::SessionSettings,
     prepared::SharedStatements,
@@ -73,6 +75,7 @@ pub type Chain = (
 
 pub const PHASES: Chain = (
     fencing::Fencing,
+    cache::ResultCache,
     routing::Routing,
     settings::SessionSettings,
     prepared::SharedStatements,
@@ -305,6 +308,7 @@ async fn unit_cycle<P: Phase>(
     from_client: bool,
     phases: &P,
 ) -> Cycle {
+    cache::begin_unit(ctx, s, unit);
     if from_client {
         // The first message is in whole before anything is leased for it.
         lanes.up.activate(&ctx.bufs);
@@ -326,8 +330,8 @@ async fn unit_cycle<P: Phase>(
         }
         match phases.unit_start(s, unit, lanes.up.request()).await {
             Start::Continue => {}
-            Start::Answer(bytes) => {
-                lanes.up.discard_pending();
+            Start::Answer(bytes, consumed) => {
+                lanes.up.answered(consumed);
                 if client.send(&bytes).await.is_err() {
                     return Cycle::ClientGone;
                 }
@@ -984,6 +988,7 @@ async fn serve_unit<P: Phase>(
                     notes: &mut unit.notes,
                     sql: &mut unit.sql,
                     offset: 0,
+                    cache: &mut unit.cache,
                 },
                 phases,
                 flow: &mut unit.flow,

@@ -33,6 +33,11 @@ pub struct Wire<'a> {
     pub stats: &'a crate::stats::ShardStats,
     /// (Server messages) the server owes nothing more for what was sent.
     pub answered: bool,
+    /// (Server messages) the client gets this message (it is not an answer to one of
+    /// the proxy's own requests).
+    pub forwarded: bool,
+    /// The unit's result-cache work.
+    pub cache: &'a mut super::cache::CacheUnit,
 }
 
 /// What happens to a unit whose first bytes arrived. (A phase that makes the unit wait
@@ -40,8 +45,10 @@ pub struct Wire<'a> {
 pub enum Start {
     /// Go on: choose a node and acquire.
     Continue,
-    /// The proxy answers the whole unit itself with these bytes; no backend is used.
-    Answer(Vec<u8>),
+    /// The proxy answers the unit itself with these bytes; no backend is used. The
+    /// answer covers the first `usize` bytes of the request; any bytes after them start
+    /// the next unit.
+    Answer(Vec<u8>, usize),
     /// The unit may not run: the client gets this error (SQLSTATE, message) and
     /// ReadyForQuery, and the session goes on.
     Refuse(&'static str, String),
@@ -277,3 +284,4 @@ chain!(A, B, C, D, E);
 chain!(A, B, C, D, E, F);
 chain!(A, B, C, D, E, F, G);
 chain!(A, B, C, D, E, F, G, H);
+chain!(A, B, C, D, E, F, G, H, I);

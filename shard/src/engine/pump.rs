@@ -295,11 +295,13 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         if lane.end == lane.raw_end || !self.cx.responses.ready.is_empty() {
             return Poll::Ready(Ok(false));
         }
-        lane.scanner.set_capture(if self.cx.responses.awaits_xid() {
-            DOWN_CAPTURE_WITH_ROWS
-        } else {
-            DOWN_CAPTURE
-        });
+        lane.scanner.set_capture(
+            if self.cx.responses.awaits_xid() || self.cx.cache.wants_rows() {
+                DOWN_CAPTURE_WITH_ROWS
+            } else {
+                DOWN_CAPTURE
+            },
+        );
         let Some(buf) = lane.buf.as_mut() else {
             return Poll::Ready(Ok(false));
         };
@@ -308,6 +310,7 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         let backend_status = &mut *self.status;
         let params = &mut *self.params;
         let server = &mut *self.cx.server;
+        let cache = &mut *self.cx.cache;
         let flow = &mut *self.flow;
         let stats = self.stats;
         let phases = self.phases;
@@ -395,6 +398,8 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                     flow: &mut *flow,
                     stats,
                     answered: responses.outstanding() == 0,
+                    forwarded: action != Action::Drop,
+                    cache: &mut *cache,
                 },
                 tag,
                 body,
@@ -671,6 +676,8 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
                 flow: &mut *self.flow,
                 stats: self.stats,
                 answered: false,
+                forwarded: true,
+                cache: &mut *self.cx.cache,
             },
             tag,
         );

@@ -30,6 +30,8 @@ pub struct Unit {
     pub epoch: u64,
     /// A replay of the unit under way (its connection was lost).
     pub replaying: Option<Box<super::replay::Replaying>>,
+    /// The result cache's work for this unit.
+    pub cache: super::cache::CacheUnit,
 }
 
 impl Unit {
@@ -49,6 +51,7 @@ impl Unit {
         self.lost_connections = 0;
         self.sql.clear();
         self.replaying = None;
+        self.cache.reset();
     }
 }
 

@@ -35,9 +35,25 @@ pub struct RouteAnalysis {
     pub hint: Option<RouteHint>,
     /// `helios:cache=skip` was present.
     pub cache_skip: bool,
+    /// `helios:cache=ttl:N`: the result may be served for N seconds.
+    pub cache_ttl: Option<u32>,
     /// Relations the text references (FROM, JOIN, UPDATE, INSERT INTO, DELETE FROM, TABLE,
     /// TRUNCATE, COPY, LOCK, ...), in order, without duplicates. CTE names are not relations.
     pub tables: Vec<TableRef>,
+    /// Functions the text calls by name, in order, without duplicates (SQL constructs
+    /// such as COALESCE or CAST are not calls).
+    pub functions: Vec<TableRef>,
+    /// It uses a function written as a bare SQL keyword (CURRENT_TIMESTAMP, LOCALTIME,
+    /// CURRENT_USER, …): its value depends on the moment or the session.
+    pub value_functions: bool,
+    /// Every statement only reads, unless a function it calls (one not known to be
+    /// read-only) writes: what the catalog's word on those functions settles.
+    pub reads_but_for_calls: bool,
+    /// Statements in the text.
+    pub statements: u32,
+    /// Every statement is a query or plain data change (SELECT, VALUES, TABLE, WITH,
+    /// INSERT, UPDATE, DELETE, MERGE, COPY, TRUNCATE): what it changes is `tables`.
+    pub dml_only: bool,
 }
 
 /// Where a comment asks the query to go.
@@ -69,8 +85,11 @@ pub fn analyze(sql: &[u8], functions: &ReadOnlyFunctions) -> RouteAnalysis {
     analyzer.finish_statement();
     let mut out = analyzer.out;
     out.read_only = analyzer.all_read;
+    out.dml_only = analyzer.all_dml;
+    out.reads_but_for_calls = analyzer.all_read_but_for_calls;
     out.hint = tokens.hints.route;
     out.cache_skip = tokens.hints.cache_skip;
+    out.cache_ttl = tokens.hints.cache_ttl;
     out
 }
 
@@ -182,6 +201,38 @@ impl<'a> Name<'a> {
         (self.len > 1).then(|| self.parts[self.len - 2])
     }
 
+    /// The name as PostgreSQL folds it, with its schema if qualified.
+    fn table_ref(&self) -> TableRef {
+        TableRef {
+            schema: self.schema().map(Ident::to_folded_string),
+            name: self.name().to_folded_string(),
+        }
+    }
+
+    /// A bare keyword that stands for a function call (SQL's value functions).
+    fn is_value_function(&self) -> bool {
+        const VALUE_FUNCTIONS: &[&[u8]] = &[
+            b"current_catalog",
+            b"current_date",
+            b"current_role",
+            b"current_schema",
+            b"current_time",
+            b"current_timestamp",
+            b"current_user",
+            b"localtime",
+            b"localtimestamp",
+            b"session_user",
+            b"system_user",
+            b"user",
+        ];
+        let part = self.parts[0];
+        self.len == 1
+            && !part.quoted
+            && VALUE_FUNCTIONS
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(part.text))
+    }
+
     /// The keyword this name is, if it is one bare unquoted word.
     fn keyword(&self) -> (Kw, bool) {
         let part = self.parts[0];
@@ -269,6 +320,8 @@ struct Statement {
     kind_writes: bool,
     /// Something inside it needs the primary.
     writes: bool,
+    /// It calls a function not known to be read-only (which needs the primary too).
+    unknown_call: bool,
     explain: Explain,
     explain_analyze: bool,
     copy: CopyDir,
@@ -318,6 +371,8 @@ struct Analyzer<'a, 'f> {
     functions: &'f ReadOnlyFunctions,
     out: RouteAnalysis,
     all_read: bool,
+    all_read_but_for_calls: bool,
+    all_dml: bool,
     stmt: Statement,
     levels: [Level<'a>; MAX_DEPTH + 1],
     depth: usize,
@@ -336,6 +391,8 @@ impl<'a, 'f> Analyzer<'a, 'f> {
             functions,
             out: RouteAnalysis::default(),
             all_read: true,
+            all_read_but_for_calls: true,
+            all_dml: true,
             stmt: Statement::default(),
             levels: [Level::default(); MAX_DEPTH + 1],
             depth: 0,
@@ -486,6 +543,20 @@ impl<'a, 'f> Analyzer<'a, 'f> {
     fn start_statement(&mut self, kind: Kw) {
         self.stmt.started = true;
         self.stmt.first = Some(kind);
+        self.out.statements += 1;
+        self.all_dml &= matches!(
+            kind,
+            Kw::Select
+                | Kw::Values
+                | Kw::Table
+                | Kw::With
+                | Kw::Insert
+                | Kw::Update
+                | Kw::Delete
+                | Kw::Merge
+                | Kw::Copy
+                | Kw::Truncate
+        );
         self.stmt.kind_writes = !matches!(
             kind,
             Kw::Select
@@ -530,7 +601,7 @@ impl<'a, 'f> Analyzer<'a, 'f> {
         if !stmt.started {
             return;
         }
-        let reads = match stmt.explain {
+        let reads_but_for_calls = match stmt.explain {
             Explain::Plain => true,
             Explain::Options => false,
             Explain::No | Explain::Analyze if stmt.first == Some(Kw::Copy) => {
@@ -538,7 +609,9 @@ impl<'a, 'f> Analyzer<'a, 'f> {
             }
             Explain::No | Explain::Analyze => !stmt.kind_writes && !stmt.writes,
         };
-        self.all_read &= reads;
+        let calls_count = stmt.explain != Explain::Plain && stmt.unknown_call;
+        self.all_read &= reads_but_for_calls && !calls_count;
+        self.all_read_but_for_calls &= reads_but_for_calls;
         if stmt.transaction_modes {
             let opens = matches!(stmt.first, Some(Kw::Begin | Kw::Start));
             if opens || self.out.begins_transaction {
@@ -613,8 +686,14 @@ impl<'a, 'f> Analyzer<'a, 'f> {
             let schema = name.schema().and_then(|s| std::str::from_utf8(s.text).ok());
             let function = std::str::from_utf8(name.name().text).ok();
             if !function.is_some_and(|f| self.functions.contains(schema, f)) {
-                self.stmt.writes = true;
+                self.stmt.unknown_call = true;
             }
+            let called = name.table_ref();
+            if !self.out.functions.contains(&called) {
+                self.out.functions.push(called);
+            }
+        } else if !paren && !type_next && name.is_value_function() {
+            self.out.value_functions = true;
         }
         if kw != Kw::Ident {
             self.keyword_effects(kw, first_word);
@@ -911,12 +990,40 @@ mod tests {
     }
 
     #[test]
+    fn calls_value_functions_and_statement_kinds() {
+        let a = run("SELECT now(), s.f(1), coalesce(a, 1), count(*) FROM t");
+        let names: Vec<String> = a
+            .functions
+            .iter()
+            .map(|f| match &f.schema {
+                Some(s) => format!("{s}.{}", f.name),
+                None => f.name.clone(),
+            })
+            .collect();
+        assert_eq!(names, ["now", "s.f", "count"]);
+        assert!(!a.value_functions);
+        assert!(run("SELECT CURRENT_TIMESTAMP").value_functions);
+        assert!(run("SELECT 1 WHERE user = 'x'").value_functions);
+        assert!(!run("SELECT \"user\" FROM t").value_functions);
+        let q = run("SELECT 1; UPDATE t SET a = 1");
+        assert_eq!((q.statements, q.dml_only), (2, true));
+        assert!(!run("CREATE TABLE t (a int)").dml_only);
+        assert!(!run("SET x = 1").dml_only);
+        assert!(run("WITH x AS (SELECT 1) SELECT * FROM x").dml_only);
+        let call = run("SELECT my_func(1) FROM t");
+        assert!(!call.read_only && call.reads_but_for_calls);
+        assert!(!run("SELECT * FROM t FOR UPDATE").reads_but_for_calls);
+    }
+
+    #[test]
     fn empty_text_and_comments_only() {
         for sql in ["", "   ", ";", "-- just a comment", "/* a */ ; /* b */"] {
             assert_eq!(
                 run(sql),
                 RouteAnalysis {
                     read_only: true,
+                    reads_but_for_calls: true,
+                    dml_only: true,
                     ..RouteAnalysis::default()
                 },
                 "{sql}"

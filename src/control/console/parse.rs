@@ -16,6 +16,7 @@ pub enum Show {
     Users,
     Nodes,
     State,
+    Cache,
     Help,
 }
 
@@ -52,7 +53,7 @@ impl Command {
 }
 
 /// Every command, for SHOW HELP and the hint of a syntax error: (syntax, what it does).
-pub const COMMANDS: [(&str, &str); 15] = [
+pub const COMMANDS: [(&str, &str); 16] = [
     (
         "SHOW POOLS",
         "server and client counts per (database, user)",
@@ -71,6 +72,10 @@ pub const COMMANDS: [(&str, &str); 15] = [
     ),
     ("SHOW CONFIG", "the running configuration, secrets redacted"),
     ("SHOW STATE", "paused or not, and since when the proxy runs"),
+    (
+        "SHOW CACHE",
+        "the result cache: entries, bytes, hits, misses, fills, evictions, invalidations by tier",
+    ),
     ("SHOW VERSION", "the proxy version"),
     ("SHOW HELP", "this list"),
     (
@@ -144,6 +149,7 @@ fn show(what: &str) -> Option<Show> {
         "USERS" => Show::Users,
         "NODES" => Show::Nodes,
         "STATE" => Show::State,
+        "CACHE" => Show::Cache,
         "HELP" => Show::Help,
         _ => return None,
     })

@@ -35,6 +35,7 @@ pub fn show(control: &Control, what: Show) -> ConsoleResult {
         Show::Users => users(control),
         Show::Nodes => nodes(control),
         Show::State => state(control),
+        Show::Cache => cache(control),
         Show::Help => table(
             &["command", "description"],
             COMMANDS
@@ -533,6 +534,33 @@ fn nodes(control: &Control) -> ConsoleResult {
 }
 
 /// PgBouncer's `active`/`paused`/`suspended`, and when this process started.
+/// One row per tier: what the admin API's `GET /cache` shows under `l1`.
+fn cache(control: &Control) -> ConsoleResult {
+    let t = crate::control::cache::CacheTotals::sum(control);
+    table(
+        &[
+            "tier",
+            "entries",
+            "bytes",
+            "hits",
+            "misses",
+            "fills",
+            "evictions",
+            "invalidations",
+        ],
+        vec![vec![
+            text("l1"),
+            text(t.entries),
+            text(t.bytes),
+            text(t.hits),
+            text(t.misses),
+            text(t.fills),
+            text(t.evictions),
+            text(t.invalidations),
+        ]],
+    )
+}
+
 fn state(control: &Control) -> ConsoleResult {
     let paused = control.paused();
     let yes_no = |on: bool| text(if on { "yes" } else { "no" });

@@ -1,5 +1,5 @@
 //! Routing hints carried in SQL comments: `/*+ route=primary */` (optimizer-hint style)
-//! and `helios:route=…` / `helios:cache=skip` in any comment. Several hints may share a
+//! and `helios:route=…` / `helios:cache=skip` / `helios:cache=ttl:N` in any comment. Several hints may share a
 //! comment, separated by spaces or commas. Unknown hints are logged and ignored.
 
 use super::RouteHint;
@@ -9,6 +9,8 @@ use super::RouteHint;
 pub(super) struct Hints {
     pub route: Option<RouteHint>,
     pub cache_skip: bool,
+    /// `helios:cache=ttl:N`: cache the result for N seconds.
+    pub cache_ttl: Option<u32>,
 }
 
 const NAMESPACE: &[u8] = b"helios:";
@@ -63,6 +65,20 @@ fn apply(item: &[u8], hints: &mut Hints) -> bool {
     } else if key.eq_ignore_ascii_case(b"cache") && value.eq_ignore_ascii_case(b"skip") {
         hints.cache_skip = true;
         true
+    } else if key.eq_ignore_ascii_case(b"cache")
+        && value.len() > 4
+        && value[..4].eq_ignore_ascii_case(b"ttl:")
+    {
+        match std::str::from_utf8(&value[4..])
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(secs) => {
+                hints.cache_ttl = Some(secs);
+                true
+            }
+            None => false,
+        }
     } else {
         false
     }
@@ -91,6 +107,8 @@ mod tests {
         let h = hints(&[" HELIOS:route=standby,helios:cache=skip "]);
         assert_eq!(h.route, Some(RouteHint::Standby));
         assert!(h.cache_skip);
+        assert_eq!(hints(&["helios:cache=ttl:30"]).cache_ttl, Some(30));
+        assert_eq!(hints(&["helios:cache=ttl:x"]).cache_ttl, None);
     }
 
     #[test]

@@ -1,0 +1,172 @@
+//! The query result cache.
+//!
+//! Results of read-only statements are kept per shard ([`store`]) under a key that
+//! covers everything that changes their bytes ([`key`]). What a statement reads is
+//! learned from the server's catalog once per statement shape ([`resolve`]): the tables
+//! behind it (views expanded, inheritance and partition trees folded to their roots),
+//! and whether every function it calls is immutable.
+//!
+//! Freshness rests on epochs ([`Epochs`]): one counter per table slot, shared by every
+//! shard. A reader notes the epochs of its tables before its statement goes to the
+//! server and keeps the result only if none moved by the time the answer is complete; a
+//! writer moves the epochs of the tables it touched before the client sees its
+//! statement's (or its COMMIT's) completion. A result stored before a write is found
+//! stale on lookup; a result read before a write but stored after it is never stored.
+
+pub mod key;
+pub mod resolve;
+pub mod shard;
+pub mod store;
+pub mod writes;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Mutex;
+
+/// Table slots. Two tables that share a slot only invalidate each other's results
+/// more often than needed.
+const SLOTS: usize = 1 << 14;
+
+/// The epochs every shard reads and moves, and the table names the admin API can
+/// invalidate by.
+pub struct Epochs {
+    slots: Box<[AtomicU64]>,
+    /// Moves when everything is invalidated (a write whose reach is unknown, DDL,
+    /// `POST /cache/invalidate {"all": true}`).
+    global: AtomicU64,
+    /// Moves on DDL: what statements read must be learned again.
+    catalog: AtomicU64,
+    /// `schema.table` → slots, for tables some shard has resolved.
+    names: Mutex<HashMap<String, Vec<u32>>>,
+    /// Invalidations made (table slots moved, or everything at once).
+    invalidations: AtomicU64,
+}
+
+impl Default for Epochs {
+    fn default() -> Self {
+        Epochs {
+            slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            global: AtomicU64::new(0),
+            catalog: AtomicU64::new(0),
+            names: Mutex::default(),
+            invalidations: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A table's slot: its database and (root) relation id.
+pub fn slot(database: &str, oid: u32) -> u32 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(database.as_bytes());
+    h.update(&oid.to_le_bytes());
+    (h.digest() as usize % SLOTS) as u32
+}
+
+impl Epochs {
+    pub fn epoch(&self, slot: u32) -> u64 {
+        self.slots[slot as usize].load(SeqCst)
+    }
+
+    pub fn global(&self) -> u64 {
+        self.global.load(SeqCst)
+    }
+
+    pub fn catalog(&self) -> u64 {
+        self.catalog.load(SeqCst)
+    }
+
+    /// Results that read these slots are stale from now on.
+    pub fn invalidate(&self, slots: &[u32]) {
+        for &slot in slots {
+            self.slots[slot as usize].fetch_add(1, SeqCst);
+        }
+        self.invalidations.fetch_add(1, SeqCst);
+    }
+
+    /// Every result is stale from now on.
+    pub fn invalidate_all(&self) {
+        self.global.fetch_add(1, SeqCst);
+        self.invalidations.fetch_add(1, SeqCst);
+    }
+
+    /// After DDL: every result is stale, and what statements read is learned again.
+    pub fn catalog_changed(&self) {
+        self.catalog.fetch_add(1, SeqCst);
+        self.invalidate_all();
+    }
+
+    pub fn invalidations(&self) -> u64 {
+        self.invalidations.load(SeqCst)
+    }
+
+    /// Remembers which slots `schema.table` names, for invalidation by name.
+    pub fn learn_names(&self, names: &[(String, u32)]) {
+        let mut known = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, slot) in names {
+            let slots = known.entry(name.clone()).or_default();
+            if !slots.contains(slot) {
+                slots.push(*slot);
+            }
+        }
+    }
+
+    /// Invalidates results that read the table `name` (`schema.table`, or `table` in
+    /// any schema). Returns how many known tables matched; 0 means no cached result
+    /// could have read it.
+    pub fn invalidate_table(&self, name: &str) -> usize {
+        let slots: Vec<u32> = {
+            let known = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            known
+                .iter()
+                .filter(|(known, _)| table_name_matches(name, known))
+                .flat_map(|(_, slots)| slots.iter().copied())
+                .collect()
+        };
+        let matched = slots.len();
+        if matched > 0 {
+            self.invalidate(&slots);
+        }
+        matched
+    }
+}
+
+/// Whether a configured or requested table name (`schema.table` or `table`) names the
+/// resolved `schema.table`.
+pub fn table_name_matches(wanted: &str, qualified: &str) -> bool {
+    if wanted.contains('.') {
+        wanted == qualified
+    } else {
+        qualified
+            .split_once('.')
+            .is_some_and(|(_, table)| table == wanted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_match_with_or_without_schema() {
+        assert!(table_name_matches("public.t", "public.t"));
+        assert!(table_name_matches("t", "public.t"));
+        assert!(table_name_matches("t", "other.t"));
+        assert!(!table_name_matches("public.t", "other.t"));
+        assert!(!table_name_matches("t", "public.tt"));
+    }
+
+    #[test]
+    fn invalidating_a_name_moves_only_its_slots() {
+        let epochs = Epochs::default();
+        let (a, b) = (slot("db", 100), slot("db", 200));
+        assert_ne!(a, b);
+        epochs.learn_names(&[("public.a".into(), a), ("public.b".into(), b)]);
+        assert_eq!(epochs.invalidate_table("a"), 1);
+        assert_eq!(epochs.epoch(a), 1);
+        assert_eq!(epochs.epoch(b), 0);
+        assert_eq!(epochs.invalidate_table("public.missing"), 0);
+        assert_eq!(epochs.invalidations(), 1);
+        epochs.catalog_changed();
+        assert_eq!((epochs.global(), epochs.catalog()), (1, 1));
+    }
+}

@@ -1,0 +1,484 @@
+//! Phase: the query result cache (see [`crate::cache`]).
+//!
+//! - unit start: a lone simple Query that only reads, outside a transaction, whose
+//!   shape the catalog has cleared, is answered from the shard's store when a fresh
+//!   result is there; otherwise the unit notes the epochs of its tables and collects
+//!   the answer as it streams to the client.
+//! - each client message: a statement that may write adds what it reaches to the
+//!   unit's invalidations (a shape not yet resolved reaches everything, once).
+//! - each server message: the answer is collected; a write's CommandComplete and the
+//!   ReadyForQuery move the epochs before the client sees them.
+//! - unit done: a complete answer is stored if no epoch moved meanwhile, and shapes
+//!   seen for the first time are resolved on the unit's (idle) connection.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::backend::BackendError;
+use crate::cache::key::{self, KeyBuilder};
+use crate::cache::resolve::{self, Reach, Resolved};
+use crate::cache::shard::ShardCache;
+use crate::cache::store::Entry;
+use crate::cache::writes::{self, Writes};
+use crate::codec::backend as be;
+use crate::codec::error::CodecError;
+use crate::codec::frame::split_message;
+use crate::codec::tag::{be as server, fe, status};
+use crate::context::ShardCtx;
+use crate::lease::Lease;
+use crate::sql::{analyze, ReadOnlyFunctions, RouteAnalysis};
+
+use super::message::MessageCx;
+use super::phase::{ClientAction, Phase, Start, Wire};
+use super::session::Session;
+use super::unit::{Analysis, Unit};
+
+pub struct ResultCache;
+
+/// Shapes one unit may resolve once it is done (each costs a round trip).
+const MAX_LEARNED_PER_UNIT: usize = 4;
+
+/// Answers keyed apart: a simple Query's.
+const SIMPLE_QUERY: u8 = 0;
+
+/// The unit's cache work.
+#[derive(Default)]
+pub struct CacheUnit {
+    /// The shard's cache while it is enabled (else every point is one branch).
+    shard: Option<Rc<ShardCache>>,
+    functions: Option<Rc<ReadOnlyFunctions>>,
+    /// Database, user and settings of the session (see [`key::session_fingerprint`]).
+    session: u64,
+    fill: Option<Box<Fill>>,
+    writes: Writes,
+    /// Statement shapes to resolve once the unit is done.
+    learn: Vec<(u64, Rc<RouteAnalysis>)>,
+}
+
+impl CacheUnit {
+    pub fn reset(&mut self) {
+        self.shard = None;
+        self.functions = None;
+        self.fill = None;
+        self.writes.clear();
+        self.learn.clear();
+    }
+
+    /// The answer is being collected: the pump must hand over rows and notices.
+    pub fn wants_rows(&self) -> bool {
+        self.fill
+            .as_ref()
+            .is_some_and(|f| f.state == FillState::Collecting)
+    }
+
+    fn note_learn(&mut self, shape: u64, analysis: Rc<RouteAnalysis>) {
+        if self.learn.len() < MAX_LEARNED_PER_UNIT && !self.learn.iter().any(|(s, _)| *s == shape) {
+            self.learn.push((shape, analysis));
+        }
+    }
+
+    /// A statement that may write is on its way to the server.
+    fn note_write(&mut self, sql: &[u8], analysis: Rc<RouteAnalysis>, settings_touched: bool) {
+        let Some(shard) = self.shard.clone() else {
+            return;
+        };
+        if !analysis.dml_only {
+            match writes::reach(sql) {
+                writes::Reach::Nothing => {}
+                writes::Reach::Everything => self.writes.everything = true,
+                writes::Reach::Catalog => self.writes.catalog = true,
+            }
+            return;
+        }
+        if settings_touched {
+            // Its names may resolve differently under the settings this unit changed.
+            self.writes.everything = true;
+            return;
+        }
+        let shape = key::shape(sql);
+        match shard.resolution(self.session, shape) {
+            Some(resolved) => match &resolved.writes {
+                Reach::Tables(slots) => self.writes.add(slots),
+                Reach::Everything => self.writes.everything = true,
+            },
+            None => {
+                // Not resolved yet: everything goes this once.
+                self.writes.everything = true;
+                self.note_learn(shape, analysis);
+            }
+        }
+    }
+}
+
+/// An answer being collected for the store.
+struct Fill {
+    key: u128,
+    deps: Box<[(u32, u64)]>,
+    global: u64,
+    ttl: Option<Duration>,
+    bytes: Vec<u8>,
+    rows_at: Option<usize>,
+    completed: bool,
+    limit: usize,
+    state: FillState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FillState {
+    Collecting,
+    /// The whole answer is in.
+    Done,
+    /// Not cacheable after all (an error, a notice, too large, …).
+    Dropped,
+}
+
+impl Fill {
+    fn on_message(&mut self, tag: u8, body: &[u8]) {
+        if self.state != FillState::Collecting {
+            return;
+        }
+        match tag {
+            server::ROW_DESCRIPTION if self.rows_at.is_none() => {
+                self.append(tag, body);
+                self.rows_at = Some(self.bytes.len());
+            }
+            server::DATA_ROW if self.rows_at.is_some() && !self.completed => self.append(tag, body),
+            server::COMMAND_COMPLETE if self.rows_at.is_some() && !self.completed => {
+                self.append(tag, body);
+                self.completed = true;
+            }
+            server::READY_FOR_QUERY => {
+                let idle = body.first() == Some(&status::IDLE);
+                self.state = if self.completed && idle {
+                    FillState::Done
+                } else {
+                    FillState::Dropped
+                };
+            }
+            // Reported as they go by, not part of the result.
+            server::PARAMETER_STATUS | server::NOTIFICATION_RESPONSE => {}
+            _ => self.drop_answer(),
+        }
+    }
+
+    fn append(&mut self, tag: u8, body: &[u8]) {
+        if self.bytes.len() + 5 + body.len() > self.limit {
+            self.drop_answer();
+            return;
+        }
+        self.bytes.push(tag);
+        self.bytes
+            .extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        self.bytes.extend_from_slice(body);
+    }
+
+    fn drop_answer(&mut self) {
+        self.state = FillState::Dropped;
+        self.bytes = Vec::new();
+    }
+}
+
+/// Starts the unit's cache work (every unit, so writes are seen however the unit began).
+pub fn begin_unit(ctx: &ShardCtx, s: &Session, unit: &mut Unit) {
+    if !ctx.cache.enabled() {
+        return;
+    }
+    let work = &mut unit.cache;
+    work.shard = Some(ctx.cache.clone());
+    work.functions = Some(ctx.read_only_functions.borrow().clone());
+    work.session = key::session_fingerprint(
+        &s.home.key.database,
+        &s.user.server_user,
+        &s.startup,
+        &s.settings,
+    );
+}
+
+/// The SQL text of a Query or Parse message (`msg` with its header), or of the
+/// statement a Bind names.
+fn statement_text<'m>(
+    msg: &'m [u8],
+    client: &'m super::prepared::ClientStatements,
+) -> Option<&'m [u8]> {
+    let body = msg.get(5..)?;
+    let cstr = |b: &'m [u8]| {
+        b.iter()
+            .position(|&c| c == 0)
+            .map(|end| (&b[..end], &b[end + 1..]))
+    };
+    match msg[0] {
+        fe::QUERY => cstr(body).map(|(sql, _)| sql),
+        fe::PARSE => {
+            let (_, rest) = cstr(body)?;
+            cstr(rest).map(|(sql, _)| sql)
+        }
+        fe::BIND => {
+            let (_, rest) = cstr(body)?;
+            let (name, _) = cstr(rest)?;
+            client.text(name)
+        }
+        _ => None,
+    }
+}
+
+impl Phase for ResultCache {
+    async fn unit_start(&self, s: &mut Session, u: &mut Unit, request: &[u8]) -> Start {
+        let Some(shard) = u.cache.shard.clone() else {
+            return Start::Continue;
+        };
+        // Only outside a transaction, on a session whose settings the proxy follows.
+        if !s.features.follow_settings
+            || s.held
+                .as_ref()
+                .is_some_and(|h| h.lease.status != status::IDLE)
+        {
+            return Start::Continue;
+        }
+        let Ok(Some((fe::QUERY, body, len))) = split_message(request, usize::MAX >> 1) else {
+            return Start::Continue;
+        };
+        let Some(end) = body.iter().position(|&b| b == 0) else {
+            return Start::Continue;
+        };
+        let sql = &body[..end];
+        let analysis = match u.sql.take(u.position).and_then(|a| a.route) {
+            Some(route) => route,
+            None => {
+                let functions = s.ctx.read_only_functions.borrow().clone();
+                let route = Rc::new(analyze(sql, &functions));
+                u.sql.push(
+                    u.position,
+                    Analysis {
+                        effects: crate::sql::classify(sql),
+                        route: Some(route.clone()),
+                    },
+                );
+                route
+            }
+        };
+        // (A call to a function not known to be read-only is settled by the catalog:
+        // only immutable ones are cached.)
+        if !analysis.reads_but_for_calls
+            || !analysis.dml_only
+            || analysis.statements != 1
+            || analysis.cache_skip
+        {
+            return Start::Continue;
+        }
+        let stats = &s.ctx.stats;
+        let shape = key::shape(sql);
+        let Some(resolved) = shard.resolution(u.cache.session, shape) else {
+            stats.cache_misses.inc();
+            u.cache.note_learn(shape, analysis);
+            return Start::Continue;
+        };
+        if resolved.refusal.is_some() {
+            stats.cache_uncacheable.inc();
+            return Start::Continue;
+        }
+        let key = KeyBuilder::new(u.cache.session, SIMPLE_QUERY)
+            .part(sql)
+            .finish();
+        let hit = shard.store.with_fresh(key, &shard.epochs, |entry| {
+            let mut answer = Vec::with_capacity(entry.bytes.len() + 6);
+            answer.extend_from_slice(&entry.bytes);
+            be::write_ready_for_query(&mut answer, status::IDLE);
+            answer
+        });
+        if let Some(answer) = hit {
+            stats.cache_hits.inc();
+            stats.queries.inc();
+            return Start::Answer(answer, len);
+        }
+        stats.cache_misses.inc();
+        shard.publish(stats);
+        u.cache.fill = Some(Box::new(start_fill(&shard, &resolved, &analysis, key)));
+        Start::Continue
+    }
+
+    fn needs_body(&self, m: &MessageCx<'_>, tag: u8) -> bool {
+        m.cache.shard.is_some() && matches!(tag, fe::QUERY | fe::PARSE | fe::BIND)
+    }
+
+    fn client_message(
+        &self,
+        m: &mut MessageCx<'_>,
+        msg: &[u8],
+        _out: &mut Vec<u8>,
+    ) -> Result<ClientAction, CodecError> {
+        if m.cache.shard.is_none()
+            || !matches!(msg.first(), Some(&(fe::QUERY | fe::PARSE | fe::BIND)))
+        {
+            return Ok(ClientAction::Forward);
+        }
+        let ahead = m.sql.take(m.offset).and_then(|a| a.route);
+        let Some(sql) = statement_text(msg, m.client) else {
+            return Ok(ClientAction::Forward);
+        };
+        let analysis = match ahead {
+            Some(route) => route,
+            None => match m.cache.functions.as_ref() {
+                Some(functions) => Rc::new(analyze(sql, functions)),
+                None => return Ok(ClientAction::Forward),
+            },
+        };
+        if !analysis.read_only {
+            m.cache.note_write(sql, analysis, m.notes.settings_touched);
+        }
+        Ok(ClientAction::Forward)
+    }
+
+    fn server_message(&self, w: &mut Wire<'_>, tag: u8, body: &[u8]) {
+        let work = &mut *w.cache;
+        let Some(shard) = work.shard.as_ref() else {
+            return;
+        };
+        if !w.forwarded {
+            return;
+        }
+        if let Some(fill) = work.fill.as_mut() {
+            fill.on_message(tag, body);
+        }
+        if work.writes.is_empty() {
+            return;
+        }
+        match tag {
+            // A write completed (or, in extended protocol, is about to commit): results
+            // read so far are stale before the client hears of it.
+            server::COMMAND_COMPLETE => {
+                work.writes.apply(&shard.epochs);
+                w.stats.cache_invalidations.inc();
+            }
+            server::READY_FOR_QUERY => {
+                work.writes.apply(&shard.epochs);
+                w.stats.cache_invalidations.inc();
+                if body.first() == Some(&status::IDLE) {
+                    // The transaction is over: its writes are all accounted for.
+                    work.writes.clear();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn unit_done(
+        &self,
+        s: &mut Session,
+        u: &mut Unit,
+        backend: &mut Lease,
+    ) -> Result<(), BackendError> {
+        let Some(shard) = u.cache.shard.clone() else {
+            return Ok(());
+        };
+        if let Some(fill) = u.cache.fill.take() {
+            store_fill(&s.ctx, &shard, *fill, u.on_read_node);
+        }
+        if u.cache.learn.is_empty() || backend.status != status::IDLE || u.notes.settings_touched {
+            return Ok(());
+        }
+        let learn = std::mem::take(&mut u.cache.learn);
+        let config = shard.config();
+        let mut buf = s.ctx.bufs.take();
+        for (shape, analysis) in learn {
+            let catalog = shard.epochs.catalog();
+            let found = Box::pin(resolve::resolve(
+                backend,
+                &analysis,
+                &s.home.key.database,
+                &config,
+                catalog,
+                &mut buf,
+            ))
+            .await?;
+            let resolved = match found {
+                Some((resolved, names)) => {
+                    shard.epochs.learn_names(&names);
+                    resolved
+                }
+                None => unresolvable(catalog),
+            };
+            log::debug!(
+                target: "heliosdb_proxy::cache",
+                "client {}: statement shape {shape:016x}: {}",
+                s.pid(),
+                resolved.refusal.as_deref().unwrap_or("cacheable")
+            );
+            shard.learn(u.cache.session, shape, resolved);
+        }
+        Ok(())
+    }
+}
+
+/// A resolution for a shape the catalog query failed on: never cached, and its writes
+/// reach everything.
+fn unresolvable(catalog: u64) -> Resolved {
+    Resolved {
+        refusal: Some("its tables could not be resolved".into()),
+        reads: Box::new([]),
+        writes: Reach::Everything,
+        ttl: None,
+        catalog,
+        learned: Instant::now(),
+    }
+}
+
+/// Notes the epochs the answer is read at (before the statement goes to the server).
+fn start_fill(
+    shard: &ShardCache,
+    resolved: &Resolved,
+    analysis: &RouteAnalysis,
+    key: u128,
+) -> Fill {
+    let epochs = &shard.epochs;
+    let global = epochs.global();
+    let deps = resolved
+        .reads
+        .iter()
+        .map(|&slot| (slot, epochs.epoch(slot)))
+        .collect();
+    let ttl = match analysis.cache_ttl {
+        Some(secs) => Some(Duration::from_secs(u64::from(secs))),
+        None => resolved.ttl,
+    };
+    Fill {
+        key,
+        deps,
+        global,
+        ttl,
+        bytes: Vec::new(),
+        rows_at: None,
+        completed: false,
+        limit: shard.config().max_result_bytes as usize,
+        state: FillState::Collecting,
+    }
+}
+
+/// Stores a complete answer, unless a write moved an epoch since it was read (or it
+/// came from a read node, which may not have replayed the latest writes).
+fn store_fill(ctx: &ShardCtx, shard: &ShardCache, fill: Fill, from_read_node: bool) {
+    if fill.state != FillState::Done || from_read_node {
+        return;
+    }
+    let epochs = &shard.epochs;
+    let unchanged = epochs.global() == fill.global
+        && fill.deps.iter().all(|&(slot, at)| epochs.epoch(slot) == at);
+    if !unchanged {
+        ctx.stats.cache_fills_discarded.inc();
+        return;
+    }
+    if fill.ttl == Some(Duration::ZERO) {
+        return;
+    }
+    shard.store.insert(
+        fill.key,
+        Entry {
+            bytes: fill.bytes.into_boxed_slice(),
+            rows_at: fill.rows_at.unwrap_or(0),
+            deps: fill.deps,
+            global: fill.global,
+            expires: fill.ttl.map(|ttl| Instant::now() + ttl),
+        },
+    );
+    ctx.stats.cache_fills.inc();
+    shard.publish(&ctx.stats);
+}

@@ -1,0 +1,502 @@
+//! The query result cache through the running proxy (two shards, transaction pooling):
+//! repeated reads are answered without a server and byte for byte as PostgreSQL
+//! answered them; every kind of write through the proxy, from any connection, makes the
+//! next read see it; volatile functions, session-dependent names and hints are honoured;
+//! the memory bound holds; and readers racing writers never see a value older than an
+//! acknowledged write.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{proxy_only, Proxy};
+use serde_json::Value;
+use tokio_postgres::SimpleQueryMessage;
+
+const DATABASE: &str = common::DATABASE;
+
+fn start(extra: &str) -> Proxy {
+    Proxy::start(
+        common::cluster(),
+        &format!(
+            "workers = 2\n[pool_mode]\nmode = \"transaction\"\nmax_pool_size = 8\n\
+             [cache]\nenabled = true\n{extra}"
+        ),
+    )
+}
+
+fn cache_stats(proxy: &Proxy) -> Value {
+    common::http::get(proxy.admin_port.expect("admin port"), "/cache").json()
+}
+
+fn hits(proxy: &Proxy) -> u64 {
+    cache_stats(proxy)["hits"].as_u64().expect("hits in /cache")
+}
+
+/// The rows of a simple query as text.
+async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
+    rows(client, sql).await[0][0].clone().unwrap_or_default()
+}
+
+/// Runs `sql` on PostgreSQL directly (setup, and writes the proxy does not see).
+async fn admin(sql: &str) {
+    common::cluster()
+        .admin(DATABASE)
+        .await
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+}
+
+/// Reads `sql` until a result comes from the cache (a shape is resolved on first sight
+/// and filled on the next read), returning the cached answer.
+async fn read_until_hit(proxy: &Proxy, client: &tokio_postgres::Client, sql: &str) -> String {
+    let before = hits(proxy);
+    for _ in 0..5 {
+        let value = one(client, sql).await;
+        if hits(proxy) > before {
+            return value;
+        }
+    }
+    panic!(
+        "{sql} was never answered from the cache: {}",
+        cache_stats(proxy)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_reads_are_answered_from_the_cache_byte_for_byte() {
+    if proxy_only("cache hits", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_hits_t; \
+         CREATE TABLE cache_hits_t (id int PRIMARY KEY, name text, price numeric, seen timestamptz); \
+         INSERT INTO cache_hits_t SELECT g, 'item ' || g, g * 1.5, '2024-01-01'::timestamptz + g * interval '1 day' \
+         FROM generate_series(1, 50) g;",
+    )
+    .await;
+    let proxy = start("");
+    let client = proxy.client().await;
+    let sql = "SELECT id, name, price, seen FROM cache_hits_t WHERE id <= 20 ORDER BY id";
+    let direct = common::cluster().admin(DATABASE).await;
+    let expected = {
+        let rows: Vec<Vec<Option<String>>> = direct
+            .simple_query(sql)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .collect();
+        rows
+    };
+    read_until_hit(&proxy, &client, sql).await;
+    let before = cache_stats(&proxy);
+    for _ in 0..10 {
+        assert_eq!(rows(&client, sql).await, expected);
+    }
+    let after = cache_stats(&proxy);
+    assert!(
+        after["hits"].as_u64() >= Some(before["hits"].as_u64().unwrap() + 10),
+        "{after}"
+    );
+    assert_eq!(after["misses"], before["misses"], "{after}");
+    assert!(after["entries"].as_u64() >= Some(1), "{after}");
+    assert!(after["bytes"].as_u64() > Some(0), "{after}");
+    assert_eq!(after["l1"]["hits"], after["hits"], "{after}");
+    // The command tag and an empty result come back exactly too.
+    let empty = "SELECT id FROM cache_hits_t WHERE id < 0";
+    read_until_hit(&proxy, &client, &format!("{empty} UNION ALL SELECT 1")).await;
+    assert!(rows(&client, empty).await.is_empty());
+    // Metrics and the console show the same counters.
+    let prometheus = common::http::get(proxy.admin_port.unwrap(), "/metrics/prometheus").body;
+    assert!(
+        prometheus.contains("heliosdb_proxy_cache_hits_total{tier=\"l1\"}"),
+        "{prometheus}"
+    );
+    proxy.stop();
+}
+
+/// A reader caches `SELECT v FROM t WHERE id = 1`, another connection writes with `write`,
+/// and the reader must see `expect` at once.
+async fn write_is_seen(
+    proxy: &Proxy,
+    reader: &tokio_postgres::Client,
+    writer: &tokio_postgres::Client,
+    read: &str,
+    write: &str,
+    expect: &str,
+) {
+    read_until_hit(proxy, reader, read).await;
+    writer
+        .batch_execute(write)
+        .await
+        .unwrap_or_else(|e| panic!("{write}: {e:?}"));
+    assert_eq!(one(reader, read).await, expect, "after {write}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_write_through_the_proxy_invalidates() {
+    if proxy_only("cache invalidation", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_w_child, cache_w_t, cache_w_src CASCADE; \
+         DROP FUNCTION IF EXISTS cache_w_bump(); \
+         CREATE TABLE cache_w_t (id int PRIMARY KEY, v int NOT NULL); \
+         CREATE TABLE cache_w_child (id int REFERENCES cache_w_t ON DELETE CASCADE); \
+         CREATE TABLE cache_w_src (id int, v int); \
+         CREATE FUNCTION cache_w_bump() RETURNS void LANGUAGE sql AS \
+           'UPDATE cache_w_t SET v = v + 1000'; \
+         INSERT INTO cache_w_t VALUES (1, 1);",
+    )
+    .await;
+    let proxy = start("");
+    let reader = proxy.client().await;
+    // Several writers: with two shards, some land on the reader's and some on the other.
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        writers.push(proxy.client().await);
+    }
+    let read = "SELECT coalesce(sum(v), 0) FROM cache_w_t";
+    let steps: &[(&str, &str)] = &[
+        ("UPDATE cache_w_t SET v = 2 WHERE id = 1", "2"),
+        ("INSERT INTO cache_w_t VALUES (2, 10)", "12"),
+        ("DELETE FROM cache_w_t WHERE id = 2", "2"),
+        (
+            "MERGE INTO cache_w_t t USING (SELECT 1 AS id) s ON t.id = s.id \
+             WHEN MATCHED THEN UPDATE SET v = 5",
+            "5",
+        ),
+        ("BEGIN; UPDATE cache_w_t SET v = 6; COMMIT", "6"),
+        ("SELECT cache_w_bump()", "1006"),
+        ("TRUNCATE cache_w_t CASCADE", "0"),
+        ("INSERT INTO cache_w_t SELECT 3, 7", "7"),
+        ("ALTER TABLE cache_w_t ADD COLUMN extra int", "7"),
+        ("INSERT INTO cache_w_src VALUES (4, 8); INSERT INTO cache_w_t SELECT * FROM cache_w_src", "15"),
+    ];
+    for (i, (write, expect)) in steps.iter().enumerate() {
+        let writer = &writers[i % writers.len()];
+        write_is_seen(&proxy, &reader, writer, read, write, expect).await;
+    }
+    // COPY FROM, in the extended protocol's own way.
+    read_until_hit(&proxy, &reader, read).await;
+    let sink = writers[1]
+        .copy_in("COPY cache_w_t (id, v) FROM STDIN")
+        .await
+        .unwrap();
+    use futures_util::SinkExt;
+    let mut sink = Box::pin(sink);
+    sink.send(bytes::Bytes::from_static(b"5\t100\n"))
+        .await
+        .unwrap();
+    sink.as_mut().finish().await.unwrap();
+    assert_eq!(one(&reader, read).await, "115");
+    // A prepared (extended-protocol) write.
+    read_until_hit(&proxy, &reader, read).await;
+    writers[2]
+        .execute("UPDATE cache_w_t SET v = v + $1 WHERE id = 5", &[&1i32])
+        .await
+        .unwrap();
+    assert_eq!(one(&reader, read).await, "116");
+    let stats = cache_stats(&proxy);
+    assert!(stats["invalidations"].as_u64() > Some(0), "{stats}");
+    proxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volatile_functions_are_never_cached() {
+    if proxy_only("cache volatility", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP FUNCTION IF EXISTS cache_v_counter(), cache_v_double(int); \
+         DROP SEQUENCE IF EXISTS cache_v_seq; \
+         CREATE SEQUENCE cache_v_seq; \
+         CREATE FUNCTION cache_v_counter() RETURNS bigint LANGUAGE sql VOLATILE AS \
+           'SELECT nextval(''cache_v_seq'')'; \
+         CREATE FUNCTION cache_v_double(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 * 2';",
+    )
+    .await;
+    let proxy = start("");
+    let client = proxy.client().await;
+    for sql in [
+        "SELECT random()",
+        "SELECT now()",
+        "SELECT CURRENT_TIMESTAMP",
+        "SELECT clock_timestamp()",
+        "SELECT cache_v_counter()",
+        "SELECT public.cache_v_counter()",
+    ] {
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            seen.push(one(&client, sql).await);
+            if sql.contains("counter") {
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        seen.dedup();
+        assert_eq!(seen.len(), 4, "{sql} gave a repeated answer: {seen:?}");
+    }
+    assert_eq!(hits(&proxy), 0, "{}", cache_stats(&proxy));
+    assert!(
+        cache_stats(&proxy)["uncacheable"].as_u64() > Some(0),
+        "{}",
+        cache_stats(&proxy)
+    );
+    // A user's immutable function is cached.
+    assert_eq!(
+        read_until_hit(&proxy, &client, "SELECT cache_v_double(21)").await,
+        "42"
+    );
+    proxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_path_and_role_keep_separate_entries() {
+    if proxy_only("cache keys", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP SCHEMA IF EXISTS cache_s1 CASCADE; DROP SCHEMA IF EXISTS cache_s2 CASCADE; \
+         CREATE SCHEMA cache_s1; CREATE SCHEMA cache_s2; \
+         CREATE TABLE cache_s1.t (v text); CREATE TABLE cache_s2.t (v text); \
+         INSERT INTO cache_s1.t VALUES ('one'); INSERT INTO cache_s2.t VALUES ('two'); \
+         GRANT USAGE ON SCHEMA cache_s1, cache_s2 TO PUBLIC; \
+         GRANT SELECT ON cache_s1.t, cache_s2.t TO PUBLIC;",
+    )
+    .await;
+    let proxy = start("");
+    let first = proxy.client().await;
+    let second = proxy.client().await;
+    first
+        .batch_execute("SET search_path = cache_s1")
+        .await
+        .unwrap();
+    second
+        .batch_execute("SET search_path = cache_s2")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until_hit(&proxy, &first, "SELECT v FROM t").await,
+        "one"
+    );
+    assert_eq!(
+        read_until_hit(&proxy, &second, "SELECT v FROM t").await,
+        "two"
+    );
+    assert_eq!(one(&first, "SELECT v FROM t").await, "one");
+    // The role changes the key too (current_user is not cached at all).
+    let role = "SELECT v || ':' || (SELECT count(*) FROM cache_s1.t) FROM cache_s2.t";
+    read_until_hit(&proxy, &first, role).await;
+    let trust = proxy.trust_client().await;
+    let before = cache_stats(&proxy)["misses"].as_u64().unwrap();
+    assert_eq!(one(&trust, role).await, "two:1");
+    assert!(
+        cache_stats(&proxy)["misses"].as_u64().unwrap() > before,
+        "another user was served the first user's entry"
+    );
+    proxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_and_ttl_hints_are_honoured() {
+    if proxy_only("cache hints", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_h_t; CREATE TABLE cache_h_t (v int); \
+         INSERT INTO cache_h_t VALUES (1);",
+    )
+    .await;
+    let proxy = start("");
+    let client = proxy.client().await;
+    let skip = "SELECT /* helios:cache=skip */ v FROM cache_h_t";
+    for _ in 0..4 {
+        one(&client, skip).await;
+    }
+    assert_eq!(hits(&proxy), 0, "{}", cache_stats(&proxy));
+    // A one-second TTL: a direct write (which the proxy does not see) shows after it.
+    let ttl = "SELECT /* helios:cache=ttl:1 */ v FROM cache_h_t";
+    assert_eq!(read_until_hit(&proxy, &client, ttl).await, "1");
+    admin("UPDATE cache_h_t SET v = 2").await;
+    assert_eq!(
+        one(&client, ttl).await,
+        "1",
+        "served from the cache within its TTL"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(one(&client, ttl).await, "2");
+    proxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_invalidation_by_table_and_all() {
+    if proxy_only("cache admin", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_a_t; CREATE TABLE cache_a_t (v int); \
+         INSERT INTO cache_a_t VALUES (1);",
+    )
+    .await;
+    let proxy = start("");
+    let port = proxy.admin_port.unwrap();
+    let client = proxy.client().await;
+    let read = "SELECT v FROM cache_a_t";
+    read_until_hit(&proxy, &client, read).await;
+    admin("UPDATE cache_a_t SET v = 2").await;
+    assert_eq!(one(&client, read).await, "1");
+    let post =
+        |body: &str| common::http::request(port, "POST", "/cache/invalidate", &[], body.as_bytes());
+    let answer = post(r#"{"table": "public.cache_a_t"}"#);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["tables_matched"], 1, "{}", answer.body);
+    assert_eq!(one(&client, read).await, "2");
+    read_until_hit(&proxy, &client, read).await;
+    admin("UPDATE cache_a_t SET v = 3").await;
+    assert_eq!(post(r#"{"all": true}"#).status, 200);
+    assert_eq!(one(&client, read).await, "3");
+    for bad in [
+        r#"{"all": false}"#,
+        r#"{"table": 5}"#,
+        "nope",
+        r#"{"table": "a.b.c"}"#,
+    ] {
+        let answer = post(bad);
+        assert_eq!(answer.status, 400, "{bad}: {}", answer.body);
+        assert!(answer.json()["error"].is_string(), "{}", answer.body);
+    }
+    proxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_bound_holds_under_large_results() {
+    if proxy_only("cache memory", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_m_t; CREATE TABLE cache_m_t (id int, pad text); \
+         INSERT INTO cache_m_t SELECT g, repeat('x', 1000) FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    let proxy = start("max_memory_mb = 1\nmax_result_bytes = 65536\n");
+    let client = proxy.client().await;
+    // Larger than max_result_bytes: streamed, never stored.
+    for _ in 0..3 {
+        assert_eq!(rows(&client, "SELECT * FROM cache_m_t").await.len(), 2000);
+    }
+    // Many results that fit one by one but not all together.
+    for id in 0..200 {
+        let sql = format!(
+            "SELECT * FROM cache_m_t WHERE id BETWEEN {} AND {}",
+            id * 10,
+            id * 10 + 9
+        );
+        for _ in 0..2 {
+            rows(&client, &sql).await;
+        }
+    }
+    let stats = cache_stats(&proxy);
+    assert!(stats["bytes"].as_u64() <= Some(1024 * 1024), "{stats}");
+    assert!(stats["evictions"].as_u64() > Some(0), "{stats}");
+    assert!(stats["fills"].as_u64() > Some(0), "{stats}");
+    proxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_racing_writers_never_see_an_older_value() {
+    if proxy_only("cache race", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_r_t; CREATE TABLE cache_r_t (id int PRIMARY KEY, v bigint); \
+         INSERT INTO cache_r_t VALUES (1, 0);",
+    )
+    .await;
+    let proxy = start("");
+    // The highest value a writer's UPDATE was acknowledged for.
+    let acked = Arc::new(AtomicI64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..2 {
+        let client = proxy.client().await;
+        let (acked, stop) = (acked.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 300 {
+                n += 1;
+                let sql = if w == 0 {
+                    "UPDATE cache_r_t SET v = v + 1 WHERE id = 1 RETURNING v"
+                } else {
+                    "BEGIN; UPDATE cache_r_t SET v = v + 1 WHERE id = 1 RETURNING v; COMMIT"
+                };
+                let value: i64 = one(&client, sql).await.parse().unwrap();
+                acked.fetch_max(value, Ordering::SeqCst);
+            }
+            0u64
+        }));
+    }
+    for _ in 0..4 {
+        let client = proxy.client().await;
+        let (acked, stop) = (acked.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut stale = 0u64;
+            for _ in 0..600 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let floor = acked.load(Ordering::SeqCst);
+                let seen: i64 = one(&client, "SELECT v FROM cache_r_t WHERE id = 1")
+                    .await
+                    .parse()
+                    .unwrap();
+                if seen < floor {
+                    stale += 1;
+                    eprintln!("stale read: {seen} after {floor} was acknowledged");
+                }
+            }
+            stale
+        }));
+    }
+    let mut stale = 0;
+    for (i, task) in tasks.into_iter().enumerate() {
+        let n = task.await.unwrap();
+        if i == 1 {
+            stop.store(true, Ordering::Relaxed);
+        }
+        stale += n;
+    }
+    let stats = cache_stats(&proxy);
+    assert_eq!(stale, 0, "stale reads: {stats}");
+    assert!(
+        stats["hits"].as_u64() > Some(0),
+        "the race never hit the cache: {stats}"
+    );
+    proxy.stop();
+}
