@@ -500,3 +500,56 @@ async fn readers_racing_writers_never_see_an_older_value() {
     );
     proxy.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_executions_are_answered_from_the_cache() {
+    if proxy_only("cache extended protocol", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_x_t; CREATE TABLE cache_x_t (id int PRIMARY KEY, name text); \
+         INSERT INTO cache_x_t SELECT g, 'n' || g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let proxy = start("");
+    let client = proxy.client().await;
+    let statement = client
+        .prepare("SELECT name FROM cache_x_t WHERE id = $1")
+        .await
+        .unwrap();
+    let name = |id: i32| {
+        let client = &client;
+        let statement = statement.clone();
+        async move {
+            let row = client.query_one(&statement, &[&id]).await.unwrap();
+            row.get::<_, String>(0)
+        }
+    };
+    let before = hits(&proxy);
+    for _ in 0..4 {
+        assert_eq!(name(3).await, "n3");
+        assert_eq!(name(4).await, "n4");
+    }
+    assert!(hits(&proxy) >= before + 4, "{}", cache_stats(&proxy));
+    // Parameters are part of the key, and a write through the proxy is seen.
+    let writer = proxy.client().await;
+    writer
+        .execute("UPDATE cache_x_t SET name = 'changed' WHERE id = $1", &[&3i32])
+        .await
+        .unwrap();
+    assert_eq!(name(3).await, "changed");
+    assert_eq!(name(4).await, "n4");
+    // Unprepared statements (Parse, Bind, Execute each time) too.
+    let before = hits(&proxy);
+    for _ in 0..4 {
+        let rows = client
+            .query("SELECT id FROM cache_x_t WHERE id <= $1 ORDER BY id", &[&5i32])
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 5);
+    }
+    // (tokio-postgres prepares a named statement for each of those: a hit needs the
+    // statement to be known, which it is from the second execution on.)
+    assert!(hits(&proxy) > before, "{}", cache_stats(&proxy));
+    proxy.stop();
+}

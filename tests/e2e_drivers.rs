@@ -215,7 +215,22 @@ impl Driver {
 /// Runs `driver`'s scenarios against the proxy in `mode`, or against PostgreSQL in direct
 /// mode (session-mode tests only; the others return at once there).
 fn run_driver(driver: Driver, mode: Mode) {
-    let test = format!("{}_{}", driver.name(), mode.name());
+    run_driver_with(driver, mode, false);
+}
+
+/// The same with the result cache on (`[cache] enabled = true`): the drivers' scenarios
+/// must not notice it.
+fn run_driver_cached(driver: Driver, mode: Mode) {
+    run_driver_with(driver, mode, true);
+}
+
+fn run_driver_with(driver: Driver, mode: Mode, cached: bool) {
+    let suffix = if cached { "_cached" } else { "" };
+    let test = format!("{}_{}{suffix}", driver.name(), mode.name());
+    if cached && common::is_direct() {
+        println!("note: {test} skipped with HELIOS_TEST_TARGET=direct: the cache is the proxy's");
+        return;
+    }
     if common::is_direct() && mode != Mode::Session {
         println!(
             "note: {test} skipped with HELIOS_TEST_TARGET=direct: the session-mode test \
@@ -225,13 +240,19 @@ fn run_driver(driver: Driver, mode: Mode) {
     }
     // Check the driver first: a missing one must fail before any server starts.
     let mut cmd = driver.command();
-    let target = common::target(&mode.overrides());
+    let mut overrides = mode.overrides();
+    if cached {
+        overrides.push_str("[cache]\nenabled = true\n");
+    }
+    let target = common::target(&overrides);
     let tag = if target.is_direct() {
-        "direct"
+        "direct".to_string()
     } else {
-        mode.name()
+        format!("{}{suffix}", mode.name())
     };
-    let gaps = if target.is_direct() {
+    // (With the cache on, session mode follows settings as the pooled modes do: the
+    // session-mode gap below is closed there.)
+    let gaps = if target.is_direct() || cached {
         String::new()
     } else {
         proxy_known_gaps(mode).join(",")
@@ -248,7 +269,7 @@ fn run_driver(driver: Driver, mode: Mode) {
         .env("HELIOS_USER", SUPERUSER)
         .env("HELIOS_PASSWORD", SUPERUSER_PASSWORD)
         .env("HELIOS_DB", DATABASE)
-        .env("HELIOS_TAG", tag)
+        .env("HELIOS_TAG", &tag)
         .env("HELIOS_TIMEOUT_SECS", PROGRAM_TIMEOUT_SECS)
         .env("HELIOS_KNOWN_GAPS", gaps)
         .env("PYTHONDONTWRITEBYTECODE", "1");
@@ -379,4 +400,24 @@ fn pgjdbc_session() {
 #[test]
 fn pgjdbc_transaction() {
     run_driver(Driver::Pgjdbc, Mode::Transaction);
+}
+
+#[test]
+fn psycopg_transaction_cached() {
+    run_driver_cached(Driver::Psycopg, Mode::Transaction);
+}
+
+#[test]
+fn asyncpg_transaction_cached() {
+    run_driver_cached(Driver::Asyncpg, Mode::Transaction);
+}
+
+#[test]
+fn node_postgres_session_cached() {
+    run_driver_cached(Driver::NodePostgres, Mode::Session);
+}
+
+#[test]
+fn pgjdbc_statement_cached() {
+    run_driver_cached(Driver::Pgjdbc, Mode::Statement);
 }

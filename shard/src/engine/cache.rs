@@ -22,7 +22,7 @@ use crate::cache::store::Entry;
 use crate::cache::writes::{self, Writes};
 use crate::codec::backend as be;
 use crate::codec::error::CodecError;
-use crate::codec::frame::split_message;
+use crate::codec::frame::{split_cstr, split_message};
 use crate::codec::tag::{be as server, fe, status};
 use crate::context::ShardCtx;
 use crate::lease::Lease;
@@ -38,8 +38,11 @@ pub struct ResultCache;
 /// Shapes one unit may resolve once it is done (each costs a round trip).
 const MAX_LEARNED_PER_UNIT: usize = 4;
 
-/// Answers keyed apart: a simple Query's.
+/// Answers keyed apart: a simple Query's, and an extended-protocol execution's with and
+/// without a RowDescription.
 const SIMPLE_QUERY: u8 = 0;
+const EXTENDED: u8 = 1;
+const EXTENDED_DESCRIBED: u8 = 2;
 
 /// The unit's cache work.
 #[derive(Default)]
@@ -155,8 +158,12 @@ impl Fill {
                     FillState::Dropped
                 };
             }
-            // Reported as they go by, not part of the result.
-            server::PARAMETER_STATUS | server::NOTIFICATION_RESPONSE => {}
+            // Reported as they go by, not part of the result; and the extended
+            // protocol's acknowledgements, which a hit writes itself.
+            server::PARAMETER_STATUS
+            | server::NOTIFICATION_RESPONSE
+            | server::PARSE_COMPLETE
+            | server::BIND_COMPLETE => {}
             _ => self.drop_answer(),
         }
     }
@@ -221,41 +228,183 @@ fn statement_text<'m>(
     }
 }
 
+/// A request the cache may answer: a lone simple Query, or one extended-protocol
+/// execution of a statement ([unnamed Parse] Bind [Describe portal] Execute Sync).
+struct Candidate<'a> {
+    /// The statement's SQL text.
+    sql: &'a [u8],
+    /// Simple: the text. Extended: text, NUL, parameter types (the Parse body after
+    /// its name).
+    spec: &'a [u8],
+    /// The Bind body after its portal and statement names: parameter formats and
+    /// values, result formats.
+    bind: Option<&'a [u8]>,
+    /// The statement a Bind names ("" for the unnamed one).
+    statement: &'a [u8],
+    /// The unnamed Parse's body (after its name), when the request starts with one.
+    parse: Option<&'a [u8]>,
+    /// A Describe of the portal: the answer carries the RowDescription.
+    describe: bool,
+    /// Bytes of the request the answer covers.
+    len: usize,
+}
+
+impl<'a> Candidate<'a> {
+    fn read(request: &'a [u8], statements: &'a super::prepared::ClientStatements) -> Option<Self> {
+        let mut rest = request;
+        let mut next = || -> Option<(u8, &'a [u8])> {
+            let (tag, body, len) = split_message(rest, usize::MAX >> 1).ok()??;
+            rest = &rest[len..];
+            Some((tag, body))
+        };
+        let (tag, body) = next()?;
+        if tag == fe::QUERY {
+            let (sql, _) = split_cstr(body)?;
+            return Some(Candidate {
+                sql,
+                spec: sql,
+                bind: None,
+                statement: b"",
+                parse: None,
+                describe: true,
+                len: request.len() - rest.len(),
+            });
+        }
+        let (mut tag, mut body) = (tag, body);
+        let mut parse = None;
+        if tag == fe::PARSE {
+            let (name, spec) = split_cstr(body)?;
+            if !name.is_empty() {
+                // A named statement is registered by the prepared-statement phase.
+                return None;
+            }
+            parse = Some(spec);
+            (tag, body) = next()?;
+        }
+        if tag != fe::BIND {
+            return None;
+        }
+        let (portal, after_portal) = split_cstr(body)?;
+        let (statement, bind) = split_cstr(after_portal)?;
+        if !portal.is_empty() || (parse.is_some() && !statement.is_empty()) {
+            return None;
+        }
+        let spec = match parse {
+            Some(spec) => spec,
+            None => statements.spec(statement)?,
+        };
+        let (sql, _) = split_cstr(spec)?;
+        let (mut tag, mut body) = next()?;
+        let mut describe = false;
+        if tag == fe::DESCRIBE {
+            if body != b"P\0" {
+                return None;
+            }
+            describe = true;
+            (tag, body) = next()?;
+        }
+        // Execute the whole unnamed portal, then Sync.
+        if tag != fe::EXECUTE || body != b"\0\0\0\0\0" {
+            return None;
+        }
+        let (tag, _) = next()?;
+        if tag != fe::SYNC {
+            return None;
+        }
+        Some(Candidate {
+            sql,
+            spec,
+            bind: Some(bind),
+            statement,
+            parse,
+            describe,
+            len: request.len() - rest.len(),
+        })
+    }
+
+    fn key(&self, session: u64) -> u128 {
+        let protocol = match (self.bind.is_some(), self.describe) {
+            (false, _) => SIMPLE_QUERY,
+            (true, true) => EXTENDED_DESCRIBED,
+            (true, false) => EXTENDED,
+        };
+        KeyBuilder::new(session, protocol)
+            .part(self.spec)
+            .part(self.bind.unwrap_or_default())
+            .finish()
+    }
+
+    fn answer_shape(&self) -> AnswerShape {
+        AnswerShape {
+            parse_complete: self.parse.is_some(),
+            bind_complete: self.bind.is_some(),
+            row_description: self.describe,
+        }
+    }
+}
+
+/// Which messages around the cached result the client's request asks for.
+#[derive(Clone, Copy)]
+struct AnswerShape {
+    parse_complete: bool,
+    bind_complete: bool,
+    row_description: bool,
+}
+
+impl AnswerShape {
+    fn answer(self, entry: &Entry) -> Vec<u8> {
+        let mut out = Vec::with_capacity(entry.bytes.len() + 16);
+        if self.parse_complete {
+            out.extend_from_slice(&[server::PARSE_COMPLETE, 0, 0, 0, 4]);
+        }
+        if self.bind_complete {
+            out.extend_from_slice(&[server::BIND_COMPLETE, 0, 0, 0, 4]);
+        }
+        let from = if self.row_description { 0 } else { entry.rows_at };
+        out.extend_from_slice(&entry.bytes[from..]);
+        be::write_ready_for_query(&mut out, status::IDLE);
+        out
+    }
+}
+
+/// The routing analysis of the candidate's statement (made once per text).
+fn candidate_analysis(s: &Session, u: &mut Unit, c: &Candidate<'_>) -> Rc<RouteAnalysis> {
+    if let Some(route) = u.sql.take(u.position).and_then(|a| a.route) {
+        return route;
+    }
+    let functions = s.ctx.read_only_functions.borrow().clone();
+    if c.parse.is_none() && c.bind.is_some() {
+        if let Some(route) = s.statements.analysis(c.statement, &functions) {
+            return route;
+        }
+    }
+    let route = Rc::new(analyze(c.sql, &functions));
+    u.sql.push(
+        u.position,
+        Analysis {
+            effects: crate::sql::classify(c.sql),
+            route: Some(route.clone()),
+        },
+    );
+    route
+}
+
 impl Phase for ResultCache {
     async fn unit_start(&self, s: &mut Session, u: &mut Unit, request: &[u8]) -> Start {
         let Some(shard) = u.cache.shard.clone() else {
             return Start::Continue;
         };
-        // Only outside a transaction, on a session whose settings the proxy follows.
-        if !s.features.follow_settings
-            || s.held
-                .as_ref()
-                .is_some_and(|h| h.lease.status != status::IDLE)
+        // Only outside a transaction, on a session whose settings and statements the
+        // proxy keeps.
+        if !s.features.shared_statements
+            || s.held.as_ref().is_some_and(|h| h.lease.status != status::IDLE)
         {
             return Start::Continue;
         }
-        let Ok(Some((fe::QUERY, body, len))) = split_message(request, usize::MAX >> 1) else {
+        let Some(candidate) = Candidate::read(request, &s.statements) else {
             return Start::Continue;
         };
-        let Some(end) = body.iter().position(|&b| b == 0) else {
-            return Start::Continue;
-        };
-        let sql = &body[..end];
-        let analysis = match u.sql.take(u.position).and_then(|a| a.route) {
-            Some(route) => route,
-            None => {
-                let functions = s.ctx.read_only_functions.borrow().clone();
-                let route = Rc::new(analyze(sql, &functions));
-                u.sql.push(
-                    u.position,
-                    Analysis {
-                        effects: crate::sql::classify(sql),
-                        route: Some(route.clone()),
-                    },
-                );
-                route
-            }
-        };
+        let analysis = candidate_analysis(s, u, &candidate);
         // (A call to a function not known to be read-only is settled by the catalog:
         // only immutable ones are cached.)
         if !analysis.reads_but_for_calls
@@ -266,7 +415,7 @@ impl Phase for ResultCache {
             return Start::Continue;
         }
         let stats = &s.ctx.stats;
-        let shape = key::shape(sql);
+        let shape = key::shape(candidate.sql);
         let Some(resolved) = shard.resolution(u.cache.session, shape) else {
             stats.cache_misses.inc();
             u.cache.note_learn(shape, analysis);
@@ -276,23 +425,37 @@ impl Phase for ResultCache {
             stats.cache_uncacheable.inc();
             return Start::Continue;
         }
-        let key = KeyBuilder::new(u.cache.session, SIMPLE_QUERY)
-            .part(sql)
-            .finish();
+        let key = candidate.key(u.cache.session);
+        let shape_of_answer = candidate.answer_shape();
         let hit = shard.store.with_fresh(key, &shard.epochs, |entry| {
-            let mut answer = Vec::with_capacity(entry.bytes.len() + 6);
-            answer.extend_from_slice(&entry.bytes);
-            be::write_ready_for_query(&mut answer, status::IDLE);
-            answer
+            shape_of_answer.answer(entry)
         });
         if let Some(answer) = hit {
             stats.cache_hits.inc();
             stats.queries.inc();
+            let len = candidate.len;
+            let simple = candidate.bind.is_none();
+            drop(candidate);
+            // The client's unnamed statement is what the server's would have been.
+            if simple {
+                s.statements.answered_query();
+            } else if let Ok(Some((fe::PARSE, body, _))) = split_message(request, usize::MAX >> 1)
+            {
+                if let Some((_, spec)) = split_cstr(body) {
+                    s.statements.answered_unnamed_parse(spec);
+                }
+            }
             return Start::Answer(answer, len);
         }
         stats.cache_misses.inc();
         shard.publish(stats);
-        u.cache.fill = Some(Box::new(start_fill(&shard, &resolved, &analysis, key)));
+        u.cache.fill = Some(Box::new(start_fill(
+            &shard,
+            &resolved,
+            &analysis,
+            key,
+            candidate.describe,
+        )));
         Start::Continue
     }
 
@@ -428,6 +591,7 @@ fn start_fill(
     resolved: &Resolved,
     analysis: &RouteAnalysis,
     key: u128,
+    described: bool,
 ) -> Fill {
     let epochs = &shard.epochs;
     let global = epochs.global();
@@ -446,7 +610,8 @@ fn start_fill(
         global,
         ttl,
         bytes: Vec::new(),
-        rows_at: None,
+        // Without a Describe the server sends no RowDescription: rows come first.
+        rows_at: (!described).then_some(0),
         completed: false,
         limit: shard.config().max_result_bytes as usize,
         state: FillState::Collecting,

@@ -184,6 +184,28 @@ impl ClientStatements {
         (name.into(), serial)
     }
 
+    /// The statement (query text, NUL, parameter types) a Bind of `name` runs.
+    pub fn spec(&self, name: &[u8]) -> Option<&[u8]> {
+        if name.is_empty() {
+            return self.has_unnamed.then_some(&self.unnamed[..]);
+        }
+        self.by_name.get(name).map(|entry| entry.stmt.spec())
+    }
+
+    /// A simple Query the proxy answered itself: it drops the unnamed statement, as the
+    /// server would have.
+    pub fn answered_query(&mut self) {
+        if self.has_unnamed {
+            self.set_unnamed(None);
+        }
+    }
+
+    /// An unnamed Parse the proxy answered itself (with the Bind and Execute after it):
+    /// the client's unnamed statement is that one now.
+    pub fn answered_unnamed_parse(&mut self, spec: &[u8]) {
+        self.set_unnamed(Some(spec));
+    }
+
     /// How the statement a Bind names may be routed: a named one's cached analysis, or
     /// the unnamed one analysed now. `None` for a name the client never prepared.
     pub fn analysis(

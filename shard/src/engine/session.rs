@@ -44,12 +44,13 @@ impl Features {
         let replay = config.failover.replay;
         // A session's statements and settings are kept by the proxy when the session
         // may move to another connection.
-        // The result cache keys results by the session's settings, so it follows them too.
         let moves = mode != PoolMode::Session || split || replay;
+        // The result cache keys results by the session's settings and answers for its
+        // statements without a server: the proxy keeps both.
         let follow_settings = moves || config.cache.enabled;
         Features {
             mode,
-            shared_statements: moves,
+            shared_statements: follow_settings,
             follow_settings,
             read_write_split: split,
             pin_session_state: config.pool_mode.pin_session_state,
