@@ -534,7 +534,10 @@ async fn extended_protocol_executions_are_answered_from_the_cache() {
     // Parameters are part of the key, and a write through the proxy is seen.
     let writer = proxy.client().await;
     writer
-        .execute("UPDATE cache_x_t SET name = 'changed' WHERE id = $1", &[&3i32])
+        .execute(
+            "UPDATE cache_x_t SET name = 'changed' WHERE id = $1",
+            &[&3i32],
+        )
         .await
         .unwrap();
     assert_eq!(name(3).await, "changed");
@@ -543,7 +546,10 @@ async fn extended_protocol_executions_are_answered_from_the_cache() {
     let before = hits(&proxy);
     for _ in 0..4 {
         let rows = client
-            .query("SELECT id FROM cache_x_t WHERE id <= $1 ORDER BY id", &[&5i32])
+            .query(
+                "SELECT id FROM cache_x_t WHERE id <= $1 ORDER BY id",
+                &[&5i32],
+            )
             .await
             .unwrap();
         assert_eq!(rows.len(), 5);
@@ -551,5 +557,110 @@ async fn extended_protocol_executions_are_answered_from_the_cache() {
     // (tokio-postgres prepares a named statement for each of those: a hit needs the
     // statement to be known, which it is from the second execution on.)
     assert!(hits(&proxy) > before, "{}", cache_stats(&proxy));
+    proxy.stop();
+}
+
+#[test]
+fn psycopg_and_asyncpg_see_hits_writes_volatility_and_no_stale_reads() {
+    if proxy_only("cache drivers", "the result cache is the proxy's") {
+        return;
+    }
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = repo.join("target/drivers/venv/bin/python");
+    assert!(
+        python.is_file(),
+        "the Python venv ({}) is not installed: run scripts/test.sh",
+        python.display()
+    );
+    let proxy = start("");
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(repo.join("tests/drivers/python/cache_scenarios.py"))
+        .current_dir(repo)
+        .env("HELIOS_HOST", &proxy.host)
+        .env("HELIOS_PORT", proxy.port.to_string())
+        .env("HELIOS_ADMIN_PORT", proxy.admin_port.unwrap().to_string())
+        .env("HELIOS_USER", common::SUPERUSER)
+        .env("HELIOS_PASSWORD", common::SUPERUSER_PASSWORD)
+        .env("HELIOS_DB", DATABASE)
+        .env("HELIOS_TAG", "cache")
+        .env("HELIOS_TIMEOUT_SECS", "120")
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let out = common::run_tool(cmd, None, Duration::from_secs(180));
+    println!("{out}");
+    assert!(
+        out.status.success() && !out.stdout.contains("FAIL"),
+        "cache scenarios failed:\n{out}\n{}",
+        proxy.log()
+    );
+    proxy.stop();
+}
+
+#[test]
+fn pgbench_reads_hit_and_writes_stay_consistent() {
+    if proxy_only("cache pgbench", "the result cache is the proxy's") {
+        return;
+    }
+    let proxy = start("");
+    let limit = Duration::from_secs(120);
+    let init = common::pgbench(&proxy, &["-i", "-q", "-s", "1"], limit);
+    assert!(init.status.success(), "pgbench -i:\n{init}");
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        "\\set aid random(1, 200)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n",
+    )
+    .unwrap();
+    let script_path = script.path().to_str().unwrap();
+    let before = hits(&proxy);
+    for mode in ["simple", "extended", "prepared"] {
+        let run = common::pgbench(
+            &proxy,
+            &["-n", "-M", mode, "-c", "4", "-t", "300", "-f", script_path],
+            limit,
+        );
+        assert!(
+            run.status.success() && run.stdout.contains("number of failed transactions: 0"),
+            "pgbench -M {mode}:\n{run}"
+        );
+    }
+    assert!(hits(&proxy) > before + 1000, "{}", cache_stats(&proxy));
+    // Writes and cached reads together: the books still balance, and a cached read
+    // agrees with PostgreSQL afterwards.
+    let run = common::pgbench(
+        &proxy,
+        &["-n", "-M", "prepared", "-c", "4", "-t", "150"],
+        limit,
+    );
+    assert!(
+        run.status.success() && run.stdout.contains("number of failed transactions: 0"),
+        "pgbench tpcb:\n{run}"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = proxy.client().await;
+        let direct = common::cluster().admin(DATABASE).await;
+        for sql in [
+            "SELECT sum(abalance)::text FROM pgbench_accounts",
+            "SELECT sum(bbalance)::text FROM pgbench_branches",
+            "SELECT sum(delta)::text FROM pgbench_history",
+        ] {
+            let want: String = direct.query_one(sql, &[]).await.unwrap().get(0);
+            for _ in 0..3 {
+                assert_eq!(one(&client, sql).await, want, "{sql}");
+            }
+        }
+        let history: String = direct
+            .query_one("SELECT sum(delta)::text FROM pgbench_history", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            one(&client, "SELECT sum(abalance)::text FROM pgbench_accounts").await,
+            history
+        );
+    });
     proxy.stop();
 }

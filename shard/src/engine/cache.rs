@@ -146,7 +146,10 @@ impl Fill {
                 self.rows_at = Some(self.bytes.len());
             }
             server::DATA_ROW if self.rows_at.is_some() && !self.completed => self.append(tag, body),
-            server::COMMAND_COMPLETE if self.rows_at.is_some() && !self.completed => {
+            // The statement's end, or (Execute with a row limit) the portal's pause.
+            server::COMMAND_COMPLETE | server::PORTAL_SUSPENDED
+                if self.rows_at.is_some() && !self.completed =>
+            {
                 self.append(tag, body);
                 self.completed = true;
             }
@@ -239,6 +242,8 @@ struct Candidate<'a> {
     /// The Bind body after its portal and statement names: parameter formats and
     /// values, result formats.
     bind: Option<&'a [u8]>,
+    /// The Execute body: the unnamed portal and how many rows it asks for (0: all).
+    execute: &'a [u8],
     /// The statement a Bind names ("" for the unnamed one).
     statement: &'a [u8],
     /// The unnamed Parse's body (after its name), when the request starts with one.
@@ -264,6 +269,7 @@ impl<'a> Candidate<'a> {
                 sql,
                 spec: sql,
                 bind: None,
+                execute: b"",
                 statement: b"",
                 parse: None,
                 describe: true,
@@ -303,10 +309,11 @@ impl<'a> Candidate<'a> {
             describe = true;
             (tag, body) = next()?;
         }
-        // Execute the whole unnamed portal, then Sync.
-        if tag != fe::EXECUTE || body != b"\0\0\0\0\0" {
+        // Execute the unnamed portal (up to some rows, or all), then Sync.
+        if tag != fe::EXECUTE || body.len() != 5 || body[0] != 0 {
             return None;
         }
+        let execute = body;
         let (tag, _) = next()?;
         if tag != fe::SYNC {
             return None;
@@ -315,6 +322,7 @@ impl<'a> Candidate<'a> {
             sql,
             spec,
             bind: Some(bind),
+            execute,
             statement,
             parse,
             describe,
@@ -331,6 +339,7 @@ impl<'a> Candidate<'a> {
         KeyBuilder::new(session, protocol)
             .part(self.spec)
             .part(self.bind.unwrap_or_default())
+            .part(self.execute)
             .finish()
     }
 
@@ -360,7 +369,11 @@ impl AnswerShape {
         if self.bind_complete {
             out.extend_from_slice(&[server::BIND_COMPLETE, 0, 0, 0, 4]);
         }
-        let from = if self.row_description { 0 } else { entry.rows_at };
+        let from = if self.row_description {
+            0
+        } else {
+            entry.rows_at
+        };
         out.extend_from_slice(&entry.bytes[from..]);
         be::write_ready_for_query(&mut out, status::IDLE);
         out
@@ -397,7 +410,9 @@ impl Phase for ResultCache {
         // Only outside a transaction, on a session whose settings and statements the
         // proxy keeps.
         if !s.features.shared_statements
-            || s.held.as_ref().is_some_and(|h| h.lease.status != status::IDLE)
+            || s.held
+                .as_ref()
+                .is_some_and(|h| h.lease.status != status::IDLE)
         {
             return Start::Continue;
         }
@@ -427,20 +442,18 @@ impl Phase for ResultCache {
         }
         let key = candidate.key(u.cache.session);
         let shape_of_answer = candidate.answer_shape();
-        let hit = shard.store.with_fresh(key, &shard.epochs, |entry| {
-            shape_of_answer.answer(entry)
-        });
+        let hit = shard
+            .store
+            .with_fresh(key, &shard.epochs, |entry| shape_of_answer.answer(entry));
         if let Some(answer) = hit {
             stats.cache_hits.inc();
             stats.queries.inc();
             let len = candidate.len;
             let simple = candidate.bind.is_none();
-            drop(candidate);
             // The client's unnamed statement is what the server's would have been.
             if simple {
                 s.statements.answered_query();
-            } else if let Ok(Some((fe::PARSE, body, _))) = split_message(request, usize::MAX >> 1)
-            {
+            } else if let Ok(Some((fe::PARSE, body, _))) = split_message(request, usize::MAX >> 1) {
                 if let Some((_, spec)) = split_cstr(body) {
                     s.statements.answered_unnamed_parse(spec);
                 }
