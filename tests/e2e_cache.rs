@@ -664,3 +664,147 @@ fn pgbench_reads_hit_and_writes_stay_consistent() {
     });
     proxy.stop();
 }
+
+fn l_tier(proxy: &Proxy, tier: &str, what: &str) -> u64 {
+    cache_stats(proxy)[tier][what]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{tier}.{what} in /cache: {}", cache_stats(proxy)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_shards_find_results_in_l2() {
+    if proxy_only("cache l2", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_l2_t; CREATE TABLE cache_l2_t (v int); \
+         INSERT INTO cache_l2_t VALUES (7);",
+    )
+    .await;
+    let proxy = start("");
+    let sql = "SELECT v FROM cache_l2_t";
+    let first = proxy.client().await;
+    read_until_hit(&proxy, &first, sql).await;
+    // Twelve more connections: some land on the other shard (SO_REUSEPORT spreads
+    // them), learn the statement there, then find its result with its owner.
+    for _ in 0..12 {
+        let client = proxy.client().await;
+        for _ in 0..2 {
+            assert_eq!(one(&client, sql).await, "7");
+        }
+    }
+    let stats = cache_stats(&proxy);
+    assert!(stats["l2"]["hits"].as_u64() > Some(0), "{stats}");
+    // A write through any shard reaches L2 too.
+    first
+        .batch_execute("UPDATE cache_l2_t SET v = 8")
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        let client = proxy.client().await;
+        assert_eq!(one(&client, sql).await, "8");
+    }
+    proxy.stop();
+}
+
+/// Parse (declared types), Bind (text parameters), Describe portal, Execute, Sync.
+fn extended(sql: &str, types: &[u32], params: &[&str]) -> Vec<Vec<u8>> {
+    use common::raw::msg;
+    let mut parse = vec![0u8];
+    parse.extend_from_slice(sql.as_bytes());
+    parse.push(0);
+    parse.extend_from_slice(&(types.len() as u16).to_be_bytes());
+    for t in types {
+        parse.extend_from_slice(&t.to_be_bytes());
+    }
+    let mut bind = vec![0u8, 0u8];
+    bind.extend_from_slice(&[0, 0]);
+    bind.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    for p in params {
+        bind.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        bind.extend_from_slice(p.as_bytes());
+    }
+    bind.extend_from_slice(&[0, 0]);
+    vec![
+        msg(b'P', &parse),
+        msg(b'B', &bind),
+        msg(b'D', b"P\0"),
+        common::raw::execute(),
+        common::raw::sync(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spellings_of_one_query_share_an_l3_entry() {
+    if proxy_only("cache l3", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_l3_t; CREATE TABLE cache_l3_t (id int, name text); \
+         INSERT INTO cache_l3_t VALUES (42, 'forty-two'), (7, 'seven');",
+    )
+    .await;
+    let proxy = start("");
+    let mut raw = common::raw::RawConn::connect(proxy.port);
+    let startup = raw.startup_trust(common::TRUST_USER, DATABASE);
+    assert!(startup.error.is_none(), "{:?}", startup.error);
+    let first = "select name from cache_l3_t where id=42";
+    for _ in 0..2 {
+        let r = raw.simple_query(first);
+        assert_eq!(r.rows, vec![vec![Some("forty-two".to_string())]], "{r:?}");
+    }
+    let before = l_tier(&proxy, "l3", "hits");
+    // Another spelling: one L3 hit, byte for byte the same answer.
+    let plain: Vec<(u8, Vec<u8>)> = {
+        raw.send_all(&[common::raw::query(first)]);
+        raw.read_until_ready()
+            .into_iter()
+            .map(|m| (m.tag, m.body))
+            .collect()
+    };
+    raw.send_all(&[common::raw::query(
+        "SELECT name\n  FROM cache_l3_t WHERE id = 42 /* another spelling */",
+    )]);
+    let other: Vec<(u8, Vec<u8>)> = raw
+        .read_until_ready()
+        .into_iter()
+        .map(|m| (m.tag, m.body))
+        .collect();
+    assert_eq!(other, plain);
+    assert_eq!(l_tier(&proxy, "l3", "hits"), before + 1);
+    // The prepared form with an int4 parameter bound to 42, in text.
+    raw.send_all(&extended(
+        "SELECT name FROM cache_l3_t WHERE id = $1",
+        &[23],
+        &["42"],
+    ));
+    let prepared = raw.read_until_ready();
+    let tags: Vec<u8> = prepared.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"12TDCZ", "{prepared:?}");
+    assert_eq!(
+        common::raw::first_column(&prepared),
+        [Some("forty-two".to_string())]
+    );
+    assert_eq!(l_tier(&proxy, "l3", "hits"), before + 2);
+    // Another value is another entry; an untyped parameter is not the int4 literal.
+    raw.send_all(&extended(
+        "SELECT name FROM cache_l3_t WHERE id = $1",
+        &[23],
+        &["7"],
+    ));
+    assert_eq!(
+        common::raw::first_column(&raw.read_until_ready()),
+        [Some("seven".to_string())]
+    );
+    raw.send_all(&extended(
+        "SELECT name FROM cache_l3_t WHERE id = $1",
+        &[],
+        &["42"],
+    ));
+    assert_eq!(
+        common::raw::first_column(&raw.read_until_ready()),
+        [Some("forty-two".to_string())]
+    );
+    assert_eq!(l_tier(&proxy, "l3", "hits"), before + 2);
+    proxy.stop();
+}

@@ -26,6 +26,23 @@ pub enum ShardMsg {
         raise: bool,
         done: Option<Arc<AtomicUsize>>,
     },
+    /// L2: the receiving shard owns `key`; shard `from` waits (`ticket`) for the fresh
+    /// result, if it has one.
+    CacheGet {
+        key: u128,
+        from: usize,
+        ticket: crate::cache::l2::Ticket,
+    },
+    /// The owner's answer to a `CacheGet`.
+    CacheGot {
+        ticket: crate::cache::l2::Ticket,
+        entry: Option<Arc<crate::cache::store::Entry>>,
+    },
+    /// L2: a result for the owner of `key` to keep.
+    CachePut {
+        key: u128,
+        entry: Arc<crate::cache::store::Entry>,
+    },
 }
 
 /// The mesh every shard joins at start.
@@ -70,6 +87,22 @@ fn receive(ctx: &ShardCtx, msg: ShardMsg) {
             raise,
             done,
         } => crate::fence::on_message(ctx, &database, raise, done.as_deref()),
+        ShardMsg::CacheGet { key, from, ticket } => {
+            let entry = crate::cache::shard::l2_lookup(ctx, key);
+            try_send(ctx, from, ShardMsg::CacheGot { ticket, entry });
+        }
+        ShardMsg::CacheGot { ticket, entry } => ctx.cache.waiting.answer(ticket, entry),
+        ShardMsg::CachePut { key, entry } => crate::cache::shard::l2_keep(ctx, key, entry),
+    }
+}
+
+/// Sends `msg` to `shard` if its channel has room (the cache's messages are worth
+/// nothing late); returns whether it went.
+pub fn try_send(ctx: &ShardCtx, shard: usize, msg: ShardMsg) -> bool {
+    let peers = ctx.peers.borrow();
+    match peers.as_ref() {
+        Some(peers) if shard < peers.nr_consumers() => peers.try_send_to(shard, msg).is_ok(),
+        _ => false,
     }
 }
 

@@ -276,6 +276,7 @@ impl ShardCtx {
             dormitory: crate::dormant::Dormitory::new(id),
             cache: Rc::new(crate::cache::shard::ShardCache::new(
                 &config.cache,
+                id,
                 workers,
                 epochs,
             )),

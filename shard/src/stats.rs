@@ -31,6 +31,20 @@ impl Counter {
     }
 }
 
+/// One result-cache tier's counters on one shard.
+#[derive(Default, Debug)]
+pub struct CacheTierStats {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub fills: Counter,
+    /// Entries found stale (a table they read was written) and dropped.
+    pub stale: Counter,
+    /// Gauges: the tier's store now, and entries pushed out by memory pressure so far.
+    pub entries: Counter,
+    pub bytes: Counter,
+    pub evictions: Counter,
+}
+
 /// One shard's counters, padded so two shards never share a cache line.
 #[repr(align(128))]
 #[derive(Default, Debug)]
@@ -42,19 +56,16 @@ pub struct ShardStats {
     pub clients_parked: Counter,
     pub clients_woken: Counter,
     pub queries: Counter,
-    /// Result cache (L1): lookups answered, lookups that went to the server, statements
-    /// that may not be cached, answers stored, answers not stored because a write raced
-    /// them, invalidations applied by this shard's writers.
-    pub cache_hits: Counter,
+    /// Result cache: lookups that went to the server, read-only statements that may not
+    /// be cached, answers stored, answers not stored because a write raced them,
+    /// invalidations applied by this shard's writers; and each tier's own counters
+    /// (`CACHE_TIERS`: L1, this shard's part of L2, L3).
     pub cache_misses: Counter,
     pub cache_uncacheable: Counter,
     pub cache_fills: Counter,
     pub cache_fills_discarded: Counter,
     pub cache_invalidations: Counter,
-    /// The shard's store now: entries, bytes, and entries evicted so far.
-    pub cache_entries: Counter,
-    pub cache_bytes: Counter,
-    pub cache_evictions: Counter,
+    pub cache_tiers: [CacheTierStats; 3],
     pub bytes_from_clients: Counter,
     pub bytes_to_clients: Counter,
     pub backends_created: Counter,

@@ -3,44 +3,26 @@
 
 use serde_json::{json, Value};
 
+use helios_shard::cache::shard::Tier;
 use helios_shard::stats::ShardStats;
 
 use super::Control;
 
-/// The cache's counters summed over the shards.
+/// One tier's counters summed over the shards.
 #[derive(Default, Debug, Clone, Copy)]
-pub struct CacheTotals {
+pub struct TierTotals {
     pub entries: u64,
     pub bytes: u64,
     pub hits: u64,
     pub misses: u64,
-    pub uncacheable: u64,
     pub fills: u64,
-    pub fills_discarded: u64,
     pub evictions: u64,
-    /// Invalidations made (by writers through the proxy and the admin API).
+    /// Entries found stale (a table they read was written) and dropped.
     pub invalidations: u64,
 }
 
-impl CacheTotals {
-    pub fn sum(control: &Control) -> CacheTotals {
-        let mut t = CacheTotals::default();
-        for link in control.shard_links() {
-            let s: &ShardStats = &link.stats;
-            t.entries += s.cache_entries.get();
-            t.bytes += s.cache_bytes.get();
-            t.hits += s.cache_hits.get();
-            t.misses += s.cache_misses.get();
-            t.uncacheable += s.cache_uncacheable.get();
-            t.fills += s.cache_fills.get();
-            t.fills_discarded += s.cache_fills_discarded.get();
-            t.evictions += s.cache_evictions.get();
-        }
-        t.invalidations = control.cache_epochs.invalidations();
-        t
-    }
-
-    fn tier(&self) -> Value {
+impl TierTotals {
+    fn json(&self) -> Value {
         json!({
             "entries": self.entries,
             "bytes": self.bytes,
@@ -53,20 +35,81 @@ impl CacheTotals {
     }
 }
 
+/// The cache's counters summed over the shards.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct CacheTotals {
+    pub tiers: [TierTotals; 3],
+    /// Lookups that found nothing in any tier (the statement went to the server).
+    pub misses: u64,
+    pub uncacheable: u64,
+    /// Results stored.
+    pub fills: u64,
+    pub fills_discarded: u64,
+    /// Invalidations made (by writers through the proxy and the admin API).
+    pub invalidations: u64,
+}
+
+impl CacheTotals {
+    pub fn sum(control: &Control) -> CacheTotals {
+        let mut t = CacheTotals::default();
+        for link in control.shard_links() {
+            let s: &ShardStats = &link.stats;
+            for (sum, tier) in t.tiers.iter_mut().zip(&s.cache_tiers) {
+                sum.entries += tier.entries.get();
+                sum.bytes += tier.bytes.get();
+                sum.hits += tier.hits.get();
+                sum.misses += tier.misses.get();
+                sum.fills += tier.fills.get();
+                sum.evictions += tier.evictions.get();
+                sum.invalidations += tier.stale.get();
+            }
+            t.misses += s.cache_misses.get();
+            t.uncacheable += s.cache_uncacheable.get();
+            t.fills += s.cache_fills.get();
+            t.fills_discarded += s.cache_fills_discarded.get();
+        }
+        t.invalidations = control.cache_epochs.invalidations();
+        t
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.tiers.iter().map(|t| t.hits).sum()
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.tiers.iter().map(|t| t.entries).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.tiers.iter().map(|t| t.bytes).sum()
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.tiers.iter().map(|t| t.evictions).sum()
+    }
+}
+
 /// `GET /cache`.
 pub fn json(control: &Control) -> Value {
     let config = control.config();
     let t = CacheTotals::sum(control);
-    let mut out = t.tier();
+    let mut out = json!({
+        "enabled": config.cache.enabled,
+        "max_memory_bytes": config.cache.max_memory_mb * 1024 * 1024,
+        "entries": t.entries(),
+        "bytes": t.bytes(),
+        "hits": t.hits(),
+        "misses": t.misses,
+        "fills": t.fills,
+        "evictions": t.evictions(),
+        "invalidations": t.invalidations,
+        "uncacheable": t.uncacheable,
+        "fills_discarded": t.fills_discarded,
+    });
     let fields = out.as_object_mut().expect("an object");
-    fields.insert("enabled".into(), json!(config.cache.enabled));
-    fields.insert(
-        "max_memory_bytes".into(),
-        json!(config.cache.max_memory_mb * 1024 * 1024),
-    );
-    fields.insert("uncacheable".into(), json!(t.uncacheable));
-    fields.insert("fills_discarded".into(), json!(t.fills_discarded));
-    fields.insert("l1".into(), t.tier());
+    for (tier, totals) in Tier::ALL.iter().zip(&t.tiers) {
+        fields.insert(tier.label().into(), totals.json());
+    }
     out
 }
 

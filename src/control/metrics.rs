@@ -60,8 +60,11 @@ fn describe() {
         ("heliosdb_proxy_failovers_total", "Failovers completed (a new primary published)"),
         ("heliosdb_proxy_buffer_timeouts_total", "Units that left the switchover buffer without a primary, by reason: timeout (failover.write_timeout_secs) or full (failover.buffer_max)"),
         ("heliosdb_proxy_cache_hits_total", "Result cache lookups answered without a server, by tier"),
-        ("heliosdb_proxy_cache_misses_total", "Result cache lookups of cacheable statements that went to the server, by tier"),
+        ("heliosdb_proxy_cache_misses_total", "Result cache lookups a tier could not answer, by tier"),
         ("heliosdb_proxy_cache_fills_total", "Results stored in the cache, by tier"),
+        ("heliosdb_proxy_cache_stale_total", "Cached results found stale (a table they read was written) and dropped, by tier"),
+        ("heliosdb_proxy_cache_lookups_missed_total", "Lookups of cacheable statements that no tier answered (the statement went to the server)"),
+        ("heliosdb_proxy_cache_results_stored_total", "Server answers stored in the cache"),
         ("heliosdb_proxy_cache_fills_discarded_total", "Results not stored because a write to a table they read raced them"),
         ("heliosdb_proxy_cache_uncacheable_total", "Read-only statements the cache may not keep (volatile functions, views over system catalogs, temporary tables, …)"),
         ("heliosdb_proxy_cache_evictions_total", "Cached results pushed out by the memory bound, by tier"),
@@ -260,15 +263,24 @@ fn sync(control: &Control) {
             .absolute(totals.buffer_overflows);
         counter!("heliosdb_proxy_units_lost_total").absolute(totals.units_lost);
         let cache = super::cache::CacheTotals::sum(control);
-        counter!("heliosdb_proxy_cache_hits_total", "tier" => "l1").absolute(cache.hits);
-        counter!("heliosdb_proxy_cache_misses_total", "tier" => "l1").absolute(cache.misses);
-        counter!("heliosdb_proxy_cache_fills_total", "tier" => "l1").absolute(cache.fills);
-        counter!("heliosdb_proxy_cache_evictions_total", "tier" => "l1").absolute(cache.evictions);
+        for (tier, n) in helios_shard::cache::shard::Tier::ALL
+            .iter()
+            .zip(&cache.tiers)
+        {
+            let tier = tier.label();
+            counter!("heliosdb_proxy_cache_hits_total", "tier" => tier).absolute(n.hits);
+            counter!("heliosdb_proxy_cache_misses_total", "tier" => tier).absolute(n.misses);
+            counter!("heliosdb_proxy_cache_fills_total", "tier" => tier).absolute(n.fills);
+            counter!("heliosdb_proxy_cache_evictions_total", "tier" => tier).absolute(n.evictions);
+            counter!("heliosdb_proxy_cache_stale_total", "tier" => tier).absolute(n.invalidations);
+            gauge!("heliosdb_proxy_cache_entries", "tier" => tier).set(n.entries as f64);
+            gauge!("heliosdb_proxy_cache_bytes", "tier" => tier).set(n.bytes as f64);
+        }
+        counter!("heliosdb_proxy_cache_lookups_missed_total").absolute(cache.misses);
+        counter!("heliosdb_proxy_cache_results_stored_total").absolute(cache.fills);
         counter!("heliosdb_proxy_cache_fills_discarded_total").absolute(cache.fills_discarded);
         counter!("heliosdb_proxy_cache_uncacheable_total").absolute(cache.uncacheable);
         counter!("heliosdb_proxy_cache_invalidations_total").absolute(cache.invalidations);
-        gauge!("heliosdb_proxy_cache_entries", "tier" => "l1").set(cache.entries as f64);
-        gauge!("heliosdb_proxy_cache_bytes", "tier" => "l1").set(cache.bytes as f64);
         counter!("heliosdb_proxy_replays_attempted_total").absolute(totals.replays_attempted);
         counter!("heliosdb_proxy_replays_succeeded_total").absolute(totals.replays_succeeded);
         for (refusal, count) in helios_shard::engine::replay::Refusal::ALL

@@ -14,6 +14,8 @@
 //! stale on lookup; a result read before a write but stored after it is never stored.
 
 pub mod key;
+pub mod l2;
+pub mod normalize;
 pub mod resolve;
 pub mod shard;
 pub mod store;

@@ -1,9 +1,11 @@
-//! One shard's cached results (L1): a quick_cache bounded by bytes, each entry with the
-//! epochs it was read at and its expiry.
+//! One tier's cached results on one shard: a quick_cache bounded by bytes, each entry
+//! with the epochs it was read at and its expiry. Entries are shared (`Arc`) between
+//! tiers and shards: a result stored in L1, L2 and L3 exists once.
 
 use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use quick_cache::unsync::Cache;
@@ -12,6 +14,7 @@ use quick_cache::{Lifecycle, Weighter};
 use super::Epochs;
 
 /// One cached result.
+#[derive(Debug)]
 pub struct Entry {
     /// RowDescription, the DataRows and CommandComplete, as the server sent them.
     pub bytes: Box<[u8]>,
@@ -27,7 +30,7 @@ pub struct Entry {
 impl Entry {
     /// Still the answer the server would give: no table it read was written since, and
     /// its time is not up.
-    fn fresh(&self, epochs: &Epochs, now: Instant) -> bool {
+    pub fn fresh(&self, epochs: &Epochs, now: Instant) -> bool {
         self.global == epochs.global()
             && self.expires.is_none_or(|at| now < at)
             && self.deps.iter().all(|&(slot, at)| epochs.epoch(slot) == at)
@@ -45,8 +48,8 @@ const ENTRY_OVERHEAD: usize = 128;
 #[derive(Clone)]
 struct Weigh;
 
-impl Weighter<u128, Entry> for Weigh {
-    fn weight(&self, _key: &u128, entry: &Entry) -> u64 {
+impl Weighter<u128, Arc<Entry>> for Weigh {
+    fn weight(&self, _key: &u128, entry: &Arc<Entry>) -> u64 {
         entry.weight()
     }
 }
@@ -55,12 +58,12 @@ impl Weighter<u128, Entry> for Weigh {
 #[derive(Clone, Default)]
 struct Evictions(Rc<Cell<u64>>);
 
-impl Lifecycle<u128, Entry> for Evictions {
+impl Lifecycle<u128, Arc<Entry>> for Evictions {
     type RequestState = ();
 
     fn begin_request(&self) -> Self::RequestState {}
 
-    fn on_evict(&self, _state: &mut (), _key: u128, _entry: Entry) {
+    fn on_evict(&self, _state: &mut (), _key: u128, _entry: Arc<Entry>) {
         self.0.set(self.0.get() + 1);
     }
 }
@@ -98,17 +101,12 @@ impl Hasher for KeyHasher {
     }
 }
 
-/// What a lookup found.
-pub enum Lookup<'a> {
-    Hit(&'a Entry),
-    /// Nothing, or something stale (now removed).
-    Miss,
-}
-
-/// One shard's results.
+/// One shard's results of one tier.
 pub struct Store {
-    cache: RefCell<Cache<u128, Entry, Weigh, KeyHash, Evictions>>,
+    cache: RefCell<Cache<u128, Arc<Entry>, Weigh, KeyHash, Evictions>>,
     evictions: Rc<Cell<u64>>,
+    /// Entries found stale and dropped.
+    stale: Cell<u64>,
     /// The everything-epoch last seen: when it moves, every entry goes at once.
     seen_global: Cell<u64>,
 }
@@ -127,29 +125,30 @@ impl Store {
                 evictions,
             )),
             evictions: counter,
+            stale: Cell::new(0),
             seen_global: Cell::new(0),
         }
     }
 
-    /// Calls `answer` with the fresh entry for `key`, if there is one.
-    pub fn with_fresh<R>(
-        &self,
-        key: u128,
-        epochs: &Epochs,
-        answer: impl FnOnce(&Entry) -> R,
-    ) -> Option<R> {
+    /// The fresh entry for `key`, if there is one (a stale one is dropped).
+    pub fn fresh(&self, key: u128, epochs: &Epochs) -> Option<Arc<Entry>> {
         self.follow_global(epochs);
-        let now = Instant::now();
         let mut cache = self.cache.borrow_mut();
-        let fresh = cache.get(&key).map(|e| e.fresh(epochs, now))?;
-        if !fresh {
-            cache.remove(&key);
-            return None;
+        let entry = cache.get(&key)?.clone();
+        if entry.fresh(epochs, Instant::now()) {
+            return Some(entry);
         }
-        cache.get(&key).map(answer)
+        cache.remove(&key);
+        self.stale.set(self.stale.get() + 1);
+        None
     }
 
-    pub fn insert(&self, key: u128, entry: Entry) {
+    pub fn insert(&self, key: u128, entry: Arc<Entry>) {
+        if entry.global > self.seen_global.get() {
+            // Everything before it was invalidated: make room now.
+            self.seen_global.set(entry.global);
+            self.cache.borrow_mut().clear();
+        }
         self.cache.borrow_mut().insert(key, entry);
     }
 
@@ -182,20 +181,24 @@ impl Store {
     pub fn evictions(&self) -> u64 {
         self.evictions.get()
     }
+
+    pub fn stale(&self) -> u64 {
+        self.stale.get()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn entry(size: usize, deps: &[(u32, u64)]) -> Entry {
-        Entry {
+    fn entry(size: usize, deps: &[(u32, u64)]) -> Arc<Entry> {
+        Arc::new(Entry {
             bytes: vec![0u8; size].into(),
             rows_at: 0,
             deps: deps.into(),
             global: 0,
             expires: None,
-        }
+        })
     }
 
     #[test]
@@ -203,10 +206,10 @@ mod tests {
         let epochs = Epochs::default();
         let store = Store::new(1 << 20);
         store.insert(1, entry(10, &[(7, 0)]));
-        assert!(store.with_fresh(1, &epochs, |_| ()).is_some());
+        assert!(store.fresh(1, &epochs).is_some());
         epochs.invalidate(&[7]);
-        assert!(store.with_fresh(1, &epochs, |_| ()).is_none());
-        assert_eq!(store.entries(), 0);
+        assert!(store.fresh(1, &epochs).is_none());
+        assert_eq!((store.entries(), store.stale()), (0, 1));
     }
 
     #[test]
@@ -216,7 +219,7 @@ mod tests {
         store.insert(1, entry(10, &[]));
         store.insert(2, entry(10, &[]));
         epochs.invalidate_all();
-        assert!(store.with_fresh(2, &epochs, |_| ()).is_none());
+        assert!(store.fresh(2, &epochs).is_none());
         assert_eq!(store.entries(), 0);
     }
 
@@ -230,7 +233,7 @@ mod tests {
         assert!(store.bytes() <= 64 * 1024, "{}", store.bytes());
         assert!(store.evictions() > 0);
         let kept = (0..1000u128)
-            .filter(|k| store.with_fresh(*k, &epochs, |_| ()).is_some())
+            .filter(|k| store.fresh(*k, &epochs).is_some())
             .count();
         assert!(kept > 0 && kept < 100, "{kept}");
     }

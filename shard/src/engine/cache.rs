@@ -12,12 +12,16 @@
 //!   seen for the first time are resolved on the unit's (idle) connection.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::BackendError;
+use crate::bus::ShardMsg;
 use crate::cache::key::{self, KeyBuilder};
+use crate::cache::l2;
+use crate::cache::normalize::{self, Lifted, Param};
 use crate::cache::resolve::{self, Reach, Resolved};
-use crate::cache::shard::ShardCache;
+use crate::cache::shard::{ShardCache, Tier};
 use crate::cache::store::Entry;
 use crate::cache::writes::{self, Writes};
 use crate::codec::backend as be;
@@ -43,6 +47,11 @@ const MAX_LEARNED_PER_UNIT: usize = 4;
 const SIMPLE_QUERY: u8 = 0;
 const EXTENDED: u8 = 1;
 const EXTENDED_DESCRIBED: u8 = 2;
+/// L3 keys (answers with a RowDescription and text results).
+const NORMALIZED: u8 = 3;
+
+/// An Execute of every row (what a simple Query runs).
+const EXECUTE_ALL: &[u8] = &[0, 0, 0, 0, 0];
 
 /// The unit's cache work.
 #[derive(Default)]
@@ -116,6 +125,8 @@ impl CacheUnit {
 /// An answer being collected for the store.
 struct Fill {
     key: u128,
+    /// The L3 key, when the answer may be shared by other spellings of the statement.
+    normalized: Option<u128>,
     deps: Box<[(u32, u64)]>,
     global: u64,
     ttl: Option<Duration>,
@@ -343,6 +354,35 @@ impl<'a> Candidate<'a> {
             .finish()
     }
 
+    /// The L3 key: the normalized statement with its lifted values. `None` when the
+    /// request does not qualify (binary parameters or results, a reference past the
+    /// bound parameters).
+    fn normalized_key(&self, session: u64) -> Option<u128> {
+        let mut params: Vec<Param<'_>> = Vec::new();
+        if let Some(bind) = self.bind {
+            read_text_params(self.spec, bind, &mut params)?;
+        }
+        let mut text = Vec::with_capacity(self.sql.len());
+        let mut values: Vec<Lifted<'_>> = Vec::new();
+        if !normalize::normalize(self.sql, &params, &mut text, &mut values) {
+            return None;
+        }
+        let mut key = KeyBuilder::new(session, NORMALIZED).part(&text);
+        for value in &values {
+            key = key.part(&value.type_oid.to_le_bytes());
+            key = match value.value {
+                Some(v) => key.part(b"v").part(v),
+                None => key.part(b"n"),
+            };
+        }
+        let execute = if self.bind.is_some() {
+            self.execute
+        } else {
+            EXECUTE_ALL
+        };
+        Some(key.part(execute).finish())
+    }
+
     fn answer_shape(&self) -> AnswerShape {
         AnswerShape {
             parse_complete: self.parse.is_some(),
@@ -350,6 +390,57 @@ impl<'a> Candidate<'a> {
             row_description: self.describe,
         }
     }
+}
+
+/// The bound parameters of `bind` with the types `spec` declares, when every
+/// parameter and every result column is in text format.
+fn read_text_params<'a>(spec: &'a [u8], bind: &'a [u8], out: &mut Vec<Param<'a>>) -> Option<()> {
+    let (_, types) = split_cstr(spec)?;
+    let declared = |i: usize| -> u32 {
+        let count = types
+            .first_chunk::<2>()
+            .map_or(0, |n| i16::from_be_bytes(*n).max(0) as usize);
+        if i >= count {
+            return normalize::UNKNOWN;
+        }
+        types
+            .get(2 + i * 4..6 + i * 4)
+            .map_or(normalize::UNKNOWN, |b| {
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+            })
+    };
+    let mut at = 0usize;
+    let i16_at = |at: &mut usize| -> Option<i16> {
+        let v = i16::from_be_bytes(*bind.get(*at..*at + 2)?.first_chunk::<2>()?);
+        *at += 2;
+        Some(v)
+    };
+    let formats = i16_at(&mut at)?.max(0) as usize;
+    for _ in 0..formats {
+        if i16_at(&mut at)? != 0 {
+            return None;
+        }
+    }
+    let count = i16_at(&mut at)?.max(0) as usize;
+    for i in 0..count {
+        let len = i32::from_be_bytes(*bind.get(at..at + 4)?.first_chunk::<4>()?);
+        at += 4;
+        let value = if len < 0 {
+            None
+        } else {
+            let v = bind.get(at..at + len as usize)?;
+            at += len as usize;
+            Some(v)
+        };
+        out.push((declared(i), value));
+    }
+    let results = i16_at(&mut at)?.max(0) as usize;
+    for _ in 0..results {
+        if i16_at(&mut at)? != 0 {
+            return None;
+        }
+    }
+    Some(())
 }
 
 /// Which messages around the cached result the client's request asks for.
@@ -441,13 +532,17 @@ impl Phase for ResultCache {
             return Start::Continue;
         }
         let key = candidate.key(u.cache.session);
-        let shape_of_answer = candidate.answer_shape();
-        let hit = shard
-            .store
-            .with_fresh(key, &shard.epochs, |entry| shape_of_answer.answer(entry));
-        if let Some(answer) = hit {
-            stats.cache_hits.inc();
+        let normalized = if resolved.reads.is_empty() {
+            // A statement that reads no table keeps its constants: `SELECT 'x'` and an
+            // untyped `SELECT $1` are not the same statement.
+            None
+        } else {
+            candidate.normalized_key(u.cache.session)
+        };
+        if let Some((entry, tier)) = lookup(&s.ctx, &shard, key, normalized).await {
+            stats.cache_tiers[tier as usize].hits.inc();
             stats.queries.inc();
+            let answer = candidate.answer_shape().answer(&entry);
             let len = candidate.len;
             let simple = candidate.bind.is_none();
             // The client's unnamed statement is what the server's would have been.
@@ -462,13 +557,9 @@ impl Phase for ResultCache {
         }
         stats.cache_misses.inc();
         shard.publish(stats);
-        u.cache.fill = Some(Box::new(start_fill(
-            &shard,
-            &resolved,
-            &analysis,
-            key,
-            candidate.describe,
-        )));
+        let mut fill = start_fill(&shard, &resolved, &analysis, key, candidate.describe);
+        fill.normalized = normalized.filter(|_| candidate.describe);
+        u.cache.fill = Some(Box::new(fill));
         Start::Continue
     }
 
@@ -619,6 +710,7 @@ fn start_fill(
     };
     Fill {
         key,
+        normalized: None,
         deps,
         global,
         ttl,
@@ -631,8 +723,70 @@ fn start_fill(
     }
 }
 
+/// Looks the request up in L1, then with the key's owner (L2), then by its normalized
+/// form (L3); a result found beyond L1 is kept in L1 too.
+async fn lookup(
+    ctx: &ShardCtx,
+    shard: &ShardCache,
+    key: u128,
+    normalized: Option<u128>,
+) -> Option<(Arc<Entry>, Tier)> {
+    let epochs = &shard.epochs;
+    let tiers = &ctx.stats.cache_tiers;
+    if let Some(entry) = shard.store(Tier::L1).fresh(key, epochs) {
+        return Some((entry, Tier::L1));
+    }
+    tiers[Tier::L1 as usize].misses.inc();
+    if shard.has_l2() {
+        let owner = l2::owner(key, shard.workers());
+        let found = if owner == shard.shard {
+            shard.store(Tier::L2).fresh(key, epochs)
+        } else {
+            let ticket = shard.waiting.register();
+            let asked = crate::bus::try_send(
+                ctx,
+                owner,
+                ShardMsg::CacheGet {
+                    key,
+                    from: shard.shard,
+                    ticket,
+                },
+            );
+            let answer = shard.waiting.wait(ticket);
+            if asked {
+                crate::sync::timeout(l2::ANSWER_WAIT, answer)
+                    .await
+                    .flatten()
+                    // Fresh when the owner looked; still fresh now?
+                    .filter(|e| e.fresh(epochs, Instant::now()))
+            } else {
+                None
+            }
+        };
+        match found {
+            Some(entry) => {
+                shard.store(Tier::L1).insert(key, entry.clone());
+                return Some((entry, Tier::L2));
+            }
+            None => tiers[Tier::L2 as usize].misses.inc(),
+        }
+    }
+    let normalized = normalized?;
+    match shard.store(Tier::L3).fresh(normalized, epochs) {
+        Some(entry) => {
+            shard.store(Tier::L1).insert(key, entry.clone());
+            Some((entry, Tier::L3))
+        }
+        None => {
+            tiers[Tier::L3 as usize].misses.inc();
+            None
+        }
+    }
+}
+
 /// Stores a complete answer, unless a write moved an epoch since it was read (or it
-/// came from a read node, which may not have replayed the latest writes).
+/// came from a read node, which may not have replayed the latest writes): in L1, with
+/// the key's owner (L2), and under its normalized form (L3).
 fn store_fill(ctx: &ShardCtx, shard: &ShardCache, fill: Fill, from_read_node: bool) {
     if fill.state != FillState::Done || from_read_node {
         return;
@@ -647,16 +801,36 @@ fn store_fill(ctx: &ShardCtx, shard: &ShardCache, fill: Fill, from_read_node: bo
     if fill.ttl == Some(Duration::ZERO) {
         return;
     }
-    shard.store.insert(
-        fill.key,
-        Entry {
-            bytes: fill.bytes.into_boxed_slice(),
-            rows_at: fill.rows_at.unwrap_or(0),
-            deps: fill.deps,
-            global: fill.global,
-            expires: fill.ttl.map(|ttl| Instant::now() + ttl),
-        },
-    );
+    let entry = Arc::new(Entry {
+        bytes: fill.bytes.into_boxed_slice(),
+        rows_at: fill.rows_at.unwrap_or(0),
+        deps: fill.deps,
+        global: fill.global,
+        expires: fill.ttl.map(|ttl| Instant::now() + ttl),
+    });
+    let tiers = &ctx.stats.cache_tiers;
+    shard.store(Tier::L1).insert(fill.key, entry.clone());
+    tiers[Tier::L1 as usize].fills.inc();
+    if shard.has_l2() {
+        let owner = l2::owner(fill.key, shard.workers());
+        if owner == shard.shard {
+            shard.store(Tier::L2).insert(fill.key, entry.clone());
+            tiers[Tier::L2 as usize].fills.inc();
+        } else {
+            crate::bus::try_send(
+                ctx,
+                owner,
+                ShardMsg::CachePut {
+                    key: fill.key,
+                    entry: entry.clone(),
+                },
+            );
+        }
+    }
+    if let Some(normalized) = fill.normalized {
+        shard.store(Tier::L3).insert(normalized, entry);
+        tiers[Tier::L3 as usize].fills.inc();
+    }
     ctx.stats.cache_fills.inc();
     shard.publish(&ctx.stats);
 }

@@ -36,6 +36,8 @@ pub struct Lexer<'a> {
     sql: &'a [u8],
     pos: usize,
     comments: bool,
+    /// Where the last token returned starts.
+    token_start: usize,
 }
 
 impl<'a> Lexer<'a> {
@@ -44,6 +46,7 @@ impl<'a> Lexer<'a> {
             sql,
             pos: 0,
             comments: false,
+            token_start: 0,
         }
     }
 
@@ -53,7 +56,18 @@ impl<'a> Lexer<'a> {
             sql,
             pos: 0,
             comments: true,
+            token_start: 0,
         }
+    }
+
+    /// Where the next token's search starts (just past the last token).
+    pub fn offset(&self) -> usize {
+        self.pos
+    }
+
+    /// Where the last token returned starts (its opening quote, for a quoted one).
+    pub fn token_start(&self) -> usize {
+        self.token_start
     }
 
     fn peek(&self, offset: usize) -> u8 {
@@ -176,6 +190,7 @@ impl<'a> Iterator for Lexer<'a> {
             return Some(Token::Comment(&sql[start..end]));
         }
         let c = *self.sql.get(self.pos)?;
+        self.token_start = self.pos;
         let token = match c {
             b';' => {
                 self.pos += 1;

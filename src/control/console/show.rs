@@ -534,9 +534,37 @@ fn nodes(control: &Control) -> ConsoleResult {
 }
 
 /// PgBouncer's `active`/`paused`/`suspended`, and when this process started.
-/// One row per tier: what the admin API's `GET /cache` shows under `l1`.
+/// One row per tier (what the admin API's `GET /cache` shows under `l1`, `l2`, `l3`)
+/// and one for the whole cache.
 fn cache(control: &Control) -> ConsoleResult {
+    use helios_shard::cache::shard::Tier;
     let t = crate::control::cache::CacheTotals::sum(control);
+    let mut rows: Vec<Vec<Cell>> = Tier::ALL
+        .iter()
+        .zip(&t.tiers)
+        .map(|(tier, n)| {
+            vec![
+                text(tier.label()),
+                text(n.entries),
+                text(n.bytes),
+                text(n.hits),
+                text(n.misses),
+                text(n.fills),
+                text(n.evictions),
+                text(n.invalidations),
+            ]
+        })
+        .collect();
+    rows.push(vec![
+        text("total"),
+        text(t.entries()),
+        text(t.bytes()),
+        text(t.hits()),
+        text(t.misses),
+        text(t.fills),
+        text(t.evictions()),
+        text(t.invalidations),
+    ]);
     table(
         &[
             "tier",
@@ -548,16 +576,7 @@ fn cache(control: &Control) -> ConsoleResult {
             "evictions",
             "invalidations",
         ],
-        vec![vec![
-            text("l1"),
-            text(t.entries),
-            text(t.bytes),
-            text(t.hits),
-            text(t.misses),
-            text(t.fills),
-            text(t.evictions),
-            text(t.invalidations),
-        ]],
+        rows,
     )
 }
 

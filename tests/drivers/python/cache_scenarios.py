@@ -137,6 +137,25 @@ def psycopg_search_path():
             check_eq(b.execute("SELECT v FROM t").fetchone()[0], 2, "second schema")
 
 
+def psycopg_l3():
+    """A literal and psycopg's bound parameter (text, unknown type) share one entry."""
+    table = name(DRIVER, "psy_l3")
+    with pg() as c:
+        c.execute(f"DROP TABLE IF EXISTS {table}")
+        c.execute(f"CREATE TABLE {table} (id int, who text)")
+        c.execute(f"INSERT INTO {table} VALUES (1, 'bob'), (2, 'eve')")
+        for _ in range(2):
+            check_eq(c.execute(f"SELECT id FROM {table} WHERE who = 'bob'").fetchall(),
+                     [(1,)], "literal")
+        before = cache()["l3"]["hits"]
+        check_eq(c.execute(f"SELECT id FROM {table} WHERE who = %s", ("bob",)).fetchall(),
+                 [(1,)], "bound parameter")
+        check_eq(c.execute(f"SELECT id FROM {table} WHERE who = %s", ("eve",)).fetchall(),
+                 [(2,)], "another value")
+        got = cache()["l3"]["hits"] - before
+        check_eq(got, 1, f"L3 hits: {cache()}")
+
+
 async def asyncpg_hits_and_writes():
     """asyncpg (named statements, binary results): hits, and writes seen at once."""
     table = name(DRIVER, "apg")
@@ -209,6 +228,7 @@ def main():
     runner.run("psycopg_writes", psycopg_writes)
     runner.run("psycopg_volatile", psycopg_volatile)
     runner.run("psycopg_search_path", psycopg_search_path)
+    runner.run("psycopg_l3", psycopg_l3)
     runner.run("asyncpg_hits_and_writes", lambda: asyncio.run(asyncpg_hits_and_writes()))
     runner.run("asyncpg_race", lambda: asyncio.run(asyncpg_race()))
     runner.finish()
