@@ -112,6 +112,7 @@ fn run(config: Arc<helios_shard::config::Config>, args: cli::Args) -> ExitCode {
             stop.clone(),
             suspects_rx,
         )?);
+        threads.push(control::wal::spawn(control.clone(), stop.clone())?);
         Ok(())
     })();
     if let Err(e) = spawned {

@@ -808,3 +808,96 @@ async fn spellings_of_one_query_share_an_l3_entry() {
     assert_eq!(l_tier(&proxy, "l3", "hits"), before + 2);
     proxy.stop();
 }
+
+/// Waits (at most 15 s) until `done` holds, polling every 50 ms.
+async fn eventually<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !done().await {
+        assert!(std::time::Instant::now() < deadline, "{what} within 15 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn helios_slots() -> i64 {
+    common::cluster()
+        .admin(DATABASE)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'helios\\_cache\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_made_directly_on_postgresql_are_seen_through_the_wal() {
+    if proxy_only("cache wal", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_wal_t, cache_wal_p CASCADE; \
+         CREATE TABLE cache_wal_t (id int, v int); INSERT INTO cache_wal_t VALUES (1, 1); \
+         CREATE TABLE cache_wal_p (id int, v int) PARTITION BY RANGE (id); \
+         CREATE TABLE cache_wal_p1 PARTITION OF cache_wal_p FOR VALUES FROM (0) TO (100); \
+         INSERT INTO cache_wal_p VALUES (1, 1);",
+    )
+    .await;
+    for round in 0..2 {
+        let proxy = start("invalidation = \"wal\"\n");
+        let client = proxy.client().await;
+        let read = "SELECT v FROM cache_wal_t WHERE id = 1";
+        // Nothing is stored until the follower streams; then reads hit.
+        eventually("a cache hit once the WAL follower streams", || async {
+            let before = hits(&proxy);
+            one(&client, read).await;
+            one(&client, read).await;
+            hits(&proxy) > before
+        })
+        .await;
+        assert_eq!(helios_slots().await, 1, "one temporary slot while running");
+        let stats = cache_stats(&proxy);
+        assert_eq!(stats["invalidation"], "wal", "{stats}");
+        assert_eq!(stats["wal"][0]["database"], DATABASE, "{stats}");
+        assert_eq!(stats["wal"][0]["streaming"], true, "{stats}");
+        // A write straight to PostgreSQL, which the proxy never sees.
+        let want = (round * 10 + 2).to_string();
+        admin(&format!("UPDATE cache_wal_t SET v = {want} WHERE id = 1")).await;
+        eventually("the direct write seen through the cache", || async {
+            one(&client, read).await == want
+        })
+        .await;
+        // A partition written directly invalidates reads of its parent.
+        let parent = "SELECT sum(v) FROM cache_wal_p";
+        eventually("the partitioned read cached", || async {
+            let before = hits(&proxy);
+            one(&client, parent).await;
+            hits(&proxy) > before
+        })
+        .await;
+        let total: i64 = one(&client, parent).await.parse().unwrap();
+        admin("UPDATE cache_wal_p1 SET v = v + 1").await;
+        eventually("the partition's write seen through its parent", || async {
+            one(&client, parent).await.parse::<i64>().unwrap() == total + 1
+        })
+        .await;
+        let stats = cache_stats(&proxy);
+        assert!(stats["wal"][0]["commits"].as_u64() >= Some(2), "{stats}");
+        let prometheus = common::http::get(proxy.admin_port.unwrap(), "/metrics/prometheus").body;
+        assert!(
+            prometheus.contains("heliosdb_proxy_cache_wal_lag_bytes{database=\"app\"}"),
+            "{prometheus}"
+        );
+        proxy.stop();
+        // The slot goes with the proxy (and a restart starts a new one).
+        eventually("no slot left behind", || async {
+            helios_slots().await == 0
+        })
+        .await;
+    }
+}

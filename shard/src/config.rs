@@ -559,6 +559,28 @@ pub struct CacheConfig {
     pub max_result_bytes: u64,
     /// Per-table overrides: a shorter or longer time to live, or never cached.
     pub tables: Vec<CacheTableConfig>,
+    /// What invalidates results: writes through the proxy, or also every write on the
+    /// primary, followed in its WAL (logical decoding).
+    pub invalidation: CacheInvalidation,
+    /// The role the WAL follower logs in as (needs REPLICATION); default: the health
+    /// checker's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal_user: Option<String>,
+    /// Its password; default: the health checker's (when `wal_user` is not set) or that
+    /// user's server password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal_password: Option<String>,
+}
+
+/// What invalidates cached results.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheInvalidation {
+    /// Writes through the proxy (before their completion reaches the client).
+    #[default]
+    Proxy,
+    /// Those, and every committed change on the primary, from its WAL.
+    Wal,
 }
 
 impl Default for CacheConfig {
@@ -569,6 +591,9 @@ impl Default for CacheConfig {
             default_ttl_secs: 60,
             max_result_bytes: 1024 * 1024,
             tables: Vec::new(),
+            invalidation: CacheInvalidation::Proxy,
+            wal_user: None,
+            wal_password: None,
         }
     }
 }
@@ -909,6 +934,23 @@ impl Config {
                 ),
                 None => ("postgres".into(), self.health.password.clone()),
             },
+        }
+    }
+
+    /// Role and password of the cache's WAL follower: `[cache] wal_user`/`wal_password`,
+    /// else the health checks' own.
+    pub fn wal_credentials(&self) -> (String, Option<String>) {
+        match &self.cache.wal_user {
+            Some(user) => {
+                let password = self.cache.wal_password.clone().or_else(|| {
+                    self.users
+                        .iter()
+                        .find(|u| u.backend_user() == user)
+                        .and_then(|u| u.backend_password().map(str::to_string))
+                });
+                (user.clone(), password)
+            }
+            None => self.health_credentials(),
         }
     }
 

@@ -3,7 +3,10 @@
 
 use serde_json::{json, Value};
 
+use std::sync::atomic::Ordering;
+
 use helios_shard::cache::shard::Tier;
+use helios_shard::config::CacheInvalidation;
 use helios_shard::stats::ShardStats;
 
 use super::Control;
@@ -110,7 +113,37 @@ pub fn json(control: &Control) -> Value {
     for (tier, totals) in Tier::ALL.iter().zip(&t.tiers) {
         fields.insert(tier.label().into(), totals.json());
     }
+    fields.insert(
+        "invalidation".into(),
+        json!(match config.cache.invalidation {
+            CacheInvalidation::Proxy => "proxy",
+            CacheInvalidation::Wal => "wal",
+        }),
+    );
+    fields.insert("wal".into(), Value::Array(wal_json(control)));
     out
+}
+
+/// One object per database followed in the WAL.
+fn wal_json(control: &Control) -> Vec<Value> {
+    control
+        .cache_epochs
+        .wal_follows()
+        .iter()
+        .map(|(database, f)| {
+            let lsn = f.applied_lsn.load(Ordering::SeqCst);
+            json!({
+                "database": database,
+                "streaming": f.ready.load(Ordering::SeqCst),
+                "slot": f.slot.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                "lag_bytes": f.lag_bytes.load(Ordering::SeqCst),
+                "lag_ms": f.lag_micros.load(Ordering::SeqCst) as f64 / 1000.0,
+                "applied_lsn": format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff),
+                "commits": f.commits.load(Ordering::SeqCst),
+                "last_error": f.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            })
+        })
+        .collect()
 }
 
 /// What `POST /cache/invalidate` asks for.

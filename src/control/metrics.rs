@@ -62,6 +62,7 @@ fn describe() {
         ("heliosdb_proxy_cache_hits_total", "Result cache lookups answered without a server, by tier"),
         ("heliosdb_proxy_cache_misses_total", "Result cache lookups a tier could not answer, by tier"),
         ("heliosdb_proxy_cache_fills_total", "Results stored in the cache, by tier"),
+        ("heliosdb_proxy_cache_wal_commits_total", "Committed transactions read from the primary's WAL whose tables were invalidated, by database"),
         ("heliosdb_proxy_cache_stale_total", "Cached results found stale (a table they read was written) and dropped, by tier"),
         ("heliosdb_proxy_cache_lookups_missed_total", "Lookups of cacheable statements that no tier answered (the statement went to the server)"),
         ("heliosdb_proxy_cache_results_stored_total", "Server answers stored in the cache"),
@@ -104,6 +105,18 @@ fn describe() {
         describe_counter!(name, help);
     }
     let gauges = [
+        (
+            "heliosdb_proxy_cache_wal_streaming",
+            "1 while the WAL follower of the database streams (results of it may be cached), else 0",
+        ),
+        (
+            "heliosdb_proxy_cache_wal_lag_bytes",
+            "WAL the primary has reported that the follower has not applied yet, by database",
+        ),
+        (
+            "heliosdb_proxy_cache_wal_lag_seconds",
+            "From the primary sending a commit to its invalidation applied (the last commit), by database",
+        ),
         (
             "heliosdb_proxy_cache_entries",
             "Results in the cache now, by tier",
@@ -281,6 +294,17 @@ fn sync(control: &Control) {
         counter!("heliosdb_proxy_cache_fills_discarded_total").absolute(cache.fills_discarded);
         counter!("heliosdb_proxy_cache_uncacheable_total").absolute(cache.uncacheable);
         counter!("heliosdb_proxy_cache_invalidations_total").absolute(cache.invalidations);
+        for (database, follow) in control.cache_epochs.wal_follows() {
+            use std::sync::atomic::Ordering::SeqCst;
+            gauge!("heliosdb_proxy_cache_wal_streaming", "database" => database.clone())
+                .set(if follow.ready.load(SeqCst) { 1.0 } else { 0.0 });
+            gauge!("heliosdb_proxy_cache_wal_lag_bytes", "database" => database.clone())
+                .set(follow.lag_bytes.load(SeqCst) as f64);
+            gauge!("heliosdb_proxy_cache_wal_lag_seconds", "database" => database.clone())
+                .set(follow.lag_micros.load(SeqCst) as f64 / 1e6);
+            counter!("heliosdb_proxy_cache_wal_commits_total", "database" => database)
+                .absolute(follow.commits.load(SeqCst));
+        }
         counter!("heliosdb_proxy_replays_attempted_total").absolute(totals.replays_attempted);
         counter!("heliosdb_proxy_replays_succeeded_total").absolute(totals.replays_succeeded);
         for (refusal, count) in helios_shard::engine::replay::Refusal::ALL

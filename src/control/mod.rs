@@ -11,6 +11,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod probe;
+pub mod wal;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};

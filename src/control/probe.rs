@@ -20,6 +20,7 @@ use helios_shard::tls::{rustls, ServerTls};
 /// Larger messages are refused: probes read a handful of short rows.
 const MAX_MESSAGE: usize = 1 << 20;
 const APPLICATION_NAME: &str = "heliosdb-proxy-health";
+const REPLICATION_APPLICATION_NAME: &str = "heliosdb-proxy-cache";
 
 /// Rows of text values (`None` is NULL) from every statement of one Query.
 pub type Rows = Vec<Vec<Option<String>>>;
@@ -233,6 +234,16 @@ fn left(deadline: Instant, waiting: &'static str) -> Result<Duration, ProbeError
 impl Probe {
     /// Connects and logs in (trust, cleartext, md5 or SCRAM-SHA-256) before `deadline`.
     pub fn connect(target: Target<'_>, deadline: Instant) -> Result<Probe, ProbeError> {
+        Self::open(target, deadline, false)
+    }
+
+    /// A logical replication connection (`replication=database`): it runs replication
+    /// commands (CREATE_REPLICATION_SLOT, START_REPLICATION) and streams.
+    pub fn connect_replication(target: Target<'_>, deadline: Instant) -> Result<Probe, ProbeError> {
+        Self::open(target, deadline, true)
+    }
+
+    fn open(target: Target<'_>, deadline: Instant, replication: bool) -> Result<Probe, ProbeError> {
         let refused = |source: io::Error| match source.kind() {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
                 ProbeError::Timeout("connecting")
@@ -262,20 +273,27 @@ impl Probe {
             buf: Vec::with_capacity(1024),
             start: 0,
         };
-        probe.login(target, deadline)?;
+        probe.login(target, deadline, replication)?;
         Ok(probe)
     }
 
-    fn login(&mut self, target: Target<'_>, deadline: Instant) -> Result<(), ProbeError> {
+    fn login(
+        &mut self,
+        target: Target<'_>,
+        deadline: Instant,
+        replication: bool,
+    ) -> Result<(), ProbeError> {
         let mut out = Vec::with_capacity(128);
-        startup::encode_startup(
-            &mut out,
-            &[
-                ("user", target.user),
-                ("database", target.database),
-                ("application_name", APPLICATION_NAME),
-            ],
-        );
+        let mut params = vec![
+            ("user", target.user),
+            ("database", target.database),
+            ("application_name", APPLICATION_NAME),
+        ];
+        if replication {
+            params[2].1 = REPLICATION_APPLICATION_NAME;
+            params.push(("replication", "database"));
+        }
+        startup::encode_startup(&mut out, &params);
         self.send(&out, deadline)?;
         let credential = target
             .password
@@ -348,6 +366,65 @@ impl Probe {
             Some(e) => Err(e),
             None => Ok(rows),
         }
+    }
+
+    /// Sends a command that starts streaming (START_REPLICATION); Ok once the server
+    /// answers with CopyBothResponse.
+    pub fn start_copy_both(&mut self, sql: &str, deadline: Instant) -> Result<(), ProbeError> {
+        let mut out = Vec::with_capacity(sql.len() + 6);
+        frontend::encode_query(&mut out, sql);
+        self.send(&out, deadline)?;
+        loop {
+            let (tag, body) = self.next(deadline, "starting replication")?;
+            match be::decode(tag, &body)? {
+                BackendMessage::CopyBothResponse(_) => return Ok(()),
+                BackendMessage::ErrorResponse(fields) => return Err(ProbeError::server(&fields)),
+                BackendMessage::NoticeResponse(_) | BackendMessage::ParameterStatus { .. } => {}
+                other => {
+                    return Err(ProbeError::Protocol(format!(
+                        "unexpected message '{}' starting replication",
+                        other.tag() as char
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The next CopyData body of a stream; `None` when the server ended it (CopyDone or
+    /// the command's completion). `Err(Timeout)` when nothing came before `deadline`.
+    pub fn copy_data(&mut self, deadline: Instant) -> Result<Option<Vec<u8>>, ProbeError> {
+        loop {
+            let (tag, body) = self.next(deadline, "waiting for the stream")?;
+            match tag {
+                b'd' => return Ok(Some(body)),
+                b'c' | b'C' | b'Z' => return Ok(None),
+                b'E' => {
+                    return Err(match be::decode(tag, &body)? {
+                        BackendMessage::ErrorResponse(fields) => ProbeError::server(&fields),
+                        _ => ProbeError::Protocol("malformed ErrorResponse".into()),
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends one CopyData message of a stream.
+    pub fn send_copy_data(&mut self, data: &[u8], deadline: Instant) -> Result<(), ProbeError> {
+        let mut out = Vec::with_capacity(data.len() + 5);
+        frontend::encode_copy_data(&mut out, data);
+        self.send(&out, deadline)
+    }
+
+    /// Ends a stream from this side (CopyDone), then says goodbye.
+    pub fn end_copy(mut self, deadline: Instant) {
+        let mut out = Vec::with_capacity(10);
+        frontend::encode_copy_done(&mut out);
+        if self.send(&out, deadline).is_ok() {
+            // The server answers with its own CopyDone and the command's completion.
+            while let Ok(Some(_)) = self.copy_data(deadline) {}
+        }
+        self.terminate();
     }
 
     /// Says goodbye; best effort, bounded by a short write timeout.

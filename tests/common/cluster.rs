@@ -316,7 +316,8 @@ impl PgCluster {
              password_encryption = 'scram-sha-256'\n\
              shared_buffers = '64MB'\n\
              log_min_messages = warning\n\
-             log_connections = off\n",
+             log_connections = off\n\
+             wal_level = logical\n",
             self.socket_dir.display()
         );
         let mut conf = fs::OpenOptions::new()

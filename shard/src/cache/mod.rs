@@ -42,6 +42,8 @@ pub struct Epochs {
     names: Mutex<HashMap<String, Vec<u32>>>,
     /// Invalidations made (table slots moved, or everything at once).
     invalidations: AtomicU64,
+    /// The databases whose results the shards want to keep, and their WAL followers.
+    wal: Mutex<Vec<(String, std::sync::Arc<WalFollow>)>>,
 }
 
 impl Default for Epochs {
@@ -52,8 +54,30 @@ impl Default for Epochs {
             catalog: AtomicU64::new(0),
             names: Mutex::default(),
             invalidations: AtomicU64::new(0),
+            wal: Mutex::default(),
         }
     }
+}
+
+/// One database's WAL follower (`invalidation = "wal"`), as the shards and the admin
+/// API see it.
+#[derive(Default, Debug)]
+pub struct WalFollow {
+    /// Streaming, with everything cached before the stream began invalidated: results
+    /// read from this database may be stored.
+    pub ready: std::sync::atomic::AtomicBool,
+    /// WAL the server has sent word of that the follower has not applied yet (bytes).
+    pub lag_bytes: AtomicU64,
+    /// From the server's sending a commit to its invalidation applied (microseconds,
+    /// the last commit's).
+    pub lag_micros: AtomicU64,
+    /// The last WAL position applied.
+    pub applied_lsn: AtomicU64,
+    /// Committed transactions whose invalidations were applied.
+    pub commits: AtomicU64,
+    /// The replication slot (temporary: the server drops it when the stream ends).
+    pub slot: Mutex<String>,
+    pub last_error: Mutex<Option<String>>,
 }
 
 /// A table's slot: its database and (root) relation id.
@@ -99,6 +123,23 @@ impl Epochs {
 
     pub fn invalidations(&self) -> u64 {
         self.invalidations.load(SeqCst)
+    }
+
+    /// The WAL follower of `database` (asked for on first use: the control plane starts
+    /// one for every database asked for).
+    pub fn wal_follow(&self, database: &str) -> std::sync::Arc<WalFollow> {
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, follow)) = wal.iter().find(|(db, _)| db == database) {
+            return follow.clone();
+        }
+        let follow = std::sync::Arc::new(WalFollow::default());
+        wal.push((database.to_string(), follow.clone()));
+        follow
+    }
+
+    /// Every database asked for, with its follower.
+    pub fn wal_follows(&self) -> Vec<(String, std::sync::Arc<WalFollow>)> {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Remembers which slots `schema.table` names, for invalidation by name.

@@ -101,6 +101,7 @@ UNION ALL SELECT 'refuse', 'function ' || proname || ' (in a view) is not immuta
 UNION ALL SELECT DISTINCT side, anc::pg_catalog.text, NULL FROM roots \
 UNION ALL SELECT DISTINCT 'name', r.name, t.anc::pg_catalog.text FROM rels r \
   JOIN roots t ON t.oid = r.oid AND t.side = 'read' \
+UNION ALL SELECT 'unlogged', name, NULL FROM rels WHERE relpersistence = 'u' \
 UNION ALL SELECT 'unknown', 'trigger on ' || r.name, NULL FROM rels r \
   WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = r.oid AND NOT t.tgisinternal) \
 UNION ALL SELECT 'unknown', 'relation ' || name || ' is not a table', NULL FROM rels \
@@ -190,6 +191,15 @@ fn digest(
                 }
             }
             "unknown" => unknown = true,
+            // Changes to an unlogged table never reach the WAL.
+            "unlogged" if config.invalidation == crate::config::CacheInvalidation::Wal => {
+                refusal.get_or_insert_with(|| {
+                    format!(
+                        "relation {} is unlogged (its changes are not in the WAL)",
+                        field(1)
+                    )
+                });
+            }
             _ => {}
         }
     }

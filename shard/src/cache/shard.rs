@@ -50,6 +50,9 @@ pub struct ShardCache {
     resolutions: RefCell<HashMap<(u64, u64), Rc<Resolved>>>,
     config: RefCell<Rc<CacheConfig>>,
     enabled: Cell<bool>,
+    /// WAL followers of the databases this shard stored results of (`invalidation =
+    /// "wal"`).
+    wal: RefCell<HashMap<String, Arc<super::WalFollow>>>,
     workers: usize,
 }
 
@@ -69,6 +72,7 @@ impl ShardCache {
             resolutions: RefCell::default(),
             config: RefCell::new(Rc::new(config.clone())),
             enabled: Cell::new(config.enabled),
+            wal: RefCell::default(),
             workers,
         }
     }
@@ -79,6 +83,21 @@ impl ShardCache {
 
     pub fn store(&self, tier: Tier) -> &Store {
         &self.stores[tier as usize]
+    }
+
+    /// Whether results read from `database` may be stored now: always, unless writes are
+    /// followed in the WAL and that database's follower is not streaming yet.
+    pub fn may_fill(&self, database: &str) -> bool {
+        if self.config.borrow().invalidation != crate::config::CacheInvalidation::Wal {
+            return true;
+        }
+        if let Some(follow) = self.wal.borrow().get(database) {
+            return follow.ready.load(std::sync::atomic::Ordering::SeqCst);
+        }
+        let follow = self.epochs.wal_follow(database);
+        let ready = follow.ready.load(std::sync::atomic::Ordering::SeqCst);
+        self.wal.borrow_mut().insert(database.to_string(), follow);
+        ready
     }
 
     /// L2 spans shards: with one there is none.

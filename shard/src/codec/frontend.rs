@@ -357,6 +357,14 @@ pub fn encode_terminate(out: &mut Vec<u8>) {
     write_message(out, b'X', |_| {});
 }
 
+pub fn encode_copy_data(out: &mut Vec<u8>, data: &[u8]) {
+    write_message(out, b'd', |out| out.extend_from_slice(data));
+}
+
+pub fn encode_copy_done(out: &mut Vec<u8>) {
+    write_message(out, b'c', |_| {});
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

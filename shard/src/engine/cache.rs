@@ -557,6 +557,11 @@ impl Phase for ResultCache {
         }
         stats.cache_misses.inc();
         shard.publish(stats);
+        if !shard.may_fill(&s.home.key.database) {
+            // Its WAL follower is not streaming yet: a write made directly on the server
+            // now would go unseen.
+            return Start::Continue;
+        }
         let mut fill = start_fill(&shard, &resolved, &analysis, key, candidate.describe);
         fill.normalized = normalized.filter(|_| candidate.describe);
         u.cache.fill = Some(Box::new(fill));
