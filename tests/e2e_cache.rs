@@ -223,6 +223,17 @@ async fn every_kind_of_write_through_the_proxy_invalidates() {
         .await
         .unwrap();
     assert_eq!(one(&reader, read).await, "116");
+    // A prepared write run again and again (Bind, Execute, Sync: the shape of a cached
+    // read's request) runs every time.
+    let bump = writers[3]
+        .prepare("UPDATE cache_w_t SET v = v + 1 WHERE id = 5")
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        assert_eq!(writers[3].execute(&bump, &[]).await.unwrap(), 1);
+        read_until_hit(&proxy, &reader, read).await;
+    }
+    assert_eq!(one(&reader, read).await, "122");
     let stats = cache_stats(&proxy);
     assert!(stats["invalidations"].as_u64() > Some(0), "{stats}");
     proxy.stop();

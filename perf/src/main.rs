@@ -36,6 +36,13 @@ type Res<T> = Result<T, String>;
 const RUN_AS_USER: &str = "helios-test";
 /// Backend connections of each pooler.
 const POOL_SIZE: u32 = 16;
+/// The caching proxy's `[cache]` section.
+const CACHE_CONFIG: &str = "[cache]\nenabled = true\nmax_memory_mb = 64\n";
+
+/// hot-select: one primary-key SELECT over the first 1,000 accounts.
+const HOT_SELECT_SCRIPT: &str =
+    "\\set aid random(1, 1000)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n";
+
 /// Role and database the workloads use.
 const DB_USER: &str = "postgres";
 const DB_NAME: &str = "bench";
@@ -170,6 +177,12 @@ enum Kind {
     TpcbReplay,
     /// select-only, simple protocol; the proxy column is a proxy with one worker per core.
     SelectPerCore,
+    /// A primary-key SELECT over a hot set of 1,000 rows (simple protocol).
+    HotSelect,
+    /// The same; the proxy column is a proxy with the result cache on.
+    HotSelectCached,
+    /// The TPC-B-like script; the proxy column is a proxy with the result cache on.
+    TpcbCached,
 }
 
 #[derive(Clone, Serialize)]
@@ -243,6 +256,34 @@ fn workloads(mode: Mode) -> Vec<Workload> {
         cpu: true,
     });
     v.push(Workload {
+        name: "hot-select-c16".into(),
+        kind: Kind::HotSelect,
+        clients: 16,
+        description: "a primary-key SELECT over a hot set of 1,000 accounts, simple protocol",
+        latency: false,
+        cpu: true,
+    });
+    for clients in [16, 1] {
+        v.push(Workload {
+            name: format!("hot-select-cached-c{clients}"),
+            kind: Kind::HotSelectCached,
+            clients,
+            description: "hot-select; the proxy column is a proxy with [cache] enabled \
+                          (compare with hot-select-c16's proxy column, same run)",
+            latency: clients == 1,
+            cpu: clients == 16,
+        });
+    }
+    v.push(Workload {
+        name: "tpcb-cached-c16".into(),
+        kind: Kind::TpcbCached,
+        clients: 16,
+        description: "the tpcb-c16 script; the proxy column is a proxy with [cache] enabled \
+                      (every transaction writes: the cache's cost on a write-heavy load)",
+        latency: false,
+        cpu: true,
+    });
+    v.push(Workload {
         name: "connect-c16".into(),
         kind: Kind::Connect,
         clients: 16,
@@ -280,7 +321,11 @@ impl Workload {
                 a.extend(["-S".into(), "-M".into(), "simple".into()])
             }
             Kind::SelectPrepared => a.extend(["-S".into(), "-M".into(), "prepared".into()]),
-            Kind::Tpcb | Kind::TpcbReplay => a.extend(["-M".into(), "simple".into()]),
+            Kind::Tpcb | Kind::TpcbReplay | Kind::TpcbCached => {
+                a.extend(["-M".into(), "simple".into()])
+            }
+            // The script file (`Env::hot_script`) is added by `run_pgbench`.
+            Kind::HotSelect | Kind::HotSelectCached => a.extend(["-M".into(), "simple".into()]),
             Kind::Connect => a.extend(["-S".into(), "-C".into(), "-M".into(), "simple".into()]),
             Kind::ReadMostly => a.extend([
                 "-M".into(),
@@ -687,6 +732,10 @@ struct Env {
     /// The one-worker-per-core proxy's port and PID, when a select-simple-percore workload
     /// is selected.
     proxy_per_core: Option<(u16, Option<libc::pid_t>)>,
+    /// The caching proxy's port, PID and admin port, when a cached workload is selected.
+    proxy_cache: Option<(u16, Option<libc::pid_t>, u16)>,
+    /// The hot-select script.
+    hot_script: PathBuf,
 }
 
 impl Env {
@@ -697,6 +746,11 @@ impl Env {
     /// The port a workload runs against: the proxy column of the read-mostly workload is
     /// the two-node proxy.
     fn port_for(&self, w: &Workload, t: Target) -> u16 {
+        if let (Kind::HotSelectCached | Kind::TpcbCached, Target::Proxy, Some((p, _, _))) =
+            (w.kind, t, self.proxy_cache)
+        {
+            return p;
+        }
         match (w.kind, t, self.proxy_2node_port, self.proxy_replay) {
             (Kind::ReadMostly, Target::Proxy, Some(p), _) => p,
             (Kind::TpcbReplay, Target::Proxy, _, Some((p, _))) => p,
@@ -709,6 +763,11 @@ impl Env {
 
     /// The process whose CPU time a workload's column measures.
     fn pid_for(&self, w: &Workload, t: Target) -> Option<libc::pid_t> {
+        if let (Kind::HotSelectCached | Kind::TpcbCached, Target::Proxy, Some((_, pid, _))) =
+            (w.kind, t, self.proxy_cache)
+        {
+            return pid;
+        }
         match (w.kind, t, self.proxy_replay, self.proxy_per_core) {
             (Kind::TpcbReplay, Target::Proxy, Some((_, pid)), _) => pid,
             (Kind::SelectPerCore, Target::Proxy, _, Some((_, pid))) => pid,
@@ -722,6 +781,12 @@ impl Env {
         }
         if t == Target::Proxy && w.kind == Kind::SelectPerCore && self.proxy_per_core.is_none() {
             return Some("not run: the one-worker-per-core proxy was not started");
+        }
+        if t == Target::Proxy
+            && matches!(w.kind, Kind::HotSelectCached | Kind::TpcbCached)
+            && self.proxy_cache.is_none()
+        {
+            return Some("not run: the caching proxy was not started");
         }
         if t == Target::Proxy && w.kind == Kind::TpcbReplay && self.proxy_replay.is_none() {
             return Some("not run: the replaying proxy was not started");
@@ -804,6 +869,9 @@ struct Report {
     proxy_2node: serde_json::Value,
     /// The proxy with replay on (null unless the tpcb-replay workload ran).
     proxy_replay: serde_json::Value,
+    /// The caching proxy's settings, and its `/cache` counters after the workloads.
+    proxy_cache: serde_json::Value,
+    cache_stats: serde_json::Value,
     /// The proxy with one worker per core (null unless a select-simple-percore workload ran).
     proxy_per_core: serde_json::Value,
     pgbench: serde_json::Value,
@@ -1451,6 +1519,9 @@ fn run_pgbench(
         DB_USER,
     ])
     .args(w.pgbench_args(duration_s));
+    if matches!(w.kind, Kind::HotSelect | Kind::HotSelectCached) {
+        c.arg("-f").arg(&env.hot_script);
+    }
     let file = format!("{}-{}-r{}", w.name, t.name(), rep + 1);
     let base = runs_dir.join(&file);
     let txlog = format!("{file}.txlog");
@@ -1589,6 +1660,66 @@ balance rather than added capacity.";
 
 /// The two-node proxy's routing decisions (`routing_decisions` of its `/metrics`): where
 /// its units of work went, and why, over the whole run (warm-up included).
+/// The result cache's figures: TPS with it against without it on the hot set, the hit
+/// latency at one client, and its cost on the write-heavy script (all proxy columns of
+/// the same run).
+fn cache_summary(r: &Report) -> Option<String> {
+    let by_name = |name: &str| r.workloads.iter().find(|w| w.workload.name == name);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+        _ => None,
+    };
+    let mut parts = Vec::new();
+    if let (Some(on), Some(off)) = (by_name("hot-select-cached-c16"), by_name("hot-select-c16")) {
+        parts.push(format!(
+            "hot-select TPS with the cache / without it at 16 clients {} (CPU per query {})",
+            fmt_ratio(ratio(on.cells[2].median_tps, off.cells[2].median_tps)),
+            fmt_ratio(ratio(
+                on.cells[2].cpu_us_per_query,
+                off.cells[2].cpu_us_per_query
+            )),
+        ));
+    }
+    if let Some(one) = by_name("hot-select-cached-c1") {
+        let p50 = |c: &Cell| {
+            c.latency_p50_ms
+                .map_or("-".to_string(), |ms| format!("{:.0} µs", ms * 1000.0))
+        };
+        parts.push(format!(
+            "hit latency at 1 client: p50 {} (direct PostgreSQL's p50 {}, PgBouncer's {})",
+            p50(&one.cells[2]),
+            p50(&one.cells[0]),
+            p50(&one.cells[1]),
+        ));
+    }
+    if let (Some(on), Some(off)) = (by_name("tpcb-cached-c16"), by_name("tpcb-c16")) {
+        parts.push(format!(
+            "tpcb with the cache / without it {} (CPU per transaction {})",
+            fmt_ratio(ratio(on.cells[2].median_tps, off.cells[2].median_tps)),
+            fmt_ratio(ratio(
+                on.cells[2].cpu_us_per_query,
+                off.cells[2].cpu_us_per_query
+            )),
+        ));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    let stats = &r.cache_stats;
+    let counters = if stats.is_null() {
+        String::new()
+    } else {
+        format!(
+            "\n  the caching proxy's /cache after the runs: {} hits, {} misses, {} fills, {} invalidations",
+            stats["hits"], stats["misses"], stats["fills"], stats["invalidations"]
+        )
+    };
+    Some(format!(
+        "Result cache (proxy columns, same run): {}{counters}",
+        parts.join("; ")
+    ))
+}
+
 fn routing_decisions(admin_port: u16) -> Res<serde_json::Value> {
     Ok(admin_get(admin_port, "/metrics")?["routing_decisions"].clone())
 }
@@ -1785,6 +1916,9 @@ fn extra_tables(r: &Report, md: bool) -> String {
             fmt_ratio(tps),
             fmt_ratio(cpu),
         );
+    }
+    if let Some(line) = cache_summary(r) {
+        let _ = writeln!(s, "\n{line}");
     }
     let per_core: Vec<String> = r
         .workloads
@@ -2176,6 +2310,26 @@ fn run_shared(
     } else {
         None
     };
+    let proxy_cache = if selected
+        .iter()
+        .any(|w| matches!(w.kind, Kind::HotSelectCached | Kind::TpcbCached))
+    {
+        let caching = ProxySpec {
+            label: "proxy-cache",
+            nodes: &[("perf-pg", pg_port, "primary")],
+            split: false,
+            extra: CACHE_CONFIG,
+            workers: None,
+        };
+        let (port, info) = setup_proxy(pg, out, &opts.proxy_bin, services, &caching)?;
+        let admin = info["admin_port"].as_u64().unwrap_or(0) as u16;
+        report.proxy_cache = info;
+        Some((port, services.0.last().map(|s| pid_of(&s.child)), admin))
+    } else {
+        None
+    };
+    let hot_script = out.join("hot-select.sql");
+    fs::write(&hot_script, HOT_SELECT_SCRIPT).map_err(|e| e.to_string())?;
     let env = Env {
         pg: pg.clone(),
         ports: [pg_port, pgb_port, proxy_port],
@@ -2184,6 +2338,8 @@ fn run_shared(
         proxy_2node_port,
         proxy_replay,
         proxy_per_core,
+        proxy_cache,
+        hot_script,
     };
 
     // Warm-up (not counted): fills the poolers' backend pools and PostgreSQL's caches.
@@ -2221,6 +2377,15 @@ fn run_shared(
     };
     if env.proxy_per_core.is_some() {
         warmups.push((&warm_per_core, Target::Proxy));
+    }
+    // The caching proxy learns the statement and fills the hot set.
+    let warm_cache = Workload {
+        name: "warmup-cache".into(),
+        kind: Kind::HotSelectCached,
+        ..warm.clone()
+    };
+    if env.proxy_cache.is_some() {
+        warmups.push((&warm_cache, Target::Proxy));
     }
     for (w, t) in warmups {
         services.check_alive()?;
@@ -2275,6 +2440,12 @@ fn run_shared(
             proxy_vs_pgbouncer: ratio(&cells[2], &cells[1]),
             cells,
         });
+    }
+    if let Some((_, _, admin)) = env.proxy_cache {
+        match admin_get(admin, "/cache") {
+            Ok(stats) => report.cache_stats = stats,
+            Err(e) => log(format!("proxy-cache /cache unavailable: {e}")),
+        }
     }
     if let Some(admin) = report.proxy_2node["admin_port"].as_u64() {
         match routing_decisions(admin as u16) {
@@ -2405,6 +2576,8 @@ fn main() {
         standby: serde_json::Value::Null,
         proxy_2node: serde_json::Value::Null,
         proxy_replay: serde_json::Value::Null,
+        proxy_cache: serde_json::Value::Null,
+        cache_stats: serde_json::Value::Null,
         proxy_per_core: serde_json::Value::Null,
         pgbench: serde_json::json!({
             "scale": opts.scale,

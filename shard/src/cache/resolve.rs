@@ -20,6 +20,9 @@ use crate::sql::{RouteAnalysis, TableRef};
 /// What the catalog says about one statement shape.
 #[derive(Debug)]
 pub struct Resolved {
+    /// The shape is a lone statement that only reads (but for the functions it calls,
+    /// which `refusal` judges): the only kind whose results may be cached.
+    pub readable: bool,
     /// Why results of this shape are not cached (`None`: they are).
     pub refusal: Option<String>,
     /// Slots of the tables a read depends on.
@@ -230,6 +233,7 @@ fn digest(
         Reach::Tables(write_slots.into())
     };
     let resolved = Resolved {
+        readable: analysis.reads_but_for_calls && analysis.dml_only && analysis.statements == 1,
         refusal,
         reads: reads.into(),
         writes,
@@ -294,6 +298,7 @@ mod tests {
     fn analysis() -> RouteAnalysis {
         RouteAnalysis {
             read_only: true,
+            reads_but_for_calls: true,
             dml_only: true,
             statements: 1,
             ..Default::default()
@@ -331,6 +336,7 @@ mod tests {
         ];
         let (r, names) = digest(rows, &analysis(), "db", &config, 3);
         assert_eq!(r.refusal, None);
+        assert!(r.readable);
         assert_eq!(&*r.reads, &[super::super::slot("db", 100)]);
         assert_eq!(
             r.writes,

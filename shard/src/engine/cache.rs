@@ -471,6 +471,18 @@ impl AnswerShape {
     }
 }
 
+/// Whether a statement's kind may be cached at all: one statement that only reads
+/// (unless a function it calls writes, which the catalog settles).
+fn cacheable_kind(analysis: &RouteAnalysis) -> bool {
+    analysis.reads_but_for_calls && analysis.dml_only && analysis.statements == 1
+}
+
+/// Whether the text may carry a hint (`helios:…` or `/*+ … */`) in a comment.
+fn has_hint(sql: &[u8]) -> bool {
+    sql.windows(3).any(|w| w == b"/*+")
+        || sql.windows(7).any(|w| w.eq_ignore_ascii_case(b"helios:"))
+}
+
 /// The routing analysis of the candidate's statement (made once per text).
 fn candidate_analysis(s: &Session, u: &mut Unit, c: &Candidate<'_>) -> Rc<RouteAnalysis> {
     if let Some(route) = u.sql.take(u.position).and_then(|a| a.route) {
@@ -510,36 +522,50 @@ impl Phase for ResultCache {
         let Some(candidate) = Candidate::read(request, &s.statements) else {
             return Start::Continue;
         };
-        let analysis = candidate_analysis(s, u, &candidate);
-        // (A call to a function not known to be read-only is settled by the catalog:
-        // only immutable ones are cached.)
-        if !analysis.reads_but_for_calls
-            || !analysis.dml_only
-            || analysis.statements != 1
-            || analysis.cache_skip
-        {
-            return Start::Continue;
-        }
         let stats = &s.ctx.stats;
         let shape = key::shape(candidate.sql);
-        let Some(resolved) = shard.resolution(u.cache.session, shape) else {
-            stats.cache_misses.inc();
-            u.cache.note_learn(shape, analysis);
+        let resolved = shard.resolution(u.cache.session, shape);
+        // Hints live in comments, which the shape leaves out; without any, a shape the
+        // catalog already cleared needs no analysis of its own.
+        let hinted = has_hint(candidate.sql);
+        let mut ttl_hint = None;
+        if hinted || resolved.is_none() {
+            let analysis = candidate_analysis(s, u, &candidate);
+            // (A call to a function not known to be read-only is settled by the catalog:
+            // only immutable ones are cached.)
+            if !cacheable_kind(&analysis) || analysis.cache_skip {
+                return Start::Continue;
+            }
+            ttl_hint = analysis.cache_ttl;
+            if resolved.is_none() {
+                stats.cache_misses.inc();
+                u.cache.note_learn(shape, analysis);
+                return Start::Continue;
+            }
+        }
+        let Some(resolved) = resolved else {
             return Start::Continue;
         };
+        if !resolved.readable {
+            // A shape learned from a write: never answered from the cache.
+            return Start::Continue;
+        }
         if resolved.refusal.is_some() {
             stats.cache_uncacheable.inc();
             return Start::Continue;
         }
         let key = candidate.key(u.cache.session);
-        let normalized = if resolved.reads.is_empty() {
-            // A statement that reads no table keeps its constants: `SELECT 'x'` and an
-            // untyped `SELECT $1` are not the same statement.
-            None
-        } else {
-            candidate.normalized_key(u.cache.session)
+        // A statement that reads no table keeps its constants: `SELECT 'x'` and an untyped
+        // `SELECT $1` are not the same statement.
+        let normalizable = !resolved.reads.is_empty();
+        let session = u.cache.session;
+        let normalized = || {
+            normalizable
+                .then(|| candidate.normalized_key(session))
+                .flatten()
         };
-        if let Some((entry, tier)) = lookup(&s.ctx, &shard, key, normalized).await {
+        let (hit, normalized) = lookup(&s.ctx, &shard, key, normalized).await;
+        if let Some((entry, tier)) = hit {
             stats.cache_tiers[tier as usize].hits.inc();
             stats.queries.inc();
             let answer = candidate.answer_shape().answer(&entry);
@@ -562,7 +588,7 @@ impl Phase for ResultCache {
             // now would go unseen.
             return Start::Continue;
         }
-        let mut fill = start_fill(&shard, &resolved, &analysis, key, candidate.describe);
+        let mut fill = start_fill(&shard, &resolved, ttl_hint, key, candidate.describe);
         fill.normalized = normalized.filter(|_| candidate.describe);
         u.cache.fill = Some(Box::new(fill));
         Start::Continue
@@ -685,6 +711,7 @@ impl Phase for ResultCache {
 /// reach everything.
 fn unresolvable(catalog: u64) -> Resolved {
     Resolved {
+        readable: false,
         refusal: Some("its tables could not be resolved".into()),
         reads: Box::new([]),
         writes: Reach::Everything,
@@ -698,7 +725,7 @@ fn unresolvable(catalog: u64) -> Resolved {
 fn start_fill(
     shard: &ShardCache,
     resolved: &Resolved,
-    analysis: &RouteAnalysis,
+    ttl_hint: Option<u32>,
     key: u128,
     described: bool,
 ) -> Fill {
@@ -709,7 +736,7 @@ fn start_fill(
         .iter()
         .map(|&slot| (slot, epochs.epoch(slot)))
         .collect();
-    let ttl = match analysis.cache_ttl {
+    let ttl = match ttl_hint {
         Some(secs) => Some(Duration::from_secs(u64::from(secs))),
         None => resolved.ttl,
     };
@@ -734,12 +761,12 @@ async fn lookup(
     ctx: &ShardCtx,
     shard: &ShardCache,
     key: u128,
-    normalized: Option<u128>,
-) -> Option<(Arc<Entry>, Tier)> {
+    normalized: impl FnOnce() -> Option<u128>,
+) -> (Option<(Arc<Entry>, Tier)>, Option<u128>) {
     let epochs = &shard.epochs;
     let tiers = &ctx.stats.cache_tiers;
     if let Some(entry) = shard.store(Tier::L1).fresh(key, epochs) {
-        return Some((entry, Tier::L1));
+        return (Some((entry, Tier::L1)), None);
     }
     tiers[Tier::L1 as usize].misses.inc();
     if shard.has_l2() {
@@ -771,20 +798,22 @@ async fn lookup(
         match found {
             Some(entry) => {
                 shard.store(Tier::L1).insert(key, entry.clone());
-                return Some((entry, Tier::L2));
+                return (Some((entry, Tier::L2)), None);
             }
             None => tiers[Tier::L2 as usize].misses.inc(),
         }
     }
-    let normalized = normalized?;
+    let Some(normalized) = normalized() else {
+        return (None, None);
+    };
     match shard.store(Tier::L3).fresh(normalized, epochs) {
         Some(entry) => {
             shard.store(Tier::L1).insert(key, entry.clone());
-            Some((entry, Tier::L3))
+            (Some((entry, Tier::L3)), Some(normalized))
         }
         None => {
             tiers[Tier::L3 as usize].misses.inc();
-            None
+            (None, Some(normalized))
         }
     }
 }
