@@ -872,6 +872,9 @@ struct Report {
     /// The caching proxy's settings, and its `/cache` counters after the workloads.
     proxy_cache: serde_json::Value,
     cache_stats: serde_json::Value,
+    /// The machine's floor for any answer over loopback: p50 of a 60-byte TCP ping-pong
+    /// between two threads (blocking sockets, TCP_NODELAY).
+    loopback_rtt_p50_us: Option<f64>,
     /// The proxy with one worker per core (null unless a select-simple-percore workload ran).
     proxy_per_core: serde_json::Value,
     pgbench: serde_json::Value,
@@ -1660,6 +1663,39 @@ balance rather than added capacity.";
 
 /// The two-node proxy's routing decisions (`routing_decisions` of its `/metrics`): where
 /// its units of work went, and why, over the whole run (warm-up included).
+/// The p50 of 20,000 round trips of 60 bytes over a loopback TCP connection between two
+/// threads: no server can answer faster than this on this machine.
+fn loopback_round_trip_us() -> Res<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        conn.set_nodelay(true)?;
+        let mut buf = [0u8; 64];
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            conn.write_all(&buf[..n])?;
+        }
+    });
+    let mut conn = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    conn.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut samples = Vec::with_capacity(20_000);
+    let mut buf = [0u8; 60];
+    for _ in 0..20_000 {
+        let t = Instant::now();
+        conn.write_all(&buf).map_err(|e| e.to_string())?;
+        conn.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(conn);
+    let _ = echo.join();
+    median(&mut samples).ok_or_else(|| "no samples".to_string())
+}
+
 /// The result cache's figures: TPS with it against without it on the hot set, the hit
 /// latency at one client, and its cost on the write-heavy script (all proxy columns of
 /// the same run).
@@ -1685,8 +1721,11 @@ fn cache_summary(r: &Report) -> Option<String> {
             c.latency_p50_ms
                 .map_or("-".to_string(), |ms| format!("{:.0} µs", ms * 1000.0))
         };
+        let floor = r
+            .loopback_rtt_p50_us
+            .map_or(String::new(), |us| format!("; a bare loopback TCP round trip here: p50 {us:.0} µs"));
         parts.push(format!(
-            "hit latency at 1 client: p50 {} (direct PostgreSQL's p50 {}, PgBouncer's {})",
+            "hit latency at 1 client: p50 {} (direct PostgreSQL's p50 {}, PgBouncer's {}{floor})",
             p50(&one.cells[2]),
             p50(&one.cells[0]),
             p50(&one.cells[1]),
@@ -2446,6 +2485,10 @@ fn run_shared(
             Ok(stats) => report.cache_stats = stats,
             Err(e) => log(format!("proxy-cache /cache unavailable: {e}")),
         }
+        match loopback_round_trip_us() {
+            Ok(us) => report.loopback_rtt_p50_us = Some(us),
+            Err(e) => log(format!("loopback round trip not measured: {e}")),
+        }
     }
     if let Some(admin) = report.proxy_2node["admin_port"].as_u64() {
         match routing_decisions(admin as u16) {
@@ -2578,6 +2621,7 @@ fn main() {
         proxy_replay: serde_json::Value::Null,
         proxy_cache: serde_json::Value::Null,
         cache_stats: serde_json::Value::Null,
+        loopback_rtt_p50_us: None,
         proxy_per_core: serde_json::Value::Null,
         pgbench: serde_json::json!({
             "scale": opts.scale,
