@@ -912,3 +912,67 @@ async fn writes_made_directly_on_postgresql_are_seen_through_the_wal() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_inside_read_only_transactions_are_cached() {
+    if proxy_only(
+        "cache read-only transactions",
+        "the result cache is the proxy's",
+    ) {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_ro_t; CREATE TABLE cache_ro_t (v int); \
+         INSERT INTO cache_ro_t VALUES (1);",
+    )
+    .await;
+    let proxy = start("");
+    let client = proxy.client().await;
+    let read = "SELECT v FROM cache_ro_t";
+    read_until_hit(&proxy, &client, read).await;
+    // Inside BEGIN READ ONLY the same result is served (status T), then COMMIT works.
+    let before = hits(&proxy);
+    let answers = client.simple_query("BEGIN READ ONLY").await.unwrap();
+    assert!(!answers.is_empty());
+    assert_eq!(one(&client, read).await, "1");
+    assert_eq!(one(&client, "SELECT 2 + 2").await, "4");
+    assert_eq!(one(&client, read).await, "1");
+    client.batch_execute("COMMIT").await.unwrap();
+    assert!(hits(&proxy) >= before + 2, "{}", cache_stats(&proxy));
+    // A write through the proxy is seen inside the next read-only transaction too.
+    let writer = proxy.client().await;
+    writer
+        .batch_execute("UPDATE cache_ro_t SET v = 2")
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(one(&client, read).await, "2");
+    client.batch_execute("COMMIT").await.unwrap();
+    // A read-only transaction fills the cache for reads outside one.
+    writer
+        .batch_execute("UPDATE cache_ro_t SET v = 3")
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(one(&client, read).await, "3");
+    client.batch_execute("COMMIT").await.unwrap();
+    let before = hits(&proxy);
+    assert_eq!(one(&client, read).await, "3");
+    assert_eq!(hits(&proxy), before + 1, "{}", cache_stats(&proxy));
+    // REPEATABLE READ keeps its own snapshot: nothing from the cache there.
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .unwrap();
+    let before = hits(&proxy);
+    assert_eq!(one(&client, read).await, "3");
+    assert_eq!(hits(&proxy), before, "{}", cache_stats(&proxy));
+    client.batch_execute("COMMIT").await.unwrap();
+    // A read-write transaction is not served from the cache either.
+    client.batch_execute("BEGIN").await.unwrap();
+    let before = hits(&proxy);
+    assert_eq!(one(&client, read).await, "3");
+    assert_eq!(hits(&proxy), before, "{}", cache_stats(&proxy));
+    client.batch_execute("ROLLBACK").await.unwrap();
+    proxy.stop();
+}

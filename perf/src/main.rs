@@ -1721,9 +1721,9 @@ fn cache_summary(r: &Report) -> Option<String> {
             c.latency_p50_ms
                 .map_or("-".to_string(), |ms| format!("{:.0} µs", ms * 1000.0))
         };
-        let floor = r
-            .loopback_rtt_p50_us
-            .map_or(String::new(), |us| format!("; a bare loopback TCP round trip here: p50 {us:.0} µs"));
+        let floor = r.loopback_rtt_p50_us.map_or(String::new(), |us| {
+            format!("; a bare loopback TCP round trip here: p50 {us:.0} µs")
+        });
         parts.push(format!(
             "hit latency at 1 client: p50 {} (direct PostgreSQL's p50 {}, PgBouncer's {}{floor})",
             p50(&one.cells[2]),

@@ -33,7 +33,7 @@ use crate::lease::Lease;
 use crate::sql::{analyze, ReadOnlyFunctions, RouteAnalysis};
 
 use super::message::MessageCx;
-use super::phase::{ClientAction, Phase, Start, Wire};
+use super::phase::{ClientAction, Phase, Ready, Start, Wire};
 use super::session::Session;
 use super::unit::{Analysis, Unit};
 
@@ -56,24 +56,40 @@ const EXECUTE_ALL: &[u8] = &[0, 0, 0, 0, 0];
 /// The unit's cache work.
 #[derive(Default)]
 pub struct CacheUnit {
-    /// The shard's cache while it is enabled (else every point is one branch).
+    /// The shard while its cache is enabled (else every point is one branch).
+    ctx: Option<Rc<ShardCtx>>,
     shard: Option<Rc<ShardCache>>,
     functions: Option<Rc<ReadOnlyFunctions>>,
     /// Database, user and settings of the session (see [`key::session_fingerprint`]).
     session: u64,
+    database: Option<Rc<str>>,
     fill: Option<Box<Fill>>,
     writes: Writes,
     /// Statement shapes to resolve once the unit is done.
     learn: Vec<(u64, Rc<RouteAnalysis>)>,
+    /// The unit runs on a standby or replica: what it reads is not stored.
+    from_read_node: bool,
+    /// The session's transactions are READ COMMITTED unless they say otherwise.
+    read_committed: bool,
+    /// A `BEGIN READ ONLY` (READ COMMITTED) went to the server ...
+    read_only_begun: bool,
+    /// ... and the server is in that transaction: its reads see each statement's own
+    /// snapshot, and no write can precede them, so they may be cached as outside one.
+    in_read_only: bool,
 }
 
 impl CacheUnit {
     pub fn reset(&mut self) {
+        self.ctx = None;
         self.shard = None;
+        self.database = None;
         self.functions = None;
         self.fill = None;
         self.writes.clear();
         self.learn.clear();
+        self.from_read_node = false;
+        self.read_only_begun = false;
+        self.in_read_only = false;
     }
 
     /// The answer is being collected: the pump must hand over rows and notices.
@@ -135,6 +151,9 @@ struct Fill {
     completed: bool,
     limit: usize,
     state: FillState,
+    /// The transaction status the answer's ReadyForQuery must carry (`I`, or `T` inside a
+    /// read-only transaction).
+    status: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,8 +184,8 @@ impl Fill {
                 self.completed = true;
             }
             server::READY_FOR_QUERY => {
-                let idle = body.first() == Some(&status::IDLE);
-                self.state = if self.completed && idle {
+                let as_expected = body.first() == Some(&self.status);
+                self.state = if self.completed && as_expected {
                     FillState::Done
                 } else {
                     FillState::Dropped
@@ -200,12 +219,23 @@ impl Fill {
 }
 
 /// Starts the unit's cache work (every unit, so writes are seen however the unit began).
-pub fn begin_unit(ctx: &ShardCtx, s: &Session, unit: &mut Unit) {
+pub fn begin_unit(ctx: &Rc<ShardCtx>, s: &Session, unit: &mut Unit) {
     if !ctx.cache.enabled() {
         return;
     }
     let work = &mut unit.cache;
+    work.ctx = Some(ctx.clone());
     work.shard = Some(ctx.cache.clone());
+    work.database = Some(s.home.key.database.clone());
+    work.read_committed = !s
+        .startup
+        .iter()
+        .chain(s.settings.iter())
+        .any(|(name, value)| {
+            name.eq_ignore_ascii_case("default_transaction_isolation")
+                && !value.eq_ignore_ascii_case("read committed")
+                && !value.eq_ignore_ascii_case("read uncommitted")
+        });
     work.functions = Some(ctx.read_only_functions.borrow().clone());
     work.session = key::session_fingerprint(
         &s.home.key.database,
@@ -261,6 +291,10 @@ struct Candidate<'a> {
     parse: Option<&'a [u8]>,
     /// A Describe of the portal: the answer carries the RowDescription.
     describe: bool,
+    /// The columns the client was told when it prepared the named statement it binds:
+    /// after DDL a result of another shape must not reach it (PostgreSQL says `cached
+    /// plan must not change result type`).
+    told: &'a [u8],
     /// Bytes of the request the answer covers.
     len: usize,
 }
@@ -284,6 +318,7 @@ impl<'a> Candidate<'a> {
                 statement: b"",
                 parse: None,
                 describe: true,
+                told: b"",
                 len: request.len() - rest.len(),
             });
         }
@@ -309,6 +344,11 @@ impl<'a> Candidate<'a> {
         let spec = match parse {
             Some(spec) => spec,
             None => statements.spec(statement)?,
+        };
+        let told = if statement.is_empty() {
+            &[][..]
+        } else {
+            statements.told_shape(statement).unwrap_or_default()
         };
         let (sql, _) = split_cstr(spec)?;
         let (mut tag, mut body) = next()?;
@@ -337,6 +377,7 @@ impl<'a> Candidate<'a> {
             statement,
             parse,
             describe,
+            told,
             len: request.len() - rest.len(),
         })
     }
@@ -351,6 +392,7 @@ impl<'a> Candidate<'a> {
             .part(self.spec)
             .part(self.bind.unwrap_or_default())
             .part(self.execute)
+            .part(self.told)
             .finish()
     }
 
@@ -452,7 +494,7 @@ struct AnswerShape {
 }
 
 impl AnswerShape {
-    fn answer(self, entry: &Entry) -> Vec<u8> {
+    fn answer(self, entry: &Entry, transaction_status: u8) -> Vec<u8> {
         let mut out = Vec::with_capacity(entry.bytes.len() + 16);
         if self.parse_complete {
             out.extend_from_slice(&[server::PARSE_COMPLETE, 0, 0, 0, 4]);
@@ -466,9 +508,72 @@ impl AnswerShape {
             entry.rows_at
         };
         out.extend_from_slice(&entry.bytes[from..]);
-        be::write_ready_for_query(&mut out, status::IDLE);
+        be::write_ready_for_query(&mut out, transaction_status);
         out
     }
+}
+
+/// Whether a transaction's opening text asks for REPEATABLE READ (SERIALIZABLE is in the
+/// routing analysis already).
+fn mentions_repeatable_read(sql: &[u8]) -> bool {
+    sql.windows(10)
+        .any(|w| w.eq_ignore_ascii_case(b"repeatable"))
+}
+
+/// A lone Query inside a READ COMMITTED read-only transaction, with nothing in flight: a
+/// fresh L1 or L3 result answers it (ReadyForQuery `T`); else its answer is collected.
+fn in_read_only_transaction(
+    m: &mut MessageCx<'_>,
+    msg: &[u8],
+    analysis: &RouteAnalysis,
+) -> ClientAction {
+    let (Some(shard), Some(ctx)) = (m.cache.shard.clone(), m.cache.ctx.clone()) else {
+        return ClientAction::Forward;
+    };
+    let Some(candidate) = Candidate::read(msg, m.client) else {
+        return ClientAction::Forward;
+    };
+    let session = m.cache.session;
+    let Some(resolved) = shard.resolution(session, key::shape(candidate.sql)) else {
+        return ClientAction::Forward;
+    };
+    if !resolved.readable || resolved.refusal.is_some() {
+        return ClientAction::Forward;
+    }
+    let key = candidate.key(session);
+    let epochs = &shard.epochs;
+    let tiers = &ctx.stats.cache_tiers;
+    let normalized = (!resolved.reads.is_empty())
+        .then(|| candidate.normalized_key(session))
+        .flatten();
+    let hit = match shard.store(Tier::L1).fresh(key, epochs) {
+        Some(entry) => Some((entry, Tier::L1)),
+        None => {
+            tiers[Tier::L1 as usize].misses.inc();
+            normalized
+                .and_then(|n| shard.store(Tier::L3).fresh(n, epochs))
+                .map(|entry| (entry, Tier::L3))
+        }
+    };
+    if let Some((entry, tier)) = hit {
+        // (The statistics phase counts the Query as it goes by.)
+        tiers[tier as usize].hits.inc();
+        let answer = candidate
+            .answer_shape()
+            .answer(&entry, status::IN_TRANSACTION);
+        m.responses.ready.extend_from_slice(&answer);
+        m.client.answered_query();
+        return ClientAction::Rewritten;
+    }
+    ctx.stats.cache_misses.inc();
+    let database = m.cache.database.clone().unwrap_or_else(|| Rc::from(""));
+    if m.cache.fill.is_none() && shard.may_fill(&database) {
+        let mut fill = start_fill(&shard, &resolved, analysis.cache_ttl, key, true);
+        fill.normalized = normalized;
+        fill.status = status::IN_TRANSACTION;
+        m.cache.fill = Some(Box::new(fill));
+    }
+    ClientAction::Forward
 }
 
 /// Whether a statement's kind may be cached at all: one statement that only reads
@@ -564,11 +669,11 @@ impl Phase for ResultCache {
                 .then(|| candidate.normalized_key(session))
                 .flatten()
         };
-        let (hit, normalized) = lookup(&s.ctx, &shard, key, normalized).await;
+        let (hit, normalized) = lookup(&s.ctx, &shard, key, normalized, candidate.told).await;
         if let Some((entry, tier)) = hit {
             stats.cache_tiers[tier as usize].hits.inc();
             stats.queries.inc();
-            let answer = candidate.answer_shape().answer(&entry);
+            let answer = candidate.answer_shape().answer(&entry, status::IDLE);
             let len = candidate.len;
             let simple = candidate.bind.is_none();
             // The client's unnamed statement is what the server's would have been.
@@ -592,6 +697,11 @@ impl Phase for ResultCache {
         fill.normalized = normalized.filter(|_| candidate.describe);
         u.cache.fill = Some(Box::new(fill));
         Start::Continue
+    }
+
+    async fn after_acquire(&self, _s: &mut Session, u: &mut Unit, _backend: &mut Lease) -> Ready {
+        u.cache.from_read_node = u.on_read_node;
+        Ready::Go
     }
 
     fn needs_body(&self, m: &MessageCx<'_>, tag: u8) -> bool {
@@ -622,6 +732,25 @@ impl Phase for ResultCache {
         };
         if !analysis.read_only {
             m.cache.note_write(sql, analysis, m.notes.settings_touched);
+            return Ok(ClientAction::Forward);
+        }
+        if analysis.begins_transaction {
+            m.cache.read_only_begun = analysis.read_only_transaction
+                && !analysis.serializable
+                && !mentions_repeatable_read(sql)
+                && m.cache.read_committed;
+            return Ok(ClientAction::Forward);
+        }
+        if m.cache.in_read_only
+            && msg[0] == fe::QUERY
+            && m.responses.status == status::IN_TRANSACTION
+            && m.responses.outstanding() == 0
+            && m.responses.ready.is_empty()
+            && !m.responses.unsynced
+            && cacheable_kind(&analysis)
+            && !analysis.cache_skip
+        {
+            return Ok(in_read_only_transaction(m, msg, &analysis));
         }
         Ok(ClientAction::Forward)
     }
@@ -634,8 +763,27 @@ impl Phase for ResultCache {
         if !w.forwarded {
             return;
         }
+        if tag == server::READY_FOR_QUERY {
+            match body.first() {
+                Some(&status::IN_TRANSACTION) if work.read_only_begun => {
+                    work.read_only_begun = false;
+                    work.in_read_only = true;
+                }
+                Some(&status::IN_TRANSACTION) => {}
+                _ => {
+                    work.read_only_begun = false;
+                    work.in_read_only = false;
+                }
+            }
+        }
         if let Some(fill) = work.fill.as_mut() {
             fill.on_message(tag, body);
+            if fill.state != FillState::Collecting {
+                let fill = work.fill.take().expect("a fill");
+                if let Some(ctx) = work.ctx.as_ref() {
+                    store_fill(ctx, shard, *fill, work.from_read_node);
+                }
+            }
         }
         if work.writes.is_empty() {
             return;
@@ -668,9 +816,9 @@ impl Phase for ResultCache {
         let Some(shard) = u.cache.shard.clone() else {
             return Ok(());
         };
-        if let Some(fill) = u.cache.fill.take() {
-            store_fill(&s.ctx, &shard, *fill, u.on_read_node);
-        }
+        // (A complete answer was stored at its ReadyForQuery; one still collecting now
+        // never completed.)
+        u.cache.fill = None;
         if u.cache.learn.is_empty() || backend.status != status::IDLE || u.notes.settings_touched {
             return Ok(());
         }
@@ -752,6 +900,7 @@ fn start_fill(
         completed: false,
         limit: shard.config().max_result_bytes as usize,
         state: FillState::Collecting,
+        status: status::IDLE,
     }
 }
 
@@ -762,6 +911,7 @@ async fn lookup(
     shard: &ShardCache,
     key: u128,
     normalized: impl FnOnce() -> Option<u128>,
+    told: &[u8],
 ) -> (Option<(Arc<Entry>, Tier)>, Option<u128>) {
     let epochs = &shard.epochs;
     let tiers = &ctx.stats.cache_tiers;
@@ -806,7 +956,10 @@ async fn lookup(
     let Some(normalized) = normalized() else {
         return (None, None);
     };
-    match shard.store(Tier::L3).fresh(normalized, epochs) {
+    // Another spelling's result, for a named statement, only with the columns the
+    // client was told.
+    let fits = |e: &Arc<Entry>| told.is_empty() || e.bytes.get(5..e.rows_at) == Some(told);
+    match shard.store(Tier::L3).fresh(normalized, epochs).filter(fits) {
         Some(entry) => {
             shard.store(Tier::L1).insert(key, entry.clone());
             (Some((entry, Tier::L3)), Some(normalized))

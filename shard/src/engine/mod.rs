@@ -536,6 +536,14 @@ async fn unit_cycle<P: Phase>(
         }
         return Cycle::Next;
     }
+    if !backend.notifications.is_empty() {
+        // Notifications that arrived during the phases' own exchanges (a catalog lookup,
+        // the WAL position) are the client's: it may be waiting for them.
+        let mut pending = std::mem::take(&mut backend.notifications);
+        be::rewrite_notification_pids(&mut pending, backend.key.pid, s.pid());
+        // A client gone by now is noticed by the next wait.
+        let _ = client.send(&pending).await;
+    }
     match decision {
         Release::Keep => {
             s.held = Some(Box::new(Held {

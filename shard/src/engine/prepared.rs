@@ -184,6 +184,12 @@ impl ClientStatements {
         (name.into(), serial)
     }
 
+    /// The result shape the client was told when it prepared `name` (its columns as a
+    /// RowDescription body), if it was told one.
+    pub fn told_shape(&self, name: &[u8]) -> Option<&[u8]> {
+        self.by_name.get(name)?.shape.as_deref()
+    }
+
     /// The statement (query text, NUL, parameter types) a Bind of `name` runs.
     pub fn spec(&self, name: &[u8]) -> Option<&[u8]> {
         if name.is_empty() {
