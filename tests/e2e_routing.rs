@@ -664,3 +664,65 @@ async fn session_mode_splits_reads_and_keeps_session_state_on_the_primary() {
     assert_eq!(one(&client, "SELECT pg_is_in_recovery()").await, "f");
     client.batch_execute("UNLISTEN *").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_from_standbys_are_stored_only_once_they_replayed_the_writes() {
+    if proxy_only(
+        "cache-split",
+        "read/write splitting and the cache are the proxy's",
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    setup_table("cache_split_rows").await;
+    let primary = cluster().primary.admin(common::DATABASE).await;
+    primary
+        .batch_execute("INSERT INTO cache_split_rows VALUES (1, 'v0')")
+        .await
+        .unwrap();
+    standbys_caught_up().await;
+    let proxy = proxy("[cache]\nenabled = true\n");
+    checked(&proxy);
+    let admin = proxy.admin_port.unwrap();
+    let hits = || get(admin, "/cache").json()["hits"].as_u64().unwrap();
+    let client = proxy.client().await;
+    let read = "SELECT v FROM cache_split_rows WHERE id = 1";
+    // Read on the standbys: stored once the health checks saw the primary's position
+    // after the table's last write, and a standby past it.
+    assert!(
+        common::wait_until_async(Duration::from_secs(30), || async {
+            let before = hits();
+            assert_eq!(one(&client, read).await, "v0");
+            hits() > before
+        })
+        .await,
+        "reads on the standbys were never cached: {}",
+        get(admin, "/cache").body
+    );
+    // A session's own writes: each read after a write sees it (read-your-writes sends it
+    // to the primary or a standby that replayed it; the cache never answers older).
+    let other = proxy.client().await;
+    for i in 1..=50 {
+        client
+            .simple_query(&format!(
+                "UPDATE cache_split_rows SET v = 'v{i}' WHERE id = 1"
+            ))
+            .await
+            .unwrap();
+        assert_eq!(one(&client, read).await, format!("v{i}"), "after write {i}");
+        // Another session reading meanwhile may see a standby's older row, never a
+        // cached one older than that standby's.
+        one(&other, read).await;
+    }
+    assert!(
+        common::wait_until_async(Duration::from_secs(30), || async {
+            let before = hits();
+            assert_eq!(one(&client, read).await, "v50");
+            hits() > before
+        })
+        .await,
+        "reads were not cached again after the writes: {}",
+        get(admin, "/cache").body
+    );
+    proxy.stop();
+}

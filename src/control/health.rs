@@ -42,7 +42,8 @@ const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
            FROM pg_stat_wal_receiver) \
      ELSE (SELECT string_agg(application_name, ',') FROM pg_stat_replication \
            WHERE sync_state IN ('sync', 'quorum')) END, \
-     txid_snapshot_xmax(txid_current_snapshot())";
+     txid_snapshot_xmax(txid_current_snapshot()), \
+     CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_insert_lsn() END";
 
 /// Starts the supervisor; it stops (and joins every checker) once `stop` is set. Nodes
 /// named on `suspects` (by the shards, or the admin API) are checked at once.
@@ -222,6 +223,10 @@ pub struct Observation {
     pub replication_names: Vec<String>,
     /// The next transaction id the server will assign (with its epoch).
     pub next_xid: Option<u64>,
+    /// A primary's WAL insert position (every commit acknowledged before `asked` is
+    /// below it), and when the query that read it was sent.
+    pub insert_lsn: Option<u64>,
+    pub asked: Instant,
 }
 
 /// One check within `health.timeout_ms`, reusing the kept connection. A kept connection
@@ -254,8 +259,9 @@ fn attempt(
         let sent = Instant::now();
         probe.query(&health.query, deadline)?;
         let latency_ms = sent.elapsed().as_secs_f64() * 1000.0;
+        let asked = Instant::now();
         let rows = probe.query(ROLE_QUERY, deadline)?;
-        parse_role(&rows, latency_ms)
+        parse_role(&rows, latency_ms, asked)
     })();
     if outcome.is_err() {
         // Whatever state the connection is in, the next check starts afresh.
@@ -264,7 +270,7 @@ fn attempt(
     outcome
 }
 
-fn parse_role(rows: &Rows, latency_ms: f64) -> Result<Observation, ProbeError> {
+fn parse_role(rows: &Rows, latency_ms: f64, asked: Instant) -> Result<Observation, ProbeError> {
     let bad = |what: &str| ProbeError::Protocol(format!("role query: {what}"));
     let row = rows.first().ok_or_else(|| bad("no row"))?;
     let column = |i: usize| row.get(i).and_then(|v| v.as_deref());
@@ -295,6 +301,8 @@ fn parse_role(rows: &Rows, latency_ms: f64) -> Result<Observation, ProbeError> {
             })
             .unwrap_or_default(),
         next_xid: column(5).and_then(|s| s.parse::<u64>().ok()),
+        insert_lsn: lsn(6)?,
+        asked,
     })
 }
 
@@ -373,6 +381,14 @@ fn record(
     }) = &outcome
     {
         control.primary_position(checked_at, *lsn);
+        if let Ok(Observation {
+            insert_lsn: Some(insert),
+            asked,
+            ..
+        }) = &outcome
+        {
+            control.cache_epochs.observe_primary(*asked, *insert);
+        }
     }
     if let Ok(seen) = &outcome {
         if !seen.in_recovery && control.is_primary(address) {
@@ -498,7 +514,9 @@ mod tests {
         let row = |values: [Option<&str>; 4]| -> Rows {
             vec![values.iter().map(|v| v.map(str::to_string)).collect()]
         };
-        let primary = parse_role(&row([Some("f"), Some("0/3000148"), None, None]), 0.4).unwrap();
+        let asked = Instant::now();
+        let primary =
+            parse_role(&row([Some("f"), Some("0/3000148"), None, None]), 0.4, asked).unwrap();
         assert_eq!(
             primary,
             Observation {
@@ -509,6 +527,8 @@ mod tests {
                 lag_seconds: None,
                 replication_names: Vec::new(),
                 next_xid: None,
+                insert_lsn: None,
+                asked,
             }
         );
         let standby = parse_role(
@@ -519,12 +539,13 @@ mod tests {
                 Some("1.25"),
             ]),
             0.4,
+            asked,
         )
         .unwrap();
         assert!(standby.in_recovery);
         assert_eq!(standby.receive_lsn, Some(0x300_0148));
         assert_eq!(standby.lag_seconds, Some(1.25));
-        assert!(parse_role(&Rows::new(), 0.1).is_err());
-        assert!(parse_role(&row([Some("t"), Some("junk"), None, None]), 0.1).is_err());
+        assert!(parse_role(&Rows::new(), 0.1, asked).is_err());
+        assert!(parse_role(&row([Some("t"), Some("junk"), None, None]), 0.1, asked).is_err());
     }
 }

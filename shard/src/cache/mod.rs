@@ -33,6 +33,14 @@ const SLOTS: usize = 1 << 14;
 /// invalidate by.
 pub struct Epochs {
     slots: Box<[AtomicU64]>,
+    /// When each slot last moved (milliseconds since `started`), for reads on replicas.
+    moved_at: Box<[AtomicU64]>,
+    global_moved_at: AtomicU64,
+    /// The primary's WAL insert position as last read (`primary_lsn`), and when the read
+    /// began (`primary_read_at`: milliseconds since `started`, plus one; 0: never read).
+    primary_lsn: AtomicU64,
+    primary_read_at: AtomicU64,
+    started: std::time::Instant,
     /// Moves when everything is invalidated (a write whose reach is unknown, DDL,
     /// `POST /cache/invalidate {"all": true}`).
     global: AtomicU64,
@@ -50,6 +58,11 @@ impl Default for Epochs {
     fn default() -> Self {
         Epochs {
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            moved_at: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            global_moved_at: AtomicU64::new(0),
+            primary_lsn: AtomicU64::new(0),
+            primary_read_at: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             global: AtomicU64::new(0),
             catalog: AtomicU64::new(0),
             names: Mutex::default(),
@@ -103,7 +116,10 @@ impl Epochs {
 
     /// Results that read these slots are stale from now on.
     pub fn invalidate(&self, slots: &[u32]) {
+        let now = self.now_ms();
         for &slot in slots {
+            // When before the epoch: whoever sees the new epoch sees when it moved.
+            self.moved_at[slot as usize].store(now, SeqCst);
             self.slots[slot as usize].fetch_add(1, SeqCst);
         }
         self.invalidations.fetch_add(1, SeqCst);
@@ -111,8 +127,37 @@ impl Epochs {
 
     /// Every result is stale from now on.
     pub fn invalidate_all(&self) {
+        self.global_moved_at.store(self.now_ms(), SeqCst);
         self.global.fetch_add(1, SeqCst);
         self.invalidations.fetch_add(1, SeqCst);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The primary's WAL insert position `lsn`, read by a query sent at `asked`.
+    pub fn observe_primary(&self, asked: std::time::Instant, lsn: u64) {
+        let at = asked.saturating_duration_since(self.started).as_millis() as u64;
+        // The position first: whoever sees the new time sees the new position.
+        self.primary_lsn.store(lsn, SeqCst);
+        self.primary_read_at.store(at + 1, SeqCst);
+    }
+
+    /// Whether a replica that has replayed up to `replayed` holds every write that moved
+    /// `slots` so far: each moved (after its commit) before the primary's position was
+    /// last read, and the replica has replayed past that position.
+    pub fn replica_has_writes(&self, slots: &[u32], replayed: u64) -> bool {
+        let read_at = self.primary_read_at.load(SeqCst);
+        if read_at == 0 {
+            return false;
+        }
+        let read_at = read_at - 1;
+        replayed >= self.primary_lsn.load(SeqCst)
+            && self.global_moved_at.load(SeqCst) < read_at
+            && slots
+                .iter()
+                .all(|&slot| self.moved_at[slot as usize].load(SeqCst) < read_at)
     }
 
     /// After DDL: every result is stale, and what statements read is learned again.
@@ -211,5 +256,28 @@ mod tests {
         assert_eq!(epochs.invalidations(), 1);
         epochs.catalog_changed();
         assert_eq!((epochs.global(), epochs.catalog()), (1, 1));
+    }
+
+    #[test]
+    fn a_replica_holds_writes_moved_before_the_primary_was_read() {
+        let epochs = Epochs::default();
+        let (a, b) = (slot("db", 1), slot("db", 2));
+        assert!(!epochs.replica_has_writes(&[a], u64::MAX), "no reading yet");
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        epochs.invalidate(&[a]);
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        epochs.observe_primary(std::time::Instant::now(), 1000);
+        assert!(epochs.replica_has_writes(&[a, b], 1000));
+        assert!(
+            !epochs.replica_has_writes(&[a], 999),
+            "not replayed that far"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        epochs.invalidate(&[b]);
+        assert!(
+            !epochs.replica_has_writes(&[b], 5000),
+            "written after the reading"
+        );
+        assert!(epochs.replica_has_writes(&[a], 5000));
     }
 }

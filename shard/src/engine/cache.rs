@@ -699,8 +699,34 @@ impl Phase for ResultCache {
         Start::Continue
     }
 
-    async fn after_acquire(&self, _s: &mut Session, u: &mut Unit, _backend: &mut Lease) -> Ready {
+    /// A read that runs on a standby or replica is stored only when that node has
+    /// replayed every write that moved its tables' epochs before it started.
+    async fn after_acquire(&self, s: &mut Session, u: &mut Unit, backend: &mut Lease) -> Ready {
         u.cache.from_read_node = u.on_read_node;
+        if !u.on_read_node {
+            return Ready::Go;
+        }
+        let Some(fill) = u.cache.fill.as_ref() else {
+            return Ready::Go;
+        };
+        let node = backend.pool().key.node.clone();
+        let replayed = s
+            .ctx
+            .nodes
+            .borrow()
+            .iter()
+            .find(|n| n.address == node)
+            .and_then(|n| n.replay_lsn);
+        let slots: Vec<u32> = fill.deps.iter().map(|&(slot, _)| slot).collect();
+        let holds = match (u.cache.shard.as_ref(), replayed) {
+            (Some(shard), Some(replayed)) => shard.epochs.replica_has_writes(&slots, replayed),
+            _ => false,
+        };
+        if holds {
+            u.cache.from_read_node = false;
+        } else {
+            u.cache.fill = None;
+        }
         Ready::Go
     }
 
