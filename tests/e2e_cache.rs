@@ -976,3 +976,81 @@ async fn reads_inside_read_only_transactions_are_cached() {
     client.batch_execute("ROLLBACK").await.unwrap();
     proxy.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_the_text_hides_and_writes_it_wraps_are_followed() {
+    if proxy_only("cache names", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_n_t; CREATE TABLE cache_n_t (id int, v int); \
+         INSERT INTO cache_n_t VALUES (1, 1), (2, 2); \
+         DROP OPERATOR IF EXISTS ### (int, int); \
+         DROP FUNCTION IF EXISTS cache_n_noisy_op(int, int), cache_n_noisy(int); \
+         CREATE FUNCTION cache_n_noisy(int) RETURNS int LANGUAGE plpgsql VOLATILE AS \
+           'BEGIN UPDATE cache_n_t SET v = v + 100 WHERE id = 2; RETURN $1; END'; \
+         CREATE FUNCTION cache_n_noisy_op(int, int) RETURNS boolean LANGUAGE sql \
+           VOLATILE AS 'SELECT cache_n_noisy($1) = $2'; \
+         CREATE OPERATOR ### (LEFTARG = int, RIGHTARG = int, FUNCTION = cache_n_noisy_op);",
+    )
+    .await;
+    let proxy = start("");
+    let client = proxy.client().await;
+    let writer = proxy.client().await;
+    // A CTE named like the table it reads still depends on the table.
+    let shadow = "WITH cache_n_t AS (SELECT * FROM cache_n_t WHERE id = 1) SELECT v FROM cache_n_t";
+    read_until_hit(&proxy, &client, shadow).await;
+    writer
+        .batch_execute("UPDATE cache_n_t SET v = 10 WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(one(&client, shadow).await, "10");
+    // A write inside a CTE, inside a transaction written out in one Query.
+    let read = "SELECT count(*) FROM cache_n_t";
+    read_until_hit(&proxy, &client, read).await;
+    writer
+        .batch_execute(
+            "BEGIN; WITH d AS (DELETE FROM cache_n_t WHERE id = 1 RETURNING 1) \
+             SELECT count(*) FROM d; COMMIT",
+        )
+        .await
+        .unwrap();
+    assert_eq!(one(&client, read).await, "1");
+    // A user's operator that calls a volatile function is never answered from the cache.
+    let before = hits(&proxy);
+    for _ in 0..3 {
+        one(&client, "SELECT count(*) FROM cache_n_t WHERE id ### 2").await;
+    }
+    assert_eq!(hits(&proxy), before, "{}", cache_stats(&proxy));
+    assert_eq!(
+        one(&client, "SELECT v FROM cache_n_t WHERE id = 2").await,
+        "302",
+        "the operator's function ran every time"
+    );
+    // A time-of-day constant is never cached.
+    let before = hits(&proxy);
+    for _ in 0..3 {
+        one(
+            &client,
+            "SELECT count(*) FROM cache_n_t WHERE now() >= 'now'::timestamptz - interval '1 day'",
+        )
+        .await;
+        one(&client, "SELECT 'today'::date").await;
+    }
+    assert_eq!(hits(&proxy), before, "{}", cache_stats(&proxy));
+    // A session with a temporary table of the same name reads its own table.
+    read_until_hit(&proxy, &client, read).await;
+    let temp = proxy.client().await;
+    temp.batch_execute("CREATE TEMP TABLE cache_n_t (id int, v int)")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            one(&temp, read).await,
+            "0",
+            "the temporary table, not the cached result"
+        );
+    }
+    assert_eq!(one(&client, read).await, "1");
+    proxy.stop();
+}

@@ -621,7 +621,7 @@ fn the_protocol_seen_byte_by_byte() {
     let r = raw.simple_query("show version; SHOW HELP;");
     assert!(r.error.is_none(), "{:?}", r.error.map(|e| e.fields()));
     assert_eq!(r.tags, vec!["SHOW", "SHOW"]);
-    assert_eq!(r.rows.len(), 1 + 15);
+    assert_eq!(r.rows.len(), 1 + 16);
     let r = raw.simple_query("  ");
     assert!(r.error.is_none() && r.tags.is_empty() && r.status == b'I');
 

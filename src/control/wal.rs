@@ -295,7 +295,7 @@ impl Decoder {
             let mut slots = Vec::new();
             let mut unknown = false;
             for table in self.changed.drain(..) {
-                match names.roots(&table)? {
+                match names.roots(&table, epochs.catalog())? {
                     Some(found) => slots.extend(found),
                     None => unknown = true,
                 }
@@ -373,6 +373,8 @@ struct Names {
     probe: Probe,
     database: String,
     known: HashMap<String, (Vec<u32>, Instant)>,
+    /// The catalog epoch `known` was learned under: DDL through the proxy empties it.
+    catalog: u64,
 }
 
 impl Names {
@@ -381,11 +383,16 @@ impl Names {
             probe,
             database: database.to_string(),
             known: HashMap::new(),
+            catalog: 0,
         }
     }
 
     /// The slots `table` invalidates; `None` when the name resolves to nothing now.
-    fn roots(&mut self, table: &str) -> Result<Option<Vec<u32>>, String> {
+    fn roots(&mut self, table: &str, catalog: u64) -> Result<Option<Vec<u32>>, String> {
+        if catalog != self.catalog {
+            self.known.clear();
+            self.catalog = catalog;
+        }
         if let Some((slots, at)) = self.known.get(table) {
             if at.elapsed() < NAME_LIFETIME {
                 return Ok(Some(slots.clone()));

@@ -1,8 +1,21 @@
 //! What identifies a cached result, and what identifies a statement's shape.
 
+use std::sync::OnceLock;
+
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::sql::lexer::{Lexer, Token};
+
+/// A seed drawn once per process: keys and shapes cannot be aimed at one another from
+/// outside.
+fn seed() -> u64 {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    *SEED.get_or_init(rand::random)
+}
+
+fn hasher() -> Xxh3 {
+    Xxh3::with_seed(seed())
+}
 
 /// The session facts every result depends on besides its statement: database, the
 /// user the server sees, and every setting the session changed from the server's
@@ -13,7 +26,7 @@ pub fn session_fingerprint(
     startup: &[(String, String)],
     settings: &[(String, String)],
 ) -> u64 {
-    let mut h = Xxh3::new();
+    let mut h = hasher();
     part(&mut h, database.as_bytes());
     part(&mut h, user.as_bytes());
     for (name, value) in startup {
@@ -41,7 +54,7 @@ impl KeyBuilder {
     /// `protocol` tells apart answers shaped differently for the same statement (simple
     /// Query, or extended with or without a RowDescription).
     pub fn new(session: u64, protocol: u8) -> Self {
-        let mut h = Xxh3::new();
+        let mut h = hasher();
         h.update(&session.to_le_bytes());
         h.update(&[protocol]);
         KeyBuilder(h)
@@ -61,9 +74,10 @@ impl KeyBuilder {
 /// statements of one shape read the same tables and call the same functions, so what
 /// the catalog says about one holds for all.
 pub fn shape(sql: &[u8]) -> u64 {
-    let mut h = Xxh3::new();
+    let mut h = hasher();
     let mut after_other = false;
-    for token in Lexer::new(sql) {
+    let mut lexer = Lexer::new(sql);
+    while let Some(token) = lexer.next() {
         let (code, text): (u8, &[u8]) = match token {
             Token::Word(w) => (1, w),
             Token::Quoted(q) => (2, q),
@@ -75,7 +89,15 @@ pub fn shape(sql: &[u8]) -> u64 {
             Token::Cast => (8, b""),
             Token::Comment(_) => continue,
             Token::Other => {
-                // Literals and operators: one run counts once.
+                let first = sql.get(lexer.token_start()).copied().unwrap_or(0);
+                if is_operator_byte(first) {
+                    // Operators are part of the shape (a user's operator may call a
+                    // function of its own).
+                    after_other = false;
+                    h.update(&[10, first]);
+                    continue;
+                }
+                // Literals and parameters: one run counts once.
                 if after_other {
                     continue;
                 }
@@ -102,6 +124,58 @@ pub fn shape(sql: &[u8]) -> u64 {
     h.digest()
 }
 
+/// A byte that can be part of an operator's name.
+pub fn is_operator_byte(b: u8) -> bool {
+    matches!(
+        b,
+        b'+' | b'-'
+            | b'*'
+            | b'/'
+            | b'<'
+            | b'>'
+            | b'='
+            | b'~'
+            | b'!'
+            | b'@'
+            | b'#'
+            | b'%'
+            | b'^'
+            | b'&'
+            | b'|'
+            | b'`'
+            | b'?'
+    )
+}
+
+/// The operators a text uses, as whole names (`<=`, `###`), without duplicates.
+pub fn operators(sql: &[u8]) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    let mut lexer = Lexer::new(sql);
+    let mut current = String::new();
+    let mut end = 0;
+    while let Some(token) = lexer.next() {
+        let start = lexer.token_start();
+        let first = sql.get(start).copied().unwrap_or(0);
+        let operator = token == Token::Other && is_operator_byte(first);
+        let continues = operator && start == end;
+        if !current.is_empty() && !continues {
+            if !found.contains(&current) {
+                found.push(std::mem::take(&mut current));
+            } else {
+                current.clear();
+            }
+        }
+        if operator {
+            current.push(first as char);
+        }
+        end = lexer.offset();
+    }
+    if !current.is_empty() && !found.contains(&current) {
+        found.push(current);
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +188,19 @@ mod tests {
         assert_ne!(a, shape(b"SELECT * FROM u WHERE id = 42"));
         assert_ne!(a, shape(b"SELECT * FROM \"T\" WHERE id = 42"));
         assert_ne!(shape(b"SELECT f(1)"), shape(b"SELECT g(1)"));
+        assert_ne!(
+            shape(b"SELECT * FROM t WHERE id = 1"),
+            shape(b"SELECT * FROM t WHERE id ### 1")
+        );
+    }
+
+    #[test]
+    fn operators_are_read_whole() {
+        assert_eq!(
+            operators(b"SELECT a FROM t WHERE a <= 1 AND b ### 'x' AND c = 2 AND d <= 3"),
+            ["<=", "###", "="]
+        );
+        assert!(operators(b"SELECT 'a <= b' FROM t").is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! decimal numeric, a quoted string unknown (resolved by its context, exactly as an
 //! untyped parameter is); a parameter has the type its Parse declared (0: unknown).
 
+use super::key::is_operator_byte;
 use crate::sql::lexer::{Lexer, Token};
 
 /// Types of lifted values, as PostgreSQL's type oids (0: unknown).
@@ -50,89 +51,139 @@ pub fn normalize<'a>(
     // a SELECT starts a subquery there).
     let mut clauses = [Clause::Other; 33];
     let mut depth = 0usize;
+    // The depth of an `IN (…)` list being read, if any.
+    let mut in_list: Option<usize> = None;
     let mut lexer = Lexer::new(sql);
-    let mut previous: Option<Token<'a>> = None;
+    // What came just before: a value may be lifted only right after a comparison, LIKE,
+    // LIMIT or OFFSET, or as an element of an IN list (where its type comes from the
+    // other side, exactly as an untyped parameter's would).
+    let mut before = Before::Other;
+    let mut previous_word: &[u8] = b"";
+    let mut operator_end = usize::MAX;
+    let mut operator = Vec::new();
     while let Some(token) = lexer.next() {
         let (start, end) = (lexer.token_start(), lexer.offset());
         let text = &sql[start..end];
+        let is_operator =
+            token == Token::Other && text.first().is_some_and(|b| is_operator_byte(*b));
+        if is_operator {
+            // One operator name is a run of operator bytes written together.
+            if start != operator_end {
+                operator.clear();
+                space(out);
+            }
+            out.extend_from_slice(text);
+            operator.extend_from_slice(text);
+            operator_end = end;
+            before = if COMPARISONS.contains(&operator.as_slice()) {
+                Before::Comparison
+            } else {
+                Before::Other
+            };
+            continue;
+        }
+        operator_end = usize::MAX;
         let clause = clauses[depth.min(32)];
+        let liftable = clause == Clause::Condition
+            && match before {
+                Before::Comparison | Before::LiftingWord => true,
+                Before::ListItem => in_list == Some(depth),
+                Before::Other => false,
+            };
+        let mut next_before = Before::Other;
         match token {
             Token::Word(word) => {
                 match keyword_clause(word) {
+                    // `DISTINCT ON (…)` is part of the select list.
+                    Some(Clause::Condition)
+                        if word.eq_ignore_ascii_case(b"on")
+                            && previous_word.eq_ignore_ascii_case(b"distinct") => {}
                     Some(c) => clauses[depth.min(32)] = c,
                     None if word.eq_ignore_ascii_case(b"select") => {
                         clauses[depth.min(32)] = Clause::Other
                     }
                     None => {}
                 }
+                if LIFTING_WORDS.iter().any(|w| w.eq_ignore_ascii_case(word)) {
+                    next_before = Before::LiftingWord;
+                }
                 space(out);
                 out.extend(word.iter().map(u8::to_ascii_lowercase));
+                previous_word = word;
             }
             Token::Quoted(_) => {
                 space(out);
                 out.extend_from_slice(text);
+                previous_word = b"";
             }
             Token::OpenParen => {
                 out.push(b'(');
+                if previous_word.eq_ignore_ascii_case(b"in") {
+                    in_list = Some(depth + 1);
+                    next_before = Before::ListItem;
+                }
                 depth += 1;
                 clauses[depth.min(32)] = clause;
+                previous_word = b"";
             }
             Token::CloseParen => {
                 out.push(b')');
+                if in_list == Some(depth) {
+                    in_list = None;
+                }
                 depth = depth.saturating_sub(1);
+                previous_word = b"";
+            }
+            Token::Comma => {
+                out.push(b',');
+                if in_list == Some(depth) {
+                    next_before = Before::ListItem;
+                }
+                previous_word = b"";
             }
             Token::Semicolon => out.push(b';'),
             Token::Dot => out.push(b'.'),
-            Token::Comma => out.push(b','),
             Token::Cast => out.extend_from_slice(b"::"),
-            Token::Comment(_) => {}
+            Token::Comment(_) => continue,
             Token::Other => {
-                let typed_literal = matches!(previous, Some(Token::Word(w)) if !lifts_after(w));
+                previous_word = b"";
                 match literal(text) {
-                    Some(Literal::String(value))
-                        if clause == Clause::Condition && !typed_literal =>
-                    {
+                    Some(Literal::String(value)) if liftable => {
                         placeholder(out);
                         values.push(Lifted {
                             type_oid: UNKNOWN,
                             value: Some(value),
                         });
                     }
-                    Some(Literal::Number(value)) if clause == Clause::Condition => {
+                    Some(Literal::Number) => {
                         // The lexer splits numbers: take the whole run of digits.
                         let whole = number_at(sql, start);
-                        if whole.len() > value.len() {
-                            // Reported one byte at a time: skip the rest of it.
-                            while lexer.offset() < start + whole.len() {
-                                lexer.next();
-                            }
+                        while lexer.offset() < start + whole.len() {
+                            lexer.next();
                         }
-                        placeholder(out);
-                        values.push(Lifted {
-                            type_oid: number_type(whole),
-                            value: Some(whole),
-                        });
+                        if liftable {
+                            placeholder(out);
+                            values.push(Lifted {
+                                type_oid: number_type(whole),
+                                value: Some(whole),
+                            });
+                        } else {
+                            space(out);
+                            out.extend_from_slice(whole);
+                        }
                     }
                     Some(Literal::Param(n)) => {
                         let Some(&(type_oid, value)) = n.checked_sub(1).and_then(|i| params.get(i))
                         else {
                             return false;
                         };
-                        if clause == Clause::Condition {
+                        if liftable {
                             placeholder(out);
                         } else {
                             space(out);
                             out.extend_from_slice(text);
                         }
                         values.push(Lifted { type_oid, value });
-                    }
-                    Some(Literal::Number(_)) => {
-                        let whole = number_at(sql, start);
-                        while lexer.offset() < start + whole.len() {
-                            lexer.next();
-                        }
-                        space(out);
-                        out.extend_from_slice(whole);
                     }
                     Some(Literal::String(_)) | None => {
                         if text.first() == Some(&b'\'') && !text.ends_with(b"'") {
@@ -144,17 +195,32 @@ pub fn normalize<'a>(
                 }
             }
         }
-        previous = Some(token);
+        before = next_before;
     }
     true
 }
+
+/// What came before a value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Before {
+    Comparison,
+    LiftingWord,
+    ListItem,
+    Other,
+}
+
+/// Operators whose other side types an untyped value.
+const COMPARISONS: &[&[u8]] = &[b"=", b"<>", b"!=", b"<", b">", b"<=", b">="];
+
+/// Words after which a value is lifted.
+const LIFTING_WORDS: &[&[u8]] = &[b"like", b"ilike", b"limit", b"offset"];
 
 /// What an `Other` token is.
 enum Literal<'a> {
     /// A plain quoted string's content (no E, B, X or U& prefix, no doubled quotes).
     String(&'a [u8]),
-    /// The first byte of a number.
-    Number(&'a [u8]),
+    /// A number (its first byte: the lexer reports digits one by one).
+    Number,
     /// `$n`.
     Param(usize),
 }
@@ -171,12 +237,13 @@ fn literal(text: &[u8]) -> Option<Literal<'_>> {
             .parse()
             .ok()
             .map(Literal::Param),
-        c if c.is_ascii_digit() => Some(Literal::Number(text)),
+        c if c.is_ascii_digit() => Some(Literal::Number),
         _ => None,
     }
 }
 
-/// The number starting at `at`: digits, a decimal point, an exponent.
+/// The number starting at `at`: digits and a decimal point (an exponent is left to the
+/// lexer's next word, so it never swallows what follows it).
 fn number_at(sql: &[u8], at: usize) -> &[u8] {
     let mut end = at;
     let digits = |end: &mut usize| {
@@ -185,19 +252,9 @@ fn number_at(sql: &[u8], at: usize) -> &[u8] {
         }
     };
     digits(&mut end);
-    if sql.get(end) == Some(&b'.') {
+    if sql.get(end) == Some(&b'.') && sql.get(end + 1).is_some_and(u8::is_ascii_digit) {
         end += 1;
         digits(&mut end);
-    }
-    if matches!(sql.get(end), Some(b'e' | b'E')) {
-        let mut e = end + 1;
-        if matches!(sql.get(e), Some(b'+' | b'-')) {
-            e += 1;
-        }
-        if sql.get(e).is_some_and(u8::is_ascii_digit) {
-            end = e;
-            digits(&mut end);
-        }
     }
     &sql[at..end]
 }
@@ -241,39 +298,6 @@ fn keyword_clause(word: &[u8]) -> Option<Clause> {
     } else {
         None
     }
-}
-
-/// Words after which a quoted string is a value of its own, not a typed literal
-/// (`date '2024-01-01'`).
-fn lifts_after(word: &[u8]) -> bool {
-    const WORDS: &[&[u8]] = &[
-        b"all",
-        b"and",
-        b"any",
-        b"between",
-        b"case",
-        b"else",
-        b"in",
-        b"is",
-        b"like",
-        b"ilike",
-        b"limit",
-        b"not",
-        b"offset",
-        b"on",
-        b"or",
-        b"similar",
-        b"some",
-        b"then",
-        b"to",
-        b"when",
-        b"where",
-        b"having",
-        b"distinct",
-        b"from",
-        b"escape",
-    ];
-    WORDS.iter().any(|w| w.eq_ignore_ascii_case(word))
 }
 
 fn space(out: &mut Vec<u8>) {
@@ -350,6 +374,35 @@ mod tests {
         );
         assert_eq!(number_type(b"3000000000"), INT8);
         assert_eq!(number_type(b"1e5"), NUMERIC);
+    }
+
+    #[test]
+    fn only_values_typed_by_their_context_are_lifted() {
+        // Where an untyped parameter fails (no other side to type it), nothing is lifted.
+        let (text, values) = norm("SELECT * FROM t WHERE $1 IS NULL", &[(0, Some(b"x"))]);
+        assert_eq!(text, "select * from t where $1 is null");
+        assert_eq!(values.len(), 1);
+        assert_ne!(
+            norm("SELECT * FROM t WHERE 'x' IS NULL", &[]).0,
+            norm("SELECT * FROM t WHERE $1 IS NULL", &[(0, Some(b"x"))]).0
+        );
+        // DISTINCT ON belongs to the select list.
+        let (text, values) = norm("SELECT DISTINCT ON (1) a, b FROM t", &[]);
+        assert_eq!(text, "select distinct on(1) a, b from t");
+        assert!(values.is_empty());
+        // An exponent never swallows the next word; an operator is read whole.
+        assert_ne!(
+            norm("SELECT * FROM t WHERE a = 1e1or b = 2", &[]).0,
+            norm("SELECT * FROM t WHERE a = 1e1and b = 2", &[]).0
+        );
+        assert_ne!(
+            norm("SELECT * FROM t WHERE a!=-1", &[]).0,
+            norm("SELECT * FROM t WHERE a != -1", &[]).0
+        );
+        assert_eq!(
+            norm("SELECT * FROM t WHERE a<=1", &[]).0,
+            norm("SELECT * FROM t WHERE a <= 1", &[]).0
+        );
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct ShardCache {
     /// WAL followers of the databases this shard stored results of (`invalidation =
     /// "wal"`).
     wal: RefCell<HashMap<String, Arc<super::WalFollow>>>,
+    /// Whether sessions of a fingerprint run READ COMMITTED unless told otherwise (the
+    /// server's `default_transaction_isolation`, learned with the catalog).
+    isolation: RefCell<HashMap<u64, bool>>,
     workers: usize,
 }
 
@@ -73,6 +76,7 @@ impl ShardCache {
             config: RefCell::new(Rc::new(config.clone())),
             enabled: Cell::new(config.enabled),
             wal: RefCell::default(),
+            isolation: RefCell::default(),
             workers,
         }
     }
@@ -125,7 +129,19 @@ impl ShardCache {
         None
     }
 
+    /// Whether the session's default isolation is READ COMMITTED, if learned.
+    pub fn read_committed(&self, session: u64) -> Option<bool> {
+        self.isolation.borrow().get(&session).copied()
+    }
+
     pub fn learn(&self, session: u64, shape: u64, resolved: Resolved) {
+        {
+            let mut isolation = self.isolation.borrow_mut();
+            if isolation.len() >= MAX_RESOLUTIONS {
+                isolation.clear();
+            }
+            isolation.insert(session, resolved.read_committed);
+        }
         let mut known = self.resolutions.borrow_mut();
         if known.len() >= MAX_RESOLUTIONS {
             known.clear();

@@ -20,7 +20,7 @@ use crate::bus::ShardMsg;
 use crate::cache::key::{self, KeyBuilder};
 use crate::cache::l2;
 use crate::cache::normalize::{self, Lifted, Param};
-use crate::cache::resolve::{self, Reach, Resolved};
+use crate::cache::resolve::{self, Learning, Reach, Resolved};
 use crate::cache::shard::{ShardCache, Tier};
 use crate::cache::store::Entry;
 use crate::cache::writes::{self, Writes};
@@ -30,7 +30,7 @@ use crate::codec::frame::{split_cstr, split_message};
 use crate::codec::tag::{be as server, fe, status};
 use crate::context::ShardCtx;
 use crate::lease::Lease;
-use crate::sql::{analyze, ReadOnlyFunctions, RouteAnalysis};
+use crate::sql::{analyze, Pins, ReadOnlyFunctions, RouteAnalysis};
 
 use super::message::MessageCx;
 use super::phase::{ClientAction, Phase, Ready, Start, Wire};
@@ -66,9 +66,21 @@ pub struct CacheUnit {
     fill: Option<Box<Fill>>,
     writes: Writes,
     /// Statement shapes to resolve once the unit is done.
-    learn: Vec<(u64, Rc<RouteAnalysis>)>,
+    learn: Vec<(u64, Rc<RouteAnalysis>, Learning)>,
     /// The unit runs on a standby or replica: what it reads is not stored.
     from_read_node: bool,
+    /// Reads may be answered and stored for this session (see `Session::cache_bypass`,
+    /// and sessions whose statements and settings the proxy does not keep).
+    reads: bool,
+    /// The proxy keeps the session's settings and statements: a write's names resolve
+    /// as the learned shapes say, and a Bind's statement is known.
+    tracked: bool,
+    /// `standard_conforming_strings = off`: the text cannot be read reliably, so every
+    /// statement counts as a write that reaches everything.
+    unreadable_text: bool,
+    /// The session made state that hides names or changes who it is (carried to the
+    /// session at the unit's end).
+    bypass_from_now: bool,
     /// The session's transactions are READ COMMITTED unless they say otherwise.
     read_committed: bool,
     /// A `BEGIN READ ONLY` (READ COMMITTED) went to the server ...
@@ -88,8 +100,23 @@ impl CacheUnit {
         self.writes.clear();
         self.learn.clear();
         self.from_read_node = false;
+        self.reads = false;
+        self.tracked = false;
+        self.unreadable_text = false;
+        self.bypass_from_now = false;
         self.read_only_begun = false;
         self.in_read_only = false;
+    }
+
+    /// Applies the writes the unit owes now: a unit that ends without the server's last
+    /// word (its connection lost, its COMMIT settled from elsewhere) may have committed.
+    pub fn flush_writes(&mut self) {
+        if let Some(shard) = self.shard.as_ref() {
+            if !self.writes.is_empty() {
+                self.writes.apply(&shard.epochs);
+                self.writes.clear();
+            }
+        }
     }
 
     /// The answer is being collected: the pump must hand over rows and notices.
@@ -99,9 +126,11 @@ impl CacheUnit {
             .is_some_and(|f| f.state == FillState::Collecting)
     }
 
-    fn note_learn(&mut self, shape: u64, analysis: Rc<RouteAnalysis>) {
-        if self.learn.len() < MAX_LEARNED_PER_UNIT && !self.learn.iter().any(|(s, _)| *s == shape) {
-            self.learn.push((shape, analysis));
+    fn note_learn(&mut self, shape: u64, analysis: Rc<RouteAnalysis>, sql: &[u8]) {
+        if self.learn.len() < MAX_LEARNED_PER_UNIT
+            && !self.learn.iter().any(|(s, _, _)| *s == shape)
+        {
+            self.learn.push((shape, analysis, Learning::of(sql)));
         }
     }
 
@@ -110,15 +139,20 @@ impl CacheUnit {
         let Some(shard) = self.shard.clone() else {
             return;
         };
+        // Whatever the transaction was, it is not a read-only one the cache may answer in
+        // any more (SET TRANSACTION, SET LOCAL, a write).
+        self.in_read_only = false;
+        self.read_only_begun = false;
         if !analysis.dml_only {
             match writes::reach(sql) {
+                writes::Reach::Nothing if analysis.data_writes => self.writes.everything = true,
                 writes::Reach::Nothing => {}
                 writes::Reach::Everything => self.writes.everything = true,
                 writes::Reach::Catalog => self.writes.catalog = true,
             }
             return;
         }
-        if settings_touched {
+        if settings_touched || !self.tracked {
             // Its names may resolve differently under the settings this unit changed.
             self.writes.everything = true;
             return;
@@ -132,7 +166,7 @@ impl CacheUnit {
             None => {
                 // Not resolved yet: everything goes this once.
                 self.writes.everything = true;
-                self.note_learn(shape, analysis);
+                self.note_learn(shape, analysis, sql);
             }
         }
     }
@@ -227,15 +261,17 @@ pub fn begin_unit(ctx: &Rc<ShardCtx>, s: &Session, unit: &mut Unit) {
     work.ctx = Some(ctx.clone());
     work.shard = Some(ctx.cache.clone());
     work.database = Some(s.home.key.database.clone());
-    work.read_committed = !s
-        .startup
-        .iter()
-        .chain(s.settings.iter())
-        .any(|(name, value)| {
-            name.eq_ignore_ascii_case("default_transaction_isolation")
-                && !value.eq_ignore_ascii_case("read committed")
-                && !value.eq_ignore_ascii_case("read uncommitted")
-        });
+    let setting = |wanted: &str| {
+        s.startup
+            .iter()
+            .chain(s.settings.iter())
+            .rfind(|(name, _)| name.eq_ignore_ascii_case(wanted))
+            .map(|(_, value)| value.as_str())
+    };
+    work.tracked = s.features.shared_statements && s.features.follow_settings;
+    work.unreadable_text =
+        setting("standard_conforming_strings").is_some_and(|v| v.eq_ignore_ascii_case("off"));
+    work.reads = work.tracked && !work.unreadable_text && !s.cache_bypass;
     work.functions = Some(ctx.read_only_functions.borrow().clone());
     work.session = key::session_fingerprint(
         &s.home.key.database,
@@ -243,6 +279,11 @@ pub fn begin_unit(ctx: &Rc<ShardCtx>, s: &Session, unit: &mut Unit) {
         &s.startup,
         &s.settings,
     );
+    // READ COMMITTED by the server's default (learned with the catalog) and the session's.
+    work.read_committed = ctx.cache.read_committed(work.session) == Some(true)
+        && setting("default_transaction_isolation").is_none_or(|v| {
+            v.eq_ignore_ascii_case("read committed") || v.eq_ignore_ascii_case("read uncommitted")
+        });
 }
 
 /// The SQL text of a Query or Parse message (`msg` with its header), or of the
@@ -617,7 +658,7 @@ impl Phase for ResultCache {
         };
         // Only outside a transaction, on a session whose settings and statements the
         // proxy keeps.
-        if !s.features.shared_statements
+        if !u.cache.reads
             || s.held
                 .as_ref()
                 .is_some_and(|h| h.lease.status != status::IDLE)
@@ -644,7 +685,7 @@ impl Phase for ResultCache {
             ttl_hint = analysis.cache_ttl;
             if resolved.is_none() {
                 stats.cache_misses.inc();
-                u.cache.note_learn(shape, analysis);
+                u.cache.note_learn(shape, analysis, candidate.sql);
                 return Start::Continue;
             }
         }
@@ -731,7 +772,8 @@ impl Phase for ResultCache {
     }
 
     fn needs_body(&self, m: &MessageCx<'_>, tag: u8) -> bool {
-        m.cache.shard.is_some() && matches!(tag, fe::QUERY | fe::PARSE | fe::BIND)
+        m.cache.shard.is_some()
+            && matches!(tag, fe::QUERY | fe::PARSE | fe::BIND | fe::FUNCTION_CALL)
     }
 
     fn client_message(
@@ -740,34 +782,64 @@ impl Phase for ResultCache {
         msg: &[u8],
         _out: &mut Vec<u8>,
     ) -> Result<ClientAction, CodecError> {
-        if m.cache.shard.is_none()
-            || !matches!(msg.first(), Some(&(fe::QUERY | fe::PARSE | fe::BIND)))
-        {
+        if m.cache.shard.is_none() {
+            return Ok(ClientAction::Forward);
+        }
+        match msg.first() {
+            Some(&(fe::QUERY | fe::PARSE | fe::BIND)) => {}
+            // A function called by its oid: anything may change.
+            Some(&fe::FUNCTION_CALL) => {
+                m.cache.writes.everything = true;
+                return Ok(ClientAction::Forward);
+            }
+            _ => return Ok(ClientAction::Forward),
+        }
+        if m.cache.unreadable_text {
+            m.cache.writes.everything = true;
             return Ok(ClientAction::Forward);
         }
         let ahead = m.sql.take(m.offset).and_then(|a| a.route);
         let Some(sql) = statement_text(msg, m.client) else {
+            if msg[0] == fe::BIND && !m.cache.tracked {
+                // The statement was prepared where the proxy did not keep it: it may
+                // write anything.
+                m.cache.writes.everything = true;
+            }
             return Ok(ClientAction::Forward);
         };
-        let analysis = match ahead {
-            Some(route) => route,
+        let (analysis, effects) = match ahead {
+            Some(route) => (route, m.sql.take(m.offset).map(|a| a.effects)),
             None => match m.cache.functions.as_ref() {
-                Some(functions) => Rc::new(analyze(sql, functions)),
+                Some(functions) => (Rc::new(analyze(sql, functions)), None),
                 None => return Ok(ClientAction::Forward),
             },
         };
+        let effects = effects.unwrap_or_else(|| crate::sql::classify(sql));
+        if effects.pins.contains(Pins::TEMP_TABLE)
+            || effects.pins.contains(Pins::SESSION_AUTHORIZATION)
+        {
+            // Names may now mean the session's own tables, or the session is someone
+            // else: none of its reads are answered from the cache from here on.
+            m.cache.bypass_from_now = true;
+            m.cache.reads = false;
+        }
         if !analysis.read_only {
             m.cache.note_write(sql, analysis, m.notes.settings_touched);
             return Ok(ClientAction::Forward);
         }
         if analysis.begins_transaction {
+            // A READ ONLY transaction opened from outside one, READ COMMITTED.
             m.cache.read_only_begun = analysis.read_only_transaction
+                && m.responses.status == status::IDLE
                 && !analysis.serializable
                 && !mentions_repeatable_read(sql)
-                && m.cache.read_committed;
+                && m.cache.read_committed
+                && m.cache.reads;
             return Ok(ClientAction::Forward);
         }
         if m.cache.in_read_only
+            && m.cache.reads
+            && !m.notes.settings_touched
             && msg[0] == fe::QUERY
             && m.responses.status == status::IN_TRANSACTION
             && m.responses.outstanding() == 0
@@ -802,6 +874,27 @@ impl Phase for ResultCache {
                 }
             }
         }
+        // A write's epochs move first: a result collected in the same transaction as a
+        // write is then found stale and not stored.
+        if !work.writes.is_empty() {
+            match tag {
+                // A write completed (or, in extended protocol, is about to commit):
+                // results read so far are stale before the client hears of it.
+                server::COMMAND_COMPLETE => {
+                    work.writes.apply(&shard.epochs);
+                    w.stats.cache_invalidations.inc();
+                }
+                server::READY_FOR_QUERY => {
+                    work.writes.apply(&shard.epochs);
+                    w.stats.cache_invalidations.inc();
+                    if body.first() == Some(&status::IDLE) {
+                        // The transaction is over: its writes are all accounted for.
+                        work.writes.clear();
+                    }
+                }
+                _ => {}
+            }
+        }
         if let Some(fill) = work.fill.as_mut() {
             fill.on_message(tag, body);
             if fill.state != FillState::Collecting {
@@ -810,26 +903,6 @@ impl Phase for ResultCache {
                     store_fill(ctx, shard, *fill, work.from_read_node);
                 }
             }
-        }
-        if work.writes.is_empty() {
-            return;
-        }
-        match tag {
-            // A write completed (or, in extended protocol, is about to commit): results
-            // read so far are stale before the client hears of it.
-            server::COMMAND_COMPLETE => {
-                work.writes.apply(&shard.epochs);
-                w.stats.cache_invalidations.inc();
-            }
-            server::READY_FOR_QUERY => {
-                work.writes.apply(&shard.epochs);
-                w.stats.cache_invalidations.inc();
-                if body.first() == Some(&status::IDLE) {
-                    // The transaction is over: its writes are all accounted for.
-                    work.writes.clear();
-                }
-            }
-            _ => {}
         }
     }
 
@@ -845,23 +918,29 @@ impl Phase for ResultCache {
         // (A complete answer was stored at its ReadyForQuery; one still collecting now
         // never completed.)
         u.cache.fill = None;
+        if u.cache.bypass_from_now {
+            s.cache_bypass = true;
+        }
         if u.cache.learn.is_empty() || backend.status != status::IDLE || u.notes.settings_touched {
             return Ok(());
         }
         let learn = std::mem::take(&mut u.cache.learn);
         let config = shard.config();
         let mut buf = s.ctx.bufs.take();
-        for (shape, analysis) in learn {
+        for (shape, analysis, learning) in learn {
             let catalog = shard.epochs.catalog();
             let found = Box::pin(resolve::resolve(
                 backend,
                 &analysis,
+                &learning,
                 &s.home.key.database,
                 &config,
                 catalog,
                 &mut buf,
             ))
             .await?;
+            // The lookup used the unnamed statement: the client's is not there any more.
+            u.notes.unnamed_here = false;
             let resolved = match found {
                 Some((resolved, names)) => {
                     shard.epochs.learn_names(&names);
@@ -886,6 +965,7 @@ impl Phase for ResultCache {
 fn unresolvable(catalog: u64) -> Resolved {
     Resolved {
         readable: false,
+        read_committed: false,
         refusal: Some("its tables could not be resolved".into()),
         reads: Box::new([]),
         writes: Reach::Everything,

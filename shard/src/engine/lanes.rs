@@ -39,6 +39,19 @@ pub(super) const DOWN_CAPTURE_WITH_ROWS: TagSet = TagSet::new(&[
     be::NOTIFICATION_RESPONSE,
     be::DATA_ROW,
 ]);
+/// The same, and notices too: while a result is collected for the cache (an answer
+/// with a notice in it is not kept).
+pub(super) const DOWN_CAPTURE_FILL: TagSet = TagSet::new(&[
+    be::ERROR_RESPONSE,
+    be::COMMAND_COMPLETE,
+    be::READY_FOR_QUERY,
+    be::PARAMETER_STATUS,
+    be::PARAMETER_DESCRIPTION,
+    be::ROW_DESCRIPTION,
+    be::NOTIFICATION_RESPONSE,
+    be::DATA_ROW,
+    be::NOTICE_RESPONSE,
+]);
 /// Server messages whose arrival completes an answer.
 const DOWN_NOTIFY: TagSet = TagSet::new(&[
     be::PARSE_COMPLETE,

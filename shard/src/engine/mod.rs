@@ -378,6 +378,11 @@ async fn unit_cycle<P: Phase>(
         let keep_home = s.features.keeps_home_connection()
             && (on_held || (s.held.is_none() && !unit.on_read_node));
         let end = serve_unit(ctx, client, s, unit, lanes, &mut backend, keep_home, phases).await;
+        if matches!(end, UnitEnd::Ended(_)) {
+            // Without the server's last word a write may have committed (a COMMIT settled
+            // elsewhere, a connection lost after it): the cache forgets what it touched.
+            unit.cache.flush_writes();
+        }
         if matches!(end, UnitEnd::Ended(PumpEnd::BackendGone))
             && unit.flow.dead_on_arrival
             && lanes.up.rewind()

@@ -27,7 +27,7 @@ use super::cut::Cut;
 use super::idle::{PumpEnd, Stream};
 use super::intake::MessageMemory;
 use super::journal::Swallowed;
-use super::lanes::{DownLane, UpLane, DOWN_CAPTURE, DOWN_CAPTURE_WITH_ROWS};
+use super::lanes::{DownLane, UpLane, DOWN_CAPTURE, DOWN_CAPTURE_FILL, DOWN_CAPTURE_WITH_ROWS};
 use super::message::MessageCx;
 use super::phase::{ClientAction, Phase, Wire};
 use super::responses::{Action, Outcome};
@@ -295,13 +295,13 @@ impl<C: Stream, S: Stream, P: Phase> Pump<'_, C, S, P> {
         if lane.end == lane.raw_end || !self.cx.responses.ready.is_empty() {
             return Poll::Ready(Ok(false));
         }
-        lane.scanner.set_capture(
-            if self.cx.responses.awaits_xid() || self.cx.cache.wants_rows() {
-                DOWN_CAPTURE_WITH_ROWS
-            } else {
-                DOWN_CAPTURE
-            },
-        );
+        lane.scanner.set_capture(if self.cx.cache.wants_rows() {
+            DOWN_CAPTURE_FILL
+        } else if self.cx.responses.awaits_xid() {
+            DOWN_CAPTURE_WITH_ROWS
+        } else {
+            DOWN_CAPTURE
+        });
         let Some(buf) = lane.buf.as_mut() else {
             return Poll::Ready(Ok(false));
         };

@@ -105,6 +105,10 @@ pub struct Session {
     /// Bytes of the client's stream consumed so far, kept while the session holds no
     /// lanes (between units, or parked).
     pub stream_position: u64,
+    /// The session made state that changes what names mean or who it is (temporary
+    /// tables, SET SESSION AUTHORIZATION): the result cache answers none of its reads,
+    /// though its writes still invalidate.
+    pub cache_bypass: bool,
 }
 
 /// The session's entry in the shard's cancel registry (SHOW CLIENTS, KILL_CLIENT, cancel

@@ -184,6 +184,7 @@ fn new_session(
         wrote_at: 0,
         carried: None,
         stream_position: 0,
+        cache_bypass: false,
     })
 }
 

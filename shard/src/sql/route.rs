@@ -51,6 +51,13 @@ pub struct RouteAnalysis {
     pub reads_but_for_calls: bool,
     /// Statements in the text.
     pub statements: u32,
+    /// Some statement changes data itself (INSERT, UPDATE, DELETE, MERGE, locking
+    /// reads) or calls a function not known to be read-only.
+    pub data_writes: bool,
+    /// Names the text gives its CTEs (which may hide tables of the same name).
+    pub cte_names: Vec<TableRef>,
+    /// Parentheses nested deeper than the analysis tracks: names there may be missed.
+    pub too_deep: bool,
     /// Every statement is a query or plain data change (SELECT, VALUES, TABLE, WITH,
     /// INSERT, UPDATE, DELETE, MERGE, COPY, TRUNCATE): what it changes is `tables`.
     pub dml_only: bool,
@@ -531,11 +538,22 @@ impl<'a, 'f> Analyzer<'a, 'f> {
         }
         if let Some(name) = cte_name {
             self.ctes.push(name);
+            // A CTE may share its name with a table its body (or the rest of the text)
+            // reads: reported, so a cache can count that table in too.
+            let folded = TableRef {
+                schema: None,
+                name: name.to_folded_string(),
+            };
+            if !self.out.cte_names.contains(&folded) {
+                self.out.cte_names.push(folded);
+            }
         }
         self.depth += 1;
         if self.depth <= MAX_DEPTH {
             self.levels[self.depth] = child;
         } else {
+            // Deeper levels share a scratch level: what they name may be missed.
+            self.out.too_deep = true;
             self.levels[MAX_DEPTH] = Level::default();
         }
     }
@@ -544,6 +562,8 @@ impl<'a, 'f> Analyzer<'a, 'f> {
         self.stmt.started = true;
         self.stmt.first = Some(kind);
         self.out.statements += 1;
+        // Transaction control changes no data: `BEGIN; UPDATE …; COMMIT` is data changes
+        // alone.
         self.all_dml &= matches!(
             kind,
             Kw::Select
@@ -556,6 +576,14 @@ impl<'a, 'f> Analyzer<'a, 'f> {
                 | Kw::Merge
                 | Kw::Copy
                 | Kw::Truncate
+                | Kw::Begin
+                | Kw::Start
+                | Kw::Commit
+                | Kw::End
+                | Kw::Rollback
+                | Kw::Abort
+                | Kw::Savepoint
+                | Kw::Release
         );
         self.stmt.kind_writes = !matches!(
             kind,
@@ -611,6 +639,8 @@ impl<'a, 'f> Analyzer<'a, 'f> {
         };
         let calls_count = stmt.explain != Explain::Plain && stmt.unknown_call;
         self.all_read &= reads_but_for_calls && !calls_count;
+        self.out.data_writes |=
+            stmt.explain != Explain::Plain && (stmt.writes || stmt.unknown_call);
         self.all_read_but_for_calls &= reads_but_for_calls;
         if stmt.transaction_modes {
             let opens = matches!(stmt.first, Some(Kw::Begin | Kw::Start));
@@ -1010,6 +1040,18 @@ mod tests {
         assert!(!run("CREATE TABLE t (a int)").dml_only);
         assert!(!run("SET x = 1").dml_only);
         assert!(run("WITH x AS (SELECT 1) SELECT * FROM x").dml_only);
+        let tx = run("BEGIN; WITH d AS (DELETE FROM t RETURNING 1) SELECT count(*) FROM d; COMMIT");
+        assert!(tx.dml_only && tx.data_writes && !tx.read_only);
+        assert_eq!(
+            tx.tables
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>(),
+            ["t"]
+        );
+        let shadow = run("WITH orders AS (SELECT * FROM orders) SELECT * FROM orders");
+        assert_eq!(shadow.cte_names.len(), 1);
+        assert!(!run("SET x = 1; SELECT 1").data_writes);
         let call = run("SELECT my_func(1) FROM t");
         assert!(!call.read_only && call.reads_but_for_calls);
         assert!(!run("SELECT * FROM t FOR UPDATE").reads_but_for_calls);
