@@ -1054,3 +1054,32 @@ async fn names_the_text_hides_and_writes_it_wraps_are_followed() {
     assert_eq!(one(&client, read).await, "1");
     proxy.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_table_overrides_turn_caching_off_and_shorten_the_time_to_live() {
+    if proxy_only("cache tables", "the result cache is the proxy's") {
+        return;
+    }
+    admin(
+        "DROP TABLE IF EXISTS cache_o_off, cache_o_ttl; \
+         CREATE TABLE cache_o_off (v int); INSERT INTO cache_o_off VALUES (1); \
+         CREATE TABLE cache_o_ttl (v int); INSERT INTO cache_o_ttl VALUES (1);",
+    )
+    .await;
+    let proxy = start(
+        "[[cache.tables]]\nname = \"cache_o_off\"\ncache = false\n\
+         [[cache.tables]]\nname = \"public.cache_o_ttl\"\nttl_secs = 1\n",
+    );
+    let client = proxy.client().await;
+    let before = hits(&proxy);
+    for _ in 0..4 {
+        assert_eq!(one(&client, "SELECT v FROM cache_o_off").await, "1");
+    }
+    assert_eq!(hits(&proxy), before, "{}", cache_stats(&proxy));
+    let ttl = "SELECT v FROM cache_o_ttl";
+    read_until_hit(&proxy, &client, ttl).await;
+    admin("UPDATE cache_o_ttl SET v = 2").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(one(&client, ttl).await, "2", "the table's own time to live");
+    proxy.stop();
+}

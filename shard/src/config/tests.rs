@@ -1128,3 +1128,52 @@ role = "standby"
         assert_eq!(parse("proxy = 3\n").unwrap_err().key, "proxy");
     }
 }
+
+mod cache {
+    use super::*;
+
+    #[test]
+    fn defaults_and_a_full_section() {
+        let config = base();
+        assert!(!config.cache.enabled);
+        assert_eq!(config.cache.max_memory_mb, 64);
+        assert_eq!(config.cache.default_ttl_secs, 60);
+        assert_eq!(config.cache.invalidation, CacheInvalidation::Proxy);
+        let config = parse(&format!(
+            "{BASE}\n[cache]\nenabled = true\ninvalidation = \"wal\"\nwal_user = \"app\"\n\
+             [[cache.tables]]\nname = \"public.rates\"\nttl_secs = 5\n\
+             [[cache.tables]]\nname = \"audit\"\ncache = false\n"
+        ))
+        .expect("valid");
+        assert_eq!(config.cache.invalidation, CacheInvalidation::Wal);
+        assert_eq!(config.cache.tables.len(), 2);
+        assert!(config.cache.tables[0].cache);
+        assert!(!config.cache.tables[1].cache);
+        // The WAL follower logs in as wal_user, with that user's server password.
+        assert_eq!(config.wal_credentials().0, "app");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let mut c = base();
+        c.cache.max_memory_mb = 0;
+        rejects(c, "cache.max_memory_mb");
+        let mut c = base();
+        c.cache.max_result_bytes = 10;
+        rejects(c, "cache.max_result_bytes");
+        let mut c = base();
+        c.cache.tables.push(CacheTableConfig {
+            name: "a.b.c".into(),
+            ..CacheTableConfig::default()
+        });
+        rejects(c, "cache.tables[0].name");
+        let error = parse(&format!("{BASE}\n[cache]\ninvalidation = \"trigger\"\n"))
+            .expect_err("unknown invalidation");
+        assert!(
+            error.key.contains("cache") || error.problem.contains("invalidation"),
+            "{error}"
+        );
+        let error = parse(&format!("{BASE}\n[cache]\nsize = 3\n")).expect_err("unknown key");
+        assert!(error.to_string().contains("size"), "{error}");
+    }
+}
