@@ -940,26 +940,25 @@ impl Config {
     /// Role and password of the cache's WAL follower: `[cache] wal_user`/`wal_password`,
     /// else the health checks' own.
     pub fn wal_credentials(&self) -> (String, Option<String>) {
-        match &self.cache.wal_user {
-            Some(user) => {
-                let password = self.cache.wal_password.clone().or_else(|| {
-                    self.users
-                        .iter()
-                        .find(|u| u.backend_user() == user)
-                        .and_then(|u| u.backend_password().map(str::to_string))
-                });
-                (user.clone(), password)
-            }
-            None => self.health_credentials(),
-        }
+        self.credentials_or_health(&self.cache.wal_user, &self.cache.wal_password)
     }
 
     /// Role and password for the operations the proxy runs itself during a failover
     /// (promote, fence): `[failover] user`/`password`, else the health checks' own.
     pub fn failover_credentials(&self) -> (String, Option<String>) {
-        match &self.failover.user {
+        self.credentials_or_health(&self.failover.user, &self.failover.password)
+    }
+
+    /// `user` with `password`, or else that user's server password; without a user, the
+    /// health checks' role and password.
+    fn credentials_or_health(
+        &self,
+        user: &Option<String>,
+        password: &Option<String>,
+    ) -> (String, Option<String>) {
+        match user {
             Some(user) => {
-                let password = self.failover.password.clone().or_else(|| {
+                let password = password.clone().or_else(|| {
                     self.users
                         .iter()
                         .find(|u| u.backend_user() == user)

@@ -149,7 +149,7 @@ pub fn normalize<'a>(
                 previous_word = b"";
                 match literal(text) {
                     Some(Literal::String(value)) if liftable => {
-                        placeholder(out);
+                        lift_mark(out);
                         values.push(Lifted {
                             type_oid: UNKNOWN,
                             value: Some(value),
@@ -162,7 +162,7 @@ pub fn normalize<'a>(
                             lexer.next();
                         }
                         if liftable {
-                            placeholder(out);
+                            lift_mark(out);
                             values.push(Lifted {
                                 type_oid: number_type(whole),
                                 value: Some(whole),
@@ -178,7 +178,7 @@ pub fn normalize<'a>(
                             return false;
                         };
                         if liftable {
-                            placeholder(out);
+                            lift_mark(out);
                         } else {
                             space(out);
                             out.extend_from_slice(text);
@@ -306,7 +306,8 @@ fn space(out: &mut Vec<u8>) {
     }
 }
 
-fn placeholder(out: &mut Vec<u8>) {
+/// Writes the mark a lifted value leaves in the normalized text.
+fn lift_mark(out: &mut Vec<u8>) {
     space(out);
     out.push(b'?');
 }

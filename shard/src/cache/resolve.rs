@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{BackendConn, BackendError, Rows};
 use crate::codec::frontend;
 use crate::config::CacheConfig;
+use crate::engine::settings::text_array;
 use crate::sql::{RouteAnalysis, TableRef};
 
 /// What the catalog says about one statement shape.
@@ -156,16 +157,16 @@ pub async fn resolve(
     catalog: u64,
     buf: &mut [u8],
 ) -> Result<Option<(Resolved, Vec<(String, u32)>)>, BackendError> {
-    let relations = sql_array(analysis.tables.iter().map(qualified_identifier));
-    let ctes = sql_array(analysis.cte_names.iter().map(qualified_identifier));
-    let operators = sql_array(sql.operators.iter().cloned());
-    let schemas = sql_array(
+    let relations = text_array(analysis.tables.iter().map(qualified_identifier));
+    let ctes = text_array(analysis.cte_names.iter().map(qualified_identifier));
+    let operators = text_array(&sql.operators);
+    let schemas = text_array(
         analysis
             .functions
             .iter()
             .map(|f| f.schema.clone().unwrap_or_default()),
     );
-    let names = sql_array(analysis.functions.iter().map(|f| f.name.clone()));
+    let names = text_array(analysis.functions.iter().map(|f| &f.name));
     let mut request = Vec::with_capacity(RESOLVE_SQL.len() + 256);
     frontend::encode_parse(&mut request, "", RESOLVE_SQL, &[25, 25, 25, 25, 25]);
     frontend::encode_bind_text(
@@ -353,26 +354,6 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A PostgreSQL text[] literal of `items`.
-fn sql_array(items: impl Iterator<Item = String>) -> String {
-    let mut out = String::from("{");
-    for (i, item) in items.enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push('"');
-        for c in item.chars() {
-            if c == '"' || c == '\\' {
-                out.push('\\');
-            }
-            out.push(c);
-        }
-        out.push('"');
-    }
-    out.push('}');
-    out
-}
-
 /// Whether a resolution may still be used.
 pub fn current(resolved: &Rc<Resolved>, catalog: u64) -> bool {
     resolved.catalog == catalog && resolved.learned.elapsed() < RESOLUTION_LIFETIME
@@ -412,10 +393,7 @@ mod tests {
             name: "t".into(),
         };
         assert_eq!(qualified_identifier(&t), "\"My\"\"S\".\"t\"");
-        assert_eq!(
-            sql_array(["a\"b".to_string(), "c\\d".to_string()].into_iter()),
-            "{\"a\\\"b\",\"c\\\\d\"}"
-        );
+        assert_eq!(text_array(["a\"b", "c\\d"]), "{\"a\\\"b\",\"c\\\\d\"}");
     }
 
     #[test]

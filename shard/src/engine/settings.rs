@@ -156,15 +156,16 @@ pub fn unlisted_names(settings: &Settings, extra: &[String]) -> Vec<String> {
     names
 }
 
-/// Formats names as a PostgreSQL text[] literal.
-fn text_array(names: &[String]) -> String {
+/// Formats items as a PostgreSQL text[] literal (also for the result cache's catalog
+/// lookup).
+pub(crate) fn text_array<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
     let mut out = String::from("{");
-    for (i, name) in names.iter().enumerate() {
+    for (i, item) in items.into_iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         out.push('"');
-        for c in name.chars() {
+        for c in item.as_ref().chars() {
             if c == '"' || c == '\\' {
                 out.push('\\');
             }
@@ -329,10 +330,7 @@ mod tests {
 
     #[test]
     fn arrays_and_names_are_quoted() {
-        assert_eq!(
-            text_array(&["a.b".into(), "x\"y".into()]),
-            r#"{"a.b","x\"y"}"#
-        );
+        assert_eq!(text_array(["a.b", "x\"y"]), r#"{"a.b","x\"y"}"#);
         let mut s = String::new();
         push_quoted_name(&mut s, "helios.client");
         assert_eq!(s, r#""helios"."client""#);
