@@ -743,6 +743,9 @@ impl Phase for ResultCache {
     /// A read that runs on a standby or replica is stored only when that node has
     /// replayed every write that moved its tables' epochs before it started.
     async fn after_acquire(&self, s: &mut Session, u: &mut Unit, backend: &mut Lease) -> Ready {
+        if u.cache.shard.is_none() {
+            return Ready::Go;
+        }
         u.cache.from_read_node = u.on_read_node;
         if !u.on_read_node {
             return Ready::Go;
