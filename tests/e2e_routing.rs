@@ -113,12 +113,14 @@ async fn one(client: &Client, sql: &str) -> String {
         .unwrap_or_else(|| panic!("{sql}: no row"))
 }
 
-/// Waits until every standby has replayed what the primary has written so far.
+/// Waits until every standby has replayed what the primary has written so far (its
+/// insert position: with `synchronous_commit = off` a commit can be acknowledged before
+/// its record reaches the write position).
 async fn standbys_caught_up() {
     let c = cluster();
     let primary = c.primary.admin("postgres").await;
     let lsn: String = primary
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
