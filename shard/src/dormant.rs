@@ -340,14 +340,27 @@ impl Dormitory {
             watcher.disarm(sleeper.socket.as_raw_fd());
         }
         ctx.stats.clients_woken.inc();
-        // Read what woke it here: the new stream would otherwise wait one more loop turn
-        // for the readiness poll glommio starts on it.
+        // Read what woke it here: the socket's readiness was reported to the watcher, not
+        // to this thread's epoll set.
         let first = first_read(ctx, sleeper.socket.as_raw_fd());
-        let fd = sleeper.socket.into_raw_fd();
-        sleeper.session.cancel.info.fd.set(fd);
-        // SAFETY: `fd` is the client's connected TCP socket, owned until now by the
-        // sleeper and handed to the stream.
-        let client = unsafe { NetStream::from_parked(fd) };
+        sleeper
+            .session
+            .cancel
+            .info
+            .fd
+            .set(sleeper.socket.as_raw_fd());
+        let client = match NetStream::from_parked(sleeper.socket) {
+            Ok(client) => client,
+            Err(e) => {
+                log::warn!(
+                    "shard {}: a woken client cannot be watched: {e}",
+                    self.shard
+                );
+                drop(sleeper.session);
+                crate::runtime::client_left(ctx);
+                return;
+            }
+        };
         let resumed = Resumed {
             since: sleeper.since,
             first,

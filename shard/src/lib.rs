@@ -21,6 +21,7 @@ pub mod msgio;
 pub mod nodeaddr;
 pub mod pool;
 pub mod prepared;
+pub mod readiness;
 pub mod router;
 pub mod runtime;
 pub mod session;

@@ -1,14 +1,13 @@
 //! Starting and stopping the shards: one pinned glommio executor per worker, each with its
 //! own SO_REUSEPORT listener, its own context, and a cancel channel to every other shard.
 
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWriteExt;
-use glommio::net::{TcpListener, TcpStream};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -20,6 +19,7 @@ use crate::codec::backend as be;
 use crate::config::Config;
 use crate::context::ShardCtx;
 use crate::control::{ConsoleRequest, ControlMsg, ShardLink};
+use crate::readiness::{Listener, Sock};
 use crate::stats::ShardStats;
 
 /// How often shards look at the process-wide shutdown flag and run pool maintenance.
@@ -248,72 +248,59 @@ async fn shard_main(start: ShardStart) {
             return;
         }
     };
-    // glommio's listener does not lend its fd; its number is kept for `accept_queued`
-    // while the listener lives.
-    let listener_fd = listener.into_raw_fd();
     // SAFETY: the fd is a bound, listening TCP socket that we own and hand over here.
-    let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
+    let listener = match Listener::new(unsafe { OwnedFd::from_raw_fd(listener.into_raw_fd()) }) {
+        Ok(listener) => listener,
+        Err(e) => {
+            log::error!("shard {id}: cannot watch the listening socket: {e}");
+            return;
+        }
+    };
     crate::bus::join(&ctx, mesh).await;
     crate::dormant::join(&ctx, parking.0, parking.1);
     glommio::spawn_local(housekeeping(ctx.clone(), shutdown, inbox)).detach();
     log::info!("shard {id} accepting on {}", ctx.config().listen_address);
-    accept_loop(&ctx, &listener, listener_fd).await;
+    accept_loop(&ctx, &listener).await;
     drop(listener);
     drain(&ctx).await;
     log::info!("shard {id} stopped");
 }
 
-async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &TcpListener, listener_fd: RawFd) {
+async fn accept_loop(ctx: &Rc<ShardCtx>, listener: &Listener) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             ctx.draining.wait().await;
             None
         })
         .await;
-        let stream = match accepted {
+        let fd = match accepted {
             None => return,
-            Some(Ok(stream)) => stream,
+            Some(Ok(fd)) => fd,
             Some(Err(e)) => {
                 log::warn!("shard {}: accept failed: {e}", ctx.id);
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
-        admit(ctx, stream);
-        // Connections already queued are taken with one accept4(2) each: glommio's accept
-        // toggles O_NONBLOCK around every try (three fcntl and an accept that may fail).
-        while let Some(fd) = accept_queued(listener_fd) {
-            // SAFETY: `fd` is a connected TCP socket just accepted and owned by nothing else.
-            admit(ctx, unsafe { TcpStream::from_raw_fd(fd) });
-        }
-    }
-}
-
-/// Takes a connection already waiting in the (non-blocking) listener's queue, if any.
-fn accept_queued(listener: RawFd) -> Option<RawFd> {
-    loop {
-        // SAFETY: accept4 on our listening socket; the peer address is not asked for.
-        let fd = unsafe {
-            libc::accept4(
-                listener,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd >= 0 {
-            return Some(fd);
-        }
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // Nothing queued (or an error glommio's accept will report).
-            return None;
+        admit(ctx, fd);
+        // Connections already queued are taken before waiting again.
+        while let Ok(fd) = listener.try_accept() {
+            admit(ctx, fd);
         }
     }
 }
 
 /// Serves a newly accepted client in a task of its own, or refuses it over the limit.
-fn admit(ctx: &Rc<ShardCtx>, stream: TcpStream) {
+fn admit(ctx: &Rc<ShardCtx>, fd: OwnedFd) {
     ctx.stats.clients_accepted.inc();
+    let stream = match Sock::nonblocking(fd) {
+        Ok(stream) => stream,
+        Err(e) => {
+            log::warn!("shard {}: cannot watch an accepted socket: {e}", ctx.id);
+            ctx.stats.clients_closed.inc();
+            return;
+        }
+    };
     if ctx.active_clients.get() >= ctx.max_clients.get() {
         ctx.stats.clients_rejected.inc();
         ctx.stats.clients_closed.inc();
@@ -345,7 +332,7 @@ pub fn client_left(ctx: &ShardCtx) {
     ctx.stats.clients_closed.inc();
 }
 
-async fn reject(mut stream: TcpStream) {
+async fn reject(mut stream: Sock) {
     let mut out = Vec::new();
     be::write_error(
         &mut out,

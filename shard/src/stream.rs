@@ -6,23 +6,23 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::{TcpStream, UnixStream};
 
 use crate::nodeaddr::NodeAddr;
+use crate::readiness::Sock;
 
-type Tls = futures_rustls::TlsStream<TcpStream>;
+type Tls = futures_rustls::TlsStream<Sock>;
 
 pub enum NetStream {
-    Plain(TcpStream),
-    /// A Unix-domain socket to a server, with its fd (glommio's type does not lend it).
-    Unix(UnixStream, RawFd),
+    Plain(Sock),
+    /// A Unix-domain socket to a server.
+    Unix(Sock),
     /// Boxed: a TLS session's state is large and most clients are plain.
     Tls(Box<Tls>),
     /// Only while a TLS handshake takes the socket over.
@@ -33,15 +33,12 @@ impl NetStream {
     /// Connects to a server at `addr` within `timeout` (a timeout is `TimedOut`).
     pub async fn connect(addr: &NodeAddr, timeout: Duration) -> io::Result<NetStream> {
         match addr {
-            NodeAddr::Tcp(addr) => TcpStream::connect_timeout(*addr, timeout)
-                .await
-                .map(NetStream::Plain)
-                .map_err(io::Error::from),
+            NodeAddr::Tcp(addr) => connect_tcp(*addr, timeout).await,
             NodeAddr::Unix { path, .. } => connect_unix(path, timeout).await,
         }
     }
 
-    fn tcp(&self) -> Option<&TcpStream> {
+    fn tcp(&self) -> Option<&Sock> {
         match self {
             NetStream::Plain(tcp) => Some(tcp),
             NetStream::Tls(tls) => Some(tls.get_ref().0),
@@ -80,7 +77,12 @@ impl NetStream {
 
     /// The peer's IP address and port (an error for a Unix-domain socket).
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.tcp().ok_or_else(|| self.no_ip())?.peer_addr()?)
+        let addr = self
+            .tcp()
+            .ok_or_else(|| self.no_ip())?
+            .socket()
+            .peer_addr()?;
+        addr.as_socket().ok_or_else(|| self.no_ip())
     }
 
     /// Sets TCP_NODELAY; nothing to do on a Unix-domain socket.
@@ -88,15 +90,15 @@ impl NetStream {
         if self.is_unix() {
             return Ok(());
         }
-        Ok(self.tcp().ok_or_else(gone)?.set_nodelay(on)?)
+        self.tcp().ok_or_else(gone)?.socket().set_nodelay(on)
     }
 
     /// Peeks at the raw socket (for TLS, the encrypted bytes): 0 means the peer left.
     pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if let NetStream::Unix(unix, _) = self {
-            return Ok(unix.peek(buf).await?);
+        if let NetStream::Unix(unix) = self {
+            return unix.peek(buf).await;
         }
-        Ok(self.tcp().ok_or_else(gone)?.peek(buf).await?)
+        self.tcp().ok_or_else(gone)?.peek(buf).await
     }
 
     /// Writes all of `bytes` and pushes them out (TLS keeps records until flushed).
@@ -127,7 +129,7 @@ impl NetStream {
         Ok(())
     }
 
-    fn take_plain(&mut self) -> io::Result<TcpStream> {
+    fn take_plain(&mut self) -> io::Result<Sock> {
         match std::mem::replace(self, NetStream::Upgrading) {
             NetStream::Plain(tcp) => Ok(tcp),
             other => {
@@ -150,35 +152,29 @@ impl NetStream {
         matches!(self, NetStream::Plain(_))
     }
 
-    /// Gives up glommio's hold on a plain TCP socket (its state and any pending poll are
-    /// freed) and keeps the socket itself; any other stream is handed back.
-    pub fn into_parkable(self) -> Result<std::os::fd::OwnedFd, NetStream> {
-        let NetStream::Plain(tcp) = self else {
-            return Err(self);
-        };
-        // glommio's stream has no way to let go of its fd without closing it: keep a
-        // duplicate, then let the stream close the original.
-        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a live fd returns a new fd we own.
-        let fd = unsafe { libc::fcntl(tcp.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(NetStream::Plain(tcp));
+    /// Takes a plain TCP socket out of the thread's epoll set and gives it up; any other
+    /// stream is handed back.
+    pub fn into_parkable(self) -> Result<OwnedFd, NetStream> {
+        match self {
+            NetStream::Plain(tcp) => Ok(tcp.into_fd()),
+            other => Err(other),
         }
-        drop(tcp);
-        // SAFETY: `fd` was just created above and is owned by nothing else.
-        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
     }
 
-    /// A plain TCP client stream over a socket given up by [`NetStream::into_parkable`].
-    ///
-    /// # Safety
-    /// `fd` must be an open, connected TCP socket that nothing else owns.
-    pub unsafe fn from_parked(fd: RawFd) -> NetStream {
-        NetStream::Plain(TcpStream::from_raw_fd(fd))
+    /// A plain TCP client stream over a socket given up by [`NetStream::into_parkable`]
+    /// (still non-blocking).
+    pub fn from_parked(fd: OwnedFd) -> io::Result<NetStream> {
+        Sock::nonblocking(fd).map(NetStream::Plain)
     }
 
     /// The local IP address and port (an error for a Unix-domain socket).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.tcp().ok_or_else(|| self.no_ip())?.local_addr()?)
+        let addr = self
+            .tcp()
+            .ok_or_else(|| self.no_ip())?
+            .socket()
+            .local_addr()?;
+        addr.as_socket().ok_or_else(|| self.no_ip())
     }
 
     fn no_ip(&self) -> io::Error {
@@ -222,24 +218,61 @@ async fn connect_unix(path: &Path, timeout: Duration) -> io::Result<NetStream> {
             Err(e) => return Err(e),
         }
     }
-    let fd = socket.into_raw_fd();
-    // SAFETY: `fd` is the connected socket just made here; the stream takes it over and
-    // closes it. The number is kept only to be read while the stream lives.
-    let unix = unsafe { UnixStream::from_raw_fd(fd) };
-    Ok(NetStream::Unix(unix, fd))
+    Ok(NetStream::Unix(Sock::nonblocking(socket.into())?))
+}
+
+/// Connects a TCP socket without blocking the executor, within `timeout`.
+async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> io::Result<NetStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    let pending = match socket.connect(&SockAddr::from(addr)) {
+        Ok(()) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
+        Err(e) => return Err(e),
+    };
+    let sock = Sock::nonblocking(socket.into())?;
+    if pending {
+        let connected = async {
+            loop {
+                sock.ready(true).await;
+                if let Some(e) = sock.socket().take_error()? {
+                    return Err(e);
+                }
+                // Connected once it has a peer (a wake may come before the handshake ends).
+                match sock.socket().peer_addr() {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let expired = async {
+            glommio::timer::sleep(timeout).await;
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection timed out",
+            ))
+        };
+        futures_lite::future::or(connected, expired).await?;
+    }
+    Ok(NetStream::Plain(sock))
 }
 
 impl AsRawFd for NetStream {
     fn as_raw_fd(&self) -> RawFd {
         match self {
-            NetStream::Unix(_, fd) => *fd,
+            NetStream::Unix(unix) => unix.as_raw_fd(),
             _ => self.tcp().map_or(-1, AsRawFd::as_raw_fd),
         }
     }
 }
 
-impl From<TcpStream> for NetStream {
-    fn from(tcp: TcpStream) -> Self {
+impl From<Sock> for NetStream {
+    fn from(tcp: Sock) -> Self {
         NetStream::Plain(tcp)
     }
 }
@@ -252,7 +285,7 @@ impl AsyncRead for NetStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             NetStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            NetStream::Unix(unix, _) => Pin::new(unix).poll_read(cx, buf),
+            NetStream::Unix(unix) => Pin::new(unix).poll_read(cx, buf),
             NetStream::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
             NetStream::Upgrading => Poll::Ready(Err(gone())),
         }
@@ -267,7 +300,7 @@ impl AsyncWrite for NetStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             NetStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            NetStream::Unix(unix, _) => Pin::new(unix).poll_write(cx, buf),
+            NetStream::Unix(unix) => Pin::new(unix).poll_write(cx, buf),
             NetStream::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
             NetStream::Upgrading => Poll::Ready(Err(gone())),
         }
@@ -276,7 +309,7 @@ impl AsyncWrite for NetStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             NetStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            NetStream::Unix(unix, _) => Pin::new(unix).poll_flush(cx),
+            NetStream::Unix(unix) => Pin::new(unix).poll_flush(cx),
             NetStream::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
             NetStream::Upgrading => Poll::Ready(Err(gone())),
         }
@@ -285,7 +318,7 @@ impl AsyncWrite for NetStream {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             NetStream::Plain(tcp) => Pin::new(tcp).poll_close(cx),
-            NetStream::Unix(unix, _) => Pin::new(unix).poll_close(cx),
+            NetStream::Unix(unix) => Pin::new(unix).poll_close(cx),
             NetStream::Tls(tls) => Pin::new(&mut **tls).poll_close(cx),
             NetStream::Upgrading => Poll::Ready(Ok(())),
         }
