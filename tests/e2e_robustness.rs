@@ -314,3 +314,69 @@ async fn a_repeated_negotiation_request_is_refused_at_once() {
     target.assert_running();
     target.trust_client().await;
 }
+
+/// A flood that takes the proxy to its descriptor limit: connections past it wait in the
+/// listen queue or are refused, and once the flood leaves the proxy serves again (its
+/// readiness waits must not spin on the descriptor they cannot get).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_survived() {
+    if common::proxy_only(
+        "running_out_of_descriptors_is_survived",
+        "the descriptor limit is the proxy's own",
+    ) {
+        return;
+    }
+    let target = target("");
+    // A server connection in the pool first, so the recovery below needs only a client's.
+    target
+        .trust_client()
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    let pid = target.pid().expect("proxy pid") as libc::pid_t;
+    let open_now = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proxy's descriptors")
+        .count() as u64;
+    let mut before = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on the proxy (a child of this test) with valid pointers.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut before) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let low = libc::rlimit {
+        rlim_cur: open_now + 6,
+        rlim_max: before.rlim_max,
+    };
+    // SAFETY: as above.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &low, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let port = target.port;
+    let flood = tokio::task::spawn_blocking(move || {
+        let conns: Vec<_> = (0..40)
+            .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+            .collect();
+        // Long enough for the proxy to accept up to its limit and fail the rest.
+        std::thread::sleep(Duration::from_millis(500));
+        drop(conns);
+    });
+    guarded(HANG_GUARD, "flood", flood).await.expect("flood");
+    target.assert_running();
+    // Still under the low limit: the flood's descriptors are freed as it hangs up.
+    let served = common::wait_until_async(Duration::from_secs(10), || async {
+        match target.connect(TRUST_USER, None, DATABASE).await {
+            Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(
+        served,
+        "no client served after a descriptor flood\n{}",
+        target.log()
+    );
+    // SAFETY: as above, restoring the limit.
+    unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &before, std::ptr::null_mut()) };
+    target.assert_running();
+}

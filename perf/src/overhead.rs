@@ -4,7 +4,9 @@
 //!
 //! System calls are counted by `perf stat` on the `syscalls:sys_enter_*` tracepoints of
 //! the pooler's process (every thread), or by `strace -c -f` where perf cannot; the
-//! proxy's allocations come from its `/metrics` (`allocations`), read before and after.
+//! proxy's allocations come from its `/metrics` (`allocations`), read before and after;
+//! inter-processor interrupts (rescheduling and function-call, every CPU: the pooler's,
+//! PostgreSQL's and pgbench's together) from `/proc/interrupts`, before and after.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +17,7 @@ use serde::Serialize;
 pub const NAME: &str = "overhead";
 
 /// Client counts measured, and the transactions each client runs at that count.
-const SHAPES: [(u32, u32); 2] = [(1, 5000), (64, 200)];
+const SHAPES: [(u32, u32); 3] = [(1, 5000), (16, 600), (64, 200)];
 
 /// What is measured: a pooler listening on `port`, running as `pid`.
 pub struct Subject {
@@ -38,6 +40,8 @@ pub struct OverheadResult {
     pub top_syscalls: Vec<(String, f64)>,
     pub allocations_per_query: Option<f64>,
     pub allocated_bytes_per_query: Option<f64>,
+    /// Rescheduling and function-call interrupts on the whole machine, per query.
+    pub ipis_per_query: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -75,6 +79,7 @@ fn measure_one(
         top_syscalls: Vec::new(),
         allocations_per_query: None,
         allocated_bytes_per_query: None,
+        ipis_per_query: None,
         error: None,
     };
     let allocations = |port| -> Option<(f64, f64)> {
@@ -85,6 +90,7 @@ fn measure_one(
         ))
     };
     let before = s.admin_port.and_then(allocations);
+    let ipis_before = interprocessor_interrupts();
     let out = dir.join(format!("{}-{}-c{clients}", NAME, s.name));
     let counted = if perf_usable() {
         count_with_perf(pgbench, s, clients, per_client, &out).map(|c| ("perf", c))
@@ -92,6 +98,7 @@ fn measure_one(
         count_with_strace(pgbench, s, clients, per_client, &out).map(|c| ("strace", c))
     };
     let after = s.admin_port.and_then(allocations);
+    let ipis_after = interprocessor_interrupts();
     let (tool, (queries, calls)) = match counted {
         Ok(c) => c,
         Err(e) => {
@@ -112,7 +119,34 @@ fn measure_one(
         r.allocations_per_query = Some(per(a.0 - b.0));
         r.allocated_bytes_per_query = Some(per(a.1 - b.1));
     }
+    if let (Some(b), Some(a)) = (ipis_before, ipis_after) {
+        r.ipis_per_query = Some(per(a.saturating_sub(b) as f64));
+    }
     r
+}
+
+/// Rescheduling (`RES`) and function-call (`CAL`) interrupts so far, summed over CPUs.
+fn interprocessor_interrupts() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/interrupts").ok()?;
+    Some(count_ipis(&text))
+}
+
+fn count_ipis(text: &str) -> u64 {
+    let cpus = text
+        .lines()
+        .next()
+        .map_or(0, |l| l.split_whitespace().count());
+    text.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.trim_start().split_once(':')?;
+            matches!(name, "RES" | "CAL").then(|| {
+                rest.split_whitespace()
+                    .take(cpus)
+                    .map_while(|n| n.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+        })
+        .sum()
 }
 
 /// pgbench's select-only script, simple protocol, a fixed number of transactions.
@@ -271,7 +305,7 @@ pub fn line(r: &OverheadResult) -> String {
     match &r.error {
         Some(e) => format!("{} c{}: not measured ({e})", r.target, r.clients),
         None => format!(
-            "{} c{}: {} system calls per query ({}), {} allocations ({} bytes) per query",
+            "{} c{}: {} system calls per query ({}), {} allocations ({} bytes) per query, {} interprocessor interrupts per query",
             r.target,
             r.clients,
             fmt(r.syscalls_per_query),
@@ -279,6 +313,7 @@ pub fn line(r: &OverheadResult) -> String {
             fmt(r.allocations_per_query),
             r.allocated_bytes_per_query
                 .map_or("-".into(), |v| format!("{v:.0}")),
+            r.ipis_per_query.map_or("-".into(), |v| format!("{v:.2}")),
         ),
     }
 }
@@ -303,19 +338,20 @@ pub fn section(results: &[OverheadResult], md: bool) -> String {
         s,
         "\nSystem calls and heap allocations per query (pgbench -S -M simple, a fixed \
          number of transactions; system calls of every thread counted by {counted_by}, \
-         logins included; allocations from the proxy's /metrics):\n"
+         logins included; allocations from the proxy's /metrics; rescheduling and \
+         function-call interrupts of the whole machine from /proc/interrupts):\n"
     );
     if md {
         let _ = writeln!(
             s,
-            "| pooler | clients | syscalls/query | most frequent (per query) | allocations/query | bytes allocated/query |\n| --- | ---: | ---: | --- | ---: | ---: |"
+            "| pooler | clients | syscalls/query | most frequent (per query) | allocations/query | bytes allocated/query | IPIs/query |\n| --- | ---: | ---: | --- | ---: | ---: | ---: |"
         );
     }
     for r in results {
         if md {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 r.target,
                 r.clients,
                 fmt(r.syscalls_per_query),
@@ -323,6 +359,7 @@ pub fn section(results: &[OverheadResult], md: bool) -> String {
                 fmt(r.allocations_per_query),
                 r.allocated_bytes_per_query
                     .map_or("-".into(), |v| format!("{v:.0}")),
+                r.ipis_per_query.map_or("-".into(), |v| format!("{v:.2}")),
             );
         } else {
             let _ = writeln!(s, "  {}", line(r));
@@ -359,5 +396,15 @@ mod tests {
             processed("number of transactions actually processed: 5000/5000\n"),
             Some(5000)
         );
+    }
+
+    #[test]
+    fn counts_rescheduling_and_function_call_interrupts_of_every_cpu() {
+        let text = "           CPU0       CPU1       \n\
+                      LOC:    2816570    2816680   Local timer interrupts\n\
+                      RES:        100         23   Rescheduling interrupts\n\
+                      CAL:          7         10   Function call interrupts\n\
+                      TLB:          5          5   TLB shootdowns\n";
+        assert_eq!(count_ipis(text), 140);
     }
 }

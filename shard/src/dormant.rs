@@ -294,7 +294,7 @@ impl Dormitory {
         let socket = match client.into_parkable() {
             Ok(socket) => socket,
             Err(client) => {
-                // (Out of descriptors for the duplicate: it stays a task and is tried again later.)
+                // (Not a plain TCP socket: it stays a task.)
                 log::debug!("shard {}: could not park an idle client", self.shard);
                 resume(
                     ctx.clone(),

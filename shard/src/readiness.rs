@@ -207,7 +207,12 @@ async fn collect(r: Rc<Readiness>) {
         } else if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             log::error!("epoll_wait failed: {}", io::Error::last_os_error());
         }
-        SetReadable::new(&r).await;
+        match SetReadable::new(&r) {
+            Some(wait) => wait.await,
+            // Out of descriptors: look again in a moment (a timer needs none), letting
+            // the shard's tasks run and close some meanwhile.
+            None => glommio::timer::sleep(std::time::Duration::from_millis(1)).await,
+        }
     }
 }
 
@@ -223,25 +228,26 @@ struct SetReadable {
 }
 
 impl SetReadable {
-    fn new(r: &Readiness) -> SetReadable {
+    /// `None` when no descriptor could be spared for the wait.
+    fn new(r: &Readiness) -> Option<SetReadable> {
         // SAFETY: fcntl(F_DUPFD_CLOEXEC) on our open epoll descriptor returns a new fd
         // we own, or -1.
         let fd = unsafe { libc::fcntl(r.epoll.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        let stream = (fd >= 0).then(|| {
-            // SAFETY: `fd` is ours; the stream closes it when dropped and is never read or
-            // written (only the poll it arms on creation is awaited).
-            unsafe { glommio::net::TcpStream::from_raw_fd(fd) }
-        });
-        if stream.is_none() {
-            log::error!(
+        if fd < 0 {
+            // (Out of descriptors, accept failures are logged at warn already.)
+            log::debug!(
                 "could not duplicate the epoll descriptor: {}",
                 io::Error::last_os_error()
             );
+            return None;
         }
-        SetReadable {
-            stream,
+        // SAFETY: `fd` is ours; the stream closes it when dropped and is never read or
+        // written (only the poll it arms on creation is awaited).
+        let stream = unsafe { glommio::net::TcpStream::from_raw_fd(fd) };
+        Some(SetReadable {
+            stream: Some(stream),
             armed: false,
-        }
+        })
     }
 }
 
@@ -255,8 +261,6 @@ impl Future for SetReadable {
             return Poll::Ready(());
         }
         let Some(stream) = self.stream.as_mut() else {
-            // No descriptor to spare: look again after a moment.
-            cx.waker().wake_by_ref();
             return Poll::Ready(());
         };
         let mut byte = [0u8; 1];
@@ -426,7 +430,10 @@ impl AsyncRead for Sock {
                 Poll::Pending
             }
             Ok(n) if n > 0 && n < buf.len() => {
-                // The receive queue is empty now: the next read waits for an event.
+                // The receive queue is empty now: the next read waits for an event. (TCP
+                // stops a read short at an urgent mark too; PostgreSQL never sends urgent
+                // data, and a client that does stalls only itself, until its next bytes
+                // or its idle timeout.)
                 let mut slots = self.readiness.slots.borrow_mut();
                 let slot = &mut slots[self.slot as usize];
                 slot.readable = slot.closed;
