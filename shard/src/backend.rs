@@ -529,8 +529,13 @@ impl BackendConn {
 
     /// True when the server has neither closed the connection nor sent anything while it
     /// sat idle in the pool (a server that is shutting a connection down says why first).
-    /// One non-blocking peek; no allocation.
+    /// Free when the socket was read dry and no event came since; else one non-blocking
+    /// peek. (An event not yet collected is caught by the first use: a dead-on-arrival
+    /// connection starts the unit over.)
     pub fn is_alive(&self) -> bool {
+        if self.stream.known_quiet() {
+            return true;
+        }
         let mut probe = [0u8; 1];
         // SAFETY: recv on our own socket into a 1-byte stack buffer, never blocking.
         let n = unsafe {

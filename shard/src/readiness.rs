@@ -337,6 +337,14 @@ impl Sock {
         })
     }
 
+    /// True when the socket was read dry and no event came since: the peer has sent
+    /// nothing (nor hung up) as far as this thread has yet heard, without a system call.
+    pub fn known_quiet(&self) -> bool {
+        let slots = self.readiness.slots.borrow();
+        let slot = &slots[self.slot as usize];
+        !slot.readable && !slot.closed
+    }
+
     /// Peeks without taking: 0 means the peer left.
     pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {

@@ -93,6 +93,15 @@ impl NetStream {
         self.tcp().ok_or_else(gone)?.socket().set_nodelay(on)
     }
 
+    /// True when a plain socket was read dry and nothing arrived since, as far as this
+    /// thread has heard (never for TLS, whose library may hold bytes of its own).
+    pub fn known_quiet(&self) -> bool {
+        match self {
+            NetStream::Plain(sock) | NetStream::Unix(sock) => sock.known_quiet(),
+            _ => false,
+        }
+    }
+
     /// Peeks at the raw socket (for TLS, the encrypted bytes): 0 means the peer left.
     pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         if let NetStream::Unix(unix) = self {
