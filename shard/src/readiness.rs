@@ -89,7 +89,7 @@ impl Readiness {
         })
     }
 
-    fn register(&self, fd: RawFd) -> io::Result<(u32, u32)> {
+    fn register(&self, fd: RawFd) -> io::Result<u32> {
         let index = match self.free.borrow_mut().pop() {
             Some(i) => i,
             None => {
@@ -111,7 +111,7 @@ impl Readiness {
             self.release(index);
             return Err(e);
         }
-        Ok((index, generation))
+        Ok(index)
     }
 
     /// Frees a slot (its socket closed or taken out of the set); wakers still in it are
@@ -149,7 +149,7 @@ impl Readiness {
         }
     }
 
-    /// Wakes who waits on the sockets `events` name; the count of events.
+    /// Wakes who waits on the sockets `events` name.
     fn dispatch(&self, events: &[libc::epoll_event]) {
         for event in events {
             let data = event.u64;
@@ -296,7 +296,7 @@ impl Sock {
     /// Takes over a stream socket already in non-blocking mode (accepted or made so).
     pub fn nonblocking(fd: OwnedFd) -> io::Result<Sock> {
         let readiness = Readiness::get()?;
-        let (slot, _) = readiness.register(fd.as_raw_fd())?;
+        let slot = readiness.register(fd.as_raw_fd())?;
         Ok(Sock {
             fd,
             readiness,
